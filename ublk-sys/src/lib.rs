@@ -30,11 +30,12 @@ mod bindings {
 }
 pub use bindings::*;
 
+#[allow(unused_imports)]
 mod compat {
-    #[allow(unused_imports)]
     use crate::*;
     include!(concat!(env!("OUT_DIR"), "/compat.rs"));
 }
+#[allow(unused_imports)]
 pub use compat::*;
 
 mod caps {
@@ -156,6 +157,46 @@ impl ublk_params {
         #[cfg(not(ublk_sys_params_devt))]
         return None;
     }
+}
+
+/// The header's `ublk_sqe_addr_to_auto_buf_reg` (6.16+): unpacks `sqe->addr`.
+#[cfg(ublk_sys_auto_buf_reg)]
+#[inline]
+pub const fn auto_buf_reg_from_sqe_addr(sqe_addr: u64) -> ublk_auto_buf_reg {
+    ublk_auto_buf_reg {
+        index: sqe_addr as u16,
+        flags: (sqe_addr >> 16) as u8,
+        reserved0: (sqe_addr >> 24) as u8,
+        reserved1: (sqe_addr >> 32) as u32,
+    }
+}
+
+/// The header's `ublk_auto_buf_reg_to_sqe_addr` (6.16+): packs into `sqe->addr`.
+#[cfg(ublk_sys_auto_buf_reg)]
+#[inline]
+pub const fn auto_buf_reg_to_sqe_addr(buf: &ublk_auto_buf_reg) -> u64 {
+    buf.index as u64 | (buf.flags as u64) << 16 | (buf.reserved0 as u64) << 24 | (buf.reserved1 as u64) << 32
+}
+
+/// The header's `ublk_shmem_zc_addr` (7.1+).
+#[cfg(ublk_sys_shmem_zc)]
+#[inline]
+pub const fn shmem_zc_addr(index: u16, offset: u32) -> u64 {
+    ((index as u64) << UBLK_SHMEM_ZC_IDX_OFF) | offset as u64
+}
+
+/// The header's `ublk_shmem_zc_index` (7.1+).
+#[cfg(ublk_sys_shmem_zc)]
+#[inline]
+pub const fn shmem_zc_index(addr: u64) -> u16 {
+    ((addr >> UBLK_SHMEM_ZC_IDX_OFF) & UBLK_SHMEM_ZC_IDX_MASK as u64) as u16
+}
+
+/// The header's `ublk_shmem_zc_offset` (7.1+).
+#[cfg(ublk_sys_shmem_zc)]
+#[inline]
+pub const fn shmem_zc_offset(addr: u64) -> u32 {
+    (addr & UBLK_SHMEM_ZC_OFF_MASK as u64) as u32
 }
 
 #[cfg(test)]

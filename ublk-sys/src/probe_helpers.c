@@ -27,3 +27,21 @@ struct ublk_auto_buf_reg ublk_sys_probe_sqe_addr_to_auto_buf_reg(__u64 addr)
 	return ublk_sqe_addr_to_auto_buf_reg(addr);
 }
 #endif
+
+#ifdef UBLK_SHMEM_ZC_OFF_MASK
+/* 7.1+: shared-memory zero-copy address packing. */
+__u64 ublk_sys_probe_shmem_zc_addr(__u16 index, __u32 offset)
+{
+	return ublk_shmem_zc_addr(index, offset);
+}
+
+__u16 ublk_sys_probe_shmem_zc_index(__u64 addr)
+{
+	return ublk_shmem_zc_index(addr);
+}
+
+__u32 ublk_sys_probe_shmem_zc_offset(__u64 addr)
+{
+	return ublk_shmem_zc_offset(addr);
+}
+#endif

@@ -178,3 +178,25 @@ fn capabilities_agree_with_the_header() {
     assert_eq!(opt::UBLK_U_IO_FETCH_REQ, Some(UBLK_U_IO_FETCH_REQ));
     assert!(HEADER_LINUX_VERSION.0 >= 6);
 }
+
+#[cfg(ublk_sys_shmem_zc)]
+#[test]
+fn shmem_zc_packing_matches_c() {
+    extern "C" {
+        fn ublk_sys_probe_shmem_zc_addr(index: u16, offset: u32) -> u64;
+        fn ublk_sys_probe_shmem_zc_index(addr: u64) -> u16;
+        fn ublk_sys_probe_shmem_zc_offset(addr: u64) -> u32;
+    }
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..1000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: plain value conversions in C.
+        unsafe {
+            assert_eq!(crate::shmem_zc_addr(x as u16, (x >> 16) as u32), ublk_sys_probe_shmem_zc_addr(x as u16, (x >> 16) as u32));
+            assert_eq!(crate::shmem_zc_index(x), ublk_sys_probe_shmem_zc_index(x));
+            assert_eq!(crate::shmem_zc_offset(x), ublk_sys_probe_shmem_zc_offset(x));
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `ublk-null`: the tiny null target. Reads complete with the requested
+//! length, writes are discarded. Runs in the foreground until SIGINT or
+//! SIGTERM, then stops and deletes the device and prints what each queue served.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ublk::{DeviceBuilder, NullTarget};
+use ublk_cli::{parse_size, SignalStop};
+
+/// A ublk block device that reads zeros and discards writes.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Hardware queues (one serving thread each; the kernel caps it at the CPU count).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Tags (outstanding requests) per queue, 1..=4096.
+    #[arg(long, default_value_t = 128)]
+    depth: u16,
+    /// Device size, e.g. 1G, 512M.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Logical block size: 512, 1024, 2048 or 4096.
+    #[arg(long, default_value_t = 512)]
+    block_size: u32,
+    /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
+    #[arg(long)]
+    id: Option<u32>,
+    /// Largest request, e.g. 512K.
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
+    max_io_size: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let signals = SignalStop::install();
+    match run(args, &signals) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ublk-null: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
+    let max_io = u32::try_from(args.max_io_size).map_err(|_| anyhow::anyhow!("--max-io-size too large"))?;
+    let dev = DeviceBuilder::new()
+        .queues(args.queues)
+        .depth(args.depth)
+        .size(args.size)
+        .block_size(args.block_size)
+        .id(args.id)
+        .max_io_bytes(max_io)
+        .create()?;
+    let info = *dev.info();
+    if info.nr_hw_queues != args.queues {
+        eprintln!(
+            "ublk-null: note: the kernel limited the device to {} queues (one per CPU), {} asked",
+            info.nr_hw_queues, args.queues
+        );
+    }
+    let stats = dev.serve(&NullTarget, |dev, stop| {
+        println!("{}", dev.block_path().display());
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "ublk-null: device {} live: {} queues x {} tags, {} bytes, {}-byte blocks, opcodes {:?}",
+            dev.id(),
+            info.nr_hw_queues,
+            info.queue_depth,
+            args.size,
+            args.block_size,
+            dev.encoding()
+        );
+        signals.arm(stop);
+    })?;
+    for s in &stats {
+        println!(
+            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} bytes={}",
+            s.q_id,
+            s.requests(),
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.discards,
+            s.write_zeroes,
+            s.unsupported,
+            s.bytes
+        );
+    }
+    eprintln!("ublk-null: device {} stopped and deleted", info.dev_id);
+    Ok(())
+}
+

@@ -1,0 +1,101 @@
+//! Shared bits of the ublk binaries: size parsing and signal handling.
+
+use std::sync::{Arc, Mutex};
+
+use ublk::StopHandle;
+
+/// Parses a size like `1G`, `512M`, `4096`, `64k` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase();
+            let m = match unit.as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M, G or T")),
+            };
+            (&s[..i], m)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 1G, 512M, 4096)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Stops the device on SIGINT or SIGTERM.
+///
+/// Blocks both signals in the calling thread, and so in every thread spawned
+/// after this call (the queue threads), and waits for them on a thread of its
+/// own, which hands them to the device's [`StopHandle`] once it is live (or
+/// as soon as it becomes live, if a signal came first).
+#[derive(Clone, Default)]
+pub struct SignalStop {
+    inner: Arc<Mutex<(Option<StopHandle>, Option<i32>)>>,
+}
+
+impl SignalStop {
+    /// Installs the signal thread. Call before creating any other thread.
+    pub fn install() -> Self {
+        let me = SignalStop::default();
+        // SAFETY: sigset manipulation on a local, zero-initialised set, then
+        // pthread_sigmask on the calling thread: no memory is shared.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let inner = me.inner.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let mut sig = 0;
+                // SAFETY: `set` is a valid signal set and `sig` a live int.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                let mut g = inner.lock().unwrap();
+                g.1 = Some(sig);
+                if let Some(h) = &g.0 {
+                    h.stop();
+                }
+            })
+            .expect("spawn the signal thread");
+        me
+    }
+
+    /// Hands over the live device's stop handle.
+    pub fn arm(&self, h: StopHandle) {
+        let mut g = self.inner.lock().unwrap();
+        if g.1.is_some() {
+            h.stop();
+        }
+        g.0 = Some(h);
+    }
+
+    /// The signal received, if any.
+    pub fn received(&self) -> Option<i32> {
+        self.inner.lock().unwrap().1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("G").is_err());
+    }
+}

@@ -1,0 +1,429 @@
+//! A device's whole life: ADD_DEV, SET_PARAMS, one thread per queue, FETCH,
+//! START_DEV, serve, STOP_DEV, DEL_DEV; and teardown on every path out.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ublk_sys as sys;
+
+use crate::ctrl::{Control, DevInfo};
+use crate::error::{Error, Result};
+use crate::params::{validate_block_size, Discard, Params};
+use crate::queue::{EventFd, Queue, QueueStats};
+use crate::target::Target;
+
+/// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
+pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
+
+/// Configures a device, then creates it with [`DeviceBuilder::create`].
+#[derive(Debug, Clone)]
+pub struct DeviceBuilder {
+    queues: u16,
+    depth: u16,
+    size: u64,
+    block_size: u32,
+    id: Option<u32>,
+    max_io_bytes: u32,
+    flags: u64,
+    attrs: u32,
+    discard: Option<Discard>,
+}
+
+impl Default for DeviceBuilder {
+    fn default() -> Self {
+        DeviceBuilder {
+            queues: 1,
+            depth: 128,
+            size: 1 << 30,
+            block_size: 512,
+            id: None,
+            max_io_bytes: 512 << 10,
+            flags: 0,
+            attrs: 0,
+            discard: None,
+        }
+    }
+}
+
+impl DeviceBuilder {
+    /// A 1 GiB device with one queue of 128 tags and 512-byte blocks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Number of hardware queues (the kernel clamps it to the CPU count).
+    pub fn queues(mut self, n: u16) -> Self {
+        self.queues = n;
+        self
+    }
+    /// Tags per queue, 1..=4096.
+    pub fn depth(mut self, n: u16) -> Self {
+        self.depth = n;
+        self
+    }
+    /// Device size in bytes.
+    pub fn size(mut self, bytes: u64) -> Self {
+        self.size = bytes;
+        self
+    }
+    /// Logical block size: a power of two in 512..=4096.
+    pub fn block_size(mut self, bytes: u32) -> Self {
+        self.block_size = bytes;
+        self
+    }
+    /// Ask for this device id instead of letting the kernel choose.
+    pub fn id(mut self, id: Option<u32>) -> Self {
+        self.id = id;
+        self
+    }
+    /// Largest request in bytes (per-tag buffer size).
+    pub fn max_io_bytes(mut self, bytes: u32) -> Self {
+        self.max_io_bytes = bytes;
+        self
+    }
+    /// Extra `UBLK_F_*` flags to ask for; refused if the kernel lacks them.
+    pub fn flags(mut self, flags: u64) -> Self {
+        self.flags = flags;
+        self
+    }
+    /// `UBLK_ATTR_*` attributes.
+    pub fn attrs(mut self, attrs: u32) -> Self {
+        self.attrs = attrs;
+        self
+    }
+    /// Discard / write-zeroes limits (so the block layer sends them).
+    pub fn discard(mut self, d: Option<Discard>) -> Self {
+        self.discard = d;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.queues == 0 {
+            return Err(Error::InvalidConfig { what: "queue count", why: "0 queues; use at least 1".into() });
+        }
+        if let Some(max) = sys::opt::UBLK_MAX_NR_QUEUES {
+            if u32::from(self.queues) > max {
+                return Err(Error::InvalidConfig {
+                    what: "queue count",
+                    why: format!("{} queues is above the kernel's maximum of {max}", self.queues),
+                });
+            }
+        }
+        if self.depth == 0 || self.depth > MAX_QUEUE_DEPTH {
+            return Err(Error::InvalidConfig {
+                what: "queue depth",
+                why: format!("{} is not in 1..={MAX_QUEUE_DEPTH} (UBLK_MAX_QUEUE_DEPTH)", self.depth),
+            });
+        }
+        validate_block_size(self.block_size)?;
+        Params::new(self.size, self.block_size, self.max_io_bytes)?;
+        if self.max_io_bytes < 4096 || self.max_io_bytes % 4096 != 0 {
+            return Err(Error::InvalidConfig {
+                what: "max io size",
+                why: format!("{} bytes is not a positive multiple of 4096", self.max_io_bytes),
+            });
+        }
+        Ok(())
+    }
+
+    /// Validates the configuration, then ADD_DEV and SET_PARAMS, and opens
+    /// `/dev/ublkcN`. On any error the half-made device is deleted.
+    pub fn create(self) -> Result<Device> {
+        self.validate()?;
+        let mut ctrl = Control::open()?;
+        if self.flags != 0 {
+            if let Some(f) = ctrl.features() {
+                let missing = self.flags & !f.0;
+                if missing != 0 {
+                    return Err(Error::Unsupported {
+                        feature: "requested UBLK_F_ flags",
+                        why: format!(
+                            "the running kernel does not offer {} (it offers {}); use a newer kernel or drop the option",
+                            crate::ctrl::Features(missing).names().join(","),
+                            f.names().join(",")
+                        ),
+                    });
+                }
+            }
+        }
+        let info = DevInfo {
+            nr_hw_queues: self.queues,
+            queue_depth: self.depth,
+            max_io_buf_bytes: self.max_io_bytes,
+            dev_id: self.id.unwrap_or(u32::MAX),
+            ublksrv_pid: std::process::id() as i32,
+            flags: self.flags,
+            ..Default::default()
+        };
+        let info = ctrl.add_dev(&info)?;
+        // From here on, Drop deletes the device whatever happens.
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false };
+        if self.flags & !info.flags != 0 {
+            return Err(Error::Unsupported {
+                feature: "requested UBLK_F_ flags",
+                why: format!(
+                    "the kernel dropped {} at ADD_DEV (too old for it); use a newer kernel or drop the option",
+                    crate::ctrl::Features(self.flags & !info.flags).names().join(",")
+                ),
+            });
+        }
+        let mut params = Params::new(self.size, self.block_size, info.max_io_buf_bytes)?;
+        params.attrs = self.attrs;
+        params.discard = self.discard;
+        dev.ctrl.set_params(info.dev_id, &params)?;
+        dev.params = Some(params);
+        dev.char_file = Some(open_char(info.dev_id)?);
+        Ok(dev)
+    }
+}
+
+fn open_char(dev_id: u32) -> Result<File> {
+    let path = format!("/dev/ublkc{dev_id}");
+    let t0 = Instant::now();
+    loop {
+        match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => return Ok(f),
+            // devtmpfs/udev may take a moment to create the node.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && t0.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::NotPermitted { what: format!("opening {path}") })
+            }
+            Err(e) => return Err(Error::os(format!("opening {path}"), e)),
+        }
+    }
+}
+
+/// Messages from queue threads and stop handles to the serving thread.
+enum Event {
+    Fetched,
+    Failed(Error),
+    Exited(u16, Result<QueueStats>),
+    Stop,
+}
+
+/// Asks a serving device to stop; cloneable and sendable to any thread.
+#[derive(Debug, Clone)]
+pub struct StopHandle(mpsc::Sender<Event>);
+
+impl StopHandle {
+    /// Requests STOP_DEV and teardown; [`Device::serve`] then returns.
+    pub fn stop(&self) {
+        let _ = self.0.send(Event::Stop);
+    }
+}
+
+/// A created device. Dropped, it stops (if started) and deletes itself.
+#[derive(Debug)]
+pub struct Device {
+    ctrl: Control,
+    info: DevInfo,
+    params: Option<Params>,
+    char_file: Option<File>,
+    started: bool,
+    deleted: bool,
+}
+
+/// Sends `Exited` when a queue thread ends, even by panic.
+struct ExitGuard {
+    tx: mpsc::Sender<Event>,
+    q_id: u16,
+    sent: bool,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if !self.sent {
+            let why = if std::thread::panicking() { "the queue thread panicked" } else { "the queue thread ended" };
+            let _ = self.tx.send(Event::Exited(self.q_id, Err(Error::Queue { q_id: self.q_id, why: why.into() })));
+        }
+    }
+}
+
+impl Device {
+    /// The kernel's device id (N in `/dev/ublkbN`).
+    pub fn id(&self) -> u32 {
+        self.info.dev_id
+    }
+    /// Device info as ADD_DEV returned it (queues clamped to the CPU count,
+    /// negotiated flags).
+    pub fn info(&self) -> &DevInfo {
+        &self.info
+    }
+    /// The parameters set with SET_PARAMS.
+    pub fn params(&self) -> Option<&Params> {
+        self.params.as_ref()
+    }
+    /// The control device, for queries while the device exists.
+    pub fn control(&mut self) -> &mut Control {
+        &mut self.ctrl
+    }
+    /// The opcode encoding in use (chosen from the kernel's GET_FEATURES).
+    pub fn encoding(&self) -> crate::Encoding {
+        self.ctrl.encoding()
+    }
+    /// `/dev/ublkbN`.
+    pub fn block_path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/ublkb{}", self.info.dev_id))
+    }
+    /// `/dev/ublkcN`.
+    pub fn char_path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/ublkc{}", self.info.dev_id))
+    }
+
+    /// Serves the device with `target` until stopped: spawns one thread per
+    /// queue (each creates its [`Queue`], fetches every tag and serves),
+    /// waits until all have fetched, START_DEV, calls `on_live` (the block
+    /// device exists from then on) with a [`StopHandle`], and serves until
+    /// that handle is used or a queue fails. Then STOP_DEV, joins the
+    /// threads, closes `/dev/ublkcN` and DEL_DEV. Returns each queue's counts.
+    pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle)) -> Result<Vec<QueueStats>> {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let wake = EventFd::new()?;
+        let nq = self.info.nr_hw_queues;
+        let char_fd = self.char_file.as_ref().expect("char device open").as_raw_fd();
+        let encoding = self.ctrl.encoding();
+        let info = self.info;
+        let wake_fd = wake.raw();
+
+        let result = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for q in 0..nq {
+                let qtx = tx.clone();
+                let spawned = std::thread::Builder::new().name(format!("ublk{}-q{q}", info.dev_id)).spawn_scoped(s, move || {
+                    let tx = qtx;
+                    let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
+                    let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd)) {
+                        Ok(queue) => queue,
+                        Err(e) => {
+                            guard.sent = true;
+                            let _ = tx.send(Event::Failed(e));
+                            return;
+                        }
+                    };
+                    if let Err(e) = queue.fetch_all() {
+                        guard.sent = true;
+                        let _ = tx.send(Event::Failed(e));
+                        return;
+                    }
+                    let _ = tx.send(Event::Fetched);
+                    let r = queue.serve(target);
+                    drop(queue); // unmap and close the ring before saying so
+                    guard.sent = true;
+                    let _ = tx.send(Event::Exited(q, r));
+                });
+                match spawned {
+                    Ok(h) => handles.push(h),
+                    Err(e) => {
+                        let _ = tx.send(Event::Failed(Error::os("spawning a queue thread", e)));
+                        break;
+                    }
+                }
+            }
+            let spawned = handles.len() as u16;
+            let mut stats: Vec<QueueStats> = (0..nq).map(|q| QueueStats { q_id: q, ..Default::default() }).collect();
+            let mut outcome = self.run_until_stop(&rx, &tx, spawned, &mut stats, on_live);
+
+            // Teardown: STOP_DEV completes the parked FETCHes with ABORT and
+            // the eventfd wakes any queue still waiting.
+            let _ = self.ctrl.stop_dev(info.dev_id);
+            self.started = false;
+            wake.signal();
+            for (q, h) in handles.into_iter().enumerate() {
+                if h.join().is_err() && outcome.is_ok() {
+                    outcome = Err(Error::Queue { q_id: q as u16, why: "the queue thread panicked".into() });
+                }
+            }
+            while let Ok(ev) = rx.try_recv() {
+                if let Err(e) = record(ev, &mut stats) {
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+            }
+            outcome.map(|()| stats)
+        });
+        // Threads are joined, their rings and mappings gone: close our fd, delete.
+        let del = self.delete();
+        let stats = result?;
+        del?;
+        Ok(stats)
+    }
+
+    fn run_until_stop(
+        &mut self,
+        rx: &mpsc::Receiver<Event>,
+        tx: &mpsc::Sender<Event>,
+        spawned: u16,
+        stats: &mut [QueueStats],
+        on_live: impl FnOnce(&Device, StopHandle),
+    ) -> Result<()> {
+        let nq = self.info.nr_hw_queues;
+        if spawned < nq {
+            return Err(Error::Queue { q_id: spawned, why: "could not spawn its thread".into() });
+        }
+        let mut fetched = 0;
+        while fetched < nq {
+            match rx.recv().expect("sender held") {
+                Event::Fetched => fetched += 1,
+                Event::Stop => return Ok(()),
+                Event::Exited(q, Ok(_)) => {
+                    return Err(Error::Queue { q_id: q, why: "exited before START_DEV".into() })
+                }
+                ev => return record(ev, stats),
+            }
+        }
+        // Every tag of every queue has a FETCH outstanding: START_DEV can complete.
+        let mut early: Option<Event> = None;
+        let dev_id = self.info.dev_id;
+        self.ctrl.start_dev(dev_id, || match rx.try_recv() {
+            Ok(ev) => {
+                early = Some(ev);
+                false
+            }
+            Err(_) => true,
+        })?;
+        self.started = true;
+        if let Some(ev) = early {
+            return record(ev, stats);
+        }
+        on_live(self, StopHandle(tx.clone()));
+        record(rx.recv().expect("sender held"), stats)
+    }
+
+    /// STOP_DEV (if started), close `/dev/ublkcN`, DEL_DEV. Idempotent.
+    fn delete(&mut self) -> Result<()> {
+        if self.deleted {
+            return Ok(());
+        }
+        if self.started {
+            let _ = self.ctrl.stop_dev(self.info.dev_id);
+            self.started = false;
+        }
+        self.char_file = None;
+        self.deleted = true;
+        self.ctrl.del_dev(self.info.dev_id)
+    }
+}
+
+/// Folds one event into the per-queue counts; errors out for failures.
+fn record(ev: Event, stats: &mut [QueueStats]) -> Result<()> {
+    match ev {
+        Event::Stop | Event::Fetched => Ok(()),
+        // A queue whose tags were all aborted: the device was stopped.
+        Event::Exited(q, Ok(st)) => {
+            stats[usize::from(q)] = st;
+            Ok(())
+        }
+        Event::Exited(_, Err(e)) | Event::Failed(e) => Err(e),
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.delete();
+    }
+}

@@ -1,0 +1,37 @@
+//! Safe, minimal helpers for Linux userspace block devices on the kernel's
+//! `ublk` driver (`ublk_drv`, Linux 6.1+), over `io-uring` and `libc`.
+//!
+//! * [`ctrl`]: `/dev/ublk-control` and its SQE128 ring; every control command,
+//!   with the opcode encoding chosen once from the kernel's answer.
+//! * [`queue`]: one queue's ring on `/dev/ublkcN`, its read-only descriptor
+//!   mapping and per-tag buffers; `!Send`, so its io commands all come from
+//!   the one thread that owns it.
+//! * [`target`]: what a block device does with one request.
+//! * [`device`]: the lifecycle, from ADD_DEV to DEL_DEV, with teardown on
+//!   drop, on a queue's panic and on stop.
+//!
+//! ```no_run
+//! use ublk::{DeviceBuilder, NullTarget};
+//! let dev = DeviceBuilder::new().queues(2).size(1 << 30).create()?;
+//! let stats = dev.serve(&NullTarget, |dev, stop| {
+//!     println!("{}", dev.block_path().display());
+//!     stop.stop(); // or keep the handle and stop later
+//! })?;
+//! # Ok::<(), ublk::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod ctrl;
+pub mod device;
+pub mod error;
+pub mod params;
+pub mod queue;
+pub mod target;
+
+pub use ctrl::{Control, DevInfo, Encoding, Features};
+pub use device::{Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH};
+pub use error::{Error, Result};
+pub use params::{Discard, Params};
+pub use queue::{Queue, QueueStats};
+pub use target::{IoResult, NullTarget, Op, Request, Target};
+pub use ublk_sys as sys;

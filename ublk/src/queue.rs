@@ -1,0 +1,436 @@
+//! One queue of a device: its io_uring on `/dev/ublkcN`, its descriptors and
+//! its buffers, owned by exactly one thread.
+//!
+//! The kernel ties a queue (6.1–6.15) or a tag (6.16+) to the task that
+//! fetched it: a `COMMIT_AND_FETCH_REQ` from any other thread is -EINVAL, and
+//! requests are only delivered to the fetching task. [`Queue`] is therefore
+//! `!Send` and `!Sync`: it is created on the thread that will serve it and
+//! cannot leave it, so "FETCH from another thread" cannot be written.
+
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use ublk_sys as sys;
+
+use crate::ctrl::{DevInfo, Encoding};
+use crate::error::{hints, Cmd, Error, Result};
+use crate::target::{Op, Request, Target};
+
+/// An io command: kernel name, legacy number, encoded opcode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IoOp {
+    name: &'static str,
+    legacy: u32,
+    encoded: u32,
+}
+
+const FETCH_REQ: IoOp = IoOp {
+    name: "FETCH_REQ",
+    legacy: sys::UBLK_IO_FETCH_REQ,
+    encoded: sys::UBLK_U_IO_FETCH_REQ,
+};
+const COMMIT_AND_FETCH_REQ: IoOp = IoOp {
+    name: "COMMIT_AND_FETCH_REQ",
+    legacy: sys::UBLK_IO_COMMIT_AND_FETCH_REQ,
+    encoded: sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+};
+
+/// user_data of the wake-up poll; tags use 0..depth.
+const WAKE: u64 = u64::MAX;
+
+/// Page size of this machine.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// Offset in `/dev/ublkcN` of queue `q_id`'s descriptor array. The stride is
+/// fixed by the largest depth, not the device's: `UBLKSRV_CMD_BUF_OFFSET +
+/// q_id * round_up(UBLK_MAX_QUEUE_DEPTH * sizeof(ublksrv_io_desc), PAGE_SIZE)`.
+pub fn desc_offset(q_id: u16) -> u64 {
+    let stride = round_up(sys::UBLK_MAX_QUEUE_DEPTH as usize * std::mem::size_of::<sys::ublksrv_io_desc>(), page_size());
+    u64::from(sys::UBLKSRV_CMD_BUF_OFFSET) + u64::from(q_id) * stride as u64
+}
+
+/// Length of the descriptor mapping of a queue of `depth` tags.
+pub fn desc_len(depth: u16) -> usize {
+    round_up(usize::from(depth) * std::mem::size_of::<sys::ublksrv_io_desc>(), page_size())
+}
+
+/// A memory mapping, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize, prot: i32, flags: i32, fd: RawFd, off: u64, what: &str) -> Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no
+        // Rust object; the result is checked before use.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, off as libc::off_t) };
+        if p == libc::MAP_FAILED {
+            return Err(Error::os(what.to_string(), std::io::Error::last_os_error()));
+        }
+        Ok(Mapping { ptr: NonNull::new(p as *mut u8).unwrap(), len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Requests served by one queue, by operation.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queue id.
+    pub q_id: u16,
+    /// READ requests.
+    pub reads: u64,
+    /// WRITE requests.
+    pub writes: u64,
+    /// FLUSH requests.
+    pub flushes: u64,
+    /// DISCARD requests.
+    pub discards: u64,
+    /// WRITE_ZEROES requests.
+    pub write_zeroes: u64,
+    /// Requests answered -EOPNOTSUPP (unknown op).
+    pub unsupported: u64,
+    /// Requests the target failed.
+    pub errors: u64,
+    /// Bytes read and written.
+    pub bytes: u64,
+    /// io_uring_enter calls made while serving.
+    pub enters: u64,
+}
+
+impl QueueStats {
+    /// All requests served.
+    pub fn requests(&self) -> u64 {
+        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes + self.unsupported
+    }
+}
+
+/// One queue, bound to the thread that created it.
+pub struct Queue {
+    ring: IoUring<squeue::Entry, cqueue::Entry>,
+    dev_id: u32,
+    q_id: u16,
+    depth: u16,
+    buf_size: usize,
+    encoding: Encoding,
+    descs: Mapping,
+    bufs: Mapping,
+    wake: Option<RawFd>,
+    live_tags: u16,
+    stats: QueueStats,
+    /// Raw pointers are neither Send nor Sync: the queue stays on its thread.
+    _thread_bound: PhantomData<*mut ()>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("dev_id", &self.dev_id).field("q_id", &self.q_id).field("depth", &self.depth).finish()
+    }
+}
+
+impl Queue {
+    /// Sets up queue `q_id` of the device described by `info` on the calling
+    /// thread: maps its descriptors read-only, allocates one page-aligned
+    /// buffer of `max_io_buf_bytes` per tag, creates its ring and registers
+    /// `/dev/ublkcN` in it. `wake` is an eventfd whose readability makes
+    /// [`Queue::serve`] return once the device is stopped.
+    pub fn new(char_fd: RawFd, info: &DevInfo, q_id: u16, encoding: Encoding, wake: Option<RawFd>) -> Result<Self> {
+        if q_id >= info.nr_hw_queues {
+            return Err(Error::InvalidConfig {
+                what: "queue id",
+                why: format!("queue {q_id} does not exist: the device has {} queues", info.nr_hw_queues),
+            });
+        }
+        let depth = info.queue_depth;
+        let descs = Mapping::new(
+            desc_len(depth),
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            char_fd,
+            desc_offset(q_id),
+            &format!("mapping the descriptors of queue {q_id}"),
+        )?;
+        let buf_size = round_up(info.max_io_buf_bytes as usize, page_size());
+        let bufs = Mapping::new(
+            buf_size * usize::from(depth),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+            &format!("allocating the io buffers of queue {q_id}"),
+        )?;
+        let entries = u32::from(depth) + 1;
+        let ring = build_ring(entries)?;
+        ring.submitter()
+            .register_files(&[char_fd])
+            .map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        Ok(Queue {
+            ring,
+            dev_id: info.dev_id,
+            q_id,
+            depth,
+            buf_size,
+            encoding,
+            descs,
+            bufs,
+            wake,
+            live_tags: 0,
+            stats: QueueStats { q_id, ..Default::default() },
+            _thread_bound: PhantomData,
+        })
+    }
+
+    /// Queue id.
+    pub fn id(&self) -> u16 {
+        self.q_id
+    }
+
+    fn opcode(&self, op: IoOp) -> u32 {
+        match self.encoding {
+            Encoding::Legacy => op.legacy,
+            Encoding::Ioctl => op.encoded,
+        }
+    }
+
+    fn buf_addr(&self, tag: u16) -> u64 {
+        self.bufs.ptr.as_ptr() as u64 + (usize::from(tag) * self.buf_size) as u64
+    }
+
+    /// Builds the io command SQE: `IORING_OP_URING_CMD` on the registered
+    /// `/dev/ublkcN` (fixed file 0), `cmd_op` at byte 8, the 16-byte
+    /// `ublksrv_io_cmd` at byte 48.
+    fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
+        let cmd = sys::ublksrv_io_cmd::new(self.q_id, tag, result, self.buf_addr(tag));
+        opcode::UringCmd16::new(types::Fixed(0), self.opcode(op))
+            .cmd(io_cmd_bytes(&cmd))
+            .build()
+            .user_data(u64::from(tag))
+    }
+
+    fn push(&mut self, sqe: &squeue::Entry) {
+        // SAFETY: the command's buffer (`addr`) is this queue's mapping, which
+        // lives as long as the ring; the ring has room for one command per
+        // tag plus the wake-up poll, and each tag has at most one outstanding.
+        let pushed = unsafe { self.ring.submission().push(sqe) };
+        debug_assert!(pushed.is_ok(), "queue ring full");
+        if pushed.is_err() {
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            let _ = unsafe { self.ring.submission().push(sqe) };
+        }
+    }
+
+    /// Issues `FETCH_REQ` for every tag, from this (the queue's) thread, and
+    /// reports the kernel's refusal, if any. START_DEV can complete only
+    /// after every queue did this.
+    pub fn fetch_all(&mut self) -> Result<()> {
+        for tag in 0..self.depth {
+            let sqe = self.io_sqe(FETCH_REQ, tag, -1);
+            self.push(&sqe);
+        }
+        if let Some(fd) = self.wake {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
+            self.push(&poll);
+        }
+        self.ring.submit().map_err(|e| Error::os("submitting FETCH_REQ", e))?;
+        self.live_tags = self.depth;
+        // FETCHes complete only when a request arrives; anything here now is a refusal.
+        let refused = self.ring.completion().next().map(|cqe| (cqe.user_data() as u16, cqe.result()));
+        if let Some((tag, res)) = refused {
+            return Err(self.io_error(FETCH_REQ, tag, res));
+        }
+        Ok(())
+    }
+
+    fn io_error(&self, op: IoOp, tag: u16, res: i32) -> Error {
+        let errno = -res;
+        Error::Kernel {
+            cmd: Cmd::Io(op.name),
+            dev_id: Some(self.dev_id),
+            q_id: Some(self.q_id),
+            tag: Some(tag),
+            errno,
+            hints: hints(Cmd::Io(op.name), errno),
+        }
+    }
+
+    /// Serves requests until the device is stopped (every tag aborted, or
+    /// the wake-up eventfd fires), answering each with `target`. Completions
+    /// are reaped and commits submitted in batches: one `io_uring_enter` per
+    /// batch, no allocation per request.
+    pub fn serve<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
+        let mut stopping = false;
+        while self.live_tags > 0 && !stopping {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(Error::os("io_uring_enter on the queue ring", e)),
+            }
+            self.stats.enters += 1;
+            loop {
+                let Some(cqe) = self.ring.completion().next() else { break };
+                let ud = cqe.user_data();
+                if ud == WAKE {
+                    stopping = true;
+                    continue;
+                }
+                let tag = ud as u16;
+                let res = cqe.result();
+                if res == sys::UBLK_IO_RES_OK as i32 {
+                    let result = self.handle(target, tag);
+                    let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+                    self.push(&sqe);
+                } else if res == sys::UBLK_IO_RES_ABORT {
+                    // The device is going away: this tag is done.
+                    self.live_tags -= 1;
+                } else {
+                    self.live_tags -= 1;
+                    return Err(self.io_error(COMMIT_AND_FETCH_REQ, tag, res));
+                }
+            }
+        }
+        Ok(self.stats)
+    }
+
+    /// Reads the tag's descriptor and runs the target on it.
+    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) -> i32 {
+        debug_assert!(tag < self.depth);
+        // SAFETY: tag < depth, so the descriptor lies inside the read-only
+        // mapping. The kernel writes descriptors concurrently with us in
+        // general, but wrote this tag's before completing its command (the CQE
+        // we just read orders that write before this read) and will not touch
+        // it again until we commit; a volatile copy reads it exactly once.
+        let d: sys::ublksrv_io_desc = unsafe {
+            std::ptr::read_volatile((self.descs.ptr.as_ptr() as *const sys::ublksrv_io_desc).add(usize::from(tag)))
+        };
+        let req = Request {
+            q_id: self.q_id,
+            tag,
+            op: Op::from_raw(d.op()),
+            flags: d.flags(),
+            start_sector: d.start_sector,
+            nr_sectors: d.nr_sectors(),
+        };
+        let s = &mut self.stats;
+        let data = match req.op {
+            Op::Read => {
+                s.reads += 1;
+                true
+            }
+            Op::Write => {
+                s.writes += 1;
+                true
+            }
+            Op::Flush => {
+                s.flushes += 1;
+                false
+            }
+            Op::Discard => {
+                s.discards += 1;
+                false
+            }
+            Op::WriteZeroes => {
+                s.write_zeroes += 1;
+                false
+            }
+            Op::Other(_) => {
+                s.unsupported += 1;
+                return -libc::EOPNOTSUPP;
+            }
+        };
+        let len = if data { req.len().min(self.buf_size) } else { 0 };
+        // SAFETY: the tag's buffer is [tag*buf_size, +buf_size) of our own
+        // mapping, len <= buf_size, and the kernel does not touch it while the
+        // request is owned by us (between its CQE and our commit).
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.bufs.ptr.as_ptr().add(usize::from(tag) * self.buf_size), len)
+        };
+        match target.handle(&req, buf) {
+            Ok(n) => {
+                if data {
+                    self.stats.bytes += u64::from(n);
+                }
+                n as i32
+            }
+            Err(errno) => {
+                self.stats.errors += 1;
+                -errno.abs()
+            }
+        }
+    }
+}
+
+/// The 16 bytes of an io command, as they go to SQE bytes 48..64.
+pub(crate) fn io_cmd_bytes(cmd: &sys::ublksrv_io_cmd) -> [u8; 16] {
+    const _: () = assert!(std::mem::size_of::<sys::ublksrv_io_cmd>() == 16);
+    // SAFETY: ublksrv_io_cmd is 16 bytes of plain integers without padding
+    // (u16, u16, s32, u64; checked against C by ublk-sys's layout tests).
+    unsafe { std::mem::transmute_copy(cmd) }
+}
+
+/// A queue ring: 64-byte SQEs (io commands carry 16 bytes at byte 48), with
+/// the flags that cut wake-ups where the kernel has them (COOP_TASKRUN 5.19,
+/// SINGLE_ISSUER 6.0, DEFER_TASKRUN 6.1), falling back step by step.
+fn build_ring(entries: u32) -> Result<IoUring<squeue::Entry, cqueue::Entry>> {
+    let tries: [fn(&mut io_uring::Builder) ; 3] = [
+        |b| {
+            b.setup_coop_taskrun().setup_single_issuer().setup_defer_taskrun();
+        },
+        |b| {
+            b.setup_coop_taskrun();
+        },
+        |_| {},
+    ];
+    let mut last = None;
+    for t in tries {
+        let mut b = IoUring::builder();
+        t(&mut b);
+        match b.build(entries) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::os("creating the queue io_uring", last.unwrap()))
+}
+
+/// An eventfd used to wake queue threads at teardown.
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(Error::os("creating an eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+    }
+}
