@@ -1,0 +1,260 @@
+//! Helpers for the end-to-end tests: finding the binaries, running daemons,
+//! checking what the kernel shows, and checking that nothing leaked.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Declares a test that needs `/dev/ublk-control`: ignored, with the reason,
+/// when the build host lacks the driver (the VM run includes ignored tests).
+#[macro_export]
+macro_rules! driver_test {
+    ($(#[$m:meta])* fn $name:ident() $body:block) => {
+        #[test]
+        #[cfg_attr(
+            not(ublk_native_driver),
+            ignore = "needs /dev/ublk-control, absent on this host: runs in the VM (cargo xtask test-vm)"
+        )]
+        $(#[$m])*
+        fn $name() {
+            let _serial = $crate::serial();
+            $crate::announce(stringify!($name));
+            $body
+        }
+    };
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Driver tests run one at a time, even under a parallel test runner.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prints which kernel a test runs on; fails loudly if the driver is missing.
+pub fn announce(name: &str) {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "{name}: /dev/ublk-control is missing: load the driver (modprobe ublk_drv) or run `cargo xtask test-vm`"
+    );
+    eprintln!("[{name}] kernel {}", kernel_release());
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+}
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> (u32, u32) {
+    let r = kernel_release();
+    let mut it = r.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Path of one of the workspace's binaries: `$UBLK_BIN_DIR/NAME`, or next to
+/// the test executable's directory (cargo's target/<profile>/).
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("UBLK_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --bins` first", p.display());
+    p
+}
+
+/// Device ids present in /sys/class/ublk-char.
+pub fn ublk_devices() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Asserts no ublk device exists (in sysfs or /dev), waiting up to 10 s for
+/// asynchronous teardown.
+pub fn assert_no_devices() {
+    let t0 = Instant::now();
+    loop {
+        let sys = ublk_devices();
+        let dev: Vec<String> = std::fs::read_dir("/dev")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ublkb") || n.starts_with("ublkc"))
+            .collect();
+        if sys.is_empty() && dev.is_empty() {
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            panic!("ublk devices left behind: sysfs {sys:?}, /dev {dev:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Deletes every ublk device (cleanup after a test that killed a daemon).
+pub fn delete_all_devices() {
+    if let Ok(mut c) = ublk::Control::open() {
+        for id in ublk_devices() {
+            let _ = c.stop_dev(id);
+            let _ = c.del_dev(id);
+        }
+    }
+}
+
+/// A running daemon (e.g. `ublk-null`), killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub dev: PathBuf,
+    stdout: Option<BufReader<std::process::ChildStdout>>,
+}
+
+impl Daemon {
+    /// Starts `bin(name) args...` and waits (up to 60 s) for it to print the
+    /// block device path on stdout.
+    pub fn start(name: &str, args: &[&str]) -> Daemon {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut line = String::new();
+            let r = out.read_line(&mut line);
+            let _ = tx.send((r.map(|_| line), ()));
+            out
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok((Ok(line), ())) if line.trim().starts_with("/dev/ublkb") => {
+                let out = reader.join().unwrap();
+                let dev = PathBuf::from(line.trim());
+                wait_for_path(&dev);
+                Daemon { child, dev, stdout: Some(out) }
+            }
+            other => {
+                let _ = child.kill();
+                let st = child.wait();
+                panic!("{name} {args:?} did not report a device: {other:?}, exit {st:?}");
+            }
+        }
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then waits (up to 60 s) for the exit; returns the status and
+    /// the rest of stdout.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal(libc::SIGTERM);
+        let st = wait_timeout(&mut self.child, Duration::from_secs(60)).expect("daemon did not exit within 60 s of SIGTERM");
+        let mut rest = String::new();
+        if let Some(mut o) = self.stdout.take() {
+            let _ = o.read_to_string(&mut rest);
+        }
+        (st, rest)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            if wait_timeout(&mut self.child, Duration::from_secs(20)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Waits for a child with a time limit.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to 10 s) for a device node to appear.
+pub fn wait_for_path(p: &Path) {
+    let t0 = Instant::now();
+    while !p.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs a command to completion, returning (status, stdout, stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a command and asserts it succeeded; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let (st, out, err) = run(cmd, args);
+    assert!(st.success(), "{cmd} {args:?} failed: {st}\nstdout: {out}\nstderr: {err}");
+    out
+}
+
+/// Open fds, threads and mappings of this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    pub fds: usize,
+    pub threads: usize,
+    pub maps: usize,
+}
+
+/// Counts this process's fds, threads and memory mappings.
+pub fn resources() -> Resources {
+    let count = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    Resources {
+        fds: count("/proc/self/fd"),
+        threads: count("/proc/self/task"),
+        maps: std::fs::read_to_string("/proc/self/maps").map(|s| s.lines().count()).unwrap_or(0),
+    }
+}
+
+/// Number of online CPUs.
+pub fn nproc() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Parses the per-queue lines `queue N: requests=R ...` that the daemons
+/// print at exit.
+pub fn queue_requests(stdout: &str) -> Vec<(u16, u64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("queue ")?;
+            let (q, rest) = rest.split_once(':')?;
+            let r = rest.split_whitespace().find_map(|kv| kv.strip_prefix("requests="))?;
+            Some((q.parse().ok()?, r.parse().ok()?))
+        })
+        .collect()
+}
