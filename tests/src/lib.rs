@@ -230,12 +230,24 @@ pub struct Resources {
     pub maps: usize,
 }
 
-/// Counts this process's fds, threads and memory mappings.
+/// Counts this process's fds, threads and memory mappings. io_uring's own
+/// kernel workers (`iou-wrk-*`, which run control commands and linger a few
+/// seconds after a ring closes) are the kernel's, not ours, and not counted.
 pub fn resources() -> Resources {
     let count = |p: &str| std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                    !comm.starts_with("iou-")
+                })
+                .count()
+        })
+        .unwrap_or(0);
     Resources {
         fds: count("/proc/self/fd"),
-        threads: count("/proc/self/task"),
+        threads,
         maps: std::fs::read_to_string("/proc/self/maps").map(|s| s.lines().count()).unwrap_or(0),
     }
 }
