@@ -159,7 +159,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -225,6 +225,7 @@ pub struct Device {
     char_file: Option<File>,
     started: bool,
     deleted: bool,
+    recovering: bool,
 }
 
 /// Sends `Exited` when a queue thread ends, even by panic.
@@ -244,6 +245,76 @@ impl Drop for ExitGuard {
 }
 
 impl Device {
+    /// Takes over an existing device whose server died, with user recovery
+    /// (`UBLK_F_USER_RECOVERY`): waits (up to `wait`) for the kernel to
+    /// quiesce it, then START_USER_RECOVERY and opens `/dev/ublkcN`.
+    /// [`Device::serve`] then fetches every tag and sends END_USER_RECOVERY
+    /// instead of START_DEV; I/O queued meanwhile resumes.
+    pub fn recover(dev_id: u32, wait: Duration) -> Result<Device> {
+        let mut ctrl = Control::open()?;
+        let info = ctrl.get_dev_info(dev_id)?;
+        let recovery = sys::UBLK_F_USER_RECOVERY;
+        if info.flags & recovery == 0 {
+            return Err(Error::InvalidConfig {
+                what: "recover",
+                why: format!("device {dev_id} was created without user recovery (UBLK_F_USER_RECOVERY); only its deletion is possible"),
+            });
+        }
+        let quiesced = |s: u16| {
+            u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO
+        };
+        let t0 = Instant::now();
+        let mut info = info;
+        while !quiesced(info.state) {
+            let alive = info.ublksrv_pid > 0 && std::path::Path::new(&format!("/proc/{}", info.ublksrv_pid)).exists();
+            if alive || t0.elapsed() > wait {
+                return Err(Error::InvalidConfig {
+                    what: "recover",
+                    why: format!(
+                        "device {dev_id} is {} with its server (pid {}) {}; recovery takes over only a device whose server died",
+                        crate::ctrl::state_name(info.state),
+                        info.ublksrv_pid,
+                        if alive { "still running" } else { "gone but the kernel has not quiesced it yet" }
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            info = ctrl.get_dev_info(dev_id)?;
+        }
+        // START_USER_RECOVERY needs /dev/ublkcN released by the dead server;
+        // the kernel may still be tearing its rings down: retry on -EBUSY.
+        loop {
+            match ctrl.start_user_recovery(dev_id) {
+                Ok(()) => break,
+                Err(Error::Kernel { errno: libc::EBUSY, .. }) if t0.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let info = ctrl.get_dev_info(dev_id)?;
+        let params = ctrl.get_params(dev_id)?;
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true };
+        dev.params = Some(Params {
+            size: params.basic.dev_sectors << 9,
+            logical_bs_shift: params.basic.logical_bs_shift,
+            physical_bs_shift: params.basic.physical_bs_shift,
+            io_opt_shift: params.basic.io_opt_shift,
+            io_min_shift: params.basic.io_min_shift,
+            max_sectors: params.basic.max_sectors,
+            attrs: params.basic.attrs,
+            discard: None,
+        });
+        dev.char_file = Some(open_char(dev_id)?);
+        Ok(dev)
+    }
+
+    /// Detaches from the device without stopping or deleting it (for a
+    /// server that exits and leaves recovery to another process).
+    pub fn leak(mut self) {
+        self.deleted = true;
+    }
+
     /// The kernel's device id (N in `/dev/ublkbN`).
     pub fn id(&self) -> u32 {
         self.info.dev_id
@@ -296,7 +367,7 @@ impl Device {
                 let spawned = std::thread::Builder::new().name(format!("ublk{}-q{q}", info.dev_id)).spawn_scoped(s, move || {
                     let tx = qtx;
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
-                    let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd)) {
+                    let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd), &target.files()) {
                         Ok(queue) => queue,
                         Err(e) => {
                             guard.sent = true;
@@ -328,8 +399,11 @@ impl Device {
             let mut outcome = self.run_until_stop(&rx, &tx, spawned, &mut stats, on_live);
 
             // Teardown: STOP_DEV completes the parked FETCHes with ABORT and
-            // the eventfd wakes any queue still waiting.
-            let _ = self.ctrl.stop_dev(info.dev_id);
+            // the eventfd wakes any queue still waiting. A recovery that did
+            // not complete leaves the device quiesced for another attempt.
+            if !self.recovering {
+                let _ = self.ctrl.stop_dev(info.dev_id);
+            }
             self.started = false;
             wake.signal();
             for (q, h) in handles.into_iter().enumerate() {
@@ -379,13 +453,19 @@ impl Device {
         // Every tag of every queue has a FETCH outstanding: START_DEV can complete.
         let mut early: Option<Event> = None;
         let dev_id = self.info.dev_id;
-        self.ctrl.start_dev(dev_id, || match rx.try_recv() {
+        let keep_waiting = || match rx.try_recv() {
             Ok(ev) => {
                 early = Some(ev);
                 false
             }
             Err(_) => true,
-        })?;
+        };
+        if self.recovering {
+            self.ctrl.end_user_recovery(dev_id, keep_waiting)?;
+            self.recovering = false;
+        } else {
+            self.ctrl.start_dev(dev_id, keep_waiting)?;
+        }
         self.started = true;
         if let Some(ev) = early {
             return record(ev, stats);
@@ -397,6 +477,12 @@ impl Device {
     /// STOP_DEV (if started), close `/dev/ublkcN`, DEL_DEV. Idempotent.
     fn delete(&mut self) -> Result<()> {
         if self.deleted {
+            return Ok(());
+        }
+        if self.recovering {
+            // Never delete a device we were only trying to take over.
+            self.char_file = None;
+            self.deleted = true;
             return Ok(());
         }
         if self.started {

@@ -27,11 +27,13 @@ pub mod error;
 pub mod params;
 pub mod queue;
 pub mod target;
+pub mod targets;
 
 pub use ctrl::{Control, DevInfo, Encoding, Features};
 pub use device::{Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
 pub use queue::{Queue, QueueStats};
-pub use target::{IoResult, NullTarget, Op, Request, Target};
+pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo};
+pub use targets::{LoopOptions, LoopTarget, RamDisk};
 pub use ublk_sys as sys;

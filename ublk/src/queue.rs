@@ -16,7 +16,7 @@ use ublk_sys as sys;
 
 use crate::ctrl::{DevInfo, Encoding};
 use crate::error::{hints, Cmd, Error, Result};
-use crate::target::{Op, Request, Target};
+use crate::target::{Op, Request, Target, TargetIo};
 
 /// An io command: kernel name, legacy number, encoded opcode.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,8 @@ const COMMIT_AND_FETCH_REQ: IoOp = IoOp {
 
 /// user_data of the wake-up poll; tags use 0..depth.
 const WAKE: u64 = u64::MAX;
+/// user_data bit of a target operation (the low 16 bits are the tag).
+const TARGET_OP: u64 = 1 << 32;
 
 /// Page size of this machine.
 pub fn page_size() -> usize {
@@ -150,7 +152,7 @@ impl Queue {
     /// buffer of `max_io_buf_bytes` per tag, creates its ring and registers
     /// `/dev/ublkcN` in it. `wake` is an eventfd whose readability makes
     /// [`Queue::serve`] return once the device is stopped.
-    pub fn new(char_fd: RawFd, info: &DevInfo, q_id: u16, encoding: Encoding, wake: Option<RawFd>) -> Result<Self> {
+    pub fn new(char_fd: RawFd, info: &DevInfo, q_id: u16, encoding: Encoding, wake: Option<RawFd>, target_files: &[RawFd]) -> Result<Self> {
         if q_id >= info.nr_hw_queues {
             return Err(Error::InvalidConfig {
                 what: "queue id",
@@ -175,10 +177,14 @@ impl Queue {
             0,
             &format!("allocating the io buffers of queue {q_id}"),
         )?;
+        // One slot per tag (its io command or its target operation) and one
+        // for the wake-up poll.
         let entries = u32::from(depth) + 1;
         let ring = build_ring(entries)?;
+        let mut files = vec![char_fd];
+        files.extend_from_slice(target_files);
         ring.submitter()
-            .register_files(&[char_fd])
+            .register_files(&files)
             .map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
         Ok(Queue {
             ring,
@@ -292,10 +298,18 @@ impl Queue {
                 }
                 let tag = ud as u16;
                 let res = cqe.result();
-                if res == sys::UBLK_IO_RES_OK as i32 {
-                    let result = self.handle(target, tag);
-                    let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+                if ud & TARGET_OP != 0 {
+                    // The target's operation for this tag finished: commit its result.
+                    if res < 0 {
+                        self.stats.errors += 1;
+                    }
+                    let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, res);
                     self.push(&sqe);
+                } else if res == sys::UBLK_IO_RES_OK as i32 {
+                    if let Some(result) = self.handle(target, tag) {
+                        let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+                        self.push(&sqe);
+                    }
                 } else if res == sys::UBLK_IO_RES_ABORT {
                     // The device is going away: this tag is done.
                     self.live_tags -= 1;
@@ -308,8 +322,9 @@ impl Queue {
         Ok(self.stats)
     }
 
-    /// Reads the tag's descriptor and runs the target on it.
-    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) -> i32 {
+    /// Reads the tag's descriptor and runs the target on it; `None` when the
+    /// target answers later through an operation on the ring.
+    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) -> Option<i32> {
         debug_assert!(tag < self.depth);
         // SAFETY: tag < depth, so the descriptor lies inside the read-only
         // mapping. The kernel writes descriptors concurrently with us in
@@ -351,7 +366,7 @@ impl Queue {
             }
             Op::Other(_) => {
                 s.unsupported += 1;
-                return -libc::EOPNOTSUPP;
+                return Some(-libc::EOPNOTSUPP);
             }
         };
         let len = if data { req.len().min(self.buf_size) } else { 0 };
@@ -361,16 +376,15 @@ impl Queue {
         let buf = unsafe {
             std::slice::from_raw_parts_mut(self.bufs.ptr.as_ptr().add(usize::from(tag) * self.buf_size), len)
         };
-        match target.handle(&req, buf) {
-            Ok(n) => {
-                if data {
-                    self.stats.bytes += u64::from(n);
-                }
-                n as i32
-            }
+        if data {
+            self.stats.bytes += len as u64;
+        }
+        let mut io = TargetIo { sq: self.ring.submission(), user_data: TARGET_OP | u64::from(tag), pushed: false };
+        match target.submit(&req, buf, &mut io)? {
+            Ok(n) => Some(n as i32),
             Err(errno) => {
                 self.stats.errors += 1;
-                -errno.abs()
+                Some(-errno.abs())
             }
         }
     }

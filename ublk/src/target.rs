@@ -71,6 +71,40 @@ impl Request {
 /// The outcome of a request: bytes done, or a positive errno.
 pub type IoResult = Result<u32, i32>;
 
+/// io_uring access for a target that answers requests asynchronously on the
+/// queue's own ring (e.g. a loop target reading its backing file).
+///
+/// A request handed to [`Target::submit`] may push exactly one operation
+/// here; its completion's `res` (bytes, or -errno) becomes the request's
+/// result, committed to the kernel without calling the target again.
+pub struct TargetIo<'a> {
+    pub(crate) sq: io_uring::squeue::SubmissionQueue<'a>,
+    pub(crate) user_data: u64,
+    pub(crate) pushed: bool,
+}
+
+impl TargetIo<'_> {
+    /// The fixed-file index of the target's `n`th file (see [`Target::files`]).
+    pub fn file(&self, n: u32) -> io_uring::types::Fixed {
+        io_uring::types::Fixed(1 + n)
+    }
+
+    /// Pushes the request's one operation. Its user_data is set by the queue.
+    ///
+    /// # Safety
+    /// The operation's buffers must stay valid until it completes: use the
+    /// request's `buf` (valid until the request is committed) or memory the
+    /// target owns for its whole life.
+    pub unsafe fn push(&mut self, sqe: io_uring::squeue::Entry) {
+        assert!(!self.pushed, "one operation per request");
+        // SAFETY: the caller upholds the buffer lifetime; the queue's ring
+        // has a slot per tag, and each tag has at most one operation in flight.
+        let r = unsafe { self.sq.push(&sqe.user_data(self.user_data)) };
+        assert!(r.is_ok(), "queue ring full");
+        self.pushed = true;
+    }
+}
+
 /// A block device's behaviour: answers one request at a time.
 ///
 /// Called on the queue's own thread; `buf` is that tag's buffer, exactly
@@ -81,6 +115,20 @@ pub type IoResult = Result<u32, i32>;
 pub trait Target: Send + Sync {
     /// Handles one request.
     fn handle(&self, req: &Request, buf: &mut [u8]) -> IoResult;
+
+    /// Files every queue ring registers for the target, as fixed files
+    /// `TargetIo::file(0..)`. Called once per queue.
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
+    /// Starts a request. Return `Some(result)` to answer now (the default
+    /// calls [`Target::handle`]), or push one operation to `io` and return
+    /// `None` to answer with that operation's completion.
+    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
+        let _ = io;
+        Some(self.handle(req, buf))
+    }
 }
 
 /// Reads return the requested length (with whatever the buffer holds: zeros
