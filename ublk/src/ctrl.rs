@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use ublk_sys as sys;
@@ -377,16 +377,14 @@ pub(crate) fn run_one(
     sqe: squeue::Entry128,
     mut keep_waiting: Option<&mut dyn FnMut() -> bool>,
 ) -> Result<i32, RunErr> {
-    // SAFETY: every buffer the command points at (in `addr`) outlives this
-    // call, which does not return before the CQE arrives, or before the ring
-    // is dropped by the caller in the Stopped case, which cancels the command
-    // and waits for io-wq to let go of it... except that io_uring tears the
-    // ring down asynchronously; the blocking commands that can be Stopped
-    // (START_DEV, END_USER_RECOVERY) carry no buffer.
+    // SAFETY: the buffer a command points at (`addr`) is borrowed by the
+    // caller for the whole call, and the call returns only after the CQE,
+    // or, when `keep_waiting` gives up, after which the caller drops the
+    // ring (cancelling the command); only START_DEV and END_USER_RECOVERY
+    // are run that way, and they carry no buffer.
     unsafe {
         ring.submission().push(&sqe.user_data(1)).map_err(|_| RunErr::Errno(libc::EBUSY))?;
     }
-    let start = Instant::now();
     loop {
         let r = match keep_waiting.as_deref_mut() {
             None => ring.submit_and_wait(1),
@@ -407,7 +405,6 @@ pub(crate) fn run_one(
         }
         if let Some(k) = keep_waiting.as_deref_mut() {
             if !k() {
-                let _ = start;
                 return Err(RunErr::Stopped);
             }
         }
