@@ -279,6 +279,7 @@ fn main() {
     let cfgs = [
         ("ublk_sys_io_desc_union", has_anon(&aggregates, "ublksrv_io_desc")),
         ("ublk_sys_io_cmd_union", has_anon(&aggregates, "ublksrv_io_cmd")),
+        ("ublk_sys_ctrl_cmd_dev_path_len", has_field(&aggregates, "ublksrv_ctrl_cmd", "dev_path_len")),
         ("ublk_sys_dev_info_owner", has_field(&aggregates, "ublksrv_ctrl_dev_info", "owner_uid")),
         ("ublk_sys_params_devt", has_field(&aggregates, "ublk_params", "devt")),
         ("ublk_sys_params_zoned", has_field(&aggregates, "ublk_params", "zoned")),

@@ -124,6 +124,24 @@ impl ublksrv_io_cmd {
     }
 }
 
+impl ublksrv_ctrl_cmd {
+    /// Sets `dev_path_len` (6.3+ headers: the char device path that
+    /// GET_DEV_INFO2 and unprivileged devices carry ahead of the payload).
+    /// Returns false where this header predates the field.
+    pub fn set_dev_path_len(&mut self, len: u16) -> bool {
+        #[cfg(ublk_sys_ctrl_cmd_dev_path_len)]
+        {
+            self.dev_path_len = len;
+            return true;
+        }
+        #[cfg(not(ublk_sys_ctrl_cmd_dev_path_len))]
+        {
+            let _ = len;
+            return false;
+        }
+    }
+}
+
 impl ublksrv_ctrl_dev_info {
     /// Owner uid and gid of the device (6.3+ headers; `None` with older ones).
     pub fn owner(&self) -> Option<(u32, u32)> {

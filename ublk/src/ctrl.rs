@@ -264,6 +264,59 @@ impl Control {
         Ok(out)
     }
 
+    /// `GET_DEV_INFO2` (6.3+): like GET_DEV_INFO, with the char device path
+    /// ahead of the payload (which unprivileged devices are checked against).
+    pub fn get_dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
+        let op = ops::newer("GET_DEV_INFO2", sys::opt::UBLK_U_CMD_GET_DEV_INFO2).ok_or(Error::Unsupported {
+            feature: "GET_DEV_INFO2",
+            why: "this build's ublk_cmd.h predates it (Linux 6.3)".into(),
+        })?;
+        let op = CtrlOp { legacy: sys::opt::UBLK_CMD_GET_DEV_INFO2.unwrap_or(op.legacy), ..op };
+        let path = format!("/dev/ublkc{dev_id}");
+        let plen = path.len();
+        let mut buf = vec![0u8; plen + std::mem::size_of::<DevInfo>()];
+        buf[..plen].copy_from_slice(path.as_bytes());
+        let mut c = sys::ublksrv_ctrl_cmd {
+            dev_id,
+            queue_id: u16::MAX,
+            addr: buf.as_mut_ptr() as u64,
+            len: buf.len() as u16,
+            ..Default::default()
+        };
+        if !c.set_dev_path_len(plen as u16) {
+            return Err(Error::Unsupported { feature: "GET_DEV_INFO2", why: "this build's ublk_cmd.h has no dev_path_len".into() });
+        }
+        self.submit(op, c).map_err(no_dev(dev_id))?;
+        // SAFETY: DevInfo is plain old data; the kernel wrote it after the path.
+        Ok(unsafe { std::ptr::read_unaligned(buf[plen..].as_ptr() as *const DevInfo) })
+    }
+
+    /// `UBLK_U_CMD_UPDATE_SIZE` (6.16+, devices with `UBLK_F_UPDATE_SIZE`):
+    /// resizes a live device to `sectors` 512-byte sectors.
+    pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
+        let op = newer_or(("UPDATE_SIZE", sys::opt::UBLK_U_CMD_UPDATE_SIZE), "Linux 6.16")?;
+        let mut c = dev_cmd(dev_id);
+        c.data[0] = sectors;
+        self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
+    }
+
+    /// `UBLK_U_CMD_QUIESCE_DEV` (6.16+, devices with `UBLK_F_QUIESCE`):
+    /// quiesces a live device so its server can be replaced; `data[0]` is the
+    /// timeout in milliseconds.
+    pub fn quiesce_dev(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
+        let op = newer_or(("QUIESCE_DEV", sys::opt::UBLK_U_CMD_QUIESCE_DEV), "Linux 6.16")?;
+        let mut c = dev_cmd(dev_id);
+        c.data[0] = timeout_ms;
+        self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
+    }
+
+    /// `UBLK_U_CMD_TRY_STOP_DEV` (7.0+, devices with `UBLK_F_SAFE_STOP_DEV`):
+    /// stops the device only if nobody has the disk open (-EBUSY otherwise).
+    pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        let op = newer_or(("TRY_STOP_DEV", sys::opt::UBLK_U_CMD_TRY_STOP_DEV), "Linux 7.0")?;
+        self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
+    }
+
     /// `GET_QUEUE_AFFINITY`: the CPUs whose requests this queue serves.
     pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let mut set = [0u64; 16]; // 1024 CPUs
@@ -332,6 +385,13 @@ impl Control {
         })?;
         self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
     }
+}
+
+fn newer_or((name, enc): (&'static str, Option<u32>), since: &str) -> Result<CtrlOp> {
+    ops::newer(name, enc).ok_or_else(|| Error::Unsupported {
+        feature: name,
+        why: format!("this build's ublk_cmd.h predates it ({since}); build against newer kernel headers"),
+    })
 }
 
 fn dev_cmd(dev_id: u32) -> sys::ublksrv_ctrl_cmd {

@@ -1,0 +1,85 @@
+//! Control commands against the real driver: typed results agree with what
+//! sysfs and the block layer show, on every kernel, and the newer commands
+//! work where the kernel has them.
+
+use ublk::{Control, DeviceBuilder, NullTarget};
+use ublk_tests::*;
+
+driver_test! {
+    fn ctrl_queries_agree_with_the_kernel() {
+        let dev = DeviceBuilder::new().queues(2).depth(64).size(256 << 20).block_size(4096).create().unwrap();
+        let id = dev.id();
+        dev.serve(&NullTarget, |dev, stop| {
+            let mut c = Control::open().unwrap();
+            let info = c.get_dev_info(id).unwrap();
+            assert_eq!(ublk::ctrl::state_name(info.state), "LIVE");
+            assert_eq!(info.dev_id, id);
+            assert_eq!(info.queue_depth, 64);
+            assert_eq!(usize::from(info.nr_hw_queues), 2.min(nproc()));
+            assert_eq!(info.ublksrv_pid, std::process::id() as i32);
+            let p = c.get_params(id).unwrap();
+            assert_eq!(p.basic.dev_sectors, (256 << 20) >> 9);
+            assert_eq!(p.basic.logical_bs_shift, 12);
+            let ss = run_ok("blockdev", &["--getss", dev.block_path().to_str().unwrap()]);
+            assert_eq!(ss.trim(), "4096");
+            if let Some(devt) = p.devt() {
+                let sys = std::fs::read_to_string(format!("/sys/class/block/ublkb{id}/dev")).unwrap();
+                assert_eq!(sys.trim(), format!("{}:{}", devt.disk_major, devt.disk_minor));
+                let sysc = std::fs::read_to_string(format!("/sys/class/ublk-char/ublkc{id}/dev")).unwrap();
+                assert_eq!(sysc.trim(), format!("{}:{}", devt.char_major, devt.char_minor));
+            }
+            // Every CPU maps to some queue.
+            let mut cpus: Vec<usize> = (0..info.nr_hw_queues).flat_map(|q| c.get_queue_affinity(id, q).unwrap()).collect();
+            cpus.sort();
+            cpus.dedup();
+            assert_eq!(cpus.len(), nproc(), "affinity {cpus:?}");
+            if kernel_version() >= (6, 3) {
+                let i2 = c.get_dev_info2(id).unwrap();
+                assert_eq!((i2.dev_id, i2.nr_hw_queues, i2.queue_depth, i2.state), (info.dev_id, info.nr_hw_queues, info.queue_depth, info.state));
+            }
+            // Unknown device ids are named as such.
+            let e = c.get_dev_info(4000).unwrap_err();
+            assert!(e.to_string().contains("no ublk device 4000"), "{e}");
+            stop.stop();
+        })
+        .unwrap();
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    fn ctrl_update_size_where_the_kernel_has_it() {
+        let Some(flag) = ublk::sys::opt::UBLK_F_UPDATE_SIZE else {
+            panic!("this test binary must be built against headers with UBLK_F_UPDATE_SIZE (the VM build uses the newest)");
+        };
+        let c = Control::open().unwrap();
+        let has = c.features().is_some_and(|f| f.0 & flag != 0);
+        eprintln!("kernel {:?}: UPDATE_SIZE {}", kernel_version(), if has { "offered" } else { "not offered" });
+        if !has {
+            // Asking anyway is refused up front, naming the feature.
+            let e = DeviceBuilder::new().size(64 << 20).flags(flag).create().unwrap_err();
+            assert!(e.to_string().contains("UBLK_F_UPDATE_SIZE"), "{e}");
+            assert_no_devices();
+            return;
+        }
+        let dev = DeviceBuilder::new().size(64 << 20).flags(flag).create().unwrap();
+        let id = dev.id();
+        dev.serve(&NullTarget, |dev, stop| {
+            let mut c = Control::open().unwrap();
+            c.update_size(id, (128 << 20) >> 9).unwrap();
+            let path = dev.block_path();
+            let t0 = std::time::Instant::now();
+            loop {
+                let sz = run_ok("blockdev", &["--getsize64", path.to_str().unwrap()]);
+                if sz.trim() == (128u64 << 20).to_string() {
+                    break;
+                }
+                assert!(t0.elapsed().as_secs() < 5, "size still {sz}");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            stop.stop();
+        })
+        .unwrap();
+        assert_no_devices();
+    }
+}

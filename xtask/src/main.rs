@@ -1,0 +1,272 @@
+//! `cargo xtask`: kernels, header matrix, QEMU test runner, demo and CI.
+
+mod apt;
+mod headers;
+mod kernels;
+mod util;
+mod vm;
+mod wsbuild;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+use util::{sh_quote, workspace_root};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ublk-rs developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Resolve, download or build the test kernels and show where they are cached.
+    Kernels {
+        /// 6.1, 6.12, newest or all
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
+    /// Build and test ublk-sys/ublk against the bookworm, trixie and sid UAPI headers.
+    Headers {
+        /// Only this suite (bookworm, trixie, sid)
+        #[arg(long)]
+        suite: Option<String>,
+        /// Just print the include dir of a suite (bookworm, trixie, sid or newest)
+        #[arg(long, value_name = "SUITE")]
+        print_dir: Option<String>,
+    },
+    /// Run all test executables of the workspace in QEMU on each kernel.
+    TestVm {
+        /// 6.1, 6.12, newest or all
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Per-kernel time limit in seconds
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// Extra libtest arguments (e.g. a test name filter)
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// Boot a kernel and run a shell command in the guest.
+    Vm {
+        /// 6.1, 6.12 or newest
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Time limit in seconds
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Do not build the workspace binaries (faster for plain shell payloads)
+        #[arg(long)]
+        no_build: bool,
+        /// Also pack the test executables into /opt/ublk/deps
+        #[arg(long)]
+        with_tests: bool,
+        /// Command run with `sh -c` in the guest
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// ublk-null + fio demo (natively when /dev/ublk-control exists, else in a VM).
+    Demo {
+        /// 6.1, 6.12 or newest
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Use a VM even when the host has /dev/ublk-control
+        #[arg(long)]
+        vm: bool,
+    },
+    /// Everything: headers, host tests, clippy, docs, kernels, test-vm, demo.
+    Ci {
+        /// Per-kernel time limit for test-vm
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Kernels { kernel } => kernels::cmd_kernels(&kernel),
+        Cmd::Headers { suite, print_dir } => headers::cmd_headers(suite.as_deref(), print_dir.as_deref()),
+        Cmd::TestVm { kernel, timeout, test_args } => test_vm(&kernel, timeout, &test_args),
+        Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
+        Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
+        Cmd::Ci { timeout } => ci(timeout),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("xtask: ERROR: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn single_kernel(sel: &str) -> Result<String> {
+    let v = kernels::expand(sel)?;
+    if v.len() != 1 {
+        bail!("choose one kernel (6.1, 6.12 or newest), not {sel}");
+    }
+    Ok(v[0].clone())
+}
+
+fn vm_cmd(kernel: &str, timeout: u64, no_build: bool, with_tests: bool, cmd: &[String]) -> Result<()> {
+    let name = single_kernel(kernel)?;
+    let k = kernels::get(&name)?;
+    let script = if cmd.is_empty() { "uname -a; ls -l /dev/ublk-control".to_string() } else { cmd.join(" ") };
+    let mut payload = vm::Payload { script: format!("{script}\n"), strip: true, ..Default::default() };
+    if !no_build {
+        let a = wsbuild::build(with_tests)?;
+        payload.bins = a.bins;
+        payload.tests = a.tests;
+    }
+    let common = vm::build_common(&payload)?;
+    let r = vm::run(&k, &common, Duration::from_secs(timeout), &[])?;
+    if !r.ok() {
+        bail!("VM run on kernel {name}: {}", r.label());
+    }
+    Ok(())
+}
+
+fn test_payload(test_args: &[String]) -> String {
+    let args: Vec<String> = test_args.iter().map(sh_quote).collect();
+    format!(
+        r#"failed=0
+count=0
+summary=""
+for t in /opt/ublk/deps/*; do
+    [ -f "$t" ] && [ -x "$t" ] || continue
+    count=$((count + 1))
+    name=$(basename "$t")
+    echo "xtask-guest: ===== $name ====="
+    "$t" --include-ignored --test-threads=1 {args}
+    rc=$?
+    echo "UBLK_VM_TEST $name $rc" > /dev/ttyS1
+    summary="$summary  $name: exit $rc
+"
+    [ "$rc" -eq 0 ] || failed=1
+done
+echo "xtask-guest: test executables on $(uname -r):"
+printf "%s" "$summary"
+if [ "$count" -eq 0 ]; then echo "xtask-guest: no test executables found"; exit 1; fi
+exit $failed
+"#,
+        args = args.join(" ")
+    )
+}
+
+fn test_vm(sel: &str, timeout: u64, test_args: &[String]) -> Result<()> {
+    let names = kernels::expand(sel)?;
+    // Kernels first (so a download problem shows before the long build).
+    let mut ks = vec![];
+    for n in &names {
+        ks.push(kernels::get(n)?);
+    }
+    let a = wsbuild::build(true)?;
+    let payload = vm::Payload { script: test_payload(test_args), bins: a.bins, tests: a.tests, strip: true };
+    let common = vm::build_common(&payload)?;
+    let mut rows = vec![];
+    let mut failed = false;
+    for k in &ks {
+        let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
+        if !r.tests.is_empty() {
+            util::print_table(
+                &["test executable", "exit"],
+                &r.tests.iter().map(|(n, c)| vec![n.clone(), c.to_string()]).collect::<Vec<_>>(),
+            );
+        }
+        failed |= !r.ok();
+        rows.push(vec![
+            k.name.clone(),
+            r.guest_release.clone().unwrap_or_else(|| k.version.clone()),
+            r.label(),
+            util::fmt_dur(r.duration),
+        ]);
+    }
+    println!();
+    log!("test-vm summary:");
+    util::print_table(&["kernel", "version", "result", "duration"], &rows);
+    if failed {
+        bail!("test-vm failed on at least one kernel");
+    }
+    Ok(())
+}
+
+fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
+    let script = util::xtask_dir().join("scripts").join("demo.sh");
+    if Path::new("/dev/ublk-control").exists() && !force_vm {
+        log!("/dev/ublk-control present: running the demo natively");
+        util::run(Command::new(util::cargo()).args(["build", "-p", "ublk-cli", "--bins"]).current_dir(workspace_root()))?;
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"));
+        return util::run(Command::new("sh").arg(&script).env("UBLK_BIN_DIR", target.join("debug")));
+    }
+    log!("no /dev/ublk-control on this host: running the demo in a VM");
+    let name = single_kernel(kernel)?;
+    let k = kernels::get(&name)?;
+    let a = wsbuild::build(false)?;
+    let payload = vm::Payload { script: "sh /opt/ublk/bin/demo.sh\n".into(), bins: a.bins, tests: vec![], strip: true };
+    let common = vm::build_common(&payload)?;
+    let r = vm::run(&k, &common, Duration::from_secs(timeout), &[])?;
+    if !r.ok() {
+        bail!("demo on kernel {name}: {}", r.label());
+    }
+    Ok(())
+}
+
+fn ci(timeout: u64) -> Result<()> {
+    let root = workspace_root();
+    let cargo = |args: &[&str]| {
+        let mut c = Command::new(util::cargo());
+        c.args(args).current_dir(&root);
+        c
+    };
+    type Step<'a> = (&'a str, Box<dyn FnOnce() -> Result<()> + 'a>);
+    let steps: Vec<Step> = vec![
+        ("headers (bookworm, trixie, sid)", Box::new(|| headers::cmd_headers(None, None))),
+        ("host cargo test --workspace", Box::new(|| util::run(&mut cargo(&["test", "--workspace"])))),
+        (
+            "clippy -D warnings",
+            Box::new(|| util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))),
+        ),
+        (
+            "cargo doc (-Dwarnings)",
+            Box::new(|| util::run(cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings"))),
+        ),
+        ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
+        ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, &[]))),
+        ("demo", Box::new(|| demo("6.12", 600, false))),
+    ];
+    let mut rows = vec![];
+    let mut failed = vec![];
+    let total = Instant::now();
+    for (name, f) in steps {
+        println!();
+        log!("===== CI step: {name} =====");
+        let t = Instant::now();
+        let r = f();
+        let d = t.elapsed();
+        let res = match &r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => {
+                println!("xtask: ERROR: {name}: {e:#}");
+                failed.push(name);
+                "FAILED".to_string()
+            }
+        };
+        log!("CI step {name}: {res} ({})", util::fmt_dur(d));
+        rows.push(vec![name.to_string(), res, util::fmt_dur(d)]);
+    }
+    println!();
+    log!("CI summary (total {}):", util::fmt_dur(total.elapsed()));
+    util::print_table(&["step", "result", "duration"], &rows);
+    if !failed.is_empty() {
+        bail!("CI failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Builds of the workspace for the VM: against the newest (sid) kernel
+//! headers, into target/vm so host builds are not disturbed.
+
+use crate::headers;
+use crate::util::{self, workspace_root};
+use crate::{log, warn};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+pub struct Artifacts {
+    pub bins: Vec<PathBuf>,
+    pub tests: Vec<PathBuf>,
+}
+
+pub fn target_dir() -> PathBuf {
+    workspace_root().join("target").join("vm")
+}
+
+/// Run cargo with JSON messages; return executables of compiler-artifact
+/// messages accepted by `want(profile_test, kinds)`.
+fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bool) -> Result<Vec<PathBuf>> {
+    let mut c = Command::new(util::cargo());
+    c.args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .current_dir(workspace_root())
+        .env("UBLK_SYS_KERNEL_HEADERS", inc)
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stdout(Stdio::piped());
+    log!("$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}", inc.display(), target_dir().display(), util::describe(&c));
+    let mut child = c.spawn()?;
+    let mut v = vec![];
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if j["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(exe) = j["executable"].as_str() else { continue };
+        let test = j["profile"]["test"].as_bool().unwrap_or(false);
+        let kinds: Vec<String> = j["target"]["kind"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        if want(test, &kinds) {
+            v.push(PathBuf::from(exe));
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!("cargo {} failed ({st})", args.join(" "));
+    }
+    v.sort();
+    v.dedup();
+    Ok(v)
+}
+
+/// Build the workspace binaries (and optionally test executables) for the VM.
+pub fn build(with_tests: bool) -> Result<Artifacts> {
+    let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
+    log!("building for the VM against linux-libc-dev {ver} (sid)");
+    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins"], &inc, |test, kinds| {
+        !test && kinds.iter().any(|k| k == "bin")
+    })?;
+    let tests = if with_tests {
+        cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, |test, _| test)?
+    } else {
+        vec![]
+    };
+    bins.extend(extra_bins());
+    log!(
+        "VM artifacts: bins [{}], {} test executables",
+        bins.iter().map(|b| b.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+        tests.len()
+    );
+    Ok(Artifacts { bins, tests })
+}
+
+/// target/vm/**/ublk-c-example* executables and $UBLK_VM_EXTRA_BINS.
+fn extra_bins() -> Vec<PathBuf> {
+    let mut found: std::collections::BTreeMap<String, (std::time::SystemTime, PathBuf)> = Default::default();
+    let mut stack = vec![target_dir()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ft.is_dir() {
+                if !["incremental", ".fingerprint", "initramfs"].contains(&name.as_str()) {
+                    stack.push(e.path());
+                }
+            } else if ft.is_file() && name.starts_with("ublk-c-example") && !name.contains('.') {
+                let Ok(md) = e.metadata() else { continue };
+                if md.permissions().mode() & 0o111 == 0 {
+                    continue;
+                }
+                let t = md.modified().unwrap_or(std::time::UNIX_EPOCH);
+                let newer = found.get(&name).map(|(t0, _)| t > *t0).unwrap_or(true);
+                if newer {
+                    found.insert(name, (t, e.path()));
+                }
+            }
+        }
+    }
+    let mut v: Vec<PathBuf> = found.into_values().map(|(_, p)| p).collect();
+    if let Ok(extra) = std::env::var("UBLK_VM_EXTRA_BINS") {
+        for p in extra.split(':').filter(|s| !s.is_empty()) {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                v.push(p);
+            } else {
+                warn!("UBLK_VM_EXTRA_BINS: {} does not exist", p.display());
+            }
+        }
+    }
+    v
+}
