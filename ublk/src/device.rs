@@ -18,6 +18,23 @@ use crate::target::Target;
 /// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
 pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
 
+/// Where queue threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Pin each queue thread to one CPU that does not submit to its queue,
+    /// when there is one (the CPU after the queue's set, per
+    /// GET_QUEUE_AFFINITY); else to the last CPU of its set. A server thread
+    /// that shares a CPU with the task submitting to it costs a context
+    /// switch per batch; on another CPU the two run in parallel, and the
+    /// scheduler can move an unpinned submitter away from a pinned server.
+    #[default]
+    Away,
+    /// Pin each queue thread to the CPUs that submit to its queue.
+    Affinity,
+    /// Leave placement to the scheduler.
+    Unpinned,
+}
+
 /// Configures a device, then creates it with [`DeviceBuilder::create`].
 #[derive(Debug, Clone)]
 pub struct DeviceBuilder {
@@ -30,6 +47,7 @@ pub struct DeviceBuilder {
     flags: u64,
     attrs: u32,
     discard: Option<Discard>,
+    placement: Placement,
 }
 
 impl Default for DeviceBuilder {
@@ -44,6 +62,7 @@ impl Default for DeviceBuilder {
             flags: 0,
             attrs: 0,
             discard: None,
+            placement: Placement::Away,
         }
     }
 }
@@ -91,6 +110,11 @@ impl DeviceBuilder {
     /// `UBLK_ATTR_*` attributes.
     pub fn attrs(mut self, attrs: u32) -> Self {
         self.attrs = attrs;
+        self
+    }
+    /// Where queue threads run (default [`Placement::Away`]).
+    pub fn placement(mut self, p: Placement) -> Self {
+        self.placement = p;
         self
     }
     /// Discard / write-zeroes limits (so the block layer sends them).
@@ -159,7 +183,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -226,6 +250,7 @@ pub struct Device {
     started: bool,
     deleted: bool,
     recovering: bool,
+    placement: Placement,
 }
 
 /// Sends `Exited` when a queue thread ends, even by panic.
@@ -266,7 +291,9 @@ impl Device {
         let t0 = Instant::now();
         let mut info = info;
         while !quiesced(info.state) {
-            let alive = info.ublksrv_pid > 0 && std::path::Path::new(&format!("/proc/{}", info.ublksrv_pid)).exists();
+            // A killed server that its parent has not reaped yet is a zombie:
+            // /proc/PID still exists but the server is gone (its state is Z).
+            let alive = info.ublksrv_pid > 0 && pid_running(info.ublksrv_pid);
             if alive || t0.elapsed() > wait {
                 return Err(Error::InvalidConfig {
                     what: "recover",
@@ -294,7 +321,7 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -307,6 +334,33 @@ impl Device {
         });
         dev.char_file = Some(open_char(dev_id)?);
         Ok(dev)
+    }
+
+    /// The CPUs each queue thread is pinned to, per the placement policy.
+    fn queue_cpus(&mut self) -> Vec<Vec<usize>> {
+        let nq = self.info.nr_hw_queues;
+        if self.placement == Placement::Unpinned {
+            return vec![Vec::new(); usize::from(nq)];
+        }
+        let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let id = self.info.dev_id;
+        (0..nq)
+            .map(|q| {
+                let set = self.ctrl.get_queue_affinity(id, q).unwrap_or_default();
+                match self.placement {
+                    Placement::Affinity => set,
+                    _ => {
+                        let Some(&last) = set.iter().filter(|&&c| c < online).max() else { return Vec::new() };
+                        let next = (last + 1) % online;
+                        if set.contains(&next) {
+                            vec![last]
+                        } else {
+                            vec![next]
+                        }
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Detaches from the device without stopping or deleting it (for a
@@ -359,13 +413,16 @@ impl Device {
         let encoding = self.ctrl.encoding();
         let info = self.info;
         let wake_fd = wake.raw();
+        let cpus = self.queue_cpus();
 
         let result = std::thread::scope(|s| {
             let mut handles = Vec::new();
             for q in 0..nq {
                 let qtx = tx.clone();
+                let cpus_q = cpus.get(usize::from(q)).cloned().unwrap_or_default();
                 let spawned = std::thread::Builder::new().name(format!("ublk{}-q{q}", info.dev_id)).spawn_scoped(s, move || {
                     let tx = qtx;
+                    pin_to(&cpus_q);
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
                     let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd), &target.files()) {
                         Ok(queue) => queue,
@@ -492,6 +549,31 @@ impl Device {
         self.char_file = None;
         self.deleted = true;
         self.ctrl.del_dev(self.info.dev_id)
+    }
+}
+
+/// Whether `pid` is a live process: /proc/PID exists and is not a zombie
+/// (state Z/X), which a killed but not yet reaped server is.
+fn pid_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|st| st != "Z" && st != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Pins the calling thread to `cpus` (no-op when empty or refused).
+fn pin_to(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data, zero-initialised, filled by CPU_SET
+    // with indices below CPU_SETSIZE, and passed by reference for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

@@ -28,6 +28,9 @@ struct Args {
     /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
     #[arg(long)]
     id: Option<u32>,
+    /// Queue thread placement: away (from the CPUs submitting to the queue), affinity, unpinned.
+    #[arg(long, default_value = "away", value_parser = ["away", "affinity", "unpinned"])]
+    placement: String,
     /// Largest request, e.g. 512K.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     max_io_size: u64,
@@ -54,6 +57,11 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .block_size(args.block_size)
         .id(args.id)
         .max_io_bytes(max_io)
+        .placement(match args.placement.as_str() {
+            "affinity" => ublk::Placement::Affinity,
+            "unpinned" => ublk::Placement::Unpinned,
+            _ => ublk::Placement::Away,
+        })
         .create()?;
     let info = *dev.info();
     if info.nr_hw_queues != args.queues {

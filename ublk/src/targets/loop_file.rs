@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{opcode, types};
 
@@ -28,6 +29,8 @@ pub struct LoopTarget {
     path: PathBuf,
     size: u64,
     is_blockdev: bool,
+    /// Whether the file still takes FALLOC_FL_ZERO_RANGE (see `write_zeroes`).
+    zero_range: AtomicBool,
 }
 
 impl LoopTarget {
@@ -65,7 +68,7 @@ impl LoopTarget {
                 why: format!("{} is neither a regular file nor a block device", path.display()),
             });
         };
-        Ok(LoopTarget { file, path: path.to_path_buf(), size, is_blockdev })
+        Ok(LoopTarget { file, path: path.to_path_buf(), size, is_blockdev, zero_range: AtomicBool::new(true) })
     }
 
     /// The backing file's size in bytes (the default device size).
@@ -76,6 +79,27 @@ impl LoopTarget {
     /// Whether the backing file is a block device.
     pub fn is_block_device(&self) -> bool {
         self.is_blockdev
+    }
+
+    /// Zeroes `[off, off+len)`: FALLOC_FL_ZERO_RANGE, or, once the file has
+    /// refused that, FALLOC_FL_PUNCH_HOLE.
+    fn write_zeroes(&self, off: u64, len: u64) -> IoResult {
+        let fd = self.file.as_raw_fd();
+        let falloc = |mode: i32| {
+            // SAFETY: fallocate on our own open fd; no memory is passed.
+            if unsafe { libc::fallocate(fd, mode | libc::FALLOC_FL_KEEP_SIZE, off as libc::off_t, len as libc::off_t) } == 0 {
+                Ok(0)
+            } else {
+                Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+            }
+        };
+        if self.zero_range.load(Ordering::Relaxed) {
+            match falloc(libc::FALLOC_FL_ZERO_RANGE) {
+                Err(libc::EOPNOTSUPP) => self.zero_range.store(false, Ordering::Relaxed),
+                r => return r,
+            }
+        }
+        falloc(libc::FALLOC_FL_PUNCH_HOLE)
     }
 
     /// The backing file's path.
@@ -106,10 +130,12 @@ impl Target for LoopTarget {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 opcode::Fallocate::new(fd, u64::from(len)).offset(off).mode(mode).build()
             }
-            Op::WriteZeroes => {
-                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-                opcode::Fallocate::new(fd, u64::from(len)).offset(off).mode(mode).build()
-            }
+            // Fix: tmpfs (and some other file systems) refuse FALLOC_FL_ZERO_RANGE
+            // with -EOPNOTSUPP, which failed every WRITE_ZEROES (mkfs.ext4 on a
+            // loop device over /tmp logged "operation not supported error").
+            // Done synchronously so it can fall back to a hole punch, which
+            // reads back as zeros too (as the kernel's loop driver does).
+            Op::WriteZeroes => return Some(self.write_zeroes(off, u64::from(len))),
             Op::Other(_) => return Some(Err(libc::EOPNOTSUPP)),
         };
         // SAFETY: `buf` is the tag's buffer, valid until the request is
