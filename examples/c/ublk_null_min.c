@@ -330,10 +330,11 @@ int main(int argc, char **argv)
 		__u64 features = 0;
 		struct ublksrv_ctrl_cmd c = { .dev_id = (__u32)-1, .queue_id = (__u16)-1,
 					      .addr = (__u64)(uintptr_t)&features, .len = sizeof(features) };
-		if (ctrl_cmd(UBLK_U_CMD_GET_FEATURES, &c) == 0 && (features & UBLK_F_CMD_IOCTL_ENCODE))
+		int r = ctrl_cmd(UBLK_U_CMD_GET_FEATURES, &c);
+		if (r == 0 && (features & UBLK_F_CMD_IOCTL_ENCODE))
 			use_ioctl_encoding = 1;
-		fprintf(stderr, "ublk-c-example: GET_FEATURES 0x%llx: %s opcodes\n", (unsigned long long)features,
-			use_ioctl_encoding ? "ioctl-encoded" : "legacy");
+		fprintf(stderr, "ublk-c-example: GET_FEATURES: %s, features 0x%llx: %s opcodes\n", r ? strerror(-r) : "ok",
+			(unsigned long long)features, use_ioctl_encoding ? "ioctl-encoded" : "legacy");
 	}
 #endif
 

@@ -176,7 +176,9 @@ fn ring64() -> IoUring<squeue::Entry, cqueue::Entry> {
 }
 
 fn ring128() -> IoUring<squeue::Entry128, cqueue::Entry> {
-    IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(8).expect("io_uring (IORING_SETUP_SQE128)")
+    IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+        .build(8)
+        .expect("io_uring (IORING_SETUP_SQE128)")
 }
 
 /// Submits one SQE and reports what came back within `wait`: its CQE result,
@@ -252,6 +254,10 @@ struct TrapDev {
 
 impl TrapDev {
     fn new(depth: u16) -> TrapDev {
+        Self::with_flags(depth, 0)
+    }
+
+    fn with_flags(depth: u16, flags: u64) -> TrapDev {
         assert_no_devices();
         let mut ctrl = Control::open().expect("open /dev/ublk-control");
         let want = DevInfo {
@@ -260,11 +266,18 @@ impl TrapDev {
             max_io_buf_bytes: MAX_IO,
             dev_id: u32::MAX,
             ublksrv_pid: std::process::id() as i32,
+            flags,
             ..Default::default()
         };
         let info = ctrl.add_dev(&want).expect("ADD_DEV");
         let id = info.dev_id;
-        let mut dev = TrapDev { ctrl: Some(ctrl), id, info, char_file: None, bufs: vec![0u8; depth as usize * MAX_IO as usize] };
+        let mut dev = TrapDev {
+            ctrl: Some(ctrl),
+            id,
+            info,
+            char_file: None,
+            bufs: vec![0u8; depth as usize * MAX_IO as usize],
+        };
         let params = Params::new(16 << 20, 512, info.max_io_buf_bytes).unwrap();
         dev.ctrl.as_mut().unwrap().set_params(id, &params).expect("SET_PARAMS");
         let path = format!("/dev/ublkc{id}");
@@ -466,6 +479,193 @@ driver_test! {
     }
 }
 
+/// A read-only mapping of a queue's descriptors, unmapped on drop (before
+/// the device is deleted: a mapping keeps `/dev/ublkcN` open).
+struct Descs(*mut libc::c_void, usize);
+
+impl Descs {
+    fn map(fd: i32, depth: u16) -> Descs {
+        let page = 4096usize;
+        let len = (usize::from(depth) * 24).div_ceil(page) * page;
+        // SAFETY: a fresh shared read-only mapping of queue 0's descriptor
+        // array (offset UBLKSRV_CMD_BUF_OFFSET + 0 * stride); checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap descriptors: {}",
+            std::io::Error::last_os_error()
+        );
+        Descs(p, len)
+    }
+
+    /// Bytes the request parked on `tag` asks for (nr_sectors << 9).
+    fn len(&self, tag: u16) -> usize {
+        // SAFETY: tag < depth, inside the mapping; nr_sectors is the u32 at
+        // byte 4 of the 24-byte ublksrv_io_desc; read once, volatile.
+        let n = unsafe { std::ptr::read_volatile((self.0 as *const u8).add(usize::from(tag) * 24 + 4) as *const u32) };
+        (n as usize) << 9
+    }
+}
+
+impl Drop for Descs {
+    fn drop(&mut self) {
+        // SAFETY: exactly what mmap returned.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
+// SAFETY: the mapping is read-only shared memory; reading it from several
+// threads is fine.
+unsafe impl Sync for Descs {}
+
+/// What one serving thread saw.
+#[derive(Debug, Default)]
+struct Served {
+    requests: u32,
+    commit_errors: Vec<i32>,
+}
+
+/// Fetches `tag` from this thread's own ring, reports the answer, then
+/// serves it (zeros for reads) until aborted or told to stop.
+#[allow(clippy::too_many_arguments)]
+fn serve_tag(
+    fd: i32,
+    tag: u16,
+    buf: u64,
+    ops: (u32, u32),
+    descs: &Descs,
+    fetched: mpsc::Sender<Ans>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Served {
+    let mut r = ring64();
+    let mut seen = Served::default();
+    let io = |op: u32, result: i32| entry64(sqe(fd, op, u64::from(tag), &[(48, &io_payload(0, tag, result, buf))]));
+    let a = submit(&mut r, io(ops.0, 0));
+    let _ = fetched.send(a);
+    if a != Ans::Accepted {
+        return seen;
+    }
+    let ts = types::Timespec::from(Duration::from_millis(50));
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match r.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(e) => panic!("io_uring_enter: {e}"),
+        }
+        let cqes: Vec<i32> = r.completion().map(|c| c.result()).collect();
+        for res in cqes {
+            match res {
+                0 => {
+                    seen.requests += 1;
+                    let len = descs.len(tag);
+                    // SAFETY: the tag's buffer is MAX_IO bytes of the TrapDev's
+                    // Vec, which outlives this thread; len <= max_sectors << 9.
+                    unsafe { std::ptr::write_bytes(buf as *mut u8, 0, len.min(MAX_IO as usize)) };
+                    // SAFETY: as in submit_for.
+                    unsafe { r.submission().push(&io(ops.1, len as i32)).expect("SQ full") };
+                }
+                sys::UBLK_IO_RES_ABORT => return seen,
+                e => {
+                    seen.commit_errors.push(e);
+                    return seen;
+                }
+            }
+        }
+    }
+    seen
+}
+
+driver_test! {
+    /// (c2) What the thread rule does to I/O. Thread A fetches and serves
+    /// tag 0, thread B tag 1 (the queue's last FETCH); START_DEV succeeds on
+    /// every kernel. Then direct reads:
+    /// * up to 6.15, a request on tag 0 is handed to A's task and failed there
+    ///   by `__ublk_rq_task_work` (`current != ubq->ubq_daemon`): the read
+    ///   gets EIO and A never sees a request;
+    /// * from 6.16, A gets tag 0's requests and its commits are accepted.
+    ///
+    /// `UBLK_F_URING_CMD_COMP_IN_TASK` is set so that 6.1 delivers through the
+    /// fetching task as 6.12 always does (a built-in 6.1 driver would
+    /// otherwise use the daemon's task_work).
+    fn traps_c2_io_goes_to_the_fetching_thread() {
+        let mut dev = TrapDev::with_flags(2, sys::UBLK_F_URING_CMD_COMP_IN_TASK);
+        let descs = Descs::map(dev.fd(), 2);
+        let mut obs = Obs::new("traps_c2");
+        let g = gen();
+        let ops = (dev.fetch_op(), dev.commit_op());
+        let (fd, b0, b1, id) = (dev.fd(), dev.buf(0), dev.buf(1), dev.id);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (served_a, served_b, eio, ok) = std::thread::scope(|s| {
+            let (ftx, frx) = mpsc::channel();
+            let (descs, stop, ftx2) = (&descs, &stop, ftx.clone());
+            let a = s.spawn(move || serve_tag(fd, 0, b0, ops, descs, ftx, stop));
+            obs.check("c2_A_fetch_tag0", frx.recv().unwrap(), Ans::Accepted);
+            let b = s.spawn(move || serve_tag(fd, 1, b1, ops, descs, ftx2, stop));
+            obs.check("c2_B_fetch_tag1_last", frx.recv().unwrap(), Ans::Accepted);
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let t0 = Instant::now();
+            let started = dev.ctrl.as_ref().unwrap().start_dev(id, || t0.elapsed() < Duration::from_secs(20));
+            let started_ans = match &started {
+                Ok(()) => OK,
+                Err(e) => Ans::Res(-e.errno().unwrap_or(libc::EIO)),
+            };
+            obs.check("c2_start_dev", started_ans, OK);
+            let (mut eio, mut ok) = (0u32, 0u32);
+            if started.is_ok() {
+                let path = format!("/dev/ublkb{id}");
+                wait_for_path(std::path::Path::new(&path));
+                use std::os::unix::fs::{FileExt, OpenOptionsExt};
+                let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
+                let mut raw = vec![0u8; 8192];
+                let off = raw.as_ptr().align_offset(4096);
+                let buf = &mut raw[off..off + 4096];
+                // Tags are handed out round-robin; read until the answer is clear.
+                for i in 0..200u64 {
+                    match f.read_at(buf, (i % 64) * 4096) {
+                        Ok(4096) => ok += 1,
+                        Ok(n) => panic!("short read {n}"),
+                        Err(e) if e.raw_os_error() == Some(libc::EIO) => eio += 1,
+                        Err(e) => panic!("read {path}: {e}"),
+                    }
+                    if ok >= 20 && (eio > 0 || i >= 40) {
+                        break;
+                    }
+                }
+            }
+            (eio, ok)
+            }));
+            // STOP_DEV while A and B live: their parked FETCHes are aborted.
+            dev.stop();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (sa, sb) = (a.join(), b.join());
+            let (eio, ok) = run.unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (sa.unwrap(), sb.unwrap(), eio, ok)
+        });
+        println!(
+            "TRAP c2_reads kernel {}: {ok} ok, {eio} EIO; A served {} (commit errors {:?}), B served {} (commit errors {:?})",
+            kernel_release(), served_a.requests, served_a.commit_errors, served_b.requests, served_b.commit_errors
+        );
+        drop(descs);
+        dev.delete();
+        assert_no_devices();
+        obs.finish();
+        assert!(served_a.commit_errors.is_empty() && served_b.commit_errors.is_empty(), "no commit may be refused");
+        assert!(served_b.requests > 0, "B serves tag 1 on every kernel");
+        match g {
+            Gen::Legacy | Gen::PerQueue => {
+                assert_eq!(served_a.requests, 0, "up to 6.15 the queue belongs to B: A gets nothing");
+                assert!(eio > 0, "requests on A's tag fail with EIO");
+            }
+            Gen::PerTag => {
+                assert!(served_a.requests > 0, "6.16+: A serves its own tag");
+                assert_eq!(eio, 0, "6.16+: no read fails");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- (d), (e), (f)
 
 driver_test! {
@@ -604,5 +804,8 @@ driver_test! {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.chunks(8).map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<String>()).collect::<Vec<_>>().join(" ")
+    b.chunks(8)
+        .map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

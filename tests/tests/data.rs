@@ -1,0 +1,464 @@
+//! The `ublk` CLI's data targets against the real driver: fio with verify on
+//! ramdisk and loop, the loop backing file holding what was written, ext4
+//! (mkfs, fsck, remount, and after a daemon restart), DISCARD and
+//! WRITE_ZEROES reaching the backing file, --detach/list/del, and bad input
+//! that changes nothing.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+use ublk_tests::*;
+
+fn ublk(args: &[&str]) -> (ExitStatus, String, String) {
+    run(bin("ublk").to_str().unwrap(), args)
+}
+
+fn dev_id(d: &Daemon) -> u32 {
+    d.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
+}
+
+fn fio_ok(args: &[&str]) -> String {
+    let out = run_ok("fio", args);
+    for l in out.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "fio {args:?} reported an error: {l}\n{out}");
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(p).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+fn sha256(p: &Path) -> String {
+    run_ok("sha256sum", &[p.to_str().unwrap()]).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// A sparse file of `size` bytes (replacing any old one).
+fn sparse_file(p: &Path, size: u64) {
+    let _ = std::fs::remove_file(p);
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
+fn queue_sum(out: &str, key: &str) -> u64 {
+    out.lines()
+        .filter(|l| l.starts_with("queue "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
+/// A directory on an ext4 filesystem (an image on /tmp mounted through the
+/// kernel loop driver), for backing files that need ZERO_RANGE, which the
+/// guest's tmpfs /tmp does not support. Falls back to /tmp if it cannot mount.
+struct Scratch {
+    dir: PathBuf,
+    img: PathBuf,
+    mounted: bool,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let img = PathBuf::from(format!("/tmp/{name}-scratch.img"));
+        let dir = PathBuf::from(format!("/tmp/{name}-scratch"));
+        sparse_file(&img, 512 << 20);
+        std::fs::create_dir_all(&dir).unwrap();
+        run_ok("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+        let (st, _, err) = run("mount", &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()]);
+        if !st.success() {
+            eprintln!("note: cannot mount an ext4 scratch fs ({err}); backing files on /tmp itself");
+        }
+        Scratch { dir, img, mounted: st.success() }
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = run("umount", &[self.dir.to_str().unwrap()]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+/// fio randwrite then verify (crc32c), 2 jobs on their own halves of `span`
+/// bytes, one per CPU so both queues serve.
+fn fio_verify(dev: &str, bs: &str, span: u64) {
+    let half = format!("{}", span / 2);
+    let cpus = format!("0-{}", nproc() - 1);
+    let out = fio_ok(&[
+        "--name=verify",
+        "--filename",
+        dev,
+        "--rw=randwrite",
+        "--bs",
+        bs,
+        "--ioengine=io_uring",
+        "--iodepth=32",
+        "--direct=1",
+        "--numjobs=2",
+        "--size",
+        &half,
+        "--offset_increment",
+        &half,
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--cpus_allowed",
+        &cpus,
+        "--cpus_allowed_policy=split",
+        "--group_reporting",
+    ]);
+    let line = out.lines().find(|l| l.contains("IOPS=")).unwrap_or("");
+    eprintln!("fio verify {dev} bs={bs}: {}", line.trim());
+}
+
+driver_test! {
+    /// fio randwrite + crc32c verify (4k and 64k, iodepth 32, 2 queues) on a
+    /// ramdisk and a loop device; for loop, a pattern written through the
+    /// device is then byte-for-byte in the backing file.
+    fn data_fio_verify_ramdisk_and_loop() {
+        let backing = PathBuf::from("/tmp/data-fio.img");
+        sparse_file(&backing, 64 << 20);
+        for kind in ["ramdisk", "loop"] {
+            let mut args = vec!["add", "-t", kind, "--queues", "2", "--depth", "64"];
+            if kind == "ramdisk" {
+                args.extend(["--size", "64M"]);
+            } else {
+                args.extend(["--file", backing.to_str().unwrap()]);
+            }
+            let d = Daemon::start("ublk", &args);
+            let dev = d.dev.to_str().unwrap().to_string();
+            assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (64u64 << 20).to_string());
+            fio_verify(&dev, "4k", 32 << 20);
+            fio_verify(&dev, "64k", 64 << 20);
+            // A known pattern at 8 MiB, through the device.
+            let pat = pattern(4 << 20, 7);
+            let pat_path = PathBuf::from("/tmp/data-fio.pat");
+            std::fs::write(&pat_path, &pat).unwrap();
+            run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "seek=8", "oflag=direct", "conv=fsync", "status=none"]);
+            let back = PathBuf::from("/tmp/data-fio.back");
+            run_ok("dd", &[&format!("if={dev}"), &format!("of={}", back.display()), "bs=1M", "skip=8", "count=4", "iflag=direct", "status=none"]);
+            assert!(std::fs::read(&back).unwrap() == pat, "{kind}: pattern read back through the device differs");
+            let (st, out) = d.terminate();
+            assert!(st.success(), "ublk add -t {kind} exited with {st}");
+            let per_q = queue_requests(&out);
+            assert_eq!(per_q.len(), 2.min(nproc()), "per-queue report: {out}");
+            for (q, n) in &per_q {
+                assert!(*n > 0, "{kind}: queue {q} served nothing: {out}");
+            }
+            assert_eq!(queue_sum(&out, "errors"), 0, "{kind}: requests failed: {out}");
+            if kind == "loop" {
+                let in_file = read_range(&backing, 8 << 20, 4 << 20);
+                let f = PathBuf::from("/tmp/data-fio.file");
+                std::fs::write(&f, &in_file).unwrap();
+                let (a, b) = (sha256(&pat_path), sha256(&f));
+                eprintln!("sha256 written {a}, backing file {b}");
+                assert_eq!(a, b, "the backing file does not hold what was written through the device");
+                let _ = std::fs::remove_file(&f);
+            }
+            let _ = std::fs::remove_file(&pat_path);
+            let _ = std::fs::remove_file(&back);
+            assert_no_devices();
+        }
+        let _ = std::fs::remove_file(&backing);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// The files the ext4 test writes: (relative path, contents).
+fn tree() -> Vec<(String, Vec<u8>)> {
+    let mut v = vec![];
+    for d in 0..4 {
+        for f in 0..6 {
+            let len = [0usize, 1, 511, 4096, 70_000, 300_001][f];
+            v.push((format!("d{d}/sub{}/f{f}", d % 2), pattern(len, (d * 10 + f) as u64 + 1)));
+        }
+    }
+    v
+}
+
+fn write_tree(root: &Path) {
+    for (p, data) in tree() {
+        let p = root.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &data).unwrap();
+    }
+}
+
+fn verify_tree(root: &Path, when: &str) {
+    for (p, data) in tree() {
+        let got = std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("{when}: reading {p}: {e}"));
+        assert!(got == data, "{when}: {p} differs ({} bytes, {} expected)", got.len(), data.len());
+    }
+}
+
+fn mount(dev: &str, mnt: &Path) {
+    std::fs::create_dir_all(mnt).unwrap();
+    run_ok("mount", &["-t", "ext4", dev, mnt.to_str().unwrap()]);
+}
+
+fn umount(mnt: &Path) {
+    run_ok("umount", &[mnt.to_str().unwrap()]);
+}
+
+fn fsck_clean(dev: &str, when: &str) {
+    let (st, out, err) = run("e2fsck", &["-fn", dev]);
+    assert!(st.success(), "{when}: e2fsck -fn {dev} found problems ({st}):\n{out}\n{err}");
+}
+
+driver_test! {
+    /// mkfs.ext4, mount, a tree of files, umount, e2fsck -fn clean, remount,
+    /// contents verified; for loop, again after the daemon is restarted.
+    fn data_ext4_fsck_remount_and_daemon_restart() {
+        let backing = PathBuf::from("/tmp/data-ext4.img");
+        sparse_file(&backing, 64 << 20);
+        let mnt = PathBuf::from("/tmp/data-ext4-mnt");
+        for kind in ["ramdisk", "loop"] {
+            let mut args = vec!["add", "-t", kind, "--queues", "2"];
+            if kind == "ramdisk" {
+                args.extend(["--size", "64M"]);
+            } else {
+                args.extend(["--file", backing.to_str().unwrap()]);
+            }
+            let d = Daemon::start("ublk", &args);
+            let dev = d.dev.to_str().unwrap().to_string();
+            run_ok("mkfs.ext4", &["-q", "-F", &dev]);
+            mount(&dev, &mnt);
+            write_tree(&mnt);
+            umount(&mnt);
+            fsck_clean(&dev, kind);
+            mount(&dev, &mnt);
+            verify_tree(&mnt, &format!("{kind} remounted"));
+            umount(&mnt);
+            let (st, out) = d.terminate();
+            assert!(st.success(), "ublk add -t {kind} exited with {st}");
+            assert_eq!(queue_sum(&out, "errors"), 0, "{kind}: requests failed: {out}");
+            assert!(queue_sum(&out, "discards") > 0, "{kind}: mkfs.ext4 sent no DISCARD (discard params not set?): {out}");
+            assert_no_devices();
+            if kind == "loop" {
+                // A new daemon on the same file sees the same filesystem.
+                let d = Daemon::start("ublk", &args);
+                let dev = d.dev.to_str().unwrap().to_string();
+                fsck_clean(&dev, "loop after restart");
+                mount(&dev, &mnt);
+                verify_tree(&mnt, "loop after daemon restart");
+                umount(&mnt);
+                let (st, _) = d.terminate();
+                assert!(st.success(), "restarted loop daemon exited with {st}");
+                assert_no_devices();
+            }
+        }
+        let _ = std::fs::remove_file(&backing);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// blkdiscard frees the backing file's blocks (st_blocks drop, the range
+    /// reads zeros); blkdiscard -z (WRITE_ZEROES) zeroes the range in the
+    /// file; the rest is untouched.
+    fn data_discard_and_write_zeroes_reach_the_backing_file() {
+        let scratch = Scratch::new("data-discard");
+        let backing = scratch.path("disk.img");
+        sparse_file(&backing, 64 << 20);
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap()]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        let pat = pattern(16 << 20, 3);
+        let pat_path = PathBuf::from("/tmp/data-discard.pat");
+        std::fs::write(&pat_path, &pat).unwrap();
+        run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "oflag=direct", "conv=fsync", "status=none"]);
+        let blocks0 = std::fs::metadata(&backing).unwrap().blocks();
+        assert!(blocks0 >= (16 << 20) / 512, "backing file has {blocks0} blocks after 16 MiB written");
+        assert!(read_range(&backing, 0, 16 << 20) == pat, "backing file does not hold the pattern");
+
+        run_ok("blkdiscard", &["-o", "0", "-l", &(8u64 << 20).to_string(), &dev]);
+        let blocks1 = std::fs::metadata(&backing).unwrap().blocks();
+        eprintln!("st_blocks: {blocks0} after writing 16 MiB, {blocks1} after discarding 8 MiB");
+        assert!(blocks1 + (7 << 20) / 512 <= blocks0, "discard freed too little: {blocks0} -> {blocks1} blocks");
+        assert!(read_range(&backing, 0, 8 << 20).iter().all(|b| *b == 0), "discarded range does not read zeros");
+        assert!(read_range(&backing, 8 << 20, 8 << 20) == pat[8 << 20..], "discard touched data beyond its range");
+
+        run_ok("blkdiscard", &["-z", "-o", &(8u64 << 20).to_string(), "-l", &(4u64 << 20).to_string(), &dev]);
+        assert!(read_range(&backing, 8 << 20, 4 << 20).iter().all(|b| *b == 0), "write-zeroes range does not read zeros in the file");
+        assert!(read_range(&backing, 12 << 20, 4 << 20) == pat[12 << 20..], "write-zeroes touched data beyond its range");
+        // And through the device.
+        let back = PathBuf::from("/tmp/data-discard.back");
+        run_ok("dd", &[&format!("if={dev}"), &format!("of={}", back.display()), "bs=1M", "count=16", "iflag=direct", "status=none"]);
+        let b = std::fs::read(&back).unwrap();
+        assert!(b[..12 << 20].iter().all(|x| *x == 0) && b[12 << 20..] == pat[12 << 20..], "device contents wrong after discard/zeroes");
+
+        let (st, out) = d.terminate();
+        assert!(st.success(), "loop daemon exited with {st}");
+        eprintln!("{out}");
+        assert!(queue_sum(&out, "discards") > 0, "no DISCARD reached the target: {out}");
+        assert!(queue_sum(&out, "write_zeroes") > 0, "no WRITE_ZEROES reached the target: {out}");
+        assert_eq!(queue_sum(&out, "errors"), 0, "requests failed: {out}");
+        let _ = std::fs::remove_file(&pat_path);
+        let _ = std::fs::remove_file(&back);
+        drop(scratch);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// --detach: the id is printed once live; `ublk list` shows the device
+    /// with its daemon and target; `ublk del` stops the daemon, removes the
+    /// device and its saved configuration.
+    fn data_detach_list_and_del() {
+        let backing = PathBuf::from("/tmp/data-detach.img");
+        sparse_file(&backing, 32 << 20);
+        let (st, out, err) = ublk(&["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--detach"]);
+        assert!(st.success(), "ublk add --detach failed: {st}\n{out}\n{err}");
+        let id: u32 = out.trim().parse().unwrap_or_else(|_| panic!("ublk add --detach printed {out:?}"));
+        let dev = PathBuf::from(format!("/dev/ublkb{id}"));
+        wait_for_path(&dev);
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+        assert_eq!(cfg.target, "loop");
+        assert_eq!(cfg.size, 32 << 20);
+        assert!(ublk_cli::config::pid_alive(cfg.pid), "daemon pid {} not running", cfg.pid);
+        run_ok("dd", &["if=/dev/zero", &format!("of={}", dev.display()), "bs=64k", "count=16", "oflag=direct", "status=none"]);
+        let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
+        eprintln!("{list}");
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("device {id} not listed:\n{list}"));
+        assert!(line.contains("LIVE") && line.contains("loop") && line.contains(&cfg.pid.to_string()), "list line: {line}");
+        assert!(line.contains("CMD_IOCTL_ENCODE") || kernel_version() < (6, 4) || line.contains('-'), "list line: {line}");
+        let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
+        assert!(st.success(), "ublk del failed: {st}\n{out}\n{err}");
+        assert!(!ublk_cli::config::pid_alive(cfg.pid), "daemon still running after del");
+        assert!(ublk_cli::config::DeviceConfig::load(id).unwrap().is_none(), "configuration left after del");
+        assert_no_devices();
+        let (st, _, err) = ublk(&["del", "--all"]);
+        assert!(st.success(), "del --all with no device: {err}");
+        let _ = std::fs::remove_file(&backing);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// Runs `ublk args` (as `uid` if given), expects exit 1 with one error line
+/// containing `want`.
+fn expect_error(args: &[&str], uid: Option<u32>, want: &str) {
+    let mut c = Command::new(bin("ublk"));
+    c.args(args);
+    if let Some(u) = uid {
+        c.uid(u).gid(u);
+    }
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("ublk {args:?}: {}", err.trim());
+    assert_eq!(out.status.code(), Some(1), "ublk {args:?}: exit {}, stderr {err}", out.status);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "ublk {args:?}: expected one error line, got:\n{err}");
+    assert!(lines[0].starts_with("ublk: error: "), "ublk {args:?}: {err}");
+    assert!(lines[0].to_lowercase().contains(&want.to_lowercase()), "ublk {args:?}: error does not mention {want:?}: {err}");
+}
+
+driver_test! {
+    /// Bad input gets one clear error line, exit 1, and changes nothing: no
+    /// device created or left, the other devices still serving.
+    fn data_bad_input_changes_nothing() {
+        let a = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M"]);
+        let b = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery"]);
+        let (ida, idb) = (dev_id(&a), dev_id(&b));
+        let before = ublk_devices();
+        assert_eq!(before.len(), 2);
+        let a_dev = a.dev.to_str().unwrap().to_string();
+        run_ok("dd", &["if=/dev/urandom", &format!("of={a_dev}"), "bs=64k", "count=16", "oflag=direct", "status=none"]);
+        let a_before = run_ok("sha256sum", &[&a_dev]);
+        let unchanged = |what: &str| {
+            assert_eq!(ublk_devices(), before, "{what}: the set of devices changed");
+            assert_eq!(run_ok("sha256sum", &[&a_dev]), a_before, "{what}: device {ida} changed");
+            run_ok("dd", &[&format!("if={a_dev}"), "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"]);
+            run_ok("dd", &[&format!("if={}", b.dev.display()), "of=/dev/null", "bs=4k", "count=4", "iflag=direct", "status=none"]);
+        };
+
+        expect_error(&["add", "-t", "loop", "--file", "/tmp/no-such-backing-file"], None, "does not exist");
+        unchanged("missing backing file");
+        expect_error(&["add", "-t", "loop", "--file", "/tmp"], None, "/tmp");
+        unchanged("directory as backing file");
+        expect_error(&["add", "-t", "loop"], None, "--file");
+        unchanged("loop without --file");
+        // Root reads anything: an unreadable file needs a non-root user.
+        let secret = PathBuf::from("/tmp/data-bad-secret.img");
+        sparse_file(&secret, 16 << 20);
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        expect_error(&["add", "-t", "loop", "--file", secret.to_str().unwrap()], Some(65534), "not readable");
+        unchanged("unreadable backing file (uid 65534)");
+        expect_error(&["add", "-t", "loop", "--file", secret.to_str().unwrap(), "--size", "1G"], None, "larger than the backing file");
+        unchanged("--size above the backing file");
+        expect_error(&["add", "-t", "ramdisk", "--size", "1T"], None, "memory");
+        unchanged("ramdisk larger than memory");
+        expect_error(&["add", "-t", "null", "--id", &ida.to_string()], None, "already exists");
+        unchanged("taken id");
+        expect_error(&["recover", "-n", &ida.to_string()], None, "without --recovery");
+        unchanged("recover without recovery flags");
+        expect_error(&["recover", "-n", &idb.to_string()], None, "still served");
+        unchanged("recover with a live daemon");
+        expect_error(&["recover", "-n", "99"], None, "no ublk device 99");
+        unchanged("recover of an unknown id");
+        expect_error(&["del", "-n", "99"], None, "no ublk device 99");
+        unchanged("del of an unknown id");
+        let fail_io = ublk::Control::open().unwrap().features().is_some_and(|f| f.has(ublk::sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO));
+        if !fail_io {
+            expect_error(&["add", "-t", "null", "--recovery-fail-io"], None, "needs Linux 6.13");
+            unchanged("--recovery-fail-io on a kernel without it");
+        }
+
+        let (st, feats, _) = ublk(&["features"]);
+        assert!(st.success());
+        eprintln!("{feats}");
+        assert!(feats.contains("UBLK_F_USER_RECOVERY"), "{feats}");
+        if kernel_version() < (6, 5) {
+            assert!(feats.contains("unavailable") && feats.contains("legacy"), "{feats}");
+        } else {
+            assert!(feats.contains("GET_FEATURES: 0x") && feats.contains("ioctl-encoded"), "{feats}");
+        }
+        let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
+        eprintln!("{list}");
+        assert!(list.lines().any(|l| l.starts_with(&format!("{ida} ")) && l.contains("ramdisk") && l.contains("LIVE")), "{list}");
+        assert!(list.lines().any(|l| l.starts_with(&format!("{idb} ")) && l.contains("null") && l.contains("USER_RECOVERY")), "{list}");
+
+        // del of a device whose daemon is alive: the daemon exits cleanly.
+        let (mut a, mut b) = (a, b);
+        for (d, id) in [(&mut a, ida), (&mut b, idb)] {
+            let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
+            assert!(st.success(), "ublk del -n {id}: {st}\n{out}\n{err}");
+            let st = wait_timeout(&mut d.child, Duration::from_secs(30)).expect("daemon exits after del");
+            assert!(st.success(), "daemon of {id} exited with {st} after del");
+        }
+        let _ = std::fs::remove_file(&secret);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}

@@ -1,0 +1,281 @@
+//! User recovery through the `ublk` CLI: the loop daemon is SIGKILLed while
+//! fio writes with verify, `ublk recover -n N` takes the device over, and
+//! nothing that was reported written is lost.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ublk_tests::*;
+
+fn dev_id(d: &Daemon) -> u32 {
+    d.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
+}
+
+fn sparse_file(p: &Path, size: u64) {
+    let _ = std::fs::remove_file(p);
+    std::fs::File::create(p).unwrap().set_len(size).unwrap();
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
+/// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
+fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--name=rec",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=io_uring",
+        "--iodepth=32",
+        "--numjobs=2",
+        "--size=16M",
+        "--offset_increment=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--rate_iops=1000",
+        "--group_reporting",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("--filename={file}"));
+    v.push(format!("--offset={base}"));
+    v.push(format!("--direct={}", u8::from(direct)));
+    v.push(format!("--cpus_allowed=0-{}", nproc() - 1));
+    v.push("--cpus_allowed_policy=split".into());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn spawn_fio(args: &[String], log: &Path) -> Child {
+    Command::new("fio")
+        .args(args)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn fio")
+}
+
+fn state(id: u32) -> &'static str {
+    let mut c = ublk::Control::open().unwrap();
+    ublk::ctrl::state_name(c.get_dev_info(id).map(|i| i.state).unwrap_or(u16::MAX))
+}
+
+/// SIGKILLs the daemon mid-fio and reaps it (a zombie would look alive).
+fn kill_daemon(mut d: Daemon) {
+    d.signal(libc::SIGKILL);
+    let _ = d.child.wait();
+}
+
+driver_test! {
+    /// --recovery-reissue: SIGKILL the loop daemon while fio writes with
+    /// verify; `ublk recover` takes over; fio completes and verifies; a
+    /// verify-only pass on the device and then on the backing file itself
+    /// finds every block.
+    fn recovery_sigkill_during_fio_reissue_loses_nothing() {
+        let backing = PathBuf::from("/tmp/recovery-reissue.img");
+        sparse_file(&backing, 64 << 20);
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"]);
+        let id = dev_id(&d);
+        let dev = d.dev.to_str().unwrap().to_string();
+        let log = PathBuf::from("/tmp/recovery-reissue.fio");
+        let mut fio = spawn_fio(&fio_args(&dev, 0, true, &["--do_verify=1"]), &log);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed: make it longer");
+        let t_kill = Instant::now();
+        kill_daemon(d);
+        eprintln!("daemon of device {id} killed; state {}", state(id));
+        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
+        eprintln!("recovered after {:?}; state {}", t_kill.elapsed(), state(id));
+        assert_eq!(state(id), "LIVE");
+        let st = wait_timeout(&mut fio, Duration::from_secs(180)).unwrap_or_else(|| {
+            let _ = fio.kill();
+            panic!("fio did not finish within 180 s of the recovery")
+        });
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(st.success(), "fio failed across the recovery ({st}):\n{out}");
+        for l in out.lines().filter(|l| l.contains("err=")) {
+            assert!(l.contains("err= 0"), "fio error: {l}\n{out}");
+        }
+        eprintln!("fio across the kill and recovery: ok ({:?} after the kill)", t_kill.elapsed());
+        // Everything fio wrote, read again through the recovered device...
+        let out = run_ok("fio", &fio_args(&dev, 0, true, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.contains("verify:") || !out.contains("bad"), "verify_only on the device: {out}");
+        let (st, qout) = r.terminate();
+        assert!(st.success(), "recovered daemon exited with {st}");
+        eprintln!("recovered daemon: {qout}");
+        assert_no_devices();
+        // ...and straight from the backing file, with no ublk in between.
+        let out = run_ok("fio", &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!out.contains("bad magic") && !out.contains("bad hdr"), "verify_only on the backing file: {out}");
+        let _ = std::fs::remove_file(&backing);
+        let _ = std::fs::remove_file(&log);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// --recovery-fail-io (Linux 6.13+): while the daemon is dead, I/O fails
+    /// at once with EIO (fio stops with a clean error, no hang); after
+    /// `ublk recover`, data written before the kill is intact.
+    fn recovery_fail_io_fails_cleanly_then_recovers() {
+        let has = ublk::Control::open().unwrap().features().is_some_and(|f| f.has(ublk::sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO));
+        if !has {
+            eprintln!("skipped: kernel {} has no UBLK_F_USER_RECOVERY_FAIL_IO (6.13+)", kernel_release());
+            return;
+        }
+        let backing = PathBuf::from("/tmp/recovery-failio.img");
+        sparse_file(&backing, 64 << 20);
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-fail-io"]);
+        let id = dev_id(&d);
+        let dev = d.dev.to_str().unwrap().to_string();
+        // 8 MiB written and acknowledged before the kill.
+        let pat = pattern(8 << 20, 11);
+        let pat_path = PathBuf::from("/tmp/recovery-failio.pat");
+        std::fs::write(&pat_path, &pat).unwrap();
+        run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "oflag=direct", "conv=fsync", "status=none"]);
+        let log = PathBuf::from("/tmp/recovery-failio.fio");
+        let mut fio = spawn_fio(&fio_args(&dev, 16 << 20, true, &["--do_verify=1"]), &log);
+        std::thread::sleep(Duration::from_millis(1500));
+        kill_daemon(d);
+        let st = wait_timeout(&mut fio, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = fio.kill();
+            panic!("fio hung with the daemon dead under FAIL_IO")
+        });
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        eprintln!("fio with the daemon dead: {st}");
+        assert!(!st.success(), "fio should see I/O errors while no daemon serves the device:\n{out}");
+        // Requests in flight at the kill end with EIO; new ones, while the
+        // device is FAIL_IO, with BLK_STS_TARGET (EREMOTEIO): both clean errors.
+        let clean = |l: &str| l.contains("Input/output error") || l.contains("Remote I/O error");
+        assert!(out.lines().any(clean), "fio failed, but not with an I/O error:\n{out}");
+        for l in out.lines().filter(|l| l.contains("io_u error")) {
+            assert!(clean(l), "fio failed with an unexpected error: {l}\n{out}");
+        }
+        let t0 = Instant::now();
+        while state(id) != "FAIL_IO" && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(state(id), "FAIL_IO");
+        let (st, _, err) = run("dd", &[&format!("if={dev}"), "of=/dev/null", "bs=4k", "count=1", "iflag=direct", "status=none"]);
+        assert!(!st.success(), "a read succeeded with no daemon under FAIL_IO");
+        eprintln!("read with the daemon dead: {}", err.trim());
+        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
+        assert_eq!(state(id), "LIVE");
+        let back = PathBuf::from("/tmp/recovery-failio.back");
+        run_ok("dd", &[&format!("if={dev}"), &format!("of={}", back.display()), "bs=1M", "count=8", "iflag=direct", "status=none"]);
+        assert!(std::fs::read(&back).unwrap() == pat, "data written before the kill was lost");
+        let (st, _) = r.terminate();
+        assert!(st.success(), "recovered daemon exited with {st}");
+        let _ = std::fs::remove_file(&backing);
+        let _ = std::fs::remove_file(&pat_path);
+        let _ = std::fs::remove_file(&back);
+        let _ = std::fs::remove_file(&log);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+fn ublk(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    run(bin("ublk").to_str().unwrap(), args)
+}
+
+/// `ublk ARGS --detach`: the device id it prints.
+fn add_detached(args: &[&str]) -> u32 {
+    let (st, out, err) = ublk(args);
+    assert!(st.success(), "ublk {args:?}: {st}\n{out}\n{err}");
+    let id: u32 = out.trim().parse().unwrap_or_else(|_| panic!("ublk {args:?} printed {out:?}"));
+    wait_for_path(Path::new(&format!("/dev/ublkb{id}")));
+    id
+}
+
+fn daemon_pid(id: u32) -> u32 {
+    ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration").pid
+}
+
+fn wait_dead(pid: u32) {
+    let t0 = Instant::now();
+    while ublk_cli::config::pid_alive(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} still alive after SIGKILL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+driver_test! {
+    /// Detached daemons: a --recovery device's daemon is SIGKILLed and
+    /// `ublk recover --detach` brings it back with its data; a device
+    /// without recovery whose daemon was killed is listed as dead and
+    /// `ublk del` deletes it directly.
+    fn recovery_detached_daemon_killed_then_recovered_or_deleted() {
+        let f1 = PathBuf::from("/tmp/recovery-detach1.img");
+        let f2 = PathBuf::from("/tmp/recovery-detach2.img");
+        sparse_file(&f1, 32 << 20);
+        sparse_file(&f2, 32 << 20);
+        let a = add_detached(&["add", "-t", "loop", "--file", f1.to_str().unwrap(), "--recovery", "--detach"]);
+        let b = add_detached(&["add", "-t", "loop", "--file", f2.to_str().unwrap(), "--detach"]);
+        let pat = pattern(4 << 20, 5);
+        let pat_path = PathBuf::from("/tmp/recovery-detach.pat");
+        std::fs::write(&pat_path, &pat).unwrap();
+        for id in [a, b] {
+            run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of=/dev/ublkb{id}"), "bs=1M", "oflag=direct", "conv=fsync", "status=none"]);
+        }
+        let (pa, pb) = (daemon_pid(a), daemon_pid(b));
+        for p in [pa, pb] {
+            // SAFETY: kill(2) on the daemons this test started.
+            unsafe { libc::kill(p as i32, libc::SIGKILL) };
+        }
+        wait_dead(pa);
+        wait_dead(pb);
+        // The device without recovery is stopped by the kernel (6.1: within
+        // its 5 s monitor period); wait for that before listing.
+        let t0 = Instant::now();
+        while state(b) == "LIVE" && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
+        eprintln!("{list}");
+        for id in [a, b] {
+            let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("{id} not listed:\n{list}"));
+            assert!(line.contains("(dead)"), "device {id}'s dead daemon not shown as dead: {line}");
+        }
+        let t = Instant::now();
+        let out = add_detached(&["recover", "-n", &a.to_string(), "--detach"]);
+        assert_eq!(out, a);
+        eprintln!("recovered device {a} in {:?}", t.elapsed());
+        assert_eq!(state(a), "LIVE");
+        let pa2 = daemon_pid(a);
+        assert!(pa2 != pa && ublk_cli::config::pid_alive(pa2), "recovered daemon pid {pa2} (old {pa})");
+        let back = PathBuf::from("/tmp/recovery-detach.back");
+        run_ok("dd", &[&format!("if=/dev/ublkb{a}"), &format!("of={}", back.display()), "bs=1M", "count=4", "iflag=direct", "status=none"]);
+        assert!(std::fs::read(&back).unwrap() == pat, "recovered device {a} lost data");
+        // Device b cannot be recovered; it is deleted directly.
+        let (st, _, err) = ublk(&["recover", "-n", &b.to_string()]);
+        assert_eq!(st.code(), Some(1), "recover of a device without recovery: {err}");
+        let (st, out, err) = ublk(&["del", "-n", &b.to_string()]);
+        assert!(st.success(), "del of a device whose daemon died: {st}\n{out}\n{err}");
+        assert!(ublk_cli::config::DeviceConfig::load(b).unwrap().is_none(), "configuration of {b} left");
+        assert_eq!(ublk_devices(), vec![a]);
+        let (st, out, err) = ublk(&["del", "--all"]);
+        assert!(st.success(), "del --all: {st}\n{out}\n{err}");
+        wait_dead(pa2);
+        assert!(std::fs::read(&f1).unwrap()[..4 << 20] == pat[..], "backing file of {a} lost data");
+        for p in [&f1, &f2, &pat_path, &back] {
+            let _ = std::fs::remove_file(p);
+        }
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
