@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
+pub mod config;
+
 use ublk::StopHandle;
 
 /// Parses a size like `1G`, `512M`, `4096`, `64k` (binary units).

@@ -145,14 +145,20 @@ driver_test! {
     /// ramdisk and a loop device; for loop, a pattern written through the
     /// device is then byte-for-byte in the backing file.
     fn data_fio_verify_ramdisk_and_loop() {
-        let backing = PathBuf::from("/tmp/data-fio.img");
-        sparse_file(&backing, 64 << 20);
-        for kind in ["ramdisk", "loop"] {
-            let mut args = vec!["add", "-t", kind, "--queues", "2", "--depth", "64"];
+        // loop-direct: O_DIRECT on a backing file on ext4 (tmpfs has no
+        // O_DIRECT before 6.6).
+        let scratch = Scratch::new("data-fio");
+        for kind in ["ramdisk", "loop", "loop-direct"] {
+            let backing = if kind == "loop-direct" { scratch.path("disk.img") } else { PathBuf::from("/tmp/data-fio.img") };
+            sparse_file(&backing, 64 << 20);
+            let mut args = vec!["add", "-t", kind.trim_end_matches("-direct"), "--queues", "2", "--depth", "64"];
             if kind == "ramdisk" {
                 args.extend(["--size", "64M"]);
             } else {
                 args.extend(["--file", backing.to_str().unwrap()]);
+            }
+            if kind == "loop-direct" {
+                args.push("--direct");
             }
             let d = Daemon::start("ublk", &args);
             let dev = d.dev.to_str().unwrap().to_string();
@@ -175,7 +181,7 @@ driver_test! {
                 assert!(*n > 0, "{kind}: queue {q} served nothing: {out}");
             }
             assert_eq!(queue_sum(&out, "errors"), 0, "{kind}: requests failed: {out}");
-            if kind == "loop" {
+            if kind != "ramdisk" {
                 let in_file = read_range(&backing, 8 << 20, 4 << 20);
                 let f = PathBuf::from("/tmp/data-fio.file");
                 std::fs::write(&f, &in_file).unwrap();
@@ -186,9 +192,10 @@ driver_test! {
             }
             let _ = std::fs::remove_file(&pat_path);
             let _ = std::fs::remove_file(&back);
+            let _ = std::fs::remove_file(&backing);
             assert_no_devices();
         }
-        let _ = std::fs::remove_file(&backing);
+        drop(scratch);
         delete_all_devices();
         assert_no_devices();
     }

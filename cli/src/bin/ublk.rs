@@ -1,0 +1,661 @@
+//! `ublk`: create, list, delete and recover ublk block devices.
+//!
+//! * `ublk add -t null|ramdisk|loop ...`: creates a device and serves it in
+//!   the foreground (the block device path is the first line on stdout; the
+//!   per-queue counts follow at exit) until SIGINT/SIGTERM, or with
+//!   `--detach` in a background daemon (the id is printed once it is live).
+//! * `ublk list`, `ublk del -n N | --all`, `ublk features`.
+//! * `ublk recover -n N`: takes over a `--recovery` device whose daemon died
+//!   and serves it again with the configuration saved in `/run/ublk/N.json`.
+//!
+//! Errors are one line, `ublk: error: ...`, with exit code 1.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use ublk::{sys, Control, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget, RamDisk, Target};
+use ublk_cli::config::{pid_alive, run_dir, DeviceConfig};
+use ublk_cli::{parse_size, SignalStop};
+
+/// Environment of a detached daemon: the fd to report readiness on, and its log.
+const ENV_READY_FD: &str = "UBLK_DAEMON_READY_FD";
+const ENV_LOG: &str = "UBLK_DAEMON_LOG";
+
+/// How long `ublk recover` waits for the kernel to notice the dead daemon
+/// (6.1 checks every 5 s) and release its char device.
+const RECOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Userspace block devices on the kernel's ublk driver.
+#[derive(Parser, Debug)]
+#[command(name = "ublk", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a device and serve it (foreground unless --detach).
+    Add(AddArgs),
+    /// List the ublk devices.
+    List {
+        /// Print JSON (one array of objects).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete devices (signalling their daemon if it is alive).
+    Del {
+        /// Device id.
+        #[arg(short = 'n', long = "id")]
+        id: Option<u32>,
+        /// Every ublk device.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Show what the kernel's driver and this build support.
+    Features,
+    /// Take over a --recovery device whose daemon died, and serve it again.
+    Recover {
+        /// Device id.
+        #[arg(short = 'n', long = "id")]
+        id: u32,
+        /// Serve it from a background daemon; print the id once it is live.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// Reads return zeros, writes are dropped.
+    Null,
+    /// Memory-backed.
+    Ramdisk,
+    /// Backed by a file or block device (--file).
+    Loop,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Null => "null",
+            Kind::Ramdisk => "ramdisk",
+            Kind::Loop => "loop",
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct AddArgs {
+    /// Target type.
+    #[arg(short = 't', long = "type", value_enum)]
+    target: Kind,
+    /// Hardware queues (the kernel caps it at the CPU count).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Tags (outstanding requests) per queue, 1..=4096.
+    #[arg(long, default_value_t = 128)]
+    depth: u16,
+    /// Device size (e.g. 1G, 512M). Default: null 1G, ramdisk 256M, loop the backing file's size.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Logical block size: 512, 1024, 2048 or 4096.
+    #[arg(long, default_value_t = 512)]
+    block_size: u32,
+    /// Backing file or block device of a loop device.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Open the backing file with O_DIRECT.
+    #[arg(long)]
+    direct: bool,
+    /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
+    #[arg(long)]
+    id: Option<u32>,
+    /// User recovery: if the daemon dies the device waits, queued I/O held,
+    /// for `ublk recover -n N` (UBLK_F_USER_RECOVERY).
+    #[arg(long)]
+    recovery: bool,
+    /// With recovery, re-issue the I/O in flight when the daemon died (implies --recovery).
+    #[arg(long)]
+    recovery_reissue: bool,
+    /// With recovery, fail I/O while no daemon serves the device (Linux 6.13+; implies --recovery).
+    #[arg(long, conflicts_with = "recovery_reissue")]
+    recovery_fail_io: bool,
+    /// Serve from a background daemon; print the id once the device is live.
+    #[arg(long)]
+    detach: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+            eprintln!("ublk: error: {first} (see `ublk --help`)");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A detached daemon reports to its parent through this fd.
+    let mut ready = Ready::from_env();
+    let r = match cli.cmd {
+        Cmd::Add(a) if a.detach => detach(),
+        Cmd::Recover { detach: true, .. } => detach(),
+        Cmd::Add(a) => cmd_add(a, &mut ready),
+        Cmd::Recover { id, .. } => cmd_recover(id, &mut ready),
+        Cmd::List { json } => cmd_list(json),
+        Cmd::Del { id, all } => cmd_del(id, all),
+        Cmd::Features => cmd_features(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            ready.fail(&msg);
+            eprintln!("ublk: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The readiness pipe of a detached daemon (absent in the foreground).
+struct Ready {
+    pipe: Option<File>,
+    log: Option<PathBuf>,
+}
+
+impl Ready {
+    fn from_env() -> Ready {
+        let fd = std::env::var(ENV_READY_FD).ok().and_then(|s| s.parse::<i32>().ok());
+        let log = std::env::var_os(ENV_LOG).map(PathBuf::from);
+        // Still single-threaded here: nothing reads the environment concurrently.
+        std::env::remove_var(ENV_READY_FD);
+        std::env::remove_var(ENV_LOG);
+        // SAFETY: the parent passed us this fd (the write end of its pipe),
+        // which nothing else in this process owns.
+        let pipe = fd.filter(|fd| *fd > 2).map(|fd| unsafe { File::from_raw_fd(fd) });
+        Ready { pipe, log }
+    }
+
+    fn live(&mut self, id: u32) {
+        if let Some(log) = self.log.take() {
+            let _ = std::fs::rename(&log, run_dir().join(format!("{id}.log")));
+        }
+        if let Some(mut p) = self.pipe.take() {
+            let _ = writeln!(p, "live {id}");
+        }
+    }
+
+    fn fail(&mut self, msg: &str) {
+        if let Some(mut p) = self.pipe.take() {
+            let _ = writeln!(p, "error {msg}");
+        }
+    }
+}
+
+/// Re-executes this command in a new session, without --detach, stdio to a
+/// log under the run directory; prints the device id once the daemon says
+/// the device is live (or its error).
+fn detach() -> Result<()> {
+    let exe = std::env::current_exe().context("finding this executable to start the daemon")?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--detach").collect();
+    let dir = run_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {} (run as root)", dir.display()))?;
+    let log_path = dir.join(format!("daemon.{}.log", std::process::id()));
+    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log2 = log.try_clone().context("duplicating the log fd")?;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the daemon's readiness pipe");
+    }
+    // SAFETY: both fds were just created and are owned here only.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let wr_fd = wr.as_raw_fd();
+    const CHILD_FD: i32 = 3;
+    let mut cmd = Command::new(&exe);
+    cmd.args(&args)
+        .env(ENV_READY_FD, CHILD_FD.to_string())
+        .env(ENV_LOG, &log_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .current_dir("/");
+    // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if wr_fd == CHILD_FD {
+                libc::fcntl(CHILD_FD, libc::F_SETFD, 0);
+            } else if libc::dup2(wr_fd, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting the daemon {}", exe.display()))?;
+    drop(wr);
+    let mut msg = String::new();
+    let _ = File::from(rd).read_to_string(&mut msg);
+    let msg = msg.trim();
+    if let Some(id) = msg.strip_prefix("live ") {
+        println!("{id}");
+        return Ok(());
+    }
+    if let Some(e) = msg.strip_prefix("error ") {
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&log_path);
+        bail!("{e}");
+    }
+    let st = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+    bail!("the background daemon exited ({st}) before the device was live; see its log {}", log_path.display())
+}
+
+fn discard_for(block_size: u32) -> Option<Discard> {
+    Some(Discard {
+        alignment: 0,
+        granularity: block_size,
+        // 512 MiB per request: large, and its byte count still fits the i32 result.
+        max_discard_sectors: 1 << 20,
+        max_write_zeroes_sectors: 1 << 20,
+        max_discard_segments: 1,
+    })
+}
+
+fn recovery_flags(a: &AddArgs) -> Result<u64> {
+    let mut flags = 0;
+    if a.recovery || a.recovery_reissue || a.recovery_fail_io {
+        flags |= sys::UBLK_F_USER_RECOVERY;
+    }
+    if a.recovery_reissue {
+        flags |= sys::UBLK_F_USER_RECOVERY_REISSUE;
+    }
+    if a.recovery_fail_io {
+        flags |= sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO.ok_or_else(|| {
+            anyhow!(
+                "--recovery-fail-io needs UBLK_F_USER_RECOVERY_FAIL_IO, which this build's ublk_cmd.h (Linux {}.{}) predates (Linux 6.13): rebuild against newer kernel headers, or use --recovery-reissue",
+                sys::HEADER_LINUX_VERSION.0,
+                sys::HEADER_LINUX_VERSION.1
+            )
+        })?;
+        // Kernels before 6.5 cannot say what they support (no GET_FEATURES),
+        // and may keep a flag they do not know: FAIL_IO (6.13) needs a newer one.
+        let feats = Control::open()?.features();
+        if !feats.is_some_and(|f| f.has(sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO)) {
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            bail!(
+                "--recovery-fail-io needs Linux 6.13 or later (UBLK_F_USER_RECOVERY_FAIL_IO), which this kernel ({}) does not offer; use --recovery-reissue or --recovery",
+                release.trim()
+            );
+        }
+    }
+    Ok(flags)
+}
+
+fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
+    let signals = SignalStop::install();
+    let flags = recovery_flags(&a)?;
+    if a.target != Kind::Loop && (a.file.is_some() || a.direct) {
+        bail!("--file and --direct are for -t loop only; drop them or use -t loop");
+    }
+    if a.target == Kind::Ramdisk && flags != 0 {
+        bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
+    }
+    let builder = |size: u64, discard: Option<Discard>| {
+        DeviceBuilder::new()
+            .queues(a.queues)
+            .depth(a.depth)
+            .size(size)
+            .block_size(a.block_size)
+            .id(a.id)
+            .flags(flags)
+            .discard(discard)
+    };
+    let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
+        id: 0,
+        target: a.target.name().into(),
+        file,
+        size,
+        block_size: a.block_size,
+        queues: a.queues,
+        depth: a.depth,
+        flags,
+        flag_names: vec![],
+        direct: a.direct,
+        pid: std::process::id(),
+    };
+    // The target first: a bad backing file or size must not create a device.
+    match a.target {
+        Kind::Null => {
+            let size = a.size.unwrap_or(1 << 30);
+            let dev = builder(size, None).create()?;
+            serve(dev, &NullTarget, cfg(size, None), &signals, ready)
+        }
+        Kind::Ramdisk => {
+            let size = a.size.unwrap_or(256 << 20);
+            ublk::Params::new(size, a.block_size, 512 << 10)?;
+            let rd = RamDisk::new(size)?;
+            let dev = builder(size, discard_for(a.block_size)).create()?;
+            serve(dev, &rd, cfg(size, None), &signals, ready)
+        }
+        Kind::Loop => {
+            let file = a.file.clone().ok_or_else(|| {
+                anyhow!("-t loop needs --file FILE, the backing file (create one with `truncate -s 1G FILE`)")
+            })?;
+            let (target, file) = open_loop(&file, a.direct)?;
+            let bs = u64::from(a.block_size);
+            let size = match a.size {
+                Some(s) if s > target.size() => bail!(
+                    "--size {s} is larger than the backing file {} ({} bytes); grow the file (truncate -s) or omit --size",
+                    file.display(),
+                    target.size()
+                ),
+                Some(s) => s,
+                None => target.size() / bs * bs,
+            };
+            if size == 0 {
+                bail!("backing file {} is smaller than one {bs}-byte block; grow it (e.g. truncate -s 1G FILE)", file.display());
+            }
+            let dev = builder(size, discard_for(a.block_size)).create()?;
+            serve(dev, &target, cfg(size, Some(file)), &signals, ready)
+        }
+    }
+}
+
+/// Opens a loop target; returns it with the absolute path of its file.
+fn open_loop(file: &Path, direct: bool) -> Result<(LoopTarget, PathBuf)> {
+    let target = LoopTarget::open(file, &LoopOptions { direct, read_only: false })?;
+    let abs = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    Ok((target, abs))
+}
+
+fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+/// Serves `dev` until SIGINT/SIGTERM: saves the configuration and prints the
+/// block device once live, the per-queue counts at the end.
+fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &SignalStop, ready: &mut Ready) -> Result<()> {
+    let info = *dev.info();
+    let id = dev.id();
+    if cfg.queues != info.nr_hw_queues {
+        eprintln!("ublk: note: the kernel made {} queues (one per CPU at most), {} asked", info.nr_hw_queues, cfg.queues);
+    }
+    cfg.id = id;
+    cfg.queues = info.nr_hw_queues;
+    cfg.depth = info.queue_depth;
+    cfg.flags = info.flags;
+    cfg.flag_names = ublk::Features(info.flags).names();
+    cfg.pid = std::process::id();
+    let res = dev.serve(target, |dev, stop| {
+        if let Err(e) = cfg.save() {
+            eprintln!("ublk: warning: could not save the device configuration ({e}); `ublk list` and `ublk recover` will not know it");
+        }
+        println!("{}", dev.block_path().display());
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "ublk: device {id} live: {} target{}, {} queues x {} tags, {} bytes, {}-byte blocks, flags [{}], opcodes {:?}, pid {}",
+            cfg.target,
+            cfg.file.as_ref().map(|f| format!(" on {}", f.display())).unwrap_or_default(),
+            info.nr_hw_queues,
+            info.queue_depth,
+            cfg.size,
+            cfg.block_size,
+            cfg.flag_names.join(","),
+            dev.encoding(),
+            cfg.pid
+        );
+        ready.live(id);
+        signals.arm(stop);
+    });
+    // The configuration goes with the device (a failed recovery leaves it).
+    if !device_exists(id) {
+        DeviceConfig::remove(id);
+    }
+    let stats = res?;
+    for s in &stats {
+        println!(
+            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={}",
+            s.q_id,
+            s.requests(),
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.discards,
+            s.write_zeroes,
+            s.unsupported,
+            s.errors,
+            s.bytes
+        );
+    }
+    let _ = std::io::stdout().flush();
+    eprintln!("ublk: device {id} stopped and deleted");
+    Ok(())
+}
+
+fn no_device(id: u32) -> anyhow::Error {
+    anyhow!("no ublk device {id}; `ublk list` shows the existing ones")
+}
+
+fn dev_info(ctrl: &mut Control, id: u32) -> Result<ublk::DevInfo> {
+    ctrl.get_dev_info(id).map_err(|e| match e {
+        ublk::Error::NoDevice { .. } => no_device(id),
+        e => e.into(),
+    })
+}
+
+fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
+    let signals = SignalStop::install();
+    let mut ctrl = Control::open()?;
+    let info = dev_info(&mut ctrl, id)?;
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+        bail!(
+            "device {id} was created without --recovery (UBLK_F_USER_RECOVERY), so no daemon can take it over; delete it with `ublk del -n {id}` and create it again with --recovery"
+        );
+    }
+    let pid = info.ublksrv_pid;
+    if pid > 0 && pid as u32 != std::process::id() && pid_alive(pid as u32) {
+        bail!(
+            "device {id} is {} and still served by its daemon (pid {pid}); recovery only takes over a device whose daemon died (`ublk del -n {id}` stops and deletes it)",
+            ublk::ctrl::state_name(info.state)
+        );
+    }
+    let cfg = DeviceConfig::load(id).map_err(|e| anyhow!(e))?.ok_or_else(|| {
+        anyhow!(
+            "no saved configuration for device {id} ({}): `ublk recover` takes over only devices made by `ublk add`",
+            DeviceConfig::path(id).display()
+        )
+    })?;
+    drop(ctrl);
+    match cfg.target.as_str() {
+        "null" => {
+            let dev = Device::recover(id, RECOVER_WAIT)?;
+            serve(dev, &NullTarget, cfg, &signals, ready)
+        }
+        "loop" => {
+            let file = cfg.file.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no backing file"))?;
+            let (target, _) = open_loop(&file, cfg.direct)?;
+            if target.size() < cfg.size {
+                bail!(
+                    "backing file {} shrank to {} bytes, below the device's {} bytes; restore the file before recovering",
+                    file.display(),
+                    target.size(),
+                    cfg.size
+                );
+            }
+            let dev = Device::recover(id, RECOVER_WAIT)?;
+            serve(dev, &target, cfg, &signals, ready)
+        }
+        other => bail!("device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"),
+    }
+}
+
+fn cmd_list(json: bool) -> Result<()> {
+    let mut rows = vec![];
+    let ids = device_ids();
+    if !ids.is_empty() {
+        let mut ctrl = Control::open()?;
+        for id in ids {
+            let Ok(info) = ctrl.get_dev_info(id) else { continue };
+            let size = ctrl.get_params(id).map(|p| p.basic.dev_sectors << 9).ok();
+            let cfg = DeviceConfig::load(id).ok().flatten();
+            let pid = info.ublksrv_pid;
+            rows.push(serde_json::json!({
+                "id": id,
+                "state": ublk::ctrl::state_name(info.state),
+                "queues": info.nr_hw_queues,
+                "depth": info.queue_depth,
+                "size": size.or(cfg.as_ref().map(|c| c.size)),
+                "flags": ublk::Features(info.flags).names(),
+                "pid": pid,
+                "daemon_alive": pid > 0 && pid_alive(pid as u32),
+                "target": cfg.as_ref().map(|c| c.target.clone()),
+                "file": cfg.as_ref().and_then(|c| c.file.clone()),
+            }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<8} {:<40} FILE", "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "PID", "TARGET", "FLAGS");
+    for r in rows {
+        let s = |k: &str| match &r[k] {
+            serde_json::Value::Null => "-".to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let flags: Vec<String> = r["flags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).map(|n| n.trim_start_matches("UBLK_F_").to_string()).collect())
+            .unwrap_or_default();
+        let pid = match (r["daemon_alive"].as_bool(), r["pid"].as_i64()) {
+            (Some(true), _) => s("pid"),
+            // The kernel resets the pid to -1 once it has stopped the device.
+            (_, Some(p)) if p <= 0 => "dead".to_string(),
+            _ => format!("{}(dead)", s("pid")),
+        };
+        println!(
+            "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<8} {:<40} {}",
+            s("id"),
+            s("state"),
+            s("queues"),
+            s("depth"),
+            s("size"),
+            pid,
+            s("target"),
+            if flags.is_empty() { "-".to_string() } else { flags.join(",") },
+            s("file")
+        );
+    }
+    Ok(())
+}
+
+fn device_ids() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
+    let ids = match (id, all) {
+        (Some(id), false) => vec![id],
+        (None, true) => device_ids(),
+        _ => bail!("say which device to delete: -n N, or --all"),
+    };
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut ctrl = Control::open()?;
+    for id in ids {
+        let info = dev_info(&mut ctrl, id)?;
+        del_one(&mut ctrl, id, &info)?;
+        println!("deleted device {id}");
+    }
+    Ok(())
+}
+
+fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
+    let pid = info.ublksrv_pid;
+    if pid > 0 && pid as u32 != std::process::id() && pid_alive(pid as u32) {
+        // The daemon tears its device down itself on SIGTERM.
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while (pid_alive(pid as u32) || device_exists(id)) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if pid_alive(pid as u32) {
+            eprintln!("ublk: warning: daemon {pid} of device {id} did not exit within 30 s of SIGTERM; deleting the device directly");
+        }
+    }
+    if device_exists(id) {
+        match ctrl.stop_dev(id) {
+            Ok(()) | Err(ublk::Error::NoDevice { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("stopping device {id}")),
+        }
+        match ctrl.del_dev(id) {
+            Ok(()) | Err(ublk::Error::NoDevice { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting device {id}")),
+        }
+    }
+    DeviceConfig::remove(id);
+    let _ = std::fs::remove_file(run_dir().join(format!("{id}.log")));
+    Ok(())
+}
+
+fn cmd_features() -> Result<()> {
+    let ctrl = Control::open()?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel: {}", release.trim());
+    let feats = ctrl.features();
+    match feats {
+        Some(f) => {
+            println!("GET_FEATURES: {:#x}", f.0);
+            for n in f.names() {
+                println!("  {n}");
+            }
+        }
+        None => println!(
+            "GET_FEATURES: unavailable (the command exists from Linux 6.5): the kernel's flags cannot be listed; ADD_DEV drops the flags it lacks"
+        ),
+    }
+    match ctrl.encoding() {
+        Encoding::Legacy => println!("opcodes: legacy numbers (UBLK_CMD_*, UBLK_IO_*)"),
+        Encoding::Ioctl => println!("opcodes: ioctl-encoded (UBLK_U_CMD_*, UBLK_U_IO_*)"),
+    }
+    let (a, b, c) = sys::HEADER_LINUX_VERSION;
+    println!("flags this build's ublk_cmd.h (Linux {a}.{b}.{c}) knows, and whether the kernel reports them:");
+    let mut known: Vec<(&str, u64)> = sys::HEADER_FLAGS.to_vec();
+    known.sort_by_key(|(_, v)| *v);
+    for (name, v) in known {
+        let k = match feats {
+            Some(f) if f.0 & v != 0 => "yes",
+            Some(_) => "no",
+            None => "?",
+        };
+        println!("  {name:<36} bit {:>2}  kernel: {k}", v.trailing_zeros());
+    }
+    Ok(())
+}
