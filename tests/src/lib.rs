@@ -55,7 +55,7 @@ pub fn kernel_version() -> (u32, u32) {
 }
 
 /// Path of one of the workspace's binaries: `$UBLK_BIN_DIR/NAME`, or next to
-/// the test executable's directory (cargo's target/<profile>/).
+/// the test executable's directory (cargo's `target/<profile>/`).
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("UBLK_BIN_DIR") {
         return PathBuf::from(dir).join(name);

@@ -2,6 +2,7 @@
 //! serving, clean teardown on SIGTERM, SIGKILL mid-I/O, and 50 create/destroy
 //! cycles without leaks.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use ublk::{DeviceBuilder, NullTarget};
@@ -147,5 +148,48 @@ driver_test! {
         assert_no_devices();
         let (_, log, _) = run("dmesg", &[]);
         assert!(!log.contains("blocked for more than"), "hung task in the kernel log:\n{log}");
+    }
+}
+
+/// Panics while serving its first read.
+struct PanicTarget;
+
+impl ublk::Target for PanicTarget {
+    fn handle(&self, req: &ublk::Request, _buf: &mut [u8]) -> ublk::IoResult {
+        if req.op == ublk::Op::Read {
+            panic!("target panic (deliberate, in a test)");
+        }
+        Ok(req.len() as u32)
+    }
+}
+
+driver_test! {
+    /// A panic in a queue thread, or in the caller's on_live callback, ends
+    /// with the device stopped and deleted, and no hang.
+    fn null_panics_tear_the_device_down() {
+        // Queue thread panic: serve returns the error.
+        let dev = DeviceBuilder::new().size(16 << 20).create().unwrap();
+        let r = dev.serve(&PanicTarget, |dev, _stop| {
+            let path = dev.block_path();
+            // The read fails once the queue is gone (or hangs until teardown aborts it).
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
+                let mut b = vec![0u8; 8192];
+                let off = b.as_ptr().align_offset(4096);
+                let _ = std::io::Read::read(&mut f, &mut b[off..off + 4096]);
+            });
+        });
+        let e = r.expect_err("a queue thread panicked");
+        eprintln!("serve after a queue panic: {e}");
+        assert!(e.to_string().contains("panicked"), "{e}");
+        assert_no_devices();
+
+        // Panic in on_live: re-raised after teardown.
+        let dev = DeviceBuilder::new().size(16 << 20).create().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            dev.serve(&NullTarget, |_dev, _stop| panic!("on_live panic (deliberate, in a test)"))
+        }));
+        assert!(r.is_err(), "the panic is re-raised");
+        assert_no_devices();
     }
 }

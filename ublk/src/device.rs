@@ -183,7 +183,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, panic: None };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -251,6 +251,7 @@ pub struct Device {
     deleted: bool,
     recovering: bool,
     placement: Placement,
+    panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// Sends `Exited` when a queue thread ends, even by panic.
@@ -321,7 +322,7 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, panic: None };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -479,6 +480,9 @@ impl Device {
         });
         // Threads are joined, their rings and mappings gone: close our fd, delete.
         let del = self.delete();
+        if let Some(p) = self.panic.take() {
+            std::panic::resume_unwind(p);
+        }
         let stats = result?;
         del?;
         Ok(stats)
@@ -527,7 +531,13 @@ impl Device {
         if let Some(ev) = early {
             return record(ev, stats);
         }
-        on_live(self, StopHandle(tx.clone()));
+        // A panic in the caller's callback must not leave the queue threads
+        // serving forever inside the thread scope: tear down, then re-raise.
+        let stop = StopHandle(tx.clone());
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_live(self, stop))) {
+            self.panic = Some(payload);
+            return Err(Error::Queue { q_id: 0, why: "the on_live callback panicked".into() });
+        }
         record(rx.recv().expect("sender held"), stats)
     }
 
