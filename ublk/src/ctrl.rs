@@ -320,13 +320,15 @@ impl Control {
     /// `GET_QUEUE_AFFINITY`: the CPUs whose requests this queue serves.
     pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let mut set = [0u64; 16]; // 1024 CPUs
-        let c = sys::ublksrv_ctrl_cmd {
+        // The kernel reads the queue from data[0], not from queue_id.
+        let mut c = sys::ublksrv_ctrl_cmd {
             dev_id,
-            queue_id: q_id,
+            queue_id: u16::MAX,
             addr: set.as_mut_ptr() as u64,
             len: std::mem::size_of_val(&set) as u16,
             ..Default::default()
         };
+        c.data[0] = u64::from(q_id);
         self.submit(ops::GET_QUEUE_AFFINITY, c).map_err(no_dev(dev_id))?;
         Ok((0..1024).filter(|i| set[i / 64] & (1u64 << (i % 64)) != 0).collect())
     }

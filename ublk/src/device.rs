@@ -521,12 +521,21 @@ impl Device {
             }
             Err(_) => true,
         };
-        if self.recovering {
-            self.ctrl.end_user_recovery(dev_id, keep_waiting)?;
-            self.recovering = false;
+        let started = if self.recovering {
+            self.ctrl.end_user_recovery(dev_id, keep_waiting)
         } else {
-            self.ctrl.start_dev(dev_id, keep_waiting)?;
+            self.ctrl.start_dev(dev_id, keep_waiting)
+        };
+        if let Err(e) = started {
+            // START_DEV was cancelled because a queue failed meanwhile (e.g.
+            // its thread panicked serving the partition scan): report that.
+            return match early {
+                Some(Event::Stop) => Ok(()),
+                Some(ev) => record(ev, stats).and(Err(e)),
+                None => Err(e),
+            };
         }
+        self.recovering = false;
         self.started = true;
         if let Some(ev) = early {
             return record(ev, stats);
