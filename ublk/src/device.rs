@@ -454,23 +454,36 @@ impl Device {
             }
             let spawned = handles.len() as u16;
             let mut stats: Vec<QueueStats> = (0..nq).map(|q| QueueStats { q_id: q, ..Default::default() }).collect();
-            let mut outcome = self.run_until_stop(&rx, &tx, spawned, &mut stats, on_live);
+            let mut failed = false;
+            let mut outcome = self.run_until_stop(&rx, &tx, spawned, &mut stats, &mut failed, on_live);
 
-            // Teardown: STOP_DEV completes the parked FETCHes with ABORT and
-            // the eventfd wakes any queue still waiting. A recovery that did
-            // not complete leaves the device quiesced for another attempt.
-            if !self.recovering {
+            // Teardown. With every queue healthy: STOP_DEV first; it waits for
+            // in-flight requests (the queues still serve them), then completes
+            // the parked FETCHes with ABORT; the eventfd wakes any queue still
+            // waiting. When a queue died, a request it owned can only be
+            // failed by the kernel once /dev/ublkcN is released (7.x aborts in
+            // its release path), and STOP_DEV, or a START_DEV stuck in the
+            // partition scan, would wait for it forever: so first end every
+            // queue and close the char device, then STOP_DEV. A recovery that
+            // did not complete leaves the device quiesced for another attempt.
+            if !failed && !self.recovering {
                 let _ = self.ctrl.stop_dev(info.dev_id);
             }
-            self.started = false;
             wake.signal();
             for (q, h) in handles.into_iter().enumerate() {
                 if h.join().is_err() && outcome.is_ok() {
                     outcome = Err(Error::Queue { q_id: q as u16, why: "the queue thread panicked".into() });
                 }
             }
+            if failed {
+                self.char_file = None;
+                if !self.recovering {
+                    let _ = self.ctrl.stop_dev(info.dev_id);
+                }
+            }
+            self.started = false;
             while let Ok(ev) = rx.try_recv() {
-                if let Err(e) = record(ev, &mut stats) {
+                if let Err(e) = record(ev, &mut stats, &mut failed) {
                     if outcome.is_ok() {
                         outcome = Err(e);
                     }
@@ -494,6 +507,7 @@ impl Device {
         tx: &mpsc::Sender<Event>,
         spawned: u16,
         stats: &mut [QueueStats],
+        failed: &mut bool,
         on_live: impl FnOnce(&Device, StopHandle),
     ) -> Result<()> {
         let nq = self.info.nr_hw_queues;
@@ -506,9 +520,10 @@ impl Device {
                 Event::Fetched => fetched += 1,
                 Event::Stop => return Ok(()),
                 Event::Exited(q, Ok(_)) => {
-                    return Err(Error::Queue { q_id: q, why: "exited before START_DEV".into() })
+                    *failed = true;
+                    return Err(Error::Queue { q_id: q, why: "exited before START_DEV".into() });
                 }
-                ev => return record(ev, stats),
+                ev => return record(ev, stats, failed),
             }
         }
         // Every tag of every queue has a FETCH outstanding: START_DEV can complete.
@@ -531,23 +546,24 @@ impl Device {
             // its thread panicked serving the partition scan): report that.
             return match early {
                 Some(Event::Stop) => Ok(()),
-                Some(ev) => record(ev, stats).and(Err(e)),
+                Some(ev) => record(ev, stats, failed).and(Err(e)),
                 None => Err(e),
             };
         }
         self.recovering = false;
         self.started = true;
         if let Some(ev) = early {
-            return record(ev, stats);
+            return record(ev, stats, failed);
         }
         // A panic in the caller's callback must not leave the queue threads
         // serving forever inside the thread scope: tear down, then re-raise.
         let stop = StopHandle(tx.clone());
         if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_live(self, stop))) {
+            // Queues are healthy: the normal stop path, then re-raise.
             self.panic = Some(payload);
-            return Err(Error::Queue { q_id: 0, why: "the on_live callback panicked".into() });
+            return Ok(());
         }
-        record(rx.recv().expect("sender held"), stats)
+        record(rx.recv().expect("sender held"), stats, failed)
     }
 
     /// STOP_DEV (if started), close `/dev/ublkcN`, DEL_DEV. Idempotent.
@@ -597,7 +613,8 @@ fn pin_to(cpus: &[usize]) {
 }
 
 /// Folds one event into the per-queue counts; errors out for failures.
-fn record(ev: Event, stats: &mut [QueueStats]) -> Result<()> {
+/// `failed` is set when a queue died (rather than being stopped).
+fn record(ev: Event, stats: &mut [QueueStats], failed: &mut bool) -> Result<()> {
     match ev {
         Event::Stop | Event::Fetched => Ok(()),
         // A queue whose tags were all aborted: the device was stopped.
@@ -605,7 +622,10 @@ fn record(ev: Event, stats: &mut [QueueStats]) -> Result<()> {
             stats[usize::from(q)] = st;
             Ok(())
         }
-        Event::Exited(_, Err(e)) | Event::Failed(e) => Err(e),
+        Event::Exited(_, Err(e)) | Event::Failed(e) => {
+            *failed = true;
+            Err(e)
+        }
     }
 }
 
