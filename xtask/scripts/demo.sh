@@ -39,7 +39,7 @@ for rw in randread randwrite; do
     log "fio $rw on $dev"
     fio --name="$rw" --filename="$dev" --rw="$rw" --bs=4k --iodepth=32 \
         --ioengine=io_uring --direct=1 --time_based --runtime="$RUNTIME" \
-        --group_reporting || fail "fio $rw failed"
+        --group_reporting --eta=never || fail "fio $rw failed"
 done
 
 log "stopping ublk-null (SIGTERM)"

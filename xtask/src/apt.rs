@@ -29,7 +29,7 @@ pub struct Apt {
 static UPDATED: OnceLock<bool> = OnceLock::new();
 static APT: OnceLock<Apt> = OnceLock::new();
 
-/// Find the Debian mirror base URL (e.g. http://deb.debian.org) and keyring the
+/// Find the Debian mirror base URL (e.g. `http://deb.debian.org`) and keyring the
 /// host's apt uses, so the private tree goes the same way.
 fn host_mirror() -> (String, String) {
     let mut base = None;
@@ -41,7 +41,9 @@ fn host_mirror() -> (String, String) {
         files.extend(v);
     }
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         // deb822 stanzas
         for stanza in text.split("\n\n") {
             let mut uri = None;
@@ -86,7 +88,9 @@ fn host_mirror() -> (String, String) {
                 }
             }
             let mut it = rest.split_whitespace();
-            let (Some(u), Some(s)) = (it.next(), it.next()) else { continue };
+            let (Some(u), Some(s)) = (it.next(), it.next()) else {
+                continue;
+            };
             if s == "bookworm" {
                 if let Some(b) = u.trim_end_matches('/').strip_suffix("/debian") {
                     base.get_or_insert(b.to_string());
@@ -107,7 +111,12 @@ pub fn get() -> &'static Apt {
     APT.get_or_init(|| {
         let (base, keyring) = host_mirror();
         let dir = util::cache_dir().join("apt");
-        Apt { debs: util::cache_dir().join("debs"), dir, base, keyring }
+        Apt {
+            debs: util::cache_dir().join("debs"),
+            dir,
+            base,
+            keyring,
+        }
     })
 }
 
@@ -188,11 +197,18 @@ impl Apt {
                 warn!("cannot set up private apt tree: {e:#}");
                 return false;
             }
-            if std::env::var("UBLK_OFFLINE").map(|v| v == "1").unwrap_or(false) {
+            if std::env::var("UBLK_OFFLINE")
+                .map(|v| v == "1")
+                .unwrap_or(false)
+            {
                 warn!("UBLK_OFFLINE=1: not refreshing package lists, using cached versions");
                 return false;
             }
-            log!("refreshing private apt tree {} (mirror {})", self.dir.display(), self.base);
+            log!(
+                "refreshing private apt tree {} (mirror {})",
+                self.dir.display(),
+                self.base
+            );
             let mut c = self.cmd("apt-get");
             c.arg("-q").arg("update");
             match output(&mut c) {
@@ -206,7 +222,10 @@ impl Apt {
                     }
                 }
                 Err(e) => {
-                    warn!("package archive unreachable ({}); falling back to cached versions", first_line(&e.to_string()));
+                    warn!(
+                        "package archive unreachable ({}); falling back to cached versions",
+                        first_line(&e.to_string())
+                    );
                     false
                 }
             }
@@ -246,7 +265,11 @@ impl Apt {
                 .and_then(|s| s.split('/').next())
                 .unwrap_or("?")
                 .to_string();
-            v.push(Cand { pkg: f[0].to_string(), version: f[1].to_string(), suite });
+            v.push(Cand {
+                pkg: f[0].to_string(),
+                version: f[1].to_string(),
+                suite,
+            });
         }
         v.sort_by(|a, b| deb_cmp(&b.version, &a.version));
         Ok(v)
@@ -333,7 +356,11 @@ impl Apt {
 
 /// Extract a .deb into `dest` (once per .deb; a marker file records completion).
 pub fn extract(deb: &Path, dest: &Path) -> Result<()> {
-    let name = deb.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = deb
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let marker = dest.join(format!(".xtask-extracted-{name}"));
     if marker.exists() {
         return Ok(());

@@ -23,7 +23,7 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
         let cands: Vec<_> = apt
             .candidates(&["linux-libc-dev".to_string()])?
             .into_iter()
-            .filter(|c| c.suite == suite)
+            .filter(|c| c.suite == suite || c.suite == format!("{suite}-security"))
             .collect();
         if cands.is_empty() {
             bail!("no linux-libc-dev in {suite}");
@@ -34,6 +34,15 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
             if dir.join(".xtask-ready").exists() {
                 return Ok((dir, c.version));
             }
+            // Versions the mirror did not have are retried after a day.
+            let neg = base.join(format!("{}.unavailable", c.version));
+            let recent = std::fs::metadata(&neg)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().map(|e| e.as_secs() < 86400).unwrap_or(false))
+                .unwrap_or(false);
+            if recent {
+                continue;
+            }
             match apt.download(&c.pkg, &c.version) {
                 Ok(deb) => {
                     apt::extract(&deb, &dir)?;
@@ -41,12 +50,20 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
                     return Ok((dir, c.version));
                 }
                 Err(e) => {
-                    warn!("linux-libc-dev {} ({suite}) not downloadable: {e:#}", c.version);
+                    warn!(
+                        "linux-libc-dev {} ({}) not downloadable: {}",
+                        c.version,
+                        c.suite,
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                    let _ = std::fs::create_dir_all(&base);
+                    let _ = std::fs::write(&neg, "");
                     last_err = Some(e);
                 }
             }
         }
-        Err(last_err.unwrap())
+        Err(last_err
+            .unwrap_or_else(|| anyhow::anyhow!("no downloadable linux-libc-dev in {suite}")))
     })();
     let (dir, version) = match resolved {
         Ok(x) => x,
@@ -60,7 +77,9 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
                 .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
                 .collect();
             cached.sort_by(|a, b| util::deb_cmp(&b.0, &a.0));
-            let Some((v, d)) = cached.into_iter().next() else { return Err(e) };
+            let Some((v, d)) = cached.into_iter().next() else {
+                return Err(e);
+            };
             warn!("{e:#}; using cached linux-libc-dev {v} for {suite}");
             (d, v)
         }
@@ -95,9 +114,15 @@ struct Row {
 pub fn parse_test_results(out: &str) -> (u64, u64) {
     let (mut p, mut f) = (0, 0);
     for l in out.lines() {
-        let Some(rest) = l.trim().strip_prefix("test result:") else { continue };
+        let Some(rest) = l.trim().strip_prefix("test result:") else {
+            continue;
+        };
         for part in rest.split(';') {
-            let part = part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim();
+            let part = part
+                .trim()
+                .trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .trim();
             let mut it = part.split_whitespace();
             if let (Some(n), Some(what)) = (it.next(), it.next()) {
                 let n: u64 = n.parse().unwrap_or(0);
@@ -113,7 +138,13 @@ pub fn parse_test_results(out: &str) -> (u64, u64) {
 }
 
 fn one(suite: &str) -> Row {
-    let mut row = Row { suite: suite.to_string(), header_version: "?".into(), flags: "?".into(), commands: "?".into(), ..Default::default() };
+    let mut row = Row {
+        suite: suite.to_string(),
+        header_version: "?".into(),
+        flags: "?".into(),
+        commands: "?".into(),
+        ..Default::default()
+    };
     let (inc, ver) = match headers_dir(suite) {
         Ok(x) => x,
         Err(e) => {
@@ -123,8 +154,14 @@ fn one(suite: &str) -> Row {
         }
     };
     row.pkg_version = ver;
-    log!("=== headers {suite}: linux-libc-dev {} -> {}", row.pkg_version, inc.display());
-    let target = workspace_root().join("target").join(format!("headers-{suite}"));
+    log!(
+        "=== headers {suite}: linux-libc-dev {} -> {}",
+        row.pkg_version,
+        inc.display()
+    );
+    let target = workspace_root()
+        .join("target")
+        .join(format!("headers-{suite}"));
     let env_cmd = |args: &[&str]| {
         let mut c = Command::new(util::cargo());
         c.args(args)
@@ -162,13 +199,17 @@ fn one(suite: &str) -> Row {
             }
             print!("{out}");
         }
-        Err(e) => warn!("header_info example failed: {}", e.to_string().lines().next().unwrap_or("")),
+        Err(e) => warn!(
+            "header_info example failed: {}",
+            e.to_string().lines().next().unwrap_or("")
+        ),
     }
     row
 }
 
 pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
     if let Some(s) = print_dir {
+        util::LOG_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
         let s = if s == "newest" { "sid" } else { s };
         let (inc, _) = headers_dir(s)?;
         println!("{}", inc.display());
@@ -181,7 +222,15 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
     let rows: Vec<Row> = suites.iter().map(|s| one(s)).collect();
     println!();
     util::print_table(
-        &["suite", "linux-libc-dev", "header version", "bindings", "tests passed/failed", "#flags", "#commands"],
+        &[
+            "suite",
+            "linux-libc-dev",
+            "header version",
+            "bindings",
+            "tests passed/failed",
+            "#flags",
+            "#commands",
+        ],
         &rows
             .iter()
             .map(|r| {
@@ -189,9 +238,18 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
                     r.suite.clone(),
                     r.pkg_version.clone(),
                     r.header_version.clone(),
-                    if r.build_ok { "ok".into() } else { "FAILED".into() },
                     if r.build_ok {
-                        format!("{}/{}{}", r.passed, r.failed, if r.tests_ok { "" } else { " (FAILED)" })
+                        "ok".into()
+                    } else {
+                        "FAILED".into()
+                    },
+                    if r.build_ok {
+                        format!(
+                            "{}/{}{}",
+                            r.passed,
+                            r.failed,
+                            if r.tests_ok { "" } else { " (FAILED)" }
+                        )
                     } else {
                         "-".into()
                     },
@@ -201,11 +259,19 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
             })
             .collect::<Vec<_>>(),
     );
-    let bad: Vec<&str> = rows.iter().filter(|r| !r.build_ok).map(|r| r.suite.as_str()).collect();
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.build_ok)
+        .map(|r| r.suite.as_str())
+        .collect();
     if !bad.is_empty() {
         bail!("bindings generation failed for: {}", bad.join(", "));
     }
-    let tbad: Vec<&str> = rows.iter().filter(|r| !r.tests_ok).map(|r| r.suite.as_str()).collect();
+    let tbad: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.tests_ok)
+        .map(|r| r.suite.as_str())
+        .collect();
     if !tbad.is_empty() {
         bail!("tests failed for: {}", tbad.join(", "));
     }

@@ -59,7 +59,11 @@ pub fn get(name: &str) -> Result<Kernel> {
         Err(e) => {
             if let Some(k) = load_record(name) {
                 warn!("could not resolve kernel {name}: {e:#}");
-                warn!("falling back to cached kernel {name} {} ({})", k.version, k.vmlinuz.display());
+                warn!(
+                    "falling back to cached kernel {name} {} ({})",
+                    k.version,
+                    k.vmlinuz.display()
+                );
                 Ok(k)
             } else {
                 Err(e)
@@ -78,7 +82,10 @@ fn save_record(k: &Kernel) {
         k.version,
         k.origin,
         k.vmlinuz.display(),
-        k.modules.as_ref().map(|m| m.display().to_string()).unwrap_or_default()
+        k.modules
+            .as_ref()
+            .map(|m| m.display().to_string())
+            .unwrap_or_default()
     );
     let _ = std::fs::create_dir_all(cache_dir().join("kernels"));
     let _ = std::fs::write(record_path(&k.name), text);
@@ -127,9 +134,14 @@ fn kernel_deb(name: &str) -> Result<Kernel> {
         let cands: Vec<Cand> = apt
             .candidates(&names)?
             .into_iter()
-            .filter(|c| ["sid", "unstable", "experimental", "trixie-backports"].contains(&c.suite.as_str()))
+            .filter(|c| {
+                ["sid", "unstable", "experimental", "trixie-backports"].contains(&c.suite.as_str())
+            })
             .collect();
-        let c = cands.first().cloned().context("no kernel image in sid/experimental/trixie-backports")?;
+        let c = cands
+            .first()
+            .cloned()
+            .context("no kernel image in sid/experimental/trixie-backports")?;
         log!(
             "newest kernel: {} {} from {} (considered {} candidates across sid/experimental/trixie-backports)",
             c.pkg,
@@ -206,7 +218,12 @@ fn depmod(root: &Path, moddir: &Path, abi: &str) -> Result<()> {
         root.to_path_buf()
     };
     log!("depmod for {abi}");
-    output(Command::new(util::which("depmod").unwrap_or_else(|| "/sbin/depmod".into())).arg("-b").arg(&base).arg(abi))?;
+    output(
+        Command::new(util::which("depmod").unwrap_or_else(|| "/sbin/depmod".into()))
+            .arg("-b")
+            .arg(&base)
+            .arg(abi),
+    )?;
     if !moddir.join("modules.dep").exists() {
         bail!("depmod did not create {}/modules.dep", moddir.display());
     }
@@ -240,7 +257,9 @@ fn source_6_1() -> Result<(String, PathBuf)> {
     let mut tried = std::collections::BTreeSet::new();
     let versions = apt.source_versions("linux").unwrap_or_default();
     for (ver, suite) in versions.iter().filter(|(v, _)| v.starts_with("6.1.")) {
-        let Ok((url, file, sum)) = apt.orig_tarball("linux", ver) else { continue };
+        let Ok((url, file, sum)) = apt.orig_tarball("linux", ver) else {
+            continue;
+        };
         if !tried.insert(file.clone()) {
             continue;
         }
@@ -265,7 +284,10 @@ fn source_6_1() -> Result<(String, PathBuf)> {
             .map(|t| t.elapsed().map(|e| e.as_secs() < 86400).unwrap_or(false))
             .unwrap_or(false);
         if recent {
-            log!("skipping {file} ({suite}): not on the mirror when last tried (delete {} to retry)", neg.display());
+            log!(
+                "skipping {file} ({suite}): not on the mirror when last tried (delete {} to retry)",
+                neg.display()
+            );
             continue;
         }
         log!("downloading {url}");
@@ -296,7 +318,10 @@ fn source_6_1() -> Result<(String, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let f = e.file_name().to_string_lossy().into_owned();
-            let v = f.strip_prefix("linux_")?.strip_suffix(".orig.tar.xz")?.to_string();
+            let v = f
+                .strip_prefix("linux_")?
+                .strip_suffix(".orig.tar.xz")?
+                .to_string();
             v.starts_with("6.1.").then(|| (v, e.path()))
         })
         .collect();
@@ -330,7 +355,9 @@ fn kernel_6_1() -> Result<Kernel> {
                 })
                 .collect();
             found.sort_by(|a, b| util::deb_cmp(&b.0, &a.0));
-            let Some((v, dir)) = found.into_iter().next() else { return Err(e) };
+            let Some((v, dir)) = found.into_iter().next() else {
+                return Err(e);
+            };
             warn!("{e:#}; using cached 6.1 build {}", dir.display());
             return Ok(Kernel {
                 name: "6.1".into(),
@@ -344,12 +371,45 @@ fn kernel_6_1() -> Result<Kernel> {
     };
     let out = out_root.join(format!("{upver}-{key_hash}"));
     let bz = out.join("bzImage");
-    let origin = format!("built from {} + kernel/6.1.fragment ({key_hash})", tarball.file_name().unwrap().to_string_lossy());
+    let origin = format!(
+        "built from {} + kernel/6.1.fragment ({key_hash})",
+        tarball.file_name().unwrap().to_string_lossy()
+    );
     if bz.exists() {
-        return Ok(Kernel { name: "6.1".into(), version: upver, origin, vmlinuz: bz, modules: None, fresh: false });
+        return Ok(Kernel {
+            name: "6.1".into(),
+            version: upver,
+            origin,
+            vmlinuz: bz,
+            modules: None,
+            fresh: false,
+        });
+    }
+    // One builder at a time per source tree (concurrent xtask runs).
+    let _lock = BuildLock::acquire(
+        &cache_dir()
+            .join("build")
+            .join(format!("linux-{upver}.lock")),
+    )?;
+    if bz.exists() {
+        return Ok(Kernel {
+            name: "6.1".into(),
+            version: upver,
+            origin,
+            vmlinuz: bz,
+            modules: None,
+            fresh: false,
+        });
     }
     build_6_1(&upver, &tarball, &lines, &out)?;
-    Ok(Kernel { name: "6.1".into(), version: upver, origin, vmlinuz: bz, modules: None, fresh: true })
+    Ok(Kernel {
+        name: "6.1".into(),
+        version: upver,
+        origin,
+        vmlinuz: bz,
+        modules: None,
+        fresh: true,
+    })
 }
 
 fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Result<()> {
@@ -362,7 +422,13 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
             std::fs::remove_dir_all(&src)?;
         }
         log!("extracting {} into {}", tarball.display(), build.display());
-        output(Command::new("tar").arg("-xf").arg(tarball).arg("-C").arg(&build))?;
+        output(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(tarball)
+                .arg("-C")
+                .arg(&build),
+        )?;
         if !src.join("Makefile").exists() {
             bail!("{} did not unpack to {}", tarball.display(), src.display());
         }
@@ -370,7 +436,10 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
     }
     let logf = src.join("xtask-build.log");
     let make = |args: &[&str]| -> Result<()> {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&logf)?;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&logf)?;
         let mut c = Command::new("make");
         c.arg("-C").arg(&src).args(args);
         c.stdout(log_file.try_clone()?).stderr(log_file);
@@ -400,15 +469,28 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
     // Verify every requested option survived olddefconfig.
     let final_cfg = std::fs::read_to_string(&cfg)?;
     let have: std::collections::HashSet<&str> = final_cfg.lines().map(str::trim).collect();
-    let missing: Vec<&String> = lines.iter().filter(|l| !have.contains(l.as_str())).collect();
+    let missing: Vec<&String> = lines
+        .iter()
+        .filter(|l| !have.contains(l.as_str()))
+        .collect();
     if !missing.is_empty() {
         for m in &missing {
-            println!("xtask: ERROR: {m} requested by kernel/6.1.fragment is not set after olddefconfig");
+            println!(
+                "xtask: ERROR: {m} requested by kernel/6.1.fragment is not set after olddefconfig"
+            );
         }
-        bail!("{} option(s) of kernel/6.1.fragment did not stick (unmet dependencies?)", missing.len());
+        bail!(
+            "{} option(s) of kernel/6.1.fragment did not stick (unmet dependencies?)",
+            missing.len()
+        );
     }
-    log!("config verified: all {} fragment options are set", lines.len());
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    log!(
+        "config verified: all {} fragment options are set",
+        lines.len()
+    );
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     log!("building linux {upver} bzImage with -j{jobs} (takes several minutes)");
     let t = std::time::Instant::now();
     make(&[&format!("-j{jobs}"), "bzImage"])?;
@@ -429,13 +511,26 @@ pub fn cmd_kernels(sel: &str) -> Result<()> {
                 k.name.clone(),
                 k.version.clone(),
                 k.vmlinuz.display().to_string(),
-                k.modules.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "built-in".into()),
-                if k.fresh { "fresh".into() } else { "cached".into() },
+                k.modules
+                    .as_ref()
+                    .map(|m| m.display().to_string())
+                    .unwrap_or_else(|| "built-in".into()),
+                if k.fresh {
+                    "fresh".into()
+                } else {
+                    "cached".into()
+                },
             ]),
             Err(e) => {
                 println!("xtask: ERROR: kernel {name}: {e:#}");
                 failed = true;
-                rows.push(vec![name.clone(), "?".into(), "-".into(), "-".into(), "FAILED".into()]);
+                rows.push(vec![
+                    name.clone(),
+                    "?".into(),
+                    "-".into(),
+                    "-".into(),
+                    "FAILED".into(),
+                ]);
             }
         }
     }
@@ -445,4 +540,55 @@ pub fn cmd_kernels(sel: &str) -> Result<()> {
         bail!("some kernels are unavailable");
     }
     Ok(())
+}
+
+/// A lock directory holding the owner's pid; stale locks (dead owner) are taken over.
+struct BuildLock(PathBuf);
+
+impl BuildLock {
+    fn acquire(path: &Path) -> Result<BuildLock> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let mut said = false;
+        loop {
+            match std::fs::create_dir(path) {
+                Ok(()) => {
+                    std::fs::write(path.join("pid"), std::process::id().to_string())?;
+                    return Ok(BuildLock(path.to_path_buf()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(path.join("pid")).unwrap_or_default();
+                    let alive = !owner.trim().is_empty()
+                        && Path::new(&format!("/proc/{}", owner.trim())).exists();
+                    if !alive {
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                        // re-read: the owner may have been writing its pid
+                        let again = std::fs::read_to_string(path.join("pid")).unwrap_or_default();
+                        if again == owner {
+                            let _ = std::fs::remove_dir_all(path);
+                        }
+                        continue;
+                    }
+                    if !said {
+                        log!(
+                            "waiting for another xtask (pid {}) building in the same tree",
+                            owner.trim()
+                        );
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating lock {}", path.display()))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for BuildLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -46,6 +46,9 @@ enum Cmd {
         /// Per-kernel time limit in seconds
         #[arg(long, default_value_t = 900)]
         timeout: u64,
+        /// Time limit per test executable inside the guest (0 = none)
+        #[arg(long, default_value_t = 300)]
+        exe_timeout: u64,
         /// Extra libtest arguments (e.g. a test name filter)
         #[arg(last = true)]
         test_args: Vec<String>,
@@ -91,12 +94,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Kernels { kernel } => kernels::cmd_kernels(&kernel),
-        Cmd::Headers { suite, print_dir } => headers::cmd_headers(suite.as_deref(), print_dir.as_deref()),
-        Cmd::TestVm { kernel, timeout, test_args } => test_vm(&kernel, timeout, &test_args),
-        Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
-        Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
+        Cmd::Headers { suite, print_dir } => {
+            headers::cmd_headers(suite.as_deref(), print_dir.as_deref())
+        }
+        Cmd::TestVm {
+            kernel,
+            timeout,
+            exe_timeout,
+            test_args,
+        } => test_vm(&kernel, timeout, exe_timeout, &test_args),
+        Cmd::Vm {
+            kernel,
+            timeout,
+            no_build,
+            with_tests,
+            cmd,
+        } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
+        Cmd::Demo {
+            kernel,
+            timeout,
+            vm,
+        } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
     };
+    vm::cleanup();
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -114,11 +135,25 @@ fn single_kernel(sel: &str) -> Result<String> {
     Ok(v[0].clone())
 }
 
-fn vm_cmd(kernel: &str, timeout: u64, no_build: bool, with_tests: bool, cmd: &[String]) -> Result<()> {
+fn vm_cmd(
+    kernel: &str,
+    timeout: u64,
+    no_build: bool,
+    with_tests: bool,
+    cmd: &[String],
+) -> Result<()> {
     let name = single_kernel(kernel)?;
     let k = kernels::get(&name)?;
-    let script = if cmd.is_empty() { "uname -a; ls -l /dev/ublk-control".to_string() } else { cmd.join(" ") };
-    let mut payload = vm::Payload { script: format!("{script}\n"), strip: true, ..Default::default() };
+    let script = if cmd.is_empty() {
+        "uname -a; ls -l /dev/ublk-control".to_string()
+    } else {
+        cmd.join(" ")
+    };
+    let mut payload = vm::Payload {
+        script: format!("{script}\n"),
+        strip: true,
+        ..Default::default()
+    };
     if !no_build {
         let a = wsbuild::build(with_tests)?;
         payload.bins = a.bins;
@@ -132,7 +167,12 @@ fn vm_cmd(kernel: &str, timeout: u64, no_build: bool, with_tests: bool, cmd: &[S
     Ok(())
 }
 
-fn test_payload(test_args: &[String]) -> String {
+fn test_payload(test_args: &[String], exe_timeout: u64) -> String {
+    let wrap = if exe_timeout > 0 {
+        format!("timeout {exe_timeout} ")
+    } else {
+        String::new()
+    };
     let args: Vec<String> = test_args.iter().map(sh_quote).collect();
     format!(
         r#"failed=0
@@ -143,8 +183,13 @@ for t in /opt/ublk/deps/*; do
     count=$((count + 1))
     name=$(basename "$t")
     echo "xtask-guest: ===== $name ====="
-    "$t" --include-ignored --test-threads=1 {args}
+    start=$(date +%s)
+    {wrap}"$t" --include-ignored --test-threads=1 {args}
     rc=$?
+    if [ -n "{wrap}" ] && [ "$rc" -ne 0 ] && [ $(( $(date +%s) - start )) -ge {exe_timeout} ]; then
+        echo "xtask-guest: $name TIMED OUT after {exe_timeout} s (killed)"
+        rc=124
+    fi
     echo "UBLK_VM_TEST $name $rc" > /dev/ttyS1
     summary="$summary  $name: exit $rc
 "
@@ -155,11 +200,13 @@ printf "%s" "$summary"
 if [ "$count" -eq 0 ]; then echo "xtask-guest: no test executables found"; exit 1; fi
 exit $failed
 "#,
-        args = args.join(" ")
+        args = args.join(" "),
+        wrap = wrap,
+        exe_timeout = exe_timeout
     )
 }
 
-fn test_vm(sel: &str, timeout: u64, test_args: &[String]) -> Result<()> {
+fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> Result<()> {
     let names = kernels::expand(sel)?;
     // Kernels first (so a download problem shows before the long build).
     let mut ks = vec![];
@@ -167,7 +214,12 @@ fn test_vm(sel: &str, timeout: u64, test_args: &[String]) -> Result<()> {
         ks.push(kernels::get(n)?);
     }
     let a = wsbuild::build(true)?;
-    let payload = vm::Payload { script: test_payload(test_args), bins: a.bins, tests: a.tests, strip: true };
+    let payload = vm::Payload {
+        script: test_payload(test_args, exe_timeout),
+        bins: a.bins,
+        tests: a.tests,
+        strip: true,
+    };
     let common = vm::build_common(&payload)?;
     let mut rows = vec![];
     let mut failed = false;
@@ -175,8 +227,18 @@ fn test_vm(sel: &str, timeout: u64, test_args: &[String]) -> Result<()> {
         let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
         if !r.tests.is_empty() {
             util::print_table(
-                &["test executable", "exit"],
-                &r.tests.iter().map(|(n, c)| vec![n.clone(), c.to_string()]).collect::<Vec<_>>(),
+                &["test executable", "result"],
+                &r.tests
+                    .iter()
+                    .map(|(n, c)| {
+                        let what = match c {
+                            0 => "ok".to_string(),
+                            124 if exe_timeout > 0 => format!("TIMEOUT ({exe_timeout} s)"),
+                            c => format!("FAILED (exit {c})"),
+                        };
+                        vec![n.clone(), what]
+                    })
+                    .collect::<Vec<_>>(),
             );
         }
         failed |= !r.ok();
@@ -200,17 +262,30 @@ fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
     let script = util::xtask_dir().join("scripts").join("demo.sh");
     if Path::new("/dev/ublk-control").exists() && !force_vm {
         log!("/dev/ublk-control present: running the demo natively");
-        util::run(Command::new(util::cargo()).args(["build", "-p", "ublk-cli", "--bins"]).current_dir(workspace_root()))?;
+        util::run(
+            Command::new(util::cargo())
+                .args(["build", "-p", "ublk-cli", "--bins"])
+                .current_dir(workspace_root()),
+        )?;
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("target"));
-        return util::run(Command::new("sh").arg(&script).env("UBLK_BIN_DIR", target.join("debug")));
+        return util::run(
+            Command::new("sh")
+                .arg(&script)
+                .env("UBLK_BIN_DIR", target.join("debug")),
+        );
     }
     log!("no /dev/ublk-control on this host: running the demo in a VM");
     let name = single_kernel(kernel)?;
     let k = kernels::get(&name)?;
     let a = wsbuild::build(false)?;
-    let payload = vm::Payload { script: "sh /opt/ublk/bin/demo.sh\n".into(), bins: a.bins, tests: vec![], strip: true };
+    let payload = vm::Payload {
+        script: "sh /opt/ublk/bin/demo.sh\n".into(),
+        bins: a.bins,
+        tests: vec![],
+        strip: true,
+    };
     let common = vm::build_common(&payload)?;
     let r = vm::run(&k, &common, Duration::from_secs(timeout), &[])?;
     if !r.ok() {
@@ -228,18 +303,43 @@ fn ci(timeout: u64) -> Result<()> {
     };
     type Step<'a> = (&'a str, Box<dyn FnOnce() -> Result<()> + 'a>);
     let steps: Vec<Step> = vec![
-        ("headers (bookworm, trixie, sid)", Box::new(|| headers::cmd_headers(None, None))),
-        ("host cargo test --workspace", Box::new(|| util::run(&mut cargo(&["test", "--workspace"])))),
+        (
+            "headers (bookworm, trixie, sid)",
+            Box::new(|| headers::cmd_headers(None, None)),
+        ),
+        (
+            "host cargo test --workspace",
+            Box::new(|| util::run(&mut cargo(&["test", "--workspace"]))),
+        ),
         (
             "clippy -D warnings",
-            Box::new(|| util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))),
+            Box::new(|| {
+                util::run(&mut cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            }),
         ),
         (
             "cargo doc (-Dwarnings)",
-            Box::new(|| util::run(cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings"))),
+            Box::new(|| {
+                util::run(
+                    cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings"),
+                )
+            }),
         ),
-        ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
-        ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, &[]))),
+        (
+            "kernels --kernel all",
+            Box::new(|| kernels::cmd_kernels("all")),
+        ),
+        (
+            "test-vm --kernel all",
+            Box::new(move || test_vm("all", timeout, 300, &[])),
+        ),
         ("demo", Box::new(|| demo("6.12", 600, false))),
     ];
     let mut rows = vec![];

@@ -7,20 +7,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// When set, progress lines go to stderr (for commands whose stdout is data).
+pub static LOG_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn emit(line: &str) {
+    if LOG_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
+}
+
 #[macro_export]
 macro_rules! log {
-    ($($arg:tt)*) => {{
-        println!("xtask: {}", format!($($arg)*));
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-    }};
+    ($($arg:tt)*) => {
+        $crate::util::emit(&format!("xtask: {}", format!($($arg)*)))
+    };
 }
 
 #[macro_export]
 macro_rules! warn {
-    ($($arg:tt)*) => {{
-        println!("xtask: WARNING: {}", format!($($arg)*));
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-    }};
+    ($($arg:tt)*) => {
+        $crate::util::emit(&format!("xtask: WARNING: {}", format!($($arg)*)))
+    };
 }
 
 /// Root of the workspace (parent of the xtask crate).
@@ -109,14 +119,19 @@ pub fn run_tee(cmd: &mut Command) -> Result<(bool, String)> {
         lock.flush()?;
     }
     let st = child.wait()?;
-    Ok((st.success(), String::from_utf8_lossy(&captured).into_owned()))
+    Ok((
+        st.success(),
+        String::from_utf8_lossy(&captured).into_owned(),
+    ))
 }
 
 pub fn which(prog: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(PathBuf::from))
-    {
+    for dir in std::env::split_paths(&path).chain(
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(PathBuf::from),
+    ) {
         let p = dir.join(prog);
         if p.is_file() {
             return Some(p);
@@ -140,7 +155,11 @@ pub fn sha256_hex(data: &[u8]) -> Result<String> {
 
 pub fn sha256_file(path: &Path) -> Result<String> {
     let out = output(Command::new("sha256sum").arg(path))?;
-    Ok(out.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 pub fn fmt_dur(d: Duration) -> String {

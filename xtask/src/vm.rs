@@ -18,9 +18,32 @@ pub const DEMO: &str = include_str!("../scripts/demo.sh");
 
 /// Host tools copied into the guest when present (with their libraries).
 const HOST_TOOLS: &[&str] = &[
-    "fio", "blockdev", "mkfs.ext4", "mke2fs", "e2fsck", "fsck", "fsck.ext4", "tune2fs", "dumpe2fs",
-    "losetup", "blkdiscard", "blkid", "fallocate", "lsblk", "findmnt", "mount", "umount",
-    "sha256sum", "md5sum", "cmp", "truncate", "dd", "stat", "timeout", "nproc", "seq",
+    "fio",
+    "blockdev",
+    "mkfs.ext4",
+    "mke2fs",
+    "e2fsck",
+    "fsck",
+    "fsck.ext4",
+    "tune2fs",
+    "dumpe2fs",
+    "losetup",
+    "blkdiscard",
+    "blkid",
+    "fallocate",
+    "lsblk",
+    "findmnt",
+    "mount",
+    "umount",
+    "sha256sum",
+    "md5sum",
+    "cmp",
+    "truncate",
+    "dd",
+    "stat",
+    "timeout",
+    "nproc",
+    "seq",
 ];
 
 /// Modules loaded in the guest (with their dependencies), in this order.
@@ -67,13 +90,42 @@ impl RunResult {
     }
 }
 
+/// Per-invocation work dir (initramfs staging, initrd, status file), so that
+/// concurrent xtask runs in one workspace do not clobber each other.
 fn vm_dir() -> PathBuf {
-    workspace_root().join("target").join("vm").join("initramfs")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = workspace_root().join("target").join("vm").join("initramfs");
+        // Remove leftovers of runs whose process is gone.
+        if let Ok(rd) = std::fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = n.strip_prefix("run-").and_then(|p| p.parse::<u32>().ok()) {
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+        base.join(format!("run-{}", std::process::id()))
+    })
+    .clone()
+}
+
+/// Remove this invocation's work dir.
+pub fn cleanup() {
+    let d = vm_dir();
+    if d.exists() {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 fn is_elf(p: &Path) -> bool {
     let mut b = [0u8; 4];
-    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut b)).is_ok() && &b == b"\x7fELF"
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+        && &b == b"\x7fELF"
 }
 
 fn copy_exec(src: &Path, dst: &Path, strip: bool) -> Result<()> {
@@ -94,7 +146,8 @@ fn copy_exec(src: &Path, dst: &Path, strip: bool) -> Result<()> {
             .unwrap_or(false);
     }
     if !done {
-        std::fs::copy(src, dst).with_context(|| format!("copy {} -> {}", src.display(), dst.display()))?;
+        std::fs::copy(src, dst)
+            .with_context(|| format!("copy {} -> {}", src.display(), dst.display()))?;
     }
     let mut perm = std::fs::metadata(dst)?.permissions();
     perm.set_mode(perm.mode() | 0o755);
@@ -104,7 +157,9 @@ fn copy_exec(src: &Path, dst: &Path, strip: bool) -> Result<()> {
 
 /// Shared libraries (and the loader) an ELF needs, as ldd reports them.
 fn ldd(p: &Path) -> Vec<PathBuf> {
-    let Ok(out) = Command::new("ldd").arg(p).stderr(Stdio::null()).output() else { return vec![] };
+    let Ok(out) = Command::new("ldd").arg(p).stderr(Stdio::null()).output() else {
+        return vec![];
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     let mut v = vec![];
     for l in text.lines() {
@@ -151,8 +206,24 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }
+    log!("building initramfs in {}", dir.display());
     std::fs::create_dir_all(&root)?;
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "opt/ublk/bin", "opt/ublk/deps", "lib/modules"] {
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "opt/ublk/bin",
+        "opt/ublk/deps",
+        "lib/modules",
+    ] {
         std::fs::create_dir_all(root.join(d))?;
     }
     let busybox = ["/bin/busybox", "/usr/bin/busybox"]
@@ -161,12 +232,19 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         .find(|p| p.exists())
         .context("busybox not found (apt-get install busybox-static)")?;
     if !ldd(&busybox).is_empty() {
-        warn!("{} is dynamically linked; install busybox-static", busybox.display());
+        warn!(
+            "{} is dynamically linked; install busybox-static",
+            busybox.display()
+        );
     }
     copy_exec(&busybox, &root.join("bin/busybox"), false)?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
     write_file(&root.join("init"), INIT, 0o755)?;
-    write_file(&root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
+    write_file(
+        &root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
     write_file(&root.join("etc/group"), "root:x:0:\ndisk:x:6:\n", 0o644)?;
     if Path::new("/etc/mke2fs.conf").exists() {
         std::fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf"))?;
@@ -185,7 +263,10 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         }
     }
     if !missing.is_empty() {
-        log!("host tools not found (busybox may cover them): {}", missing.join(" "));
+        log!(
+            "host tools not found (busybox may cover them): {}",
+            missing.join(" ")
+        );
     }
     let bindir = root.join("opt/ublk/bin");
     for b in &payload.bins {
@@ -232,9 +313,17 @@ fn modules_dep(moddir: &Path) -> Result<HashMap<String, (String, Vec<String>)>> 
         .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
     let mut m = HashMap::new();
     for l in text.lines() {
-        let Some((path, deps)) = l.split_once(':') else { continue };
+        let Some((path, deps)) = l.split_once(':') else {
+            continue;
+        };
         let name = mod_name(path);
-        m.insert(name, (path.to_string(), deps.split_whitespace().map(str::to_string).collect()));
+        m.insert(
+            name,
+            (
+                path.to_string(),
+                deps.split_whitespace().map(str::to_string).collect(),
+            ),
+        );
     }
     Ok(m)
 }
@@ -265,7 +354,9 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
             by_path: &BTreeMap<&String, &String>,
             order: &mut Vec<String>,
         ) {
-            let Some((path, d)) = deps.get(name) else { return };
+            let Some((path, d)) = deps.get(name) else {
+                return;
+            };
             if order.contains(path) {
                 return;
             }
@@ -282,14 +373,21 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
             if deps.contains_key(*m) {
                 visit(m, &deps, &by_path, &mut order);
             } else if !builtin.contains(*m) {
-                warn!("module {m} is neither a module nor built into {}", kernel.version);
+                warn!(
+                    "module {m} is neither a module nor built into {}",
+                    kernel.version
+                );
             }
         }
         let rel = moddir.file_name().unwrap().to_string_lossy().into_owned();
         let mut list = String::new();
         for p in &order {
             let src = moddir.join(p);
-            let plain = p.trim_end_matches(".xz").trim_end_matches(".zst").trim_end_matches(".gz").to_string();
+            let plain = p
+                .trim_end_matches(".xz")
+                .trim_end_matches(".zst")
+                .trim_end_matches(".gz")
+                .to_string();
             let dst = root.join("lib/modules").join(&rel).join(&plain);
             std::fs::create_dir_all(dst.parent().unwrap())?;
             let tool = if p.ends_with(".xz") {
@@ -319,7 +417,11 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
         log!(
             "modules for {}: {}",
             kernel.name,
-            order.iter().map(|p| mod_name(p)).collect::<Vec<_>>().join(" ")
+            order
+                .iter()
+                .map(|p| mod_name(p))
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
     let mut envs = String::new();
@@ -334,7 +436,12 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
 
 /// Boot `kernel` with common initramfs + kernel part; stream the console;
 /// enforce `timeout`.
-pub fn run(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(String, String)]) -> Result<RunResult> {
+pub fn run(
+    kernel: &Kernel,
+    common: &Path,
+    timeout: Duration,
+    extra_env: &[(String, String)],
+) -> Result<RunResult> {
     let mut env: Vec<(String, String)> = vec![
         ("UBLK_TEST_KERNEL".into(), kernel.name.clone()),
         ("UBLK_BIN_DIR".into(), "/opt/ublk/bin".into()),
@@ -397,7 +504,8 @@ pub fn run(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Stri
                         if b == b'\n' {
                             let s = String::from_utf8_lossy(&line).trim_end().to_string();
                             if let Some(r) = s.split("xtask-guest: kernel ").nth(1) {
-                                let _ = tx.send(Some(r.split(',').next().unwrap_or("").to_string()));
+                                let _ =
+                                    tx.send(Some(r.split(',').next().unwrap_or("").to_string()));
                             }
                             line.clear();
                         } else {
@@ -450,7 +558,11 @@ pub fn run(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Stri
     };
     let rel = guest_release.clone().unwrap_or_else(|| "?".into());
     match &outcome {
-        Outcome::Timeout => log!("TIMEOUT after {} s on kernel {} ({rel})", timeout.as_secs(), kernel.name),
+        Outcome::Timeout => log!(
+            "TIMEOUT after {} s on kernel {} ({rel})",
+            timeout.as_secs(),
+            kernel.name
+        ),
         Outcome::NoStatus => log!(
             "kernel {} ({rel}): VM ended without reporting an exit status after {}",
             kernel.name,
@@ -462,5 +574,10 @@ pub fn run(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Stri
             util::fmt_dur(duration)
         ),
     }
-    Ok(RunResult { outcome, duration, guest_release, tests })
+    Ok(RunResult {
+        outcome,
+        duration,
+        guest_release,
+        tests,
+    })
 }

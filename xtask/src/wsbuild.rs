@@ -21,7 +21,11 @@ pub fn target_dir() -> PathBuf {
 
 /// Run cargo with JSON messages; return executables of compiler-artifact
 /// messages accepted by `want(profile_test, kinds)`.
-fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bool) -> Result<Vec<PathBuf>> {
+fn cargo_json(
+    args: &[&str],
+    inc: &PathBuf,
+    want: impl Fn(bool, &[String]) -> bool,
+) -> Result<Vec<PathBuf>> {
     let mut c = Command::new(util::cargo());
     c.args(args)
         .arg("--message-format=json-render-diagnostics")
@@ -29,20 +33,33 @@ fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bo
         .env("UBLK_SYS_KERNEL_HEADERS", inc)
         .env("CARGO_TARGET_DIR", target_dir())
         .stdout(Stdio::piped());
-    log!("$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}", inc.display(), target_dir().display(), util::describe(&c));
+    log!(
+        "$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}",
+        inc.display(),
+        target_dir().display(),
+        util::describe(&c)
+    );
     let mut child = c.spawn()?;
     let mut v = vec![];
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if j["reason"] != "compiler-artifact" {
             continue;
         }
-        let Some(exe) = j["executable"].as_str() else { continue };
+        let Some(exe) = j["executable"].as_str() else {
+            continue;
+        };
         let test = j["profile"]["test"].as_bool().unwrap_or(false);
         let kinds: Vec<String> = j["target"]["kind"]
             .as_array()
-            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         if want(test, &kinds) {
             v.push(PathBuf::from(exe));
@@ -61,18 +78,27 @@ fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bo
 pub fn build(with_tests: bool) -> Result<Artifacts> {
     let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
     log!("building for the VM against linux-libc-dev {ver} (sid)");
-    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins"], &inc, |test, kinds| {
-        !test && kinds.iter().any(|k| k == "bin")
-    })?;
+    let mut bins = cargo_json(
+        &["build", "--workspace", "--exclude", "xtask", "--bins"],
+        &inc,
+        |test, kinds| !test && kinds.iter().any(|k| k == "bin"),
+    )?;
     let tests = if with_tests {
-        cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, |test, _| test)?
+        cargo_json(
+            &["test", "--workspace", "--exclude", "xtask", "--no-run"],
+            &inc,
+            |test, _| test,
+        )?
     } else {
         vec![]
     };
     bins.extend(extra_bins());
     log!(
         "VM artifacts: bins [{}], {} test executables",
-        bins.iter().map(|b| b.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
+        bins.iter()
+            .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
         tests.len()
     );
     Ok(Artifacts { bins, tests })
@@ -80,10 +106,13 @@ pub fn build(with_tests: bool) -> Result<Artifacts> {
 
 /// target/vm/**/ublk-c-example* executables and $UBLK_VM_EXTRA_BINS.
 fn extra_bins() -> Vec<PathBuf> {
-    let mut found: std::collections::BTreeMap<String, (std::time::SystemTime, PathBuf)> = Default::default();
+    let mut found: std::collections::BTreeMap<String, (std::time::SystemTime, PathBuf)> =
+        Default::default();
     let mut stack = vec![target_dir()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             let name = e.file_name().to_string_lossy().into_owned();

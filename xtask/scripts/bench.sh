@@ -1,0 +1,69 @@
+#!/bin/sh
+# Guest side of `cargo xtask bench`: fio against the kernel's null_blk, our
+# ublk-null and libublk's null target (sync and async styles), interleaved run
+# by run. Prints one line per measurement:
+#   UBLK_BENCH target=T queues=Q fio_jobs=J job=NAME run=R iops=N
+# Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS.
+RUNS=${BENCH_RUNS:-5}
+RUNTIME=${BENCH_RUNTIME:-3}
+TARGETS=${BENCH_TARGETS:-"null_blk ublk-null libublk-sync libublk-async"}
+NULLBLK=$(find /lib/modules -name 'null_blk.ko' 2>/dev/null | head -1)
+
+jobs() {
+    echo "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
+    echo "randread-4k-qd64 --rw=randread --bs=4k --iodepth=64"
+    echo "randwrite-4k-qd64 --rw=randwrite --bs=4k --iodepth=64"
+    echo "read-128k-qd16 --rw=read --bs=128k --iodepth=16"
+}
+
+wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
+
+start_target() { # target queues -> sets DEV, PID
+    t=$1; q=$2; PID=
+    case $t in
+    null_blk)
+        [ -n "$NULLBLK" ] || { echo "bench: no null_blk module"; return 1; }
+        rmmod null_blk 2>/dev/null
+        insmod "$NULLBLK" queue_mode=2 irqmode=0 submit_queues="$q" hw_queue_depth=64 gb=4 nr_devices=1 || return 1
+        DEV=/dev/nullb0 ;;
+    ublk-null)
+        ublk-null --queues "$q" --depth 128 --size 4G > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0 ;;
+    libublk-sync)
+        libublk-null sync "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0 ;;
+    libublk-async)
+        libublk-null async "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0 ;;
+    esac
+    wait_dev "$DEV" || { echo "bench: $t did not create $DEV"; cat /tmp/bench-err; return 1; }
+    sleep 0.5
+}
+
+stop_target() {
+    if [ -n "$PID" ]; then
+        kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null
+        i=0; while [ -e /dev/ublkb0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+    fi
+}
+
+echo "UBLK_BENCH_META fio=$(fio --version) kernel=$(uname -r) cpus=$(nproc) runs=$RUNS runtime=$RUNTIME"
+for run in $(seq 1 "$RUNS"); do
+    for cfg in "1 1" "2 1" "2 2"; do
+        set -- $cfg; q=$1; fj=$2
+        for t in $TARGETS; do
+            start_target "$t" "$q" || { stop_target; continue; }
+            jobs | while read -r name args; do
+                cmd="fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting --output-format=terse --terse-version=3"
+                out=$($cmd 2>/dev/null)
+                # terse v3: field 8 read IOPS, field 49 write IOPS
+                r=$(echo "$out" | awk -F';' '{print $8 + $49}')
+                echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0}"
+                [ "$run" = 1 ] && [ "$t" = null_blk ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
+            done
+            stop_target
+        done
+    done
+done
+[ -n "$NULLBLK" ] && rmmod null_blk 2>/dev/null
+exit 0
