@@ -1,6 +1,7 @@
 //! `cargo xtask`: kernels, header matrix, QEMU test runner, demo and CI.
 
 mod apt;
+mod bench;
 mod headers;
 mod kernels;
 mod util;
@@ -82,6 +83,25 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
     },
+    /// fio against null_blk, our ublk-null and libublk's null target (sync and
+    /// async), interleaved run by run, in one VM boot per kernel.
+    Bench {
+        /// 6.12, newest, or both (all)
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Runs of every job
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        /// Seconds per fio job
+        #[arg(long, default_value_t = 3)]
+        runtime: u32,
+        /// Write the records as JSON here
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Time limit per VM in seconds
+        #[arg(long, default_value_t = 5400)]
+        timeout: u64,
+    },
     /// Everything: headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
         /// Per-kernel time limit for test-vm
@@ -116,6 +136,7 @@ fn main() -> ExitCode {
             vm,
         } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
+        Cmd::Bench { kernel, runs, runtime, json, timeout } => bench::bench(&kernel, runs, runtime, json.as_deref(), timeout),
     };
     vm::cleanup();
     match r {
@@ -223,8 +244,17 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
     let common = vm::build_common(&payload)?;
     let mut rows = vec![];
     let mut failed = false;
+    let (mut all_passed, mut all_failed) = (0u64, 0u64);
     for k in &ks {
         let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
+        let (p, mut f) = libtest_counts(&r.console);
+        // An executable that crashed or timed out prints no failure count.
+        let bad_exes = r.tests.iter().filter(|(_, c)| *c != 0).count() as u64;
+        if !r.ok() && f < bad_exes.max(1) {
+            f = bad_exes.max(1);
+        }
+        all_passed += p;
+        all_failed += f;
         if !r.tests.is_empty() {
             util::print_table(
                 &["test executable", "result"],
@@ -246,16 +276,43 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
             k.name.clone(),
             r.guest_release.clone().unwrap_or_else(|| k.version.clone()),
             r.label(),
+            format!("{p} passed, {f} failed"),
             util::fmt_dur(r.duration),
         ]);
     }
     println!();
     log!("test-vm summary:");
-    util::print_table(&["kernel", "version", "result", "duration"], &rows);
+    util::print_table(&["kernel", "version", "result", "tests", "duration"], &rows);
+    TESTS_PASSED.fetch_add(all_passed, std::sync::atomic::Ordering::Relaxed);
+    TESTS_FAILED.fetch_add(all_failed, std::sync::atomic::Ordering::Relaxed);
+    println!("test-vm: {all_passed} passed, {all_failed} failed");
     if failed {
         bail!("test-vm failed on at least one kernel");
     }
     Ok(())
+}
+
+static TESTS_PASSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static TESTS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sums libtest's "test result: ... N passed; M failed; ..." lines.
+fn libtest_counts(console: &[String]) -> (u64, u64) {
+    let mut p = 0;
+    let mut f = 0;
+    for l in console {
+        let Some(rest) = l.split("test result: ").nth(1) else { continue };
+        for part in rest.split(';') {
+            let mut w = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (w.next(), w.next()) else { continue };
+            let n: u64 = n.parse().unwrap_or(0);
+            match what {
+                "passed" => p += n,
+                "failed" => f += n,
+                _ => {}
+            }
+        }
+    }
+    (p, f)
 }
 
 fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
@@ -365,8 +422,16 @@ fn ci(timeout: u64) -> Result<()> {
     println!();
     log!("CI summary (total {}):", util::fmt_dur(total.elapsed()));
     util::print_table(&["step", "result", "duration"], &rows);
+    // The closing line: the guest tests' counts, every failed step a failure.
+    let passed = TESTS_PASSED.load(std::sync::atomic::Ordering::Relaxed);
+    let guest_failed = TESTS_FAILED.load(std::sync::atomic::Ordering::Relaxed);
+    let other_failed = failed.iter().filter(|n| !(n.starts_with("test-vm") && guest_failed > 0)).count() as u64;
     if !failed.is_empty() {
-        bail!("CI failed: {}", failed.join(", "));
+        println!("xtask: ERROR: CI failed: {}", failed.join(", "));
+    }
+    println!("ci: {passed} passed, {} failed", guest_failed + other_failed);
+    if !failed.is_empty() {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 const INIT: &str = include_str!("../scripts/init.sh");
 pub const DEMO: &str = include_str!("../scripts/demo.sh");
+pub const BENCH: &str = include_str!("../scripts/bench.sh");
 
 /// Host tools copied into the guest when present (with their libraries).
 const HOST_TOOLS: &[&str] = &[
@@ -74,6 +75,8 @@ pub struct RunResult {
     pub guest_release: Option<String>,
     /// "UBLK_VM_TEST name rc" lines written by the payload.
     pub tests: Vec<(String, i32)>,
+    /// The guest console, line by line.
+    pub console: Vec<String>,
 }
 
 impl RunResult {
@@ -275,6 +278,7 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         elfs.push(b.clone());
     }
     write_file(&bindir.join("demo.sh"), DEMO, 0o755)?;
+    write_file(&bindir.join("bench.sh"), BENCH, 0o755)?;
     let depdir = root.join("opt/ublk/deps");
     for t in &payload.tests {
         let name = t.file_name().context("test name")?;
@@ -492,6 +496,7 @@ pub fn run(
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut line = Vec::new();
+        let mut console = Vec::new();
         let stdout = std::io::stdout();
         loop {
             match pipe.read(&mut buf) {
@@ -507,6 +512,7 @@ pub fn run(
                                 let _ =
                                     tx.send(Some(r.split(',').next().unwrap_or("").to_string()));
                             }
+                            console.push(s);
                             line.clear();
                         } else {
                             line.push(b);
@@ -516,6 +522,7 @@ pub fn run(
             }
         }
         let _ = tx.send(None);
+        console
     });
     let mut timed_out = false;
     loop {
@@ -530,7 +537,7 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = reader.join();
+    let console = reader.join().unwrap_or_default();
     let duration = start.elapsed();
     let mut guest_release = None;
     while let Ok(Some(r)) = rx.try_recv() {
@@ -579,5 +586,6 @@ pub fn run(
         duration,
         guest_release,
         tests,
+        console,
     })
 }

@@ -146,3 +146,30 @@ fn extra_bins() -> Vec<PathBuf> {
     }
     v
 }
+
+/// Release builds for `cargo xtask bench`: our ublk-null (against the newest
+/// headers) and libublk's null target (bench/libublk-null, its own workspace),
+/// copied to target/vm/bench/ under the names the guest script runs.
+pub fn build_bench() -> Result<Vec<PathBuf>> {
+    let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
+    log!("building release binaries for the bench against linux-libc-dev {ver} (sid)");
+    let ours = cargo_json(
+        &["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"],
+        &inc,
+        |test, kinds| !test && kinds.iter().any(|k| k == "bin"),
+    )?;
+    let out = target_dir().join("bench");
+    std::fs::create_dir_all(&out)?;
+    let lib_target = target_dir().join("libublk");
+    let mut c = Command::new(util::cargo());
+    c.args(["build", "--release", "--manifest-path"])
+        .arg(workspace_root().join("bench/libublk-null/Cargo.toml"))
+        .env("CARGO_TARGET_DIR", &lib_target);
+    util::run(&mut c).context("building bench/libublk-null (libublk from crates.io)")?;
+    let lib = out.join("libublk-null");
+    std::fs::copy(lib_target.join("release/libublk-null-bench"), &lib)?;
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755))?;
+    let mut bins = ours;
+    bins.push(lib);
+    Ok(bins)
+}

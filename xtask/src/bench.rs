@@ -1,0 +1,165 @@
+//! `cargo xtask bench`: fio against the kernel's null_blk (the upper bound),
+//! our ublk-null and libublk's null target in its sync and async styles, in
+//! one VM boot per kernel. Targets are interleaved run by run; the guest side
+//! is scripts/bench.sh. Prints medians, spreads and ratios; writes JSON.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::{kernels, log, util, vm, wsbuild};
+
+struct Record {
+    kernel: String,
+    target: String,
+    queues: u32,
+    fio_jobs: u32,
+    job: String,
+    iops: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return 0.0;
+    }
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u64) -> Result<()> {
+    let names = kernels::expand(sel)?;
+    let mut ks = vec![];
+    for n in &names {
+        ks.push(kernels::get(n)?);
+    }
+    let bins = wsbuild::build_bench()?;
+    let payload = vm::Payload {
+        script: format!("BENCH_RUNS={runs} BENCH_RUNTIME={runtime} sh /opt/ublk/bin/bench.sh\n"),
+        bins,
+        tests: vec![],
+        strip: true,
+    };
+    let common = vm::build_common(&payload)?;
+    let mut records: Vec<Record> = vec![];
+    let mut meta = vec![];
+    let mut cmds: BTreeMap<String, String> = BTreeMap::new();
+    for k in &ks {
+        let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
+        if !r.ok() {
+            bail!("bench VM on kernel {}: {}", k.name, r.label());
+        }
+        let rel = r.guest_release.clone().unwrap_or_else(|| k.version.clone());
+        let mut map: BTreeMap<(String, u32, u32, String), Vec<f64>> = BTreeMap::new();
+        for l in &r.console {
+            if let Some(rest) = l.split("UBLK_BENCH_META ").nth(1) {
+                meta.push(format!("{}: {rest}", k.name));
+            } else if let Some(rest) = l.split("UBLK_BENCH_CMD ").nth(1) {
+                if let (Some(job), Some(fj), Some(cmd)) = (field(rest, "job"), field(rest, "fio_jobs"), rest.split("cmd=").nth(1)) {
+                    cmds.insert(format!("{job} x{fj}"), cmd.replace("/dev/nullb0", "DEV"));
+                }
+            } else if let Some(rest) = l.split("UBLK_BENCH ").nth(1) {
+                let (Some(t), Some(q), Some(fj), Some(job), Some(iops)) =
+                    (field(rest, "target"), field(rest, "queues"), field(rest, "fio_jobs"), field(rest, "job"), field(rest, "iops"))
+                else {
+                    continue;
+                };
+                map.entry((t.to_string(), q.parse().unwrap_or(0), fj.parse().unwrap_or(0), job.to_string()))
+                    .or_default()
+                    .push(iops.parse().unwrap_or(0.0));
+            }
+        }
+        for ((target, queues, fio_jobs, job), iops) in map {
+            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops });
+        }
+    }
+    if records.is_empty() {
+        bail!("the bench produced no measurements");
+    }
+    // The table: one row per kernel, queue count, fio jobs and job.
+    let mut rows = vec![];
+    let mut groups: BTreeMap<(String, u32, u32, String), BTreeMap<String, &Record>> = BTreeMap::new();
+    for r in &records {
+        groups.entry((r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(r.target.clone(), r);
+    }
+    let cell = |r: Option<&&Record>| match r {
+        Some(r) => {
+            let m = median(&r.iops);
+            let lo = r.iops.iter().cloned().fold(f64::MAX, f64::min);
+            let hi = r.iops.iter().cloned().fold(0.0, f64::max);
+            let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
+            format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+        }
+        None => "-".into(),
+    };
+    for ((kernel, q, fj, job), t) in &groups {
+        let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
+        let ours = med("ublk-null");
+        let nb = med("null_blk");
+        let lib = med("libublk-sync").max(med("libublk-async"));
+        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
+        rows.push(vec![
+            kernel.clone(),
+            format!("{q}q/{fj}j"),
+            job.clone(),
+            cell(t.get("null_blk")),
+            cell(t.get("ublk-null")),
+            cell(t.get("libublk-sync")),
+            cell(t.get("libublk-async")),
+            ratio(ours, nb),
+            ratio(ours, lib),
+        ]);
+    }
+    println!();
+    log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, 2 vCPUs)");
+    util::print_table(
+        &["kernel", "queues/jobs", "job", "null_blk", "ublk-null (ours)", "libublk sync", "libublk async", "ours/null_blk", "ours/libublk best"],
+        &rows,
+    );
+    for m in &meta {
+        println!("  {m}");
+    }
+    if let Some(path) = json {
+        let recs: Vec<String> = records
+            .iter()
+            .map(|r| {
+                format!(
+                    "{{\"kernel\":{},\"target\":{},\"queues\":{},\"job\":{},\"fio_jobs\":{},\"iops\":[{}],\"iops_median\":{}}}",
+                    json_str(&r.kernel),
+                    json_str(&r.target),
+                    r.queues,
+                    json_str(&r.job),
+                    r.fio_jobs,
+                    r.iops.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(","),
+                    median(&r.iops)
+                )
+            })
+            .collect();
+        let meta_j: Vec<String> = meta.iter().map(|m| json_str(m)).collect();
+        let cmds_j: Vec<String> = cmds.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
+        let doc = format!(
+            "{{\"records\":[{}],\"meta\":[{}],\"commands\":{{{}}}}}\n",
+            recs.join(",\n"),
+            meta_j.join(","),
+            cmds_j.join(",")
+        );
+        std::fs::write(path, doc)?;
+        log!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
