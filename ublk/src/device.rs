@@ -23,7 +23,7 @@ pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
 pub enum Placement {
     /// Pin each queue thread to one CPU that does not submit to its queue,
     /// when there is one (the CPU after the queue's set, per
-    /// GET_QUEUE_AFFINITY); else to the last CPU of its set. A server thread
+    /// GET_QUEUE_AFFINITY); when every CPU submits to it, leave it unpinned. A server thread
     /// that shares a CPU with the task submitting to it costs a context
     /// switch per batch; on another CPU the two run in parallel, and the
     /// scheduler can move an unpinned submitter away from a pinned server.
@@ -354,7 +354,10 @@ impl Device {
                         let Some(&last) = set.iter().filter(|&&c| c < online).max() else { return Vec::new() };
                         let next = (last + 1) % online;
                         if set.contains(&next) {
-                            vec![last]
+                            // Every CPU submits to this queue (e.g. one queue):
+                            // no CPU is "away"; pinning to one would only stop
+                            // the scheduler from moving us off the submitter's.
+                            Vec::new()
                         } else {
                             vec![next]
                         }
