@@ -28,6 +28,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Prints what each queue served, one `queue N: requests=... ` line each
+/// (the end-to-end tests read these lines).
+pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
+    for s in stats {
+        println!(
+            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={}",
+            s.q_id,
+            s.requests(),
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.discards,
+            s.write_zeroes,
+            s.unsupported,
+            s.errors,
+            s.bytes
+        );
+    }
+}
+
 /// Stops the device on SIGINT or SIGTERM.
 ///
 /// Blocks both signals in the calling thread, and so in every thread spawned

@@ -270,3 +270,17 @@ pub fn queue_requests(stdout: &str) -> Vec<(u16, u64)> {
         })
         .collect()
 }
+
+/// Deterministic pseudo-random bytes (xorshift), for data written and checked back.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

@@ -28,19 +28,6 @@ fn fio_ok(args: &[&str]) -> String {
     out
 }
 
-/// Deterministic pseudo-random bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};

@@ -17,18 +17,6 @@ fn sparse_file(p: &Path, size: u64) {
     std::fs::File::create(p).unwrap().set_len(size).unwrap();
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
 /// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.

@@ -84,20 +84,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         );
         signals.arm(stop);
     })?;
-    for s in &stats {
-        println!(
-            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} bytes={}",
-            s.q_id,
-            s.requests(),
-            s.reads,
-            s.writes,
-            s.flushes,
-            s.discards,
-            s.write_zeroes,
-            s.unsupported,
-            s.bytes
-        );
-    }
+    ublk_cli::print_queue_stats(&stats);
     eprintln!("ublk-null: device {} stopped and deleted", info.dev_id);
     Ok(())
 }

@@ -428,21 +428,7 @@ fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &Si
         DeviceConfig::remove(id);
     }
     let stats = res?;
-    for s in &stats {
-        println!(
-            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={}",
-            s.q_id,
-            s.requests(),
-            s.reads,
-            s.writes,
-            s.flushes,
-            s.discards,
-            s.write_zeroes,
-            s.unsupported,
-            s.errors,
-            s.bytes
-        );
-    }
+    ublk_cli::print_queue_stats(&stats);
     let _ = std::io::stdout().flush();
     eprintln!("ublk: device {id} stopped and deleted");
     Ok(())
