@@ -113,3 +113,34 @@ driver_test! {
         }
     }
 }
+
+driver_test! {
+    /// When the kernel refuses a command, the error names the command, the
+    /// device, the errno and the driver's likely causes.
+    fn kernel_refusal_names_command_errno_and_causes() {
+        let mut c = ublk::Control::open().unwrap();
+        let info = c
+            .add_dev(&ublk::DevInfo {
+                nr_hw_queues: 1,
+                queue_depth: 8,
+                max_io_buf_bytes: 64 << 10,
+                dev_id: u32::MAX,
+                ublksrv_pid: std::process::id() as i32,
+                ..Default::default()
+            })
+            .unwrap();
+        let id = info.dev_id;
+        // 8 KiB logical blocks: above the page size, which every kernel refuses.
+        let mut p = ublk::Params::new(1 << 20, 512, 64 << 10).unwrap();
+        p.logical_bs_shift = 13;
+        p.physical_bs_shift = 13;
+        let e = c.set_params(id, &p).unwrap_err();
+        let msg = e.to_string();
+        eprintln!("{msg}");
+        assert_eq!(e.errno(), Some(libc::EINVAL), "{msg}");
+        assert!(msg.contains("SET_PARAMS") && msg.contains(&format!("device {id}")), "{msg}");
+        assert!(msg.contains("-EINVAL") && msg.contains("likely causes") && msg.contains("logical block size"), "{msg}");
+        c.del_dev(id).unwrap();
+        assert_no_devices();
+    }
+}
