@@ -68,15 +68,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Device ids present in /sys/class/ublk-char.
 pub fn ublk_devices() -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    ublk::ctrl::device_ids()
 }
 
 /// Asserts no ublk device exists (in sysfs or /dev), waiting up to 10 s for

@@ -102,6 +102,20 @@ impl Features {
 /// Device information (`struct ublksrv_ctrl_dev_info`) as the kernel keeps it.
 pub type DevInfo = sys::ublksrv_ctrl_dev_info;
 
+/// Ids of the ublk devices that exist, from `/sys/class/ublk-char/ublkcN`,
+/// in increasing order (empty when the driver is not loaded).
+pub fn device_ids() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 /// Device state (`UBLK_S_DEV_*`).
 pub fn state_name(state: u16) -> &'static str {
     match u32::from(state) {
@@ -150,9 +164,7 @@ impl Control {
         // kernels only need, or only accept, the legacy numbers.
         if let Some(op) = ops::newer("GET_FEATURES", sys::opt::UBLK_U_CMD_GET_FEATURES) {
             let mut feats: u64 = 0;
-            let mut c = sys::ublksrv_ctrl_cmd { dev_id: u32::MAX, queue_id: u16::MAX, ..Default::default() };
-            c.addr = &mut feats as *mut u64 as u64;
-            c.len = 8;
+            let c = buf_cmd(u32::MAX, &mut feats);
             if ctrl.submit_encoded(op, c, true).is_ok() {
                 ctrl.features = Some(Features(feats));
                 if Features(feats).has(sys::opt::UBLK_F_CMD_IOCTL_ENCODE) {
@@ -197,13 +209,7 @@ impl Control {
     /// clamped to the number of CPUs.
     pub fn add_dev(&mut self, info: &DevInfo) -> Result<DevInfo> {
         let mut out = *info;
-        let c = sys::ublksrv_ctrl_cmd {
-            dev_id: info.dev_id,
-            queue_id: u16::MAX,
-            addr: &mut out as *mut DevInfo as u64,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            ..Default::default()
-        };
+        let c = buf_cmd(info.dev_id, &mut out);
         match self.submit(ops::ADD_DEV, c) {
             Err(Error::Kernel { errno: libc::EEXIST, .. }) => Err(Error::DeviceExists { dev_id: info.dev_id }),
             Err(e) => Err(e),
@@ -226,26 +232,14 @@ impl Control {
     /// `SET_PARAMS`, before `START_DEV`.
     pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<()> {
         let mut raw = params.to_raw();
-        let c = sys::ublksrv_ctrl_cmd {
-            dev_id,
-            queue_id: u16::MAX,
-            addr: &mut raw as *mut sys::ublk_params as u64,
-            len: std::mem::size_of::<sys::ublk_params>() as u16,
-            ..Default::default()
-        };
+        let c = buf_cmd(dev_id, &mut raw);
         self.submit(ops::SET_PARAMS, c).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `GET_PARAMS`.
     pub fn get_params(&mut self, dev_id: u32) -> Result<sys::ublk_params> {
         let mut raw = sys::ublk_params { len: std::mem::size_of::<sys::ublk_params>() as u32, ..Default::default() };
-        let c = sys::ublksrv_ctrl_cmd {
-            dev_id,
-            queue_id: u16::MAX,
-            addr: &mut raw as *mut sys::ublk_params as u64,
-            len: std::mem::size_of::<sys::ublk_params>() as u16,
-            ..Default::default()
-        };
+        let c = buf_cmd(dev_id, &mut raw);
         self.submit(ops::GET_PARAMS, c).map_err(no_dev(dev_id))?;
         Ok(raw)
     }
@@ -253,13 +247,7 @@ impl Control {
     /// `GET_DEV_INFO`.
     pub fn get_dev_info(&mut self, dev_id: u32) -> Result<DevInfo> {
         let mut out = DevInfo::default();
-        let c = sys::ublksrv_ctrl_cmd {
-            dev_id,
-            queue_id: u16::MAX,
-            addr: &mut out as *mut DevInfo as u64,
-            len: std::mem::size_of::<DevInfo>() as u16,
-            ..Default::default()
-        };
+        let c = buf_cmd(dev_id, &mut out);
         self.submit(ops::GET_DEV_INFO, c).map_err(no_dev(dev_id))?;
         Ok(out)
     }
@@ -276,13 +264,7 @@ impl Control {
         let plen = path.len();
         let mut buf = vec![0u8; plen + std::mem::size_of::<DevInfo>()];
         buf[..plen].copy_from_slice(path.as_bytes());
-        let mut c = sys::ublksrv_ctrl_cmd {
-            dev_id,
-            queue_id: u16::MAX,
-            addr: buf.as_mut_ptr() as u64,
-            len: buf.len() as u16,
-            ..Default::default()
-        };
+        let mut c = buf_cmd(dev_id, buf.as_mut_slice());
         if !c.set_dev_path_len(plen as u16) {
             return Err(Error::Unsupported { feature: "GET_DEV_INFO2", why: "this build's ublk_cmd.h has no dev_path_len".into() });
         }
@@ -321,13 +303,7 @@ impl Control {
     pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let mut set = [0u64; 16]; // 1024 CPUs
         // The kernel reads the queue from data[0], not from queue_id.
-        let mut c = sys::ublksrv_ctrl_cmd {
-            dev_id,
-            queue_id: u16::MAX,
-            addr: set.as_mut_ptr() as u64,
-            len: std::mem::size_of_val(&set) as u16,
-            ..Default::default()
-        };
+        let mut c = buf_cmd(dev_id, &mut set);
         c.data[0] = u64::from(q_id);
         self.submit(ops::GET_QUEUE_AFFINITY, c).map_err(no_dev(dev_id))?;
         Ok((0..1024).filter(|i| set[i / 64] & (1u64 << (i % 64)) != 0).collect())
@@ -398,6 +374,16 @@ fn newer_or((name, enc): (&'static str, Option<u32>), since: &str) -> Result<Ctr
 
 fn dev_cmd(dev_id: u32) -> sys::ublksrv_ctrl_cmd {
     sys::ublksrv_ctrl_cmd { dev_id, queue_id: u16::MAX, ..Default::default() }
+}
+
+/// A command for `dev_id` whose payload is `buf` (`addr`/`len`); `buf` must
+/// stay borrowed until the command completes.
+fn buf_cmd<T: ?Sized>(dev_id: u32, buf: &mut T) -> sys::ublksrv_ctrl_cmd {
+    sys::ublksrv_ctrl_cmd {
+        addr: buf as *mut T as *mut u8 as u64,
+        len: std::mem::size_of_val(buf) as u16,
+        ..dev_cmd(dev_id)
+    }
 }
 
 fn no_dev(dev_id: u32) -> impl Fn(Error) -> Error {

@@ -114,7 +114,8 @@ struct Row {
 pub fn parse_test_results(out: &str) -> (u64, u64) {
     let (mut p, mut f) = (0, 0);
     for l in out.lines() {
-        let Some(rest) = l.trim().strip_prefix("test result:") else {
+        // Anywhere in the line: a guest's console may prefix kernel messages.
+        let Some(rest) = l.split("test result:").nth(1) else {
             continue;
         };
         for part in rest.split(';') {

@@ -375,31 +375,26 @@ fn kernel_6_1() -> Result<Kernel> {
         "built from {} + kernel/6.1.fragment ({key_hash})",
         tarball.file_name().unwrap().to_string_lossy()
     );
+    let cached = |upver: String, origin: String, bz: PathBuf| Kernel {
+        name: "6.1".into(),
+        version: upver,
+        origin,
+        vmlinuz: bz,
+        modules: None,
+        fresh: false,
+    };
     if bz.exists() {
-        return Ok(Kernel {
-            name: "6.1".into(),
-            version: upver,
-            origin,
-            vmlinuz: bz,
-            modules: None,
-            fresh: false,
-        });
+        return Ok(cached(upver, origin, bz));
     }
-    // One builder at a time per source tree (concurrent xtask runs).
+    // One builder at a time per source tree (concurrent xtask runs); another
+    // run may have built it while we waited.
     let _lock = BuildLock::acquire(
         &cache_dir()
             .join("build")
             .join(format!("linux-{upver}.lock")),
     )?;
     if bz.exists() {
-        return Ok(Kernel {
-            name: "6.1".into(),
-            version: upver,
-            origin,
-            vmlinuz: bz,
-            modules: None,
-            fresh: false,
-        });
+        return Ok(cached(upver, origin, bz));
     }
     build_6_1(&upver, &tarball, &lines, &out)?;
     Ok(Kernel {

@@ -247,7 +247,7 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
     let (mut all_passed, mut all_failed) = (0u64, 0u64);
     for k in &ks {
         let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
-        let (p, mut f) = libtest_counts(&r.console);
+        let (p, mut f) = headers::parse_test_results(&r.console.join("\n"));
         // An executable that crashed or timed out prints no failure count.
         let bad_exes = r.tests.iter().filter(|(_, c)| *c != 0).count() as u64;
         if !r.ok() && f < bad_exes.max(1) {
@@ -294,26 +294,6 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
 
 static TESTS_PASSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static TESTS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Sums libtest's "test result: ... N passed; M failed; ..." lines.
-fn libtest_counts(console: &[String]) -> (u64, u64) {
-    let mut p = 0;
-    let mut f = 0;
-    for l in console {
-        let Some(rest) = l.split("test result: ").nth(1) else { continue };
-        for part in rest.split(';') {
-            let mut w = part.split_whitespace().rev();
-            let (Some(what), Some(n)) = (w.next(), w.next()) else { continue };
-            let n: u64 = n.parse().unwrap_or(0);
-            match what {
-                "passed" => p += n,
-                "failed" => f += n,
-                _ => {}
-            }
-        }
-    }
-    (p, f)
-}
 
 fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
     let script = util::xtask_dir().join("scripts").join("demo.sh");

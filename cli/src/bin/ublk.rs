@@ -493,7 +493,7 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
 
 fn cmd_list(json: bool) -> Result<()> {
     let mut rows = vec![];
-    let ids = device_ids();
+    let ids = ublk::ctrl::device_ids();
     if !ids.is_empty() {
         let mut ctrl = Control::open()?;
         for id in ids {
@@ -552,22 +552,11 @@ fn cmd_list(json: bool) -> Result<()> {
     Ok(())
 }
 
-fn device_ids() -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
 
 fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
     let ids = match (id, all) {
         (Some(id), false) => vec![id],
-        (None, true) => device_ids(),
+        (None, true) => ublk::ctrl::device_ids(),
         _ => bail!("say which device to delete: -n N, or --all"),
     };
     if ids.is_empty() {
