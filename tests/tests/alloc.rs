@@ -8,7 +8,7 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ublk::{DeviceBuilder, IoResult, Request, Target};
+use ublk::{DataPath, DeviceBuilder, IoResult, Request, Target};
 use ublk_tests::*;
 
 struct Counting;
@@ -44,12 +44,17 @@ const LAST: u64 = 21_000;
 /// A null target that samples its own thread's allocation count.
 #[derive(Default)]
 struct Probe {
+    no_data: bool,
     served: AtomicU64,
     at_first: AtomicU64,
     at_last: AtomicU64,
 }
 
 impl Target for Probe {
+    fn needs_data(&self) -> bool {
+        !self.no_data
+    }
+
     fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
         if n == FIRST {
@@ -62,9 +67,20 @@ impl Target for Probe {
 }
 
 driver_test! {
+    /// Both data paths: kernel copies (DataPath::Copy) and none (NoData,
+    /// USER_COPY where the kernel has it).
     fn queue_loop_does_not_allocate_per_request() {
-        let probe = Probe::default();
-        let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).create().unwrap();
+        for path in [DataPath::Copy, DataPath::NoData] {
+            eprintln!("{path:?}:");
+            no_allocation_per_request(path);
+        }
+    }
+}
+
+fn no_allocation_per_request(path: DataPath) {
+    {
+        let probe = Probe { no_data: path == DataPath::NoData, ..Default::default() };
+        let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
         dev.serve(&probe, |dev, stop| {
             let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
             // 4 KiB-aligned buffer, allocated before the measurement.

@@ -1,11 +1,11 @@
 //! ublk-null against the real driver: sizes, I/O with dd and fio, every queue
 //! serving, clean teardown on SIGTERM, SIGKILL mid-I/O, and 50 create/destroy
-//! cycles without leaks.
+//! cycles without leaks, and the data path without copies (USER_COPY).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use ublk::{DeviceBuilder, NullTarget};
+use ublk::{DataPath, DeviceBuilder, NullTarget, RamDisk};
 use ublk_tests::*;
 
 fn fio(dev: &str, rw: &str, engine: &str, jobs: usize, extra: &[&str]) -> String {
@@ -190,6 +190,73 @@ driver_test! {
             dev.serve(&NullTarget, |_dev, _stop| panic!("on_live panic (deliberate, in a test)"))
         }));
         assert!(r.is_err(), "the panic is re-raised");
+        assert_no_devices();
+    }
+}
+
+/// A 4 KiB-aligned window of `len` bytes inside `v`.
+fn aligned(v: &mut [u8], len: usize) -> &mut [u8] {
+    let off = v.as_ptr().align_offset(4096);
+    &mut v[off..off + len]
+}
+
+driver_test! {
+    /// DataPath::NoData gets UBLK_F_USER_COPY where the kernel offers it
+    /// (6.5+: on 6.12 and the newest, not on 6.1). The kernel then copies
+    /// nothing: a read leaves the reader's buffer as it was, where
+    /// DataPath::Copy overwrites it with the tag's (zeroed) buffer. A target
+    /// that needs data is refused on such a device, naming the fix, and
+    /// nothing is left behind; without USER_COPY it falls back and serves.
+    fn null_data_path_skips_the_copy_where_the_kernel_allows() {
+        let uc_flag = ublk::sys::opt::UBLK_F_USER_COPY.unwrap_or(0);
+        let has_uc = ublk::Control::open().unwrap().features().is_some_and(|f| f.has(ublk::sys::opt::UBLK_F_USER_COPY));
+        if uc_flag != 0 {
+            assert_eq!(has_uc, kernel_version() >= (6, 5), "USER_COPY offered on {}", kernel_release());
+        }
+        const LEN: usize = 64 << 10;
+        for path in [DataPath::Copy, DataPath::NoData] {
+            let dev = DeviceBuilder::new().size(16 << 20).data_path(path).create().unwrap();
+            let got_uc = dev.info().flags & uc_flag != 0;
+            assert_eq!(got_uc, path == DataPath::NoData && has_uc, "{path:?}: flags {:#x}", dev.info().flags);
+            let stats = dev
+                .serve(&NullTarget, |dev, stop| {
+                    let mut f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_DIRECT)
+                        .open(dev.block_path())
+                        .unwrap();
+                    let mut backing = vec![0xABu8; LEN + 4096];
+                    let buf = aligned(&mut backing, LEN);
+                    std::io::Read::read_exact(&mut f, buf).unwrap();
+                    let untouched = buf.iter().all(|&b| b == 0xAB);
+                    let zeroed = buf.iter().all(|&b| b == 0);
+                    eprintln!("{path:?} (USER_COPY {got_uc}): read left the buffer untouched {untouched}, zeroed {zeroed}");
+                    if got_uc {
+                        assert!(untouched, "USER_COPY: the kernel copied into the reader's buffer");
+                    } else {
+                        assert!(zeroed, "copy: the read did not return the tag buffer's zeros");
+                    }
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(1 << 20)).unwrap();
+                    std::io::Write::write_all(&mut f, buf).unwrap();
+                    stop.stop();
+                })
+                .unwrap();
+            let s = stats[0];
+            assert!(s.reads >= 1 && s.writes >= 1, "{path:?}: {s:?}");
+            assert!(s.bytes >= 2 * LEN as u64, "{path:?}: {s:?}");
+            assert_no_devices();
+        }
+        let dev = DeviceBuilder::new().size(16 << 20).data_path(DataPath::NoData).create().unwrap();
+        let ram = RamDisk::new(16 << 20).unwrap();
+        let r = dev.serve(&ram, |_dev, stop| stop.stop());
+        if has_uc {
+            let e = r.expect_err("a data target on a USER_COPY device");
+            eprintln!("ramdisk on a NoData device: {e}");
+            assert!(e.to_string().contains("DataPath::Copy"), "{e}");
+        } else {
+            r.expect("without USER_COPY, NoData falls back to copying and a data target works");
+        }
         assert_no_devices();
     }
 }

@@ -35,6 +35,24 @@ pub enum Placement {
     Unpinned,
 }
 
+/// How request data travels between the block layer and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPath {
+    /// The kernel copies each request's data into (writes) or out of (reads)
+    /// a per-tag buffer that the queue allocates, at FETCH/COMMIT time.
+    /// Every kernel, every target.
+    #[default]
+    Copy,
+    /// No data moves at all, for a target that never looks at it (a null
+    /// target; see [`Target::needs_data`]). Where the kernel offers
+    /// `UBLK_F_USER_COPY` (6.5+) the device is created with it: the kernel
+    /// then copies nothing at commit, FETCH and COMMIT carry buffer address 0
+    /// (the kernel requires 0 under USER_COPY) and the queue allocates no
+    /// buffers. On older kernels this falls back to [`DataPath::Copy`];
+    /// [`DevInfo::flags`] says which one the device got.
+    NoData,
+}
+
 /// Configures a device, then creates it with [`DeviceBuilder::create`].
 #[derive(Debug, Clone)]
 pub struct DeviceBuilder {
@@ -48,6 +66,7 @@ pub struct DeviceBuilder {
     attrs: u32,
     discard: Option<Discard>,
     placement: Placement,
+    data_path: DataPath,
 }
 
 impl Default for DeviceBuilder {
@@ -63,6 +82,7 @@ impl Default for DeviceBuilder {
             attrs: 0,
             discard: None,
             placement: Placement::Away,
+            data_path: DataPath::Copy,
         }
     }
 }
@@ -115,6 +135,11 @@ impl DeviceBuilder {
     /// Where queue threads run (default [`Placement::Away`]).
     pub fn placement(mut self, p: Placement) -> Self {
         self.placement = p;
+        self
+    }
+    /// How request data moves (default [`DataPath::Copy`]).
+    pub fn data_path(mut self, d: DataPath) -> Self {
+        self.data_path = d;
         self
     }
     /// Discard / write-zeroes limits (so the block layer sends them).
@@ -172,13 +197,17 @@ impl DeviceBuilder {
                 }
             }
         }
+        let mut flags = self.flags;
+        if self.data_path == DataPath::NoData && ctrl.features().is_some_and(|f| f.has(sys::opt::UBLK_F_USER_COPY)) {
+            flags |= sys::opt::UBLK_F_USER_COPY.unwrap_or(0);
+        }
         let info = DevInfo {
             nr_hw_queues: self.queues,
             queue_depth: self.depth,
             max_io_buf_bytes: self.max_io_bytes,
             dev_id: self.id.unwrap_or(u32::MAX),
             ublksrv_pid: std::process::id() as i32,
-            flags: self.flags,
+            flags,
             ..Default::default()
         };
         let info = ctrl.add_dev(&info)?;
@@ -409,7 +438,16 @@ impl Device {
     /// device exists from then on) with a [`StopHandle`], and serves until
     /// that handle is used or a queue fails. Then STOP_DEV, joins the
     /// threads, closes `/dev/ublkcN` and DEL_DEV. Returns each queue's counts.
+    ///
+    /// A device with `UBLK_F_USER_COPY` ([`DataPath::NoData`]) has no
+    /// buffers: a target that [needs data](Target::needs_data) is refused.
     pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle)) -> Result<Vec<QueueStats>> {
+        if crate::queue::user_copy(&self.info) && target.needs_data() {
+            return Err(Error::InvalidConfig {
+                what: "data path",
+                why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
+            });
+        }
         let (tx, rx) = mpsc::channel::<Event>();
         let wake = EventFd::new()?;
         let nq = self.info.nr_hw_queues;

@@ -30,7 +30,7 @@ pub mod target;
 pub mod targets;
 
 pub use ctrl::{Control, DevInfo, Encoding, Features};
-pub use device::{Device, DeviceBuilder, Placement, StopHandle, MAX_QUEUE_DEPTH};
+pub use device::{DataPath, Device, DeviceBuilder, Placement, StopHandle, MAX_QUEUE_DEPTH};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
 pub use queue::{Queue, QueueStats};

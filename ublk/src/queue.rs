@@ -132,7 +132,8 @@ pub struct Queue {
     buf_size: usize,
     encoding: Encoding,
     descs: Mapping,
-    bufs: Mapping,
+    /// Per-tag buffers; `None` under USER_COPY (the kernel copies nothing).
+    bufs: Option<Mapping>,
     wake: Option<RawFd>,
     live_tags: u16,
     stats: QueueStats,
@@ -169,14 +170,18 @@ impl Queue {
             &format!("mapping the descriptors of queue {q_id}"),
         )?;
         let buf_size = round_up(info.max_io_buf_bytes as usize, page_size());
-        let bufs = Mapping::new(
-            buf_size * usize::from(depth),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-            &format!("allocating the io buffers of queue {q_id}"),
-        )?;
+        let bufs = if user_copy(info) {
+            None
+        } else {
+            Some(Mapping::new(
+                buf_size * usize::from(depth),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+                &format!("allocating the io buffers of queue {q_id}"),
+            )?)
+        };
         // One slot per tag (its io command or its target operation) and one
         // for the wake-up poll.
         let entries = u32::from(depth) + 1;
@@ -214,8 +219,13 @@ impl Queue {
         }
     }
 
+    /// The tag's buffer address for FETCH/COMMIT: 0 under USER_COPY, where
+    /// the kernel refuses any other value.
     fn buf_addr(&self, tag: u16) -> u64 {
-        self.bufs.ptr.as_ptr() as u64 + (usize::from(tag) * self.buf_size) as u64
+        match &self.bufs {
+            Some(b) => b.ptr.as_ptr() as u64 + (usize::from(tag) * self.buf_size) as u64,
+            None => 0,
+        }
     }
 
     /// Builds the io command SQE: `IORING_OP_URING_CMD` on the registered
@@ -370,15 +380,17 @@ impl Queue {
             }
         };
         let len = if data { req.len().min(self.buf_size) } else { 0 };
-        // SAFETY: the tag's buffer is [tag*buf_size, +buf_size) of our own
-        // mapping, len <= buf_size, and the kernel does not touch it while the
-        // request is owned by us (between its CQE and our commit).
-        let buf = unsafe {
-            std::slice::from_raw_parts_mut(self.bufs.ptr.as_ptr().add(usize::from(tag) * self.buf_size), len)
-        };
         if data {
             self.stats.bytes += len as u64;
         }
+        let buf: &mut [u8] = match &self.bufs {
+            // SAFETY: the tag's buffer is [tag*buf_size, +buf_size) of our own
+            // mapping, len <= buf_size, and the kernel does not touch it while
+            // the request is owned by us (between its CQE and our commit).
+            Some(b) => unsafe { std::slice::from_raw_parts_mut(b.ptr.as_ptr().add(usize::from(tag) * self.buf_size), len) },
+            // USER_COPY: no buffer; only targets that need no data get here.
+            None => &mut [],
+        };
         let mut io = TargetIo { sq: self.ring.submission(), user_data: TARGET_OP | u64::from(tag), pushed: false };
         match target.submit(&req, buf, &mut io)? {
             Ok(n) => Some(n as i32),
@@ -388,6 +400,12 @@ impl Queue {
             }
         }
     }
+}
+
+/// Whether the device was created with `UBLK_F_USER_COPY`: the kernel then
+/// moves no data itself and io commands carry buffer address 0.
+pub(crate) fn user_copy(info: &DevInfo) -> bool {
+    sys::opt::UBLK_F_USER_COPY.is_some_and(|f| info.flags & f != 0)
 }
 
 /// The 16 bytes of an io command, as they go to SQE bytes 48..64.

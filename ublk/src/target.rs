@@ -116,6 +116,14 @@ pub trait Target: Send + Sync {
     /// Handles one request.
     fn handle(&self, req: &Request, buf: &mut [u8]) -> IoResult;
 
+    /// Whether the target reads or writes request data. A target that does
+    /// not (a null target) can run on a device without buffers
+    /// ([`DataPath::NoData`](crate::DataPath::NoData)); it then gets an empty
+    /// `buf`.
+    fn needs_data(&self) -> bool {
+        true
+    }
+
     /// Files every queue ring registers for the target, as fixed files
     /// `TargetIo::file(0..)`. Called once per queue.
     fn files(&self) -> Vec<std::os::fd::RawFd> {
@@ -131,13 +139,19 @@ pub trait Target: Send + Sync {
     }
 }
 
-/// Reads return the requested length (with whatever the buffer holds: zeros
-/// unless a write left data there), writes are discarded, every other
-/// supported op succeeds.
+/// Reads return the requested length, writes are discarded, every other
+/// supported op succeeds. A read returns whatever the buffer holds: with
+/// [`DataPath::Copy`](crate::DataPath::Copy) zeros unless a write left data
+/// there; with [`DataPath::NoData`](crate::DataPath::NoData) the reader's own
+/// pages are left as they were (as with the kernel's `null_blk`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NullTarget;
 
 impl Target for NullTarget {
+    fn needs_data(&self) -> bool {
+        false
+    }
+
     #[inline]
     fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
         Ok(req.len() as u32)

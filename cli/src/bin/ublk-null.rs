@@ -31,6 +31,10 @@ struct Args {
     /// Queue thread placement: away (from the CPUs submitting to the queue), affinity, unpinned.
     #[arg(long, default_value = "away", value_parser = ["away", "affinity", "unpinned"])]
     placement: String,
+    /// Have the kernel copy request data to and from per-tag buffers even
+    /// where it could skip that (UBLK_F_USER_COPY, 6.5+): for comparison.
+    #[arg(long)]
+    data_copy: bool,
     /// Largest request, e.g. 512K.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     max_io_size: u64,
@@ -62,6 +66,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             "unpinned" => ublk::Placement::Unpinned,
             _ => ublk::Placement::Away,
         })
+        .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })
         .create()?;
     let info = *dev.info();
     if info.nr_hw_queues != args.queues {
@@ -74,13 +79,14 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         println!("{}", dev.block_path().display());
         let _ = std::io::stdout().flush();
         eprintln!(
-            "ublk-null: device {} live: {} queues x {} tags, {} bytes, {}-byte blocks, opcodes {:?}",
+            "ublk-null: device {} live: {} queues x {} tags, {} bytes, {}-byte blocks, opcodes {:?}, data {}",
             dev.id(),
             info.nr_hw_queues,
             info.queue_depth,
             args.size,
             args.block_size,
-            dev.encoding()
+            dev.encoding(),
+            if info.flags & ublk::sys::opt::UBLK_F_USER_COPY.unwrap_or(0) != 0 { "not copied (USER_COPY)" } else { "copied" }
         );
         signals.arm(stop);
     })?;
