@@ -3,17 +3,30 @@
 # ublk-null and libublk's null target (sync and async styles), interleaved run
 # by run. Prints one line per measurement:
 #   UBLK_BENCH target=T queues=Q fio_jobs=J job=NAME run=R iops=N
-# Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS.
+# Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS,
+# BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
+# ublk-null+copy runs ublk-null --data-copy; ublk-null+affinity and
+# ublk-null+unpinned choose its --placement; ublk-null+pollN its --busy-poll-us.
 RUNS=${BENCH_RUNS:-5}
 RUNTIME=${BENCH_RUNTIME:-3}
 TARGETS=${BENCH_TARGETS:-"null_blk ublk-null libublk-sync libublk-async"}
+CONFIGS=${BENCH_CONFIGS:-"1x1 2x1 2x2"}
 NULLBLK=$(find /lib/modules -name 'null_blk.ko' 2>/dev/null | head -1)
 
-jobs() {
+all_jobs() {
     echo "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
     echo "randread-4k-qd64 --rw=randread --bs=4k --iodepth=64"
     echo "randwrite-4k-qd64 --rw=randwrite --bs=4k --iodepth=64"
     echo "read-128k-qd16 --rw=read --bs=128k --iodepth=16"
+}
+
+jobs() {
+    all_jobs | while read -r name args; do
+        if [ -z "$BENCH_JOBS" ]; then echo "$name $args"; continue; fi
+        for j in $BENCH_JOBS; do
+            case $name in *"$j"*) echo "$name $args"; break ;; esac
+        done
+    done
 }
 
 wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
@@ -26,8 +39,13 @@ start_target() { # target queues -> sets DEV, PID
         rmmod null_blk 2>/dev/null
         insmod "$NULLBLK" queue_mode=2 irqmode=0 submit_queues="$q" hw_queue_depth=64 gb=4 nr_devices=1 || return 1
         DEV=/dev/nullb0 ;;
-    ublk-null)
-        ublk-null --queues "$q" --depth 128 --size 4G > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+    ublk-null*)
+        extra=
+        case $t in *+copy*) extra="$extra --data-copy" ;; esac
+        case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; esac
+        poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
+        [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
+        ublk-null --queues "$q" --depth 128 --size 4G $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
     libublk-sync)
         libublk-null sync "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
@@ -49,8 +67,8 @@ stop_target() {
 
 echo "UBLK_BENCH_META fio=$(fio --version) kernel=$(uname -r) cpus=$(nproc) runs=$RUNS runtime=$RUNTIME"
 for run in $(seq 1 "$RUNS"); do
-    for cfg in "1 1" "2 1" "2 2"; do
-        set -- $cfg; q=$1; fj=$2
+    for cfg in $CONFIGS; do
+        q=${cfg%x*}; fj=${cfg#*x}
         for t in $TARGETS; do
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do

@@ -42,7 +42,25 @@ fn json_str(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
-pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u64) -> Result<()> {
+/// What to run (None: everything).
+pub struct Selection {
+    pub targets: Option<String>,
+    pub jobs: Option<String>,
+    pub configs: Option<String>,
+}
+
+/// Column order: null_blk, ours and its variants, then libublk.
+fn target_rank(t: &str) -> (u8, String) {
+    let r = match t {
+        "null_blk" => 0,
+        "ublk-null" => 1,
+        _ if t.starts_with("ublk-null") => 2,
+        _ => 3,
+    };
+    (r, t.to_string())
+}
+
+pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u64, what: &Selection) -> Result<()> {
     let names = kernels::expand(sel)?;
     let mut ks = vec![];
     for n in &names {
@@ -50,7 +68,15 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     }
     let bins = wsbuild::build_bench()?;
     let payload = vm::Payload {
-        script: format!("BENCH_RUNS={runs} BENCH_RUNTIME={runtime} sh /opt/ublk/bin/bench.sh\n"),
+        script: {
+            let mut env = format!("BENCH_RUNS={runs} BENCH_RUNTIME={runtime}");
+            for (k, v) in [("BENCH_TARGETS", &what.targets), ("BENCH_JOBS", &what.jobs), ("BENCH_CONFIGS", &what.configs)] {
+                if let Some(v) = v {
+                    env.push_str(&format!(" {k}='{v}'"));
+                }
+            }
+            format!("{env} sh /opt/ublk/bin/bench.sh\n")
+        },
         bins,
         tests: vec![],
         strip: true,
@@ -107,30 +133,27 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         }
         None => "-".into(),
     };
+    let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
+    targets.sort_by_key(|t| target_rank(t));
+    targets.dedup();
     for ((kernel, q, fj, job), t) in &groups {
         let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
         let ours = med("ublk-null");
         let nb = med("null_blk");
         let lib = med("libublk-sync").max(med("libublk-async"));
-        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
-        rows.push(vec![
-            kernel.clone(),
-            format!("{q}q/{fj}j"),
-            job.clone(),
-            cell(t.get("null_blk")),
-            cell(t.get("ublk-null")),
-            cell(t.get("libublk-sync")),
-            cell(t.get("libublk-async")),
-            ratio(ours, nb),
-            ratio(ours, lib),
-        ]);
+        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
+        let mut row = vec![kernel.clone(), format!("{q}q/{fj}j"), job.clone()];
+        row.extend(targets.iter().map(|n| cell(t.get(n.as_str()))));
+        row.push(ratio(ours, nb));
+        row.push(ratio(ours, lib));
+        rows.push(row);
     }
     println!();
     log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, 2 vCPUs)");
-    util::print_table(
-        &["kernel", "queues/jobs", "job", "null_blk", "ublk-null (ours)", "libublk sync", "libublk async", "ours/null_blk", "ours/libublk best"],
-        &rows,
-    );
+    let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
+    head.extend(targets.iter().map(|t| if t == "ublk-null" { "ublk-null (ours)" } else { t.as_str() }));
+    head.extend(["ours/null_blk", "ours/libublk best"]);
+    util::print_table(&head, &rows);
     for m in &meta {
         println!("  {m}");
     }

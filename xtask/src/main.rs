@@ -101,6 +101,18 @@ enum Cmd {
         /// Time limit per VM in seconds
         #[arg(long, default_value_t = 5400)]
         timeout: u64,
+        /// Targets, space-separated (default: null_blk ublk-null
+        /// libublk-sync libublk-async). Variants of ours: ublk-null+copy
+        /// (--data-copy), ublk-null+affinity / +unpinned (--placement),
+        /// ublk-null+pollN (--busy-poll-us N); combine as ublk-null+poll0+copy.
+        #[arg(long)]
+        targets: Option<String>,
+        /// Only jobs whose name contains one of these (space-separated), e.g. "qd64"
+        #[arg(long)]
+        jobs: Option<String>,
+        /// Queue/fio-job configurations, space-separated QxJ (default "1x1 2x1 2x2")
+        #[arg(long)]
+        configs: Option<String>,
     },
     /// Everything: headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
@@ -136,7 +148,10 @@ fn main() -> ExitCode {
             vm,
         } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
-        Cmd::Bench { kernel, runs, runtime, json, timeout } => bench::bench(&kernel, runs, runtime, json.as_deref(), timeout),
+        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs } => {
+            let sel = bench::Selection { targets, jobs, configs };
+            bench::bench(&kernel, runs, runtime, json.as_deref(), timeout, &sel)
+        }
     };
     vm::cleanup();
     match r {
