@@ -33,7 +33,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
     for s in stats {
         println!(
-            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={}",
+            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={} enters={} waits={} polled={}",
             s.q_id,
             s.requests(),
             s.reads,
@@ -43,7 +43,10 @@ pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
             s.write_zeroes,
             s.unsupported,
             s.errors,
-            s.bytes
+            s.bytes,
+            s.enters,
+            s.waits,
+            s.polled
         );
     }
 }

@@ -260,3 +260,38 @@ driver_test! {
         assert_no_devices();
     }
 }
+
+driver_test! {
+    /// Busy polling (on by default): a stream of one-at-a-time reads is
+    /// picked up by polling the ring's IORING_SQ_TASKRUN flag, not by waking
+    /// a sleeping queue thread. With polling off every batch waits in
+    /// io_uring_enter. Both serve the same I/O.
+    fn null_busy_poll_picks_up_requests_without_waking() {
+        const READS: u64 = 2000;
+        for poll in [std::time::Duration::from_millis(2), std::time::Duration::ZERO] {
+            let dev = DeviceBuilder::new().size(16 << 20).busy_poll(poll).data_path(DataPath::NoData).create().unwrap();
+            let stats = dev
+                .serve(&NullTarget, |dev, stop| {
+                    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
+                    let mut backing = vec![0u8; 8192];
+                    let buf = aligned(&mut backing, 4096);
+                    for i in 0..READS {
+                        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((i % 4096) * 4096)).unwrap();
+                        std::io::Read::read_exact(&mut f, buf).unwrap();
+                    }
+                    stop.stop();
+                })
+                .unwrap();
+            let s = stats[0];
+            eprintln!("busy poll {poll:?}: reads {} enters {} waits {} polled {}", s.reads, s.enters, s.waits, s.polled);
+            assert!(s.reads >= READS, "{s:?}");
+            if poll.is_zero() {
+                assert_eq!(s.polled, 0, "{s:?}");
+                assert!(s.waits >= READS, "{s:?}");
+            } else {
+                assert!(s.polled >= READS / 2, "most one-at-a-time reads should be found by polling: {s:?}");
+            }
+            assert_no_devices();
+        }
+    }
+}

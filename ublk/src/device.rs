@@ -67,6 +67,7 @@ pub struct DeviceBuilder {
     discard: Option<Discard>,
     placement: Placement,
     data_path: DataPath,
+    busy_poll: Duration,
 }
 
 impl Default for DeviceBuilder {
@@ -83,6 +84,7 @@ impl Default for DeviceBuilder {
             discard: None,
             placement: Placement::Away,
             data_path: DataPath::Copy,
+            busy_poll: crate::queue::DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -135,6 +137,14 @@ impl DeviceBuilder {
     /// Where queue threads run (default [`Placement::Away`]).
     pub fn placement(mut self, p: Placement) -> Self {
         self.placement = p;
+        self
+    }
+    /// How long each queue thread keeps polling its ring for the next
+    /// request before it sleeps (default [`DEFAULT_BUSY_POLL`](crate::queue::DEFAULT_BUSY_POLL));
+    /// `Duration::ZERO` always sleeps. Polling saves the submitter a wake-up
+    /// per batch and the round trip the scheduler's latency.
+    pub fn busy_poll(mut self, d: Duration) -> Self {
+        self.busy_poll = d;
         self
     }
     /// How request data moves (default [`DataPath::Copy`]).
@@ -212,7 +222,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, panic: None };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, busy_poll: self.busy_poll, panic: None };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -280,6 +290,7 @@ pub struct Device {
     deleted: bool,
     recovering: bool,
     placement: Placement,
+    busy_poll: Duration,
     panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
@@ -351,7 +362,7 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, panic: None };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, busy_poll: crate::queue::DEFAULT_BUSY_POLL, panic: None };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -456,6 +467,7 @@ impl Device {
         let info = self.info;
         let wake_fd = wake.raw();
         let cpus = self.queue_cpus();
+        let busy_poll = self.busy_poll;
 
         let result = std::thread::scope(|s| {
             let mut handles = Vec::new();
@@ -474,6 +486,7 @@ impl Device {
                             return;
                         }
                     };
+                    queue.set_busy_poll(busy_poll);
                     if let Err(e) = queue.fetch_all() {
                         guard.sent = true;
                         let _ = tx.send(Event::Failed(e));

@@ -33,7 +33,7 @@ pub use ctrl::{Control, DevInfo, Encoding, Features};
 pub use device::{DataPath, Device, DeviceBuilder, Placement, StopHandle, MAX_QUEUE_DEPTH};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
-pub use queue::{Queue, QueueStats};
+pub use queue::{Queue, QueueStats, DEFAULT_BUSY_POLL};
 pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo};
 pub use targets::{LoopOptions, LoopTarget, RamDisk};
 pub use ublk_sys as sys;

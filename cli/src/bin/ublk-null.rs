@@ -31,6 +31,10 @@ struct Args {
     /// Queue thread placement: away (from the CPUs submitting to the queue), affinity, unpinned.
     #[arg(long, default_value = "away", value_parser = ["away", "affinity", "unpinned"])]
     placement: String,
+    /// Microseconds a queue thread keeps polling for the next request before
+    /// it sleeps; 0 always sleeps.
+    #[arg(long, default_value_t = ublk::DEFAULT_BUSY_POLL.as_micros() as u64)]
+    busy_poll_us: u64,
     /// Have the kernel copy request data to and from per-tag buffers even
     /// where it could skip that (UBLK_F_USER_COPY, 6.5+): for comparison.
     #[arg(long)]
@@ -66,6 +70,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             "unpinned" => ublk::Placement::Unpinned,
             _ => ublk::Placement::Away,
         })
+        .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
         .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })
         .create()?;
     let info = *dev.info();
