@@ -35,10 +35,23 @@ start_target() { # target queues -> sets DEV, PID
     t=$1; q=$2; PID=
     case $t in
     null_blk)
-        [ -n "$NULLBLK" ] || { echo "bench: no null_blk module"; return 1; }
-        rmmod null_blk 2>/dev/null
-        insmod "$NULLBLK" queue_mode=2 irqmode=0 submit_queues="$q" hw_queue_depth=64 gb=4 nr_devices=1 || return 1
-        DEV=/dev/nullb0 ;;
+        if [ -n "$NULLBLK" ]; then
+            rmmod null_blk 2>/dev/null
+            insmod "$NULLBLK" queue_mode=2 irqmode=0 submit_queues="$q" hw_queue_depth=64 gb=4 nr_devices=1 || return 1
+            DEV=/dev/nullb0
+        elif [ -d /sys/module/null_blk ]; then
+            # Built in (our 6.1): make a device with the same settings through configfs.
+            grep -q " /sys/kernel/config " /proc/mounts || mount -t configfs none /sys/kernel/config || return 1
+            c=/sys/kernel/config/nullb/bench
+            mkdir "$c" || return 1
+            echo 2 > $c/queue_mode; echo 0 > $c/irqmode; echo "$q" > $c/submit_queues
+            echo 64 > $c/hw_queue_depth; echo 4096 > $c/size; echo 1 > $c/power || return 1
+            # 6.1 names the disk after the configfs directory; others nullbN.
+            if [ -e /sys/block/bench ]; then DEV=/dev/bench; else DEV=/dev/nullb$(cat $c/index); fi
+            NULLB_CFS=$c
+        else
+            echo "bench: no null_blk"; return 1
+        fi ;;
     ublk-null*)
         extra=
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
@@ -59,6 +72,9 @@ start_target() { # target queues -> sets DEV, PID
 }
 
 stop_target() {
+    if [ -n "$NULLB_CFS" ]; then
+        echo 0 > "$NULLB_CFS/power"; rmdir "$NULLB_CFS"; NULLB_CFS=
+    fi
     if [ -n "$PID" ]; then
         kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null
         i=0; while [ -e /dev/ublkb0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
