@@ -295,3 +295,33 @@ driver_test! {
         }
     }
 }
+
+driver_test! {
+    /// The I/O scheduler: ublk-null sets `none` (6.1 would give a one-queue
+    /// device mq-deadline); the library leaves the kernel's choice by default;
+    /// an unknown scheduler fails serve() with what the kernel offers, and
+    /// the device is gone.
+    fn null_io_scheduler_is_set_or_refused_cleanly() {
+        let d = Daemon::start("ublk-null", &["--size", "16M"]);
+        let id = d.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").to_string();
+        let sched = std::fs::read_to_string(format!("/sys/block/ublkb{id}/queue/scheduler")).unwrap();
+        eprintln!("ublk-null: {}", sched.trim());
+        assert!(sched.contains("[none]"), "{sched}");
+        let (st, _) = d.terminate();
+        assert!(st.success());
+
+        let dev = DeviceBuilder::new().size(16 << 20).create().unwrap();
+        dev.serve(&NullTarget, |dev, stop| {
+            let p = format!("/sys/block/ublkb{}/queue/scheduler", dev.id());
+            eprintln!("kernel default for one queue on {}: {}", kernel_release(), std::fs::read_to_string(p).unwrap().trim());
+            stop.stop();
+        })
+        .unwrap();
+
+        let dev = DeviceBuilder::new().size(16 << 20).io_scheduler(Some("no-such-sched")).create().unwrap();
+        let e = dev.serve(&NullTarget, |_dev, _stop| panic!("on_live must not run")).expect_err("unknown scheduler");
+        eprintln!("unknown scheduler: {e}");
+        assert!(e.to_string().contains("no-such-sched") && e.to_string().contains("offers"), "{e}");
+        assert_no_devices();
+    }
+}

@@ -68,6 +68,7 @@ pub struct DeviceBuilder {
     placement: Placement,
     data_path: DataPath,
     busy_poll: Duration,
+    io_scheduler: Option<String>,
 }
 
 impl Default for DeviceBuilder {
@@ -85,6 +86,7 @@ impl Default for DeviceBuilder {
             placement: Placement::Away,
             data_path: DataPath::Copy,
             busy_poll: crate::queue::DEFAULT_BUSY_POLL,
+            io_scheduler: None,
         }
     }
 }
@@ -145,6 +147,14 @@ impl DeviceBuilder {
     /// per batch and the round trip the scheduler's latency.
     pub fn busy_poll(mut self, d: Duration) -> Self {
         self.busy_poll = d;
+        self
+    }
+    /// The block layer's I/O scheduler for `/dev/ublkbN`, set once the
+    /// device is live (default `None`: the kernel's choice). Kernels up to
+    /// 6.1 give a one-queue ublk device `mq-deadline`, later ones `none`;
+    /// `Some("none")` gives every kernel the latter.
+    pub fn io_scheduler(mut self, name: Option<&str>) -> Self {
+        self.io_scheduler = name.map(str::to_string);
         self
     }
     /// How request data moves (default [`DataPath::Copy`]).
@@ -222,7 +232,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, busy_poll: self.busy_poll, panic: None };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, busy_poll: self.busy_poll, io_scheduler: self.io_scheduler.clone(), panic: None };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -291,6 +301,7 @@ pub struct Device {
     recovering: bool,
     placement: Placement,
     busy_poll: Duration,
+    io_scheduler: Option<String>,
     panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
@@ -362,7 +373,7 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, busy_poll: crate::queue::DEFAULT_BUSY_POLL, panic: None };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, panic: None };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -393,10 +404,14 @@ impl Device {
                     _ => {
                         let Some(&last) = set.iter().filter(|&&c| c < online).max() else { return Vec::new() };
                         let next = (last + 1) % online;
-                        if set.contains(&next) {
-                            // Every CPU submits to this queue (e.g. one queue):
-                            // no CPU is "away"; pinning to one would only stop
-                            // the scheduler from moving us off the submitter's.
+                        if set.contains(&next) && online > 1 {
+                            // Every CPU submits to this queue (one queue): no
+                            // CPU is "away". Pin to the last CPU anyway: a
+                            // busy-polling thread there keeps the scheduler
+                            // from placing the submitter on it, where an
+                            // unpinned one keeps meeting the submitter.
+                            vec![online - 1]
+                        } else if set.contains(&next) {
                             Vec::new()
                         } else {
                             vec![next]
@@ -555,6 +570,30 @@ impl Device {
         Ok(stats)
     }
 
+    /// Writes `name` to `/sys/block/ublkbN/queue/scheduler` and checks that
+    /// the kernel took it.
+    fn set_io_scheduler(&self, name: &str) -> Result<()> {
+        let path = format!("/sys/block/ublkb{}/queue/scheduler", self.info.dev_id);
+        let offered = || std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        match std::fs::write(&path, name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::NotPermitted { what: format!("setting the I/O scheduler in {path}") })
+            }
+            Err(e) => {
+                return Err(Error::InvalidConfig {
+                    what: "io scheduler",
+                    why: format!("the kernel refused {name:?} for {path} ({e}); it offers: {}", offered()),
+                })
+            }
+        }
+        let now = offered();
+        if !now.contains(&format!("[{name}]")) {
+            return Err(Error::InvalidConfig { what: "io scheduler", why: format!("{path} reads {now:?} after writing {name:?}") });
+        }
+        Ok(())
+    }
+
     fn run_until_stop(
         &mut self,
         rx: &mpsc::Receiver<Event>,
@@ -608,6 +647,9 @@ impl Device {
         self.started = true;
         if let Some(ev) = early {
             return record(ev, stats, failed);
+        }
+        if let Some(name) = self.io_scheduler.clone() {
+            self.set_io_scheduler(&name)?;
         }
         // A panic in the caller's callback must not leave the queue threads
         // serving forever inside the thread scope: tear down, then re-raise.

@@ -186,3 +186,55 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     }
     Ok(())
 }
+
+/// The README's table from a `bench --json` file: per kernel, queue count,
+/// fio jobs and job, each target's median with min–max, and our ratios.
+pub fn markdown(file: &Path) -> Result<()> {
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+    let Some(recs) = doc["records"].as_array() else { bail!("{}: no records", file.display()) };
+    let mut records = vec![];
+    for r in recs {
+        records.push(Record {
+            kernel: r["kernel"].as_str().unwrap_or("").split('+').next().unwrap_or("").to_string(),
+            target: r["target"].as_str().unwrap_or("").to_string(),
+            queues: r["queues"].as_u64().unwrap_or(0) as u32,
+            fio_jobs: r["fio_jobs"].as_u64().unwrap_or(0) as u32,
+            job: r["job"].as_str().unwrap_or("").to_string(),
+            iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
+        });
+    }
+    let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
+    targets.sort_by_key(|t| target_rank(t));
+    targets.dedup();
+    let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    let mut groups: BTreeMap<(Vec<u32>, String, u32, u32, String), BTreeMap<String, &Record>> = BTreeMap::new();
+    for r in &records {
+        groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(r.target.clone(), r);
+    }
+    let k = |x: f64| format!("{:.1}k", x / 1000.0);
+    let mut head = vec!["kernel".to_string(), "queues / fio jobs".into(), "job".into()];
+    head.extend(targets.iter().map(|t| if t == "ublk-null" { "**ublk-null (ours)**".to_string() } else { t.clone() }));
+    head.extend(["ours / null_blk".to_string(), "ours / libublk best".into()]);
+    println!("| {} |", head.join(" | "));
+    println!("|{}", "---|".repeat(head.len()));
+    for ((_, kernel, q, fj, job), t) in &groups {
+        let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
+        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
+        let mut row = vec![kernel.clone(), format!("{q} / {fj}"), job.clone()];
+        for n in &targets {
+            row.push(match t.get(n.as_str()) {
+                Some(r) if !r.iops.is_empty() => {
+                    let lo = r.iops.iter().cloned().fold(f64::MAX, f64::min);
+                    let hi = r.iops.iter().cloned().fold(0.0, f64::max);
+                    format!("{} ({}–{})", k(median(&r.iops)), k(lo).trim_end_matches('k'), k(hi))
+                }
+                _ => "-".into(),
+            });
+        }
+        let ours = med("ublk-null");
+        row.push(ratio(ours, med("null_blk")));
+        row.push(ratio(ours, med("libublk-sync").max(med("libublk-async"))));
+        println!("| {} |", row.join(" | "));
+    }
+    Ok(())
+}

@@ -114,6 +114,11 @@ enum Cmd {
         #[arg(long)]
         configs: Option<String>,
     },
+    /// Print a bench JSON file (`bench --json`) as the README's markdown table.
+    BenchTable {
+        /// The JSON file
+        file: std::path::PathBuf,
+    },
     /// Everything: headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
         /// Per-kernel time limit for test-vm
@@ -148,6 +153,7 @@ fn main() -> ExitCode {
             vm,
         } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
+        Cmd::BenchTable { file } => bench::markdown(&file),
         Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs } => {
             let sel = bench::Selection { targets, jobs, configs };
             bench::bench(&kernel, runs, runtime, json.as_deref(), timeout, &sel)

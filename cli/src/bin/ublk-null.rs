@@ -31,6 +31,10 @@ struct Args {
     /// Queue thread placement: away (from the CPUs submitting to the queue), affinity, unpinned.
     #[arg(long, default_value = "away", value_parser = ["away", "affinity", "unpinned"])]
     placement: String,
+    /// The block layer's I/O scheduler for the device ("none", "mq-deadline",
+    /// ...), or "kernel" for the kernel's default (mq-deadline for one queue up to 6.1).
+    #[arg(long, default_value = "none")]
+    scheduler: String,
     /// Microseconds a queue thread keeps polling for the next request before
     /// it sleeps; 0 always sleeps.
     #[arg(long, default_value_t = ublk::DEFAULT_BUSY_POLL.as_micros() as u64)]
@@ -71,6 +75,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             _ => ublk::Placement::Away,
         })
         .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
+        .io_scheduler(Some(args.scheduler.as_str()).filter(|s| *s != "kernel"))
         .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })
         .create()?;
     let info = *dev.info();

@@ -132,6 +132,9 @@ struct AddArgs {
     /// Serve from a background daemon; print the id once the device is live.
     #[arg(long)]
     detach: bool,
+    /// Microseconds a queue thread keeps polling for the next request before it sleeps; 0 always sleeps.
+    #[arg(long, default_value_t = ublk::DEFAULT_BUSY_POLL.as_micros() as u64)]
+    busy_poll_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -325,6 +328,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .id(a.id)
             .flags(flags)
             .discard(discard)
+            .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
         id: 0,
@@ -343,7 +347,8 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     match a.target {
         Kind::Null => {
             let size = a.size.unwrap_or(1 << 30);
-            let dev = builder(size, None).create()?;
+            // A null target never touches data: USER_COPY where the kernel has it.
+            let dev = builder(size, None).data_path(ublk::DataPath::NoData).create()?;
             serve(dev, &NullTarget, cfg(size, None), &signals, ready)
         }
         Kind::Ramdisk => {
