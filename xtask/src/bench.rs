@@ -207,7 +207,9 @@ pub fn markdown(file: &Path) -> Result<()> {
     targets.sort_by_key(|t| target_rank(t));
     targets.dedup();
     let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
-    let mut groups: BTreeMap<(Vec<u32>, String, u32, u32, String), BTreeMap<String, &Record>> = BTreeMap::new();
+    // (kernel version for sorting, kernel, queues, fio jobs, job) -> target -> record
+    type Key = (Vec<u32>, String, u32, u32, String);
+    let mut groups: BTreeMap<Key, BTreeMap<String, &Record>> = BTreeMap::new();
     for r in &records {
         groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(r.target.clone(), r);
     }
