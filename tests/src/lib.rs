@@ -263,6 +263,13 @@ pub fn queue_requests(stdout: &str) -> Vec<(u16, u64)> {
         .collect()
 }
 
+/// A 4 KiB-aligned window of `len` bytes inside `v` (for O_DIRECT); `v`
+/// must be at least `len + 4095` bytes.
+pub fn aligned(v: &mut [u8], len: usize) -> &mut [u8] {
+    let off = v.as_ptr().align_offset(4096);
+    &mut v[off..off + len]
+}
+
 /// Deterministic pseudo-random bytes (xorshift), for data written and checked back.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

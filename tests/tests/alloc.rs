@@ -85,8 +85,7 @@ fn no_allocation_per_request(path: DataPath) {
             let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
             // 4 KiB-aligned buffer, allocated before the measurement.
             let mut backing = vec![0u8; 8192];
-            let off = backing.as_ptr().align_offset(4096);
-            let buf = &mut backing[off..off + 4096];
+            let buf = aligned(&mut backing, 4096);
             let mut reads = 0u64;
             while probe.served.load(Ordering::Relaxed) < LAST + 10 {
                 if f.read(buf).unwrap() == 0 {

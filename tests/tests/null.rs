@@ -175,8 +175,7 @@ driver_test! {
             std::thread::spawn(move || {
                 let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).unwrap();
                 let mut b = vec![0u8; 8192];
-                let off = b.as_ptr().align_offset(4096);
-                let _ = std::io::Read::read(&mut f, &mut b[off..off + 4096]);
+                let _ = std::io::Read::read(&mut f, aligned(&mut b, 4096));
             });
         });
         let e = r.expect_err("a queue thread panicked");
@@ -192,12 +191,6 @@ driver_test! {
         assert!(r.is_err(), "the panic is re-raised");
         assert_no_devices();
     }
-}
-
-/// A 4 KiB-aligned window of `len` bytes inside `v`.
-fn aligned(v: &mut [u8], len: usize) -> &mut [u8] {
-    let off = v.as_ptr().align_offset(4096);
-    &mut v[off..off + len]
 }
 
 driver_test! {

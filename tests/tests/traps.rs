@@ -619,8 +619,7 @@ driver_test! {
                 use std::os::unix::fs::{FileExt, OpenOptionsExt};
                 let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
                 let mut raw = vec![0u8; 8192];
-                let off = raw.as_ptr().align_offset(4096);
-                let buf = &mut raw[off..off + 4096];
+                let buf = aligned(&mut raw, 4096);
                 // Tags are handed out round-robin; read until the answer is clear.
                 for i in 0..200u64 {
                     match f.read_at(buf, (i % 64) * 4096) {
