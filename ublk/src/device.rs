@@ -23,10 +23,11 @@ pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
 pub enum Placement {
     /// Pin each queue thread to one CPU that does not submit to its queue,
     /// when there is one (the CPU after the queue's set, per
-    /// GET_QUEUE_AFFINITY); when every CPU submits to it, leave it unpinned. A server thread
-    /// that shares a CPU with the task submitting to it costs a context
-    /// switch per batch; on another CPU the two run in parallel, and the
-    /// scheduler can move an unpinned submitter away from a pinned server.
+    /// GET_QUEUE_AFFINITY); when every CPU submits to it (one queue), to the
+    /// last CPU. A server thread that shares a CPU with the task submitting
+    /// to it costs a context switch per batch; on another CPU the two run in
+    /// parallel, and the scheduler moves an unpinned submitter away from a
+    /// pinned, busy-polling server.
     #[default]
     Away,
     /// Pin each queue thread to the CPUs that submit to its queue.
@@ -49,7 +50,7 @@ pub enum DataPath {
     /// then copies nothing at commit, FETCH and COMMIT carry buffer address 0
     /// (the kernel requires 0 under USER_COPY) and the queue allocates no
     /// buffers. On older kernels this falls back to [`DataPath::Copy`];
-    /// [`DevInfo::flags`] says which one the device got.
+    /// [`Device::data_path`] says which one the device got.
     NoData,
 }
 
@@ -404,17 +405,17 @@ impl Device {
                     _ => {
                         let Some(&last) = set.iter().filter(|&&c| c < online).max() else { return Vec::new() };
                         let next = (last + 1) % online;
-                        if set.contains(&next) && online > 1 {
+                        if !set.contains(&next) {
+                            vec![next]
+                        } else if online > 1 {
                             // Every CPU submits to this queue (one queue): no
                             // CPU is "away". Pin to the last CPU anyway: a
                             // busy-polling thread there keeps the scheduler
                             // from placing the submitter on it, where an
                             // unpinned one keeps meeting the submitter.
                             vec![online - 1]
-                        } else if set.contains(&next) {
-                            Vec::new()
                         } else {
-                            vec![next]
+                            Vec::new()
                         }
                     }
                 }
@@ -445,6 +446,15 @@ impl Device {
     pub fn control(&mut self) -> &mut Control {
         &mut self.ctrl
     }
+    /// The data path the device got: [`DataPath::NoData`] when it was
+    /// created with `UBLK_F_USER_COPY`, else [`DataPath::Copy`].
+    pub fn data_path(&self) -> DataPath {
+        if crate::queue::user_copy(&self.info) {
+            DataPath::NoData
+        } else {
+            DataPath::Copy
+        }
+    }
     /// The opcode encoding in use (chosen from the kernel's GET_FEATURES).
     pub fn encoding(&self) -> crate::Encoding {
         self.ctrl.encoding()
@@ -468,7 +478,7 @@ impl Device {
     /// A device with `UBLK_F_USER_COPY` ([`DataPath::NoData`]) has no
     /// buffers: a target that [needs data](Target::needs_data) is refused.
     pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle)) -> Result<Vec<QueueStats>> {
-        if crate::queue::user_copy(&self.info) && target.needs_data() {
+        if self.data_path() == DataPath::NoData && target.needs_data() {
             return Err(Error::InvalidConfig {
                 what: "data path",
                 why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),

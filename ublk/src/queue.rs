@@ -383,22 +383,17 @@ impl Queue {
     fn poll(&mut self) -> std::io::Result<bool> {
         let n = self.ring.submission().len() as u32;
         self.enter_nowait(n)?;
-        if !self.ring.completion().is_empty() {
-            return Ok(true);
-        }
         let t0 = Instant::now();
         let mut polls = 0u32;
         loop {
-            // Without DEFER_TASKRUN, task work also runs on the way out of
-            // any syscall (sched_yield below), posting completions directly.
+            // Completions come from task work we ran (below), or, without
+            // DEFER_TASKRUN, from task work run on the way out of any
+            // syscall (sched_yield below).
             if !self.ring.completion().is_empty() {
                 return Ok(true);
             }
             if self.ring.submission().taskrun() {
                 self.enter_nowait(0)?;
-                if !self.ring.completion().is_empty() {
-                    return Ok(true);
-                }
             }
             std::hint::spin_loop();
             polls = polls.wrapping_add(1);

@@ -96,7 +96,10 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             args.size,
             args.block_size,
             dev.encoding(),
-            if info.flags & ublk::sys::opt::UBLK_F_USER_COPY.unwrap_or(0) != 0 { "not copied (USER_COPY)" } else { "copied" }
+            match dev.data_path() {
+                ublk::DataPath::NoData => "not copied (USER_COPY)",
+                ublk::DataPath::Copy => "copied",
+            }
         );
         signals.arm(stop);
     })?;
