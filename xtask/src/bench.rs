@@ -34,6 +34,45 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+fn min_max(v: &[f64]) -> (f64, f64) {
+    (v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max))
+}
+
+/// The summary both tables print: the targets in column order (null_blk,
+/// ours and its variants, libublk), and one row per kernel (in version
+/// order), queue count, fio jobs and job: kernel, `config(queues, jobs)`,
+/// job, each target's `cell` ("-" where it did not run), then ours /
+/// null_blk and ours / libublk's best mode (ratios of medians).
+fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl Fn(&Record) -> String) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
+    targets.sort_by_key(|t| target_rank(t));
+    targets.dedup();
+    let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    // (kernel version for sorting, kernel, queues, fio jobs, job) -> target -> record
+    type Key = (Vec<u32>, String, u32, u32, String);
+    let mut groups: BTreeMap<Key, BTreeMap<&str, &Record>> = BTreeMap::new();
+    for r in records {
+        groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(&r.target, r);
+    }
+    let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
+    let rows = groups
+        .iter()
+        .map(|((_, kernel, q, fj, job), t)| {
+            let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
+            let mut row = vec![kernel.clone(), config(*q, *fj), job.clone()];
+            row.extend(targets.iter().map(|n| match t.get(n.as_str()) {
+                Some(r) if !r.iops.is_empty() => cell(r),
+                _ => "-".into(),
+            }));
+            let ours = med("ublk-null");
+            row.push(ratio(ours, med("null_blk")));
+            row.push(ratio(ours, med("libublk-sync").max(med("libublk-async"))));
+            row
+        })
+        .collect();
+    (targets, rows)
+}
+
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
@@ -117,37 +156,12 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     if records.is_empty() {
         bail!("the bench produced no measurements");
     }
-    // The table: one row per kernel, queue count, fio jobs and job.
-    let mut rows = vec![];
-    let mut groups: BTreeMap<(String, u32, u32, String), BTreeMap<String, &Record>> = BTreeMap::new();
-    for r in &records {
-        groups.entry((r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(r.target.clone(), r);
-    }
-    let cell = |r: Option<&&Record>| match r {
-        Some(r) => {
-            let m = median(&r.iops);
-            let lo = r.iops.iter().cloned().fold(f64::MAX, f64::min);
-            let hi = r.iops.iter().cloned().fold(0.0, f64::max);
-            let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
-            format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
-        }
-        None => "-".into(),
-    };
-    let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
-    targets.sort_by_key(|t| target_rank(t));
-    targets.dedup();
-    for ((kernel, q, fj, job), t) in &groups {
-        let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
-        let ours = med("ublk-null");
-        let nb = med("null_blk");
-        let lib = med("libublk-sync").max(med("libublk-async"));
-        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
-        let mut row = vec![kernel.clone(), format!("{q}q/{fj}j"), job.clone()];
-        row.extend(targets.iter().map(|n| cell(t.get(n.as_str()))));
-        row.push(ratio(ours, nb));
-        row.push(ratio(ours, lib));
-        rows.push(row);
-    }
+    let (targets, rows) = summary(&records, |q, fj| format!("{q}q/{fj}j"), |r| {
+        let m = median(&r.iops);
+        let (lo, hi) = min_max(&r.iops);
+        let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
+        format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+    });
     println!();
     log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, 2 vCPUs)");
     let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
@@ -203,39 +217,17 @@ pub fn markdown(file: &Path) -> Result<()> {
             iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
         });
     }
-    let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
-    targets.sort_by_key(|t| target_rank(t));
-    targets.dedup();
-    let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
-    // (kernel version for sorting, kernel, queues, fio jobs, job) -> target -> record
-    type Key = (Vec<u32>, String, u32, u32, String);
-    let mut groups: BTreeMap<Key, BTreeMap<String, &Record>> = BTreeMap::new();
-    for r in &records {
-        groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(r.target.clone(), r);
-    }
     let k = |x: f64| format!("{:.1}k", x / 1000.0);
+    let (targets, rows) = summary(&records, |q, fj| format!("{q} / {fj}"), |r| {
+        let (lo, hi) = min_max(&r.iops);
+        format!("{} ({}–{})", k(median(&r.iops)), k(lo).trim_end_matches('k'), k(hi))
+    });
     let mut head = vec!["kernel".to_string(), "queues / fio jobs".into(), "job".into()];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "**ublk-null (ours)**".to_string() } else { t.clone() }));
     head.extend(["ours / null_blk".to_string(), "ours / libublk best".into()]);
     println!("| {} |", head.join(" | "));
     println!("|{}", "---|".repeat(head.len()));
-    for ((_, kernel, q, fj, job), t) in &groups {
-        let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
-        let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
-        let mut row = vec![kernel.clone(), format!("{q} / {fj}"), job.clone()];
-        for n in &targets {
-            row.push(match t.get(n.as_str()) {
-                Some(r) if !r.iops.is_empty() => {
-                    let lo = r.iops.iter().cloned().fold(f64::MAX, f64::min);
-                    let hi = r.iops.iter().cloned().fold(0.0, f64::max);
-                    format!("{} ({}–{})", k(median(&r.iops)), k(lo).trim_end_matches('k'), k(hi))
-                }
-                _ => "-".into(),
-            });
-        }
-        let ours = med("ublk-null");
-        row.push(ratio(ours, med("null_blk")));
-        row.push(ratio(ours, med("libublk-sync").max(med("libublk-async"))));
+    for row in rows {
         println!("| {} |", row.join(" | "));
     }
     Ok(())
