@@ -2,11 +2,14 @@
 # Guest side of `cargo xtask bench`: fio against the kernel's null_blk, our
 # ublk-null and libublk's null target (sync and async styles), interleaved run
 # by run. Prints one line per measurement:
-#   UBLK_BENCH target=T queues=Q fio_jobs=J job=NAME run=R iops=N
+#   UBLK_BENCH target=T queues=Q fio_jobs=J job=NAME run=R iops=N cpu=C
+# where C is how many CPUs were busy (not idle or waiting on I/O), on average,
+# while fio ran: everything counts, fio, the kernel and the server alike (a
+# busy-polling server counts as busy). C * 1e6 / N is the CPU time per I/O.
 # Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS,
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
-# ublk-null+copy runs ublk-null --data-copy; ublk-null+affinity and
-# ublk-null+unpinned choose its --placement; ublk-null+pollN its --busy-poll-us.
+# ublk-null+copy runs ublk-null --data-copy; ublk-null+affinity, +away and
+# +unpinned choose its --placement; ublk-null+pollN its --busy-poll-us.
 RUNS=${BENCH_RUNS:-5}
 RUNTIME=${BENCH_RUNTIME:-3}
 TARGETS=${BENCH_TARGETS:-"null_blk ublk-null libublk-sync libublk-async"}
@@ -28,6 +31,10 @@ jobs() {
         done
     done
 }
+
+# busy and total jiffies of all CPUs so far (first line of /proc/stat:
+# user nice system idle iowait irq softirq steal ...)
+cpu_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat; }
 
 wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
 
@@ -55,7 +62,7 @@ start_target() { # target queues -> sets DEV, PID
     ublk-null*)
         extra=
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
-        case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; esac
+        case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; *+away*) extra="$extra --placement away" ;; esac
         poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         ublk-null --queues "$q" --depth 128 --size 4G $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
@@ -89,10 +96,13 @@ for run in $(seq 1 "$RUNS"); do
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do
                 cmd="fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting --output-format=terse --terse-version=3"
+                j0=$(cpu_jiffies)
                 out=$($cmd 2>/dev/null)
+                j1=$(cpu_jiffies)
+                cpu=$(echo "$j0 $j1" | awk -v n="$(nproc)" '{ t = $4 - $2; printf "%.2f", (t > 0 ? ($3 - $1) / t * n : 0) }')
                 # terse v3: field 8 read IOPS, field 49 write IOPS
                 r=$(echo "$out" | awk -F';' '{print $8 + $49}')
-                echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0}"
+                echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0} cpu=$cpu"
                 [ "$run" = 1 ] && [ "$t" = null_blk ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
             done
             stop_target

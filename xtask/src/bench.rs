@@ -18,6 +18,25 @@ struct Record {
     fio_jobs: u32,
     job: String,
     iops: Vec<f64>,
+    /// Busy CPUs (average over the fio run) per run; empty in old records.
+    cpu: Vec<f64>,
+}
+
+impl Record {
+    /// CPU time per I/O in microseconds (median busy CPUs over median IOPS):
+    /// fio, kernel and server together.
+    fn cpu_us_per_io(&self) -> Option<f64> {
+        let (c, i) = (median(&self.cpu), median(&self.iops));
+        (c > 0.0 && i > 0.0).then(|| c * 1e6 / i)
+    }
+
+    /// "1.98 CPU, 16.5 µs" for the CPU table.
+    fn cpu_cell(&self) -> String {
+        match self.cpu_us_per_io() {
+            Some(us) => format!("{:.2} CPU, {us:.1} µs", median(&self.cpu)),
+            None => "-".into(),
+        }
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -130,7 +149,9 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             bail!("bench VM on kernel {}: {}", k.name, r.label());
         }
         let rel = r.guest_release.clone().unwrap_or_else(|| k.version.clone());
-        let mut map: BTreeMap<(String, u32, u32, String), Vec<f64>> = BTreeMap::new();
+        // (target, queues, fio jobs, job) -> (IOPS, busy CPUs) per run
+        type Runs = (Vec<f64>, Vec<f64>);
+        let mut map: BTreeMap<(String, u32, u32, String), Runs> = BTreeMap::new();
         for l in &r.console {
             if let Some(rest) = l.split("UBLK_BENCH_META ").nth(1) {
                 meta.push(format!("{}: {rest}", k.name));
@@ -144,13 +165,15 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                 else {
                     continue;
                 };
-                map.entry((t.to_string(), q.parse().unwrap_or(0), fj.parse().unwrap_or(0), job.to_string()))
-                    .or_default()
-                    .push(iops.parse().unwrap_or(0.0));
+                let e = map.entry((t.to_string(), q.parse().unwrap_or(0), fj.parse().unwrap_or(0), job.to_string())).or_default();
+                e.0.push(iops.parse().unwrap_or(0.0));
+                if let Some(c) = field(rest, "cpu").and_then(|c| c.parse().ok()) {
+                    e.1.push(c);
+                }
             }
         }
-        for ((target, queues, fio_jobs, job), iops) in map {
-            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops });
+        for ((target, queues, fio_jobs, job), (iops, cpu)) in map {
+            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops, cpu });
         }
     }
     if records.is_empty() {
@@ -163,10 +186,15 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
     });
     println!();
-    log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, 2 vCPUs)");
+    log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, {} vCPUs)", vm::vm_cpus());
     let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "ublk-null (ours)" } else { t.as_str() }));
     head.extend(["ours/null_blk", "ours/libublk best"]);
+    util::print_table(&head, &rows);
+    let (_, rows) = cpu_summary(&records, |q, fj| format!("{q}q/{fj}j"));
+    println!();
+    log!("bench: CPUs busy while fio ran and CPU time per I/O (fio + kernel + server; medians)");
+    head.truncate(head.len() - 2);
     util::print_table(&head, &rows);
     for m in &meta {
         println!("  {m}");
@@ -176,14 +204,15 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             .iter()
             .map(|r| {
                 format!(
-                    "{{\"kernel\":{},\"target\":{},\"queues\":{},\"job\":{},\"fio_jobs\":{},\"iops\":[{}],\"iops_median\":{}}}",
+                    "{{\"kernel\":{},\"target\":{},\"queues\":{},\"job\":{},\"fio_jobs\":{},\"iops\":[{}],\"iops_median\":{},\"cpu\":[{}]}}",
                     json_str(&r.kernel),
                     json_str(&r.target),
                     r.queues,
                     json_str(&r.job),
                     r.fio_jobs,
                     r.iops.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(","),
-                    median(&r.iops)
+                    median(&r.iops),
+                    r.cpu.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(",")
                 )
             })
             .collect();
@@ -215,6 +244,7 @@ pub fn markdown(file: &Path) -> Result<()> {
             fio_jobs: r["fio_jobs"].as_u64().unwrap_or(0) as u32,
             job: r["job"].as_str().unwrap_or("").to_string(),
             iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
+            cpu: r["cpu"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
         });
     }
     let k = |x: f64| format!("{:.1}k", x / 1000.0);
@@ -230,5 +260,25 @@ pub fn markdown(file: &Path) -> Result<()> {
     for row in rows {
         println!("| {} |", row.join(" | "));
     }
+    if records.iter().any(|r| !r.cpu.is_empty()) {
+        let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
+        head.truncate(head.len() - 2);
+        println!("\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n");
+        println!("| {} |", head.join(" | "));
+        println!("|{}", "---|".repeat(head.len()));
+        for row in rows {
+            println!("| {} |", row.join(" | "));
+        }
+    }
     Ok(())
+}
+
+/// The CPU table: the same rows as [`summary`], each target's busy CPUs and
+/// CPU time per I/O, no ratio columns.
+fn cpu_summary(records: &[Record], config: impl Fn(u32, u32) -> String) -> (Vec<String>, Vec<Vec<String>>) {
+    let (targets, mut rows) = summary(records, config, Record::cpu_cell);
+    for r in &mut rows {
+        r.truncate(r.len() - 2);
+    }
+    (targets, rows)
 }

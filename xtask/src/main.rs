@@ -103,7 +103,7 @@ enum Cmd {
         timeout: u64,
         /// Targets, space-separated (default: null_blk ublk-null
         /// libublk-sync libublk-async). Variants of ours: ublk-null+copy
-        /// (--data-copy), ublk-null+affinity / +unpinned (--placement),
+        /// (--data-copy), ublk-null+affinity / +away / +unpinned (--placement),
         /// ublk-null+pollN (--busy-poll-us N); combine as ublk-null+poll0+copy.
         #[arg(long)]
         targets: Option<String>,
@@ -113,6 +113,10 @@ enum Cmd {
         /// Queue/fio-job configurations, space-separated QxJ (default "1x1 2x1 2x2")
         #[arg(long)]
         configs: Option<String>,
+        /// vCPUs of the VM (sets UBLK_VM_CPUS). Give it host cores to match:
+        /// TCG runs a vCPU per host thread.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
     },
     /// Print a bench JSON file (`bench --json`) as the README's markdown table.
     BenchTable {
@@ -154,7 +158,9 @@ fn main() -> ExitCode {
         } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
         Cmd::BenchTable { file } => bench::markdown(&file),
-        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs } => {
+        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus } => {
+            // Read by vm::run; set before any thread starts.
+            std::env::set_var("UBLK_VM_CPUS", cpus.to_string());
             let sel = bench::Selection { targets, jobs, configs };
             bench::bench(&kernel, runs, runtime, json.as_deref(), timeout, &sel)
         }

@@ -440,6 +440,13 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
 
 /// Boot `kernel` with common initramfs + kernel part; stream the console;
 /// enforce `timeout`.
+/// vCPUs per VM: `UBLK_VM_CPUS` (`bench --cpus` sets it), default 2. TCG
+/// runs each vCPU as a host thread: more vCPUs than free host cores only
+/// time-share them.
+pub fn vm_cpus() -> u32 {
+    std::env::var("UBLK_VM_CPUS").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(2)
+}
+
 pub fn run(
     kernel: &Kernel,
     common: &Path,
@@ -470,7 +477,7 @@ pub fn run(
     let status_file = dir.join(format!("status-{}.txt", kernel.name));
     let _ = std::fs::remove_file(&status_file);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2G"])
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
