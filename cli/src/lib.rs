@@ -33,7 +33,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
     for s in stats {
         println!(
-            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={} enters={} waits={} polled={}",
+            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={} enters={} waits={} polled={} moves={}",
             s.q_id,
             s.requests(),
             s.reads,
@@ -46,7 +46,8 @@ pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
             s.bytes,
             s.enters,
             s.waits,
-            s.polled
+            s.polled,
+            s.moves
         );
     }
 }

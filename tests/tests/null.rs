@@ -318,3 +318,110 @@ driver_test! {
         assert_no_devices();
     }
 }
+
+/// Pins the calling thread to one CPU.
+fn pin_self(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set by CPU_SET (cpu is below
+    // CPU_SETSIZE on any test machine), passed by reference for this thread.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(r, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+}
+
+/// "0-2,5" -> [0, 1, 2, 5]
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// (allowed CPUs, scheduling policy) of this process's thread named `name`,
+/// from /proc/self/task/*/{comm,status,stat}.
+fn thread_placement(name: &str) -> (Vec<usize>, u32) {
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = t.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let cpus = cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the command's closing parenthesis start at field 3;
+        // policy is field 41.
+        let policy = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(41 - 3).unwrap().parse().unwrap();
+        return (cpus, policy);
+    }
+    panic!("no thread named {name}");
+}
+
+/// Reads 4k blocks with O_DIRECT from `dev`, pinned to `cpu`, until `until`.
+fn read_until(dev: &std::path::Path, cpu: usize, until: Instant) -> u64 {
+    pin_self(cpu);
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev).unwrap();
+    let mut backing = vec![0u8; 8192];
+    let buf = aligned(&mut backing, 4096);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((n % 4096) * 4096)).unwrap();
+        std::io::Read::read_exact(&mut f, buf).unwrap();
+        n += 1;
+    }
+    n
+}
+
+driver_test! {
+    /// Placement::Auto against the real block layer's CPU-to-queue map: with
+    /// one submitter, on queue 0's CPU, queue 0's thread stays away (on
+    /// another CPU, SCHED_OTHER); with a submitter on each queue's CPU, each
+    /// queue's thread moves home (to its GET_QUEUE_AFFINITY CPUs, as
+    /// SCHED_BATCH), and the stats count the moves.
+    fn null_auto_placement_goes_home_when_every_cpu_submits() {
+        let dev = DeviceBuilder::new().queues(2).size(16 << 20).data_path(DataPath::NoData).create().unwrap();
+        assert_eq!(dev.info().nr_hw_queues, 2, "this test needs 2 CPUs (the kernel gives at most one queue per CPU)");
+        let id = dev.id();
+        let mut ctrl = ublk::Control::open().unwrap();
+        let home: Vec<Vec<usize>> = (0..2).map(|q| ctrl.get_queue_affinity(id, q).unwrap()).collect();
+        eprintln!("queue CPUs: {home:?}");
+        let stats = dev
+            .serve(&NullTarget, |dev, stop| {
+                let path = dev.block_path();
+                let q0 = format!("ublk{id}-q0");
+                // One submitter: queue 1 idle, queue 0's thread stays away.
+                let n = read_until(&path, home[0][0], Instant::now() + Duration::from_millis(400));
+                let (cpus, policy) = thread_placement(&q0);
+                eprintln!("one submitter: {n} reads; q0 thread on {cpus:?}, policy {policy}");
+                assert!(!cpus.iter().any(|c| home[0].contains(c)), "q0 thread on {cpus:?}, its home is {:?}", home[0]);
+                assert_eq!(policy, libc::SCHED_OTHER as u32);
+                // A submitter on each queue's CPU: both threads go home.
+                let until = Instant::now() + Duration::from_millis(900);
+                let look = Instant::now() + Duration::from_millis(500);
+                std::thread::scope(|s| {
+                    let readers: Vec<_> = home.iter().map(|h| {
+                        let (p, cpu) = (&path, h[0]);
+                        s.spawn(move || read_until(p, cpu, until))
+                    }).collect();
+                    std::thread::sleep(look.saturating_duration_since(Instant::now()));
+                    for (q, h) in home.iter().enumerate() {
+                        let (cpus, policy) = thread_placement(&format!("ublk{id}-q{q}"));
+                        eprintln!("two submitters: q{q} thread on {cpus:?}, policy {policy}");
+                        assert_eq!(&cpus, h, "q{q} should be home");
+                        assert_eq!(policy, libc::SCHED_BATCH as u32);
+                    }
+                    for r in readers {
+                        eprintln!("two submitters: {} reads", r.join().unwrap());
+                    }
+                });
+                stop.stop();
+            })
+            .unwrap();
+        eprintln!("moves: {:?}", stats.iter().map(|s| s.moves).collect::<Vec<_>>());
+        assert!(stats.iter().all(|s| s.moves >= 1), "{stats:?}");
+        assert_no_devices();
+    }
+}

@@ -4,7 +4,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
@@ -12,29 +13,12 @@ use ublk_sys as sys;
 use crate::ctrl::{Control, DevInfo};
 use crate::error::{Error, Result};
 use crate::params::{validate_block_size, Discard, Params};
+use crate::placement::{self, Follower, Placement, Plan};
 use crate::queue::{EventFd, Queue, QueueStats};
 use crate::target::Target;
 
 /// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
 pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
-
-/// Where queue threads run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Placement {
-    /// Pin each queue thread to one CPU that does not submit to its queue,
-    /// when there is one (the CPU after the queue's set, per
-    /// GET_QUEUE_AFFINITY); when every CPU submits to it (one queue), to the
-    /// last CPU. A server thread that shares a CPU with the task submitting
-    /// to it costs a context switch per batch; on another CPU the two run in
-    /// parallel, and the scheduler moves an unpinned submitter away from a
-    /// pinned, busy-polling server.
-    #[default]
-    Away,
-    /// Pin each queue thread to the CPUs that submit to its queue.
-    Affinity,
-    /// Leave placement to the scheduler.
-    Unpinned,
-}
 
 /// How request data travels between the block layer and the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,7 +68,7 @@ impl Default for DeviceBuilder {
             flags: 0,
             attrs: 0,
             discard: None,
-            placement: Placement::Away,
+            placement: Placement::Auto,
             data_path: DataPath::Copy,
             busy_poll: crate::queue::DEFAULT_BUSY_POLL,
             io_scheduler: None,
@@ -137,7 +121,7 @@ impl DeviceBuilder {
         self.attrs = attrs;
         self
     }
-    /// Where queue threads run (default [`Placement::Away`]).
+    /// Where queue threads run (default [`Placement::Auto`]).
     pub fn placement(mut self, p: Placement) -> Self {
         self.placement = p;
         self
@@ -374,7 +358,7 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Away, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, panic: None };
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Auto, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, panic: None };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -389,38 +373,16 @@ impl Device {
         Ok(dev)
     }
 
-    /// The CPUs each queue thread is pinned to, per the placement policy.
-    fn queue_cpus(&mut self) -> Vec<Vec<usize>> {
+    /// Each queue thread's placement plan, from GET_QUEUE_AFFINITY.
+    fn queue_plans(&mut self) -> Vec<Plan> {
         let nq = self.info.nr_hw_queues;
         if self.placement == Placement::Unpinned {
-            return vec![Vec::new(); usize::from(nq)];
+            return vec![Plan::default(); usize::from(nq)];
         }
         let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let id = self.info.dev_id;
-        (0..nq)
-            .map(|q| {
-                let set = self.ctrl.get_queue_affinity(id, q).unwrap_or_default();
-                match self.placement {
-                    Placement::Affinity => set,
-                    _ => {
-                        let Some(&last) = set.iter().filter(|&&c| c < online).max() else { return Vec::new() };
-                        let next = (last + 1) % online;
-                        if !set.contains(&next) {
-                            vec![next]
-                        } else if online > 1 {
-                            // Every CPU submits to this queue (one queue): no
-                            // CPU is "away". Pin to the last CPU anyway: a
-                            // busy-polling thread there keeps the scheduler
-                            // from placing the submitter on it, where an
-                            // unpinned one keeps meeting the submitter.
-                            vec![online - 1]
-                        } else {
-                            Vec::new()
-                        }
-                    }
-                }
-            })
-            .collect()
+        let home: Vec<Vec<usize>> = (0..nq).map(|q| self.ctrl.get_queue_affinity(id, q).unwrap_or_default()).collect();
+        placement::plans(self.placement, &home, online)
     }
 
     /// Detaches from the device without stopping or deleting it (for a
@@ -491,17 +453,19 @@ impl Device {
         let encoding = self.ctrl.encoding();
         let info = self.info;
         let wake_fd = wake.raw();
-        let cpus = self.queue_cpus();
+        let plans = self.queue_plans();
+        let served: Arc<[AtomicU64]> = (0..nq).map(|_| AtomicU64::new(0)).collect();
         let busy_poll = self.busy_poll;
 
         let result = std::thread::scope(|s| {
             let mut handles = Vec::new();
             for q in 0..nq {
                 let qtx = tx.clone();
-                let cpus_q = cpus.get(usize::from(q)).cloned().unwrap_or_default();
+                let plan = plans.get(usize::from(q)).cloned().unwrap_or_default();
+                let follower = Follower::new(q, &plan, served.clone());
                 let spawned = std::thread::Builder::new().name(format!("ublk{}-q{q}", info.dev_id)).spawn_scoped(s, move || {
                     let tx = qtx;
-                    pin_to(&cpus_q);
+                    placement::pin_to(&plan.start);
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
                     let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd), &target.files()) {
                         Ok(queue) => queue,
@@ -512,6 +476,7 @@ impl Device {
                         }
                     };
                     queue.set_busy_poll(busy_poll);
+                    queue.set_follower(follower);
                     if let Err(e) = queue.fetch_all() {
                         guard.sent = true;
                         let _ = tx.send(Event::Failed(e));
@@ -699,22 +664,6 @@ fn pid_running(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|st| st != "Z" && st != "X"),
         Err(_) => false,
-    }
-}
-
-/// Pins the calling thread to `cpus` (no-op when empty or refused).
-fn pin_to(cpus: &[usize]) {
-    if cpus.is_empty() {
-        return;
-    }
-    // SAFETY: cpu_set_t is plain data, zero-initialised, filled by CPU_SET
-    // with indices below CPU_SETSIZE, and passed by reference for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

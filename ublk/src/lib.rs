@@ -7,6 +7,7 @@
 //!   mapping and per-tag buffers; `!Send`, so its io commands all come from
 //!   the one thread that owns it.
 //! * [`target`]: what a block device does with one request.
+//! * [`placement`]: where queue threads run, following the load.
 //! * [`device`]: the lifecycle, from ADD_DEV to DEL_DEV, with teardown on
 //!   drop, on a queue's panic and on stop.
 //!
@@ -25,14 +26,16 @@ pub mod ctrl;
 pub mod device;
 pub mod error;
 pub mod params;
+pub mod placement;
 pub mod queue;
 pub mod target;
 pub mod targets;
 
 pub use ctrl::{Control, DevInfo, Encoding, Features};
-pub use device::{DataPath, Device, DeviceBuilder, Placement, StopHandle, MAX_QUEUE_DEPTH};
+pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
+pub use placement::Placement;
 pub use queue::{Queue, QueueStats, DEFAULT_BUSY_POLL};
 pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo};
 pub use targets::{LoopOptions, LoopTarget, RamDisk};

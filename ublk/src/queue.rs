@@ -17,6 +17,7 @@ use ublk_sys as sys;
 
 use crate::ctrl::{DevInfo, Encoding};
 use crate::error::{hints, Cmd, Error, Result};
+use crate::placement::{Follower, Move};
 use crate::target::{Op, Request, Target, TargetIo};
 
 /// An io command: kernel name, legacy number, encoded opcode.
@@ -129,6 +130,8 @@ pub struct QueueStats {
     pub waits: u64,
     /// Batches of completions found by busy polling, without waiting.
     pub polled: u64,
+    /// Moves of the thread between home and away ([`crate::Placement::Auto`]).
+    pub moves: u64,
 }
 
 impl QueueStats {
@@ -153,6 +156,10 @@ pub struct Queue {
     live_tags: u16,
     /// How long to busy-poll the ring before sleeping in io_uring_enter.
     busy_poll: Duration,
+    /// Follows the load for [`crate::Placement::Auto`].
+    follower: Option<Follower>,
+    /// At home per the follower: no busy polling.
+    at_home: bool,
     stats: QueueStats,
     /// Raw pointers are neither Send nor Sync: the queue stays on its thread.
     _thread_bound: PhantomData<*mut ()>,
@@ -220,6 +227,8 @@ impl Queue {
             wake,
             live_tags: 0,
             busy_poll: DEFAULT_BUSY_POLL,
+            follower: None,
+            at_home: false,
             stats: QueueStats { q_id, ..Default::default() },
             _thread_bound: PhantomData,
         })
@@ -235,6 +244,11 @@ impl Queue {
     /// [`DEFAULT_BUSY_POLL`]; zero: always sleep).
     pub fn set_busy_poll(&mut self, d: Duration) {
         self.busy_poll = d;
+    }
+
+    /// Lets the queue follow the load while it serves ([`crate::Placement::Auto`]).
+    pub(crate) fn set_follower(&mut self, f: Option<Follower>) {
+        self.follower = f;
     }
 
     fn opcode(&self, op: IoOp) -> u32 {
@@ -352,6 +366,13 @@ impl Queue {
                     return Err(self.io_error(COMMIT_AND_FETCH_REQ, tag, res));
                 }
             }
+            if let Some(f) = &mut self.follower {
+                if let Some(m) = f.tick(self.stats.requests()) {
+                    f.apply(m);
+                    self.at_home = m == Move::Home;
+                    self.stats.moves += 1;
+                }
+            }
         }
         Ok(self.stats)
     }
@@ -368,7 +389,7 @@ impl Queue {
     /// polls the thread yields, so a runnable task on its CPU (possibly the
     /// very submitter it is waiting for) is not held off.
     fn enter(&mut self) -> std::io::Result<()> {
-        if !self.busy_poll.is_zero() && self.poll()? {
+        if !self.busy_poll.is_zero() && !self.at_home && self.poll()? {
             self.stats.polled += 1;
             return Ok(());
         }

@@ -28,8 +28,10 @@ struct Args {
     /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
     #[arg(long)]
     id: Option<u32>,
-    /// Queue thread placement: away (from the CPUs submitting to the queue), affinity, unpinned.
-    #[arg(long, default_value = "away", value_parser = ["away", "affinity", "unpinned"])]
+    /// Queue thread placement: auto (away from the CPUs submitting to the
+    /// queue while it can, home while every CPU has a submitter), away,
+    /// affinity, unpinned.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "away", "affinity", "unpinned"])]
     placement: String,
     /// The block layer's I/O scheduler for the device ("none", "mq-deadline",
     /// ...), or "kernel" for the kernel's default (mq-deadline for one queue up to 6.1).
@@ -72,7 +74,8 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .placement(match args.placement.as_str() {
             "affinity" => ublk::Placement::Affinity,
             "unpinned" => ublk::Placement::Unpinned,
-            _ => ublk::Placement::Away,
+            "away" => ublk::Placement::Away,
+            _ => ublk::Placement::Auto,
         })
         .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
         .io_scheduler(Some(args.scheduler.as_str()).filter(|s| *s != "kernel"))
