@@ -129,7 +129,9 @@ impl DeviceBuilder {
     /// How long each queue thread keeps polling its ring for the next
     /// request before it sleeps (default [`DEFAULT_BUSY_POLL`](crate::queue::DEFAULT_BUSY_POLL));
     /// `Duration::ZERO` always sleeps. Polling saves the submitter a wake-up
-    /// per batch and the round trip the scheduler's latency.
+    /// per batch and the round trip the scheduler's latency. A thread that
+    /// [`Placement::Auto`] has moved home, next to its submitter, does not
+    /// poll: there it would only take the CPU from the submitter.
     pub fn busy_poll(mut self, d: Duration) -> Self {
         self.busy_poll = d;
         self

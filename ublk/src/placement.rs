@@ -27,7 +27,7 @@ pub enum Placement {
     /// this queue's away CPU are idle, home ([`Placement::Affinity`], as
     /// `SCHED_BATCH`, without busy polling) while one of them serves more
     /// than about a thousand requests a second. Checked every 10 ms while
-    /// the queue serves; it goes home at once and back away after 30 ms.
+    /// the queue serves; it moves after 30 ms of the other state.
     #[default]
     Auto,
     /// Pin each queue thread to one CPU that does not submit to its queue,
@@ -101,7 +101,10 @@ const WINDOW: Duration = Duration::from_millis(10);
 /// probe is not).
 const ACTIVE_RATE: u64 = 1000;
 const ACTIVE_MIN: u64 = 32;
-/// Idle windows before going away again.
+/// Active windows in a row before going home: a single submitter that the
+/// scheduler moves to another CPU for a moment is not a second submitter.
+const ACTIVE_WINDOWS: u32 = 3;
+/// Idle windows in a row before going away again.
 const IDLE_WINDOWS: u32 = 3;
 
 /// What a queue should change, as [`Follower::tick`] decides.
@@ -122,7 +125,8 @@ pub(crate) struct Follower {
     served: Arc<[AtomicU64]>,
     seen: Vec<u64>,
     checked: Instant,
-    idle: u32,
+    /// Windows in a row with an active (away) or idle (home) neighbour.
+    streak: u32,
     at_home: bool,
 }
 
@@ -133,7 +137,7 @@ impl Follower {
             return None;
         }
         let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].load(Ordering::Relaxed)).collect();
-        Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), idle: 0, at_home: false })
+        Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), streak: 0, at_home: false })
     }
 
     /// Called after each batch with this queue's request count so far.
@@ -153,25 +157,19 @@ impl Follower {
             // At least ACTIVE_RATE per second over the time since the last look.
             active |= delta >= ACTIVE_MIN && delta.saturating_mul(1_000_000) >= ACTIVE_RATE * elapsed.as_micros().max(1) as u64;
         }
-        match (active, self.at_home) {
-            (true, false) => {
-                self.at_home = true;
-                self.idle = 0;
-                Some(Move::Home)
-            }
-            (true, true) => {
-                self.idle = 0;
-                None
-            }
-            (false, true) => {
-                self.idle += 1;
-                (self.idle >= IDLE_WINDOWS).then(|| {
-                    self.at_home = false;
-                    Move::Away
-                })
-            }
-            (false, false) => None,
+        // Count windows that argue for moving; any other resets the count.
+        if active != self.at_home {
+            self.streak += 1;
+        } else {
+            self.streak = 0;
         }
+        let needed = if self.at_home { IDLE_WINDOWS } else { ACTIVE_WINDOWS };
+        if self.streak < needed {
+            return None;
+        }
+        self.streak = 0;
+        self.at_home = !self.at_home;
+        Some(if self.at_home { Move::Home } else { Move::Away })
     }
 
     /// Pins the calling thread per `m` and sets its scheduling policy:
@@ -263,7 +261,10 @@ mod tests {
         };
         // 2 requests in 10 ms is 200/s: idle.
         assert_eq!(run(&mut f, 2, 3), vec![]);
-        assert_eq!(run(&mut f, 500, 2), vec![Move::Home]);
+        // A burst shorter than ACTIVE_WINDOWS does not move the thread.
+        assert_eq!(run(&mut f, 500, ACTIVE_WINDOWS - 1), vec![]);
+        assert_eq!(run(&mut f, 0, 1), vec![]);
+        assert_eq!(run(&mut f, 500, ACTIVE_WINDOWS + 1), vec![Move::Home]);
         assert_eq!(run(&mut f, 0, IDLE_WINDOWS + 1), vec![Move::Away]);
         assert_eq!(served[0].load(Ordering::Relaxed), mine);
     }

@@ -387,7 +387,9 @@ impl Queue {
     /// not asleep needs no wake-up: the submitter only links the request in,
     /// and the round trip loses the scheduler's wake-up latency. Every 64
     /// polls the thread yields, so a runnable task on its CPU (possibly the
-    /// very submitter it is waiting for) is not held off.
+    /// very submitter it is waiting for) is not held off. A thread at home
+    /// ([`crate::Placement::Auto`]) shares its CPU with its submitter and
+    /// always sleeps.
     fn enter(&mut self) -> std::io::Result<()> {
         if !self.busy_poll.is_zero() && !self.at_home && self.poll()? {
             self.stats.polled += 1;

@@ -106,6 +106,8 @@ for run in $(seq 1 "$RUNS"); do
                 [ "$run" = 1 ] && [ "$t" = null_blk ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
             done
             stop_target
+            # Our per-queue counts (moves: Placement::Auto's home/away moves).
+            case $t in ublk-null*) grep "^queue" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
         done
     done
 done
