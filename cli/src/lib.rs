@@ -1,10 +1,36 @@
-//! Shared bits of the ublk binaries: size parsing and signal handling.
+//! Shared bits of the ublk binaries: size parsing, placement, signal handling.
 
 use std::sync::{Arc, Mutex};
 
 pub mod config;
 
 use ublk::StopHandle;
+
+/// `--placement`: where queue threads run (see [`ublk::Placement`]).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementArg {
+    /// Away from the CPUs submitting to the queue while it can, home (as
+    /// SCHED_BATCH, without polling) while every CPU has a submitter.
+    #[default]
+    Auto,
+    /// Always on a CPU that does not submit to the queue.
+    Away,
+    /// On the CPUs that submit to the queue.
+    Affinity,
+    /// Wherever the scheduler puts them.
+    Unpinned,
+}
+
+impl From<PlacementArg> for ublk::Placement {
+    fn from(p: PlacementArg) -> Self {
+        match p {
+            PlacementArg::Auto => ublk::Placement::Auto,
+            PlacementArg::Away => ublk::Placement::Away,
+            PlacementArg::Affinity => ublk::Placement::Affinity,
+            PlacementArg::Unpinned => ublk::Placement::Unpinned,
+        }
+    }
+}
 
 /// Parses a size like `1G`, `512M`, `4096`, `64k` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -96,6 +96,9 @@ fn away_cpu(set: &[usize], online: usize) -> Option<usize> {
 
 /// How often a serving queue looks at its neighbours.
 const WINDOW: Duration = Duration::from_millis(10);
+/// Batches between looks at the clock: a one-request batch can take a few
+/// microseconds, and reading the clock on each would add to every one.
+const CLOCK_EVERY: u32 = 16;
 /// A neighbour serving at least this many requests a second, and at least
 /// ACTIVE_MIN since the last look, is active (a partition scan or a stray
 /// probe is not).
@@ -125,6 +128,8 @@ pub(crate) struct Follower {
     served: Arc<[AtomicU64]>,
     seen: Vec<u64>,
     checked: Instant,
+    /// Batches since the clock was last read.
+    batches: u32,
     /// Windows in a row with an active (away) or idle (home) neighbour.
     streak: u32,
     at_home: bool,
@@ -137,12 +142,18 @@ impl Follower {
             return None;
         }
         let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].load(Ordering::Relaxed)).collect();
-        Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), streak: 0, at_home: false })
+        Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), batches: 0, streak: 0, at_home: false })
     }
 
-    /// Called after each batch with this queue's request count so far.
+    /// Called after each batch with this queue's request count so far; reads
+    /// the clock every [`CLOCK_EVERY`] batches.
     pub(crate) fn tick(&mut self, requests: u64) -> Option<Move> {
         self.served[self.q].store(requests, Ordering::Relaxed);
+        self.batches += 1;
+        if self.batches < CLOCK_EVERY {
+            return None;
+        }
+        self.batches = 0;
         let now = Instant::now();
         let elapsed = now.duration_since(self.checked);
         if elapsed < WINDOW {
@@ -254,8 +265,10 @@ mod tests {
             for _ in 0..windows {
                 std::thread::sleep(WINDOW);
                 served[1].fetch_add(neighbour_per_window, Ordering::Relaxed);
-                mine += 100;
-                moves.extend(f.tick(mine));
+                for _ in 0..CLOCK_EVERY {
+                    mine += 1;
+                    moves.extend(f.tick(mine));
+                }
             }
             moves
         };

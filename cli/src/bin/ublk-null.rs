@@ -28,11 +28,9 @@ struct Args {
     /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
     #[arg(long)]
     id: Option<u32>,
-    /// Queue thread placement: auto (away from the CPUs submitting to the
-    /// queue while it can, home while every CPU has a submitter), away,
-    /// affinity, unpinned.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "away", "affinity", "unpinned"])]
-    placement: String,
+    /// Where queue threads run.
+    #[arg(long, value_enum, default_value_t)]
+    placement: ublk_cli::PlacementArg,
     /// The block layer's I/O scheduler for the device ("none", "mq-deadline",
     /// ...), or "kernel" for the kernel's default (mq-deadline for one queue up to 6.1).
     #[arg(long, default_value = "none")]
@@ -71,12 +69,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .block_size(args.block_size)
         .id(args.id)
         .max_io_bytes(max_io)
-        .placement(match args.placement.as_str() {
-            "affinity" => ublk::Placement::Affinity,
-            "unpinned" => ublk::Placement::Unpinned,
-            "away" => ublk::Placement::Away,
-            _ => ublk::Placement::Auto,
-        })
+        .placement(args.placement.into())
         .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
         .io_scheduler(Some(args.scheduler.as_str()).filter(|s| *s != "kernel"))
         .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })

@@ -135,6 +135,9 @@ struct AddArgs {
     /// Microseconds a queue thread keeps polling for the next request before it sleeps; 0 always sleeps.
     #[arg(long, default_value_t = ublk::DEFAULT_BUSY_POLL.as_micros() as u64)]
     busy_poll_us: u64,
+    /// Where queue threads run.
+    #[arg(long, value_enum, default_value_t)]
+    placement: ublk_cli::PlacementArg,
 }
 
 fn main() -> ExitCode {
@@ -329,6 +332,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .flags(flags)
             .discard(discard)
             .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
+            .placement(a.placement.into())
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
         id: 0,
