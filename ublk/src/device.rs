@@ -4,8 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
@@ -456,7 +455,7 @@ impl Device {
         let info = self.info;
         let wake_fd = wake.raw();
         let plans = self.queue_plans();
-        let served: Arc<[AtomicU64]> = (0..nq).map(|_| AtomicU64::new(0)).collect();
+        let served = placement::counters(nq);
         let busy_poll = self.busy_poll;
 
         let result = std::thread::scope(|s| {

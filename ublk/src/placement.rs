@@ -110,6 +110,18 @@ const ACTIVE_WINDOWS: u32 = 3;
 /// Idle windows in a row before going away again.
 const IDLE_WINDOWS: u32 = 3;
 
+/// One queue's request count, alone on its cache line: each queue thread
+/// writes its own after every batch, and neighbours on other CPUs only read
+/// it every [`WINDOW`], so the writes must not bounce a line they share.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Served(AtomicU64);
+
+/// The request counters of a device's `n` queues.
+pub(crate) fn counters(n: u16) -> Arc<[Served]> {
+    (0..n).map(|_| Served::default()).collect()
+}
+
 /// What a queue should change, as [`Follower::tick`] decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Move {
@@ -125,7 +137,7 @@ pub(crate) struct Follower {
     plan: Plan,
     /// Requests served, per queue of the device, each written only by its
     /// queue's thread.
-    served: Arc<[AtomicU64]>,
+    served: Arc<[Served]>,
     seen: Vec<u64>,
     checked: Instant,
     /// Batches since the clock was last read.
@@ -137,18 +149,18 @@ pub(crate) struct Follower {
 
 impl Follower {
     /// None unless the plan has neighbours to follow.
-    pub(crate) fn new(q: u16, plan: &Plan, served: Arc<[AtomicU64]>) -> Option<Self> {
+    pub(crate) fn new(q: u16, plan: &Plan, served: Arc<[Served]>) -> Option<Self> {
         if plan.neighbours.is_empty() {
             return None;
         }
-        let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].load(Ordering::Relaxed)).collect();
+        let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].0.load(Ordering::Relaxed)).collect();
         Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), batches: 0, streak: 0, at_home: false })
     }
 
     /// Called after each batch with this queue's request count so far; reads
     /// the clock every [`CLOCK_EVERY`] batches.
     pub(crate) fn tick(&mut self, requests: u64) -> Option<Move> {
-        self.served[self.q].store(requests, Ordering::Relaxed);
+        self.served[self.q].0.store(requests, Ordering::Relaxed);
         self.batches += 1;
         if self.batches < CLOCK_EVERY {
             return None;
@@ -162,7 +174,7 @@ impl Follower {
         self.checked = now;
         let mut active = false;
         for (seen, &n) in self.seen.iter_mut().zip(&self.plan.neighbours) {
-            let c = self.served[usize::from(n)].load(Ordering::Relaxed);
+            let c = self.served[usize::from(n)].0.load(Ordering::Relaxed);
             let delta = c.wrapping_sub(*seen);
             *seen = c;
             // At least ACTIVE_RATE per second over the time since the last look.
@@ -242,7 +254,7 @@ mod tests {
         let p = plans(Placement::Auto, &[vec![0, 1, 2, 3]], 4);
         assert_eq!(p[0].start, vec![3]);
         assert!(p[0].neighbours.is_empty());
-        assert!(Follower::new(0, &p[0], Arc::from(vec![AtomicU64::new(0)])).is_none());
+        assert!(Follower::new(0, &p[0], counters(1)).is_none());
         assert!(plans(Placement::Auto, &[vec![0]], 1)[0].start.is_empty());
     }
 
@@ -256,7 +268,8 @@ mod tests {
 
     #[test]
     fn follower_goes_home_when_the_neighbour_is_busy_and_back_when_idle() {
-        let served: Arc<[AtomicU64]> = Arc::from(vec![AtomicU64::new(0), AtomicU64::new(0)]);
+        let served = counters(2);
+        assert_eq!(std::mem::size_of::<Served>(), 64);
         let p = plans(Placement::Auto, &[vec![0], vec![1]], 2);
         let mut f = Follower::new(0, &p[0], served.clone()).unwrap();
         let mut mine = 0;
@@ -264,7 +277,7 @@ mod tests {
             let mut moves = vec![];
             for _ in 0..windows {
                 std::thread::sleep(WINDOW);
-                served[1].fetch_add(neighbour_per_window, Ordering::Relaxed);
+                served[1].0.fetch_add(neighbour_per_window, Ordering::Relaxed);
                 for _ in 0..CLOCK_EVERY {
                     mine += 1;
                     moves.extend(f.tick(mine));
@@ -279,6 +292,6 @@ mod tests {
         assert_eq!(run(&mut f, 0, 1), vec![]);
         assert_eq!(run(&mut f, 500, ACTIVE_WINDOWS + 1), vec![Move::Home]);
         assert_eq!(run(&mut f, 0, IDLE_WINDOWS + 1), vec![Move::Away]);
-        assert_eq!(served[0].load(Ordering::Relaxed), mine);
+        assert_eq!(served[0].0.load(Ordering::Relaxed), mine);
     }
 }
