@@ -359,7 +359,8 @@ impl Device {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: Placement::Auto, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, panic: None };
+        let defaults = DeviceBuilder::default();
+        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: defaults.placement, busy_poll: defaults.busy_poll, io_scheduler: defaults.io_scheduler, panic: None };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,

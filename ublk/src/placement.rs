@@ -195,6 +195,11 @@ impl Follower {
         Some(if self.at_home { Move::Home } else { Move::Away })
     }
 
+    /// Whether the thread is at home (there it does not busy-poll).
+    pub(crate) fn at_home(&self) -> bool {
+        self.at_home
+    }
+
     /// Pins the calling thread per `m` and sets its scheduling policy:
     /// `SCHED_BATCH` at home, `SCHED_OTHER` away.
     pub(crate) fn apply(&self, m: Move) {

@@ -17,7 +17,7 @@ use ublk_sys as sys;
 
 use crate::ctrl::{DevInfo, Encoding};
 use crate::error::{hints, Cmd, Error, Result};
-use crate::placement::{Follower, Move};
+use crate::placement::Follower;
 use crate::target::{Op, Request, Target, TargetIo};
 
 /// An io command: kernel name, legacy number, encoded opcode.
@@ -158,8 +158,6 @@ pub struct Queue {
     busy_poll: Duration,
     /// Follows the load for [`crate::Placement::Auto`].
     follower: Option<Follower>,
-    /// At home per the follower: no busy polling.
-    at_home: bool,
     stats: QueueStats,
     /// Raw pointers are neither Send nor Sync: the queue stays on its thread.
     _thread_bound: PhantomData<*mut ()>,
@@ -228,7 +226,6 @@ impl Queue {
             live_tags: 0,
             busy_poll: DEFAULT_BUSY_POLL,
             follower: None,
-            at_home: false,
             stats: QueueStats { q_id, ..Default::default() },
             _thread_bound: PhantomData,
         })
@@ -369,7 +366,6 @@ impl Queue {
             if let Some(f) = &mut self.follower {
                 if let Some(m) = f.tick(self.stats.requests()) {
                     f.apply(m);
-                    self.at_home = m == Move::Home;
                     self.stats.moves += 1;
                 }
             }
@@ -391,7 +387,8 @@ impl Queue {
     /// ([`crate::Placement::Auto`]) shares its CPU with its submitter and
     /// always sleeps.
     fn enter(&mut self) -> std::io::Result<()> {
-        if !self.busy_poll.is_zero() && !self.at_home && self.poll()? {
+        let at_home = self.follower.as_ref().is_some_and(Follower::at_home);
+        if !self.busy_poll.is_zero() && !at_home && self.poll()? {
             self.stats.polled += 1;
             return Ok(());
         }

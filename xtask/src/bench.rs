@@ -255,22 +255,22 @@ pub fn markdown(file: &Path) -> Result<()> {
     let mut head = vec!["kernel".to_string(), "queues / fio jobs".into(), "job".into()];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "**ublk-null (ours)**".to_string() } else { t.clone() }));
     head.extend(["ours / null_blk".to_string(), "ours / libublk best".into()]);
+    print_markdown(&head, &rows);
+    if records.iter().any(|r| !r.cpu.is_empty()) {
+        let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
+        head.truncate(head.len() - 2);
+        println!("\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n");
+        print_markdown(&head, &rows);
+    }
+    Ok(())
+}
+
+fn print_markdown(head: &[String], rows: &[Vec<String>]) {
     println!("| {} |", head.join(" | "));
     println!("|{}", "---|".repeat(head.len()));
     for row in rows {
         println!("| {} |", row.join(" | "));
     }
-    if records.iter().any(|r| !r.cpu.is_empty()) {
-        let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
-        head.truncate(head.len() - 2);
-        println!("\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n");
-        println!("| {} |", head.join(" | "));
-        println!("|{}", "---|".repeat(head.len()));
-        for row in rows {
-            println!("| {} |", row.join(" | "));
-        }
-    }
-    Ok(())
 }
 
 /// The CPU table: the same rows as [`summary`], each target's busy CPUs and

@@ -438,8 +438,6 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
     Ok(out)
 }
 
-/// Boot `kernel` with common initramfs + kernel part; stream the console;
-/// enforce `timeout`.
 /// vCPUs per VM: `UBLK_VM_CPUS` (`bench --cpus` sets it), default 2. TCG
 /// runs each vCPU as a host thread: more vCPUs than free host cores only
 /// time-share them.
@@ -447,6 +445,8 @@ pub fn vm_cpus() -> u32 {
     std::env::var("UBLK_VM_CPUS").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(2)
 }
 
+/// Boot `kernel` with common initramfs + kernel part; stream the console;
+/// enforce `timeout`.
 pub fn run(
     kernel: &Kernel,
     common: &Path,
