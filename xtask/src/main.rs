@@ -115,7 +115,7 @@ enum Cmd {
         configs: Option<String>,
         /// vCPUs of the VM (sets UBLK_VM_CPUS). Give it host cores to match:
         /// TCG runs a vCPU per host thread.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         cpus: u32,
     },
     /// Print a bench JSON file (`bench --json`) as the README's markdown table.
