@@ -200,11 +200,7 @@ pub fn wait_for_path(p: &Path) {
 /// Runs a command to completion, returning (status, stdout, stderr).
 pub fn run(cmd: &str, args: &[&str]) -> (ExitStatus, String, String) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Runs a command and asserts it succeeded; returns stdout.

@@ -28,7 +28,6 @@ fn fio_ok(args: &[&str]) -> String {
     out
 }
 
-
 fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(p).unwrap();

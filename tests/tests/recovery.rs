@@ -17,7 +17,6 @@ fn sparse_file(p: &Path, size: u64) {
     std::fs::File::create(p).unwrap().set_len(size).unwrap();
 }
 
-
 /// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
 /// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
 fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
@@ -48,12 +47,7 @@ fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> 
 }
 
 fn spawn_fio(args: &[String], log: &Path) -> Child {
-    Command::new("fio")
-        .args(args)
-        .stdout(std::fs::File::create(log).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn fio")
+    Command::new("fio").args(args).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit()).spawn().expect("spawn fio")
 }
 
 fn state(id: u32) -> &'static str {

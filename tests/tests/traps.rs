@@ -176,9 +176,7 @@ fn ring64() -> IoUring<squeue::Entry, cqueue::Entry> {
 }
 
 fn ring128() -> IoUring<squeue::Entry128, cqueue::Entry> {
-    IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-        .build(8)
-        .expect("io_uring (IORING_SETUP_SQE128)")
+    IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(8).expect("io_uring (IORING_SETUP_SQE128)")
 }
 
 /// Submits one SQE and reports what came back within `wait`: its CQE result,
@@ -271,13 +269,7 @@ impl TrapDev {
         };
         let info = ctrl.add_dev(&want).expect("ADD_DEV");
         let id = info.dev_id;
-        let mut dev = TrapDev {
-            ctrl: Some(ctrl),
-            id,
-            info,
-            char_file: None,
-            bufs: vec![0u8; depth as usize * MAX_IO as usize],
-        };
+        let mut dev = TrapDev { ctrl: Some(ctrl), id, info, char_file: None, bufs: vec![0u8; depth as usize * MAX_IO as usize] };
         let params = Params::new(16 << 20, 512, info.max_io_buf_bytes).unwrap();
         dev.ctrl.as_mut().unwrap().set_params(id, &params).expect("SET_PARAMS");
         let path = format!("/dev/ublkc{id}");
@@ -490,12 +482,7 @@ impl Descs {
         // SAFETY: a fresh shared read-only mapping of queue 0's descriptor
         // array (offset UBLKSRV_CMD_BUF_OFFSET + 0 * stride); checked below.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap descriptors: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap descriptors: {}", std::io::Error::last_os_error());
         Descs(p, len)
     }
 
@@ -803,8 +790,5 @@ driver_test! {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.chunks(8)
-        .map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<String>())
-        .collect::<Vec<_>>()
-        .join(" ")
+    b.chunks(8).map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<String>()).collect::<Vec<_>>().join(" ")
 }

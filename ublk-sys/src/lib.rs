@@ -48,11 +48,8 @@ pub const HEADER_PATH: &str = env!("UBLK_SYS_HEADER");
 
 /// `LINUX_VERSION_CODE` of the header tree, as (major, minor, patch).
 /// Debian clamps the patch level to 255 in this macro.
-pub const HEADER_LINUX_VERSION: (u32, u32, u32) = (
-    UBLK_SYS_LINUX_VERSION_CODE >> 16,
-    (UBLK_SYS_LINUX_VERSION_CODE >> 8) & 0xff,
-    UBLK_SYS_LINUX_VERSION_CODE & 0xff,
-);
+pub const HEADER_LINUX_VERSION: (u32, u32, u32) =
+    (UBLK_SYS_LINUX_VERSION_CODE >> 16, (UBLK_SYS_LINUX_VERSION_CODE >> 8) & 0xff, UBLK_SYS_LINUX_VERSION_CODE & 0xff);
 
 /// Whether this header defines the constant `name` (e.g. `"UBLK_F_USER_COPY"`).
 pub fn header_has(name: &str) -> bool {
@@ -90,12 +87,7 @@ impl ublksrv_io_cmd {
     /// queue, tag, result of the previous request, and the tag's buffer.
     #[inline]
     pub fn new(q_id: u16, tag: u16, result: i32, addr: u64) -> Self {
-        let mut c = Self {
-            q_id,
-            tag,
-            result,
-            ..Default::default()
-        };
+        let mut c = Self { q_id, tag, result, ..Default::default() };
         c.set_addr(addr);
         c
     }

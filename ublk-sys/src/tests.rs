@@ -73,7 +73,15 @@ fn layouts_match_the_c_compiler() {
         assert_eq!((ca, cb), (ra, rb), "{cn}: C says {ca}/{cb}, Rust says {ra}/{rb}");
     }
     // The structs the protocol depends on are all covered.
-    for s in ["ublksrv_ctrl_cmd", "ublksrv_ctrl_dev_info", "ublksrv_io_desc", "ublksrv_io_cmd", "ublk_params", "ublk_param_basic", "ublk_param_discard"] {
+    for s in [
+        "ublksrv_ctrl_cmd",
+        "ublksrv_ctrl_dev_info",
+        "ublksrv_io_desc",
+        "ublksrv_io_cmd",
+        "ublk_params",
+        "ublk_param_basic",
+        "ublk_param_discard",
+    ] {
         assert!(c.iter().any(|(n, _, _)| n == s), "{s} missing from the probe");
     }
     std::println!("checked {} sizes/offsets against C", c.len());

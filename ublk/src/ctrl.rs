@@ -42,11 +42,7 @@ pub(crate) struct CtrlOp {
 
 macro_rules! ctrl_op {
     ($name:ident, $legacy:ident, $enc:ident) => {
-        pub(crate) const $name: CtrlOp = CtrlOp {
-            name: stringify!($name),
-            legacy: sys::$legacy,
-            encoded: sys::$enc,
-        };
+        pub(crate) const $name: CtrlOp = CtrlOp { name: stringify!($name), legacy: sys::$legacy, encoded: sys::$enc };
     };
 }
 
@@ -106,11 +102,7 @@ pub type DevInfo = sys::ublksrv_ctrl_dev_info;
 /// in increasing order (empty when the driver is not loaded).
 pub fn device_ids() -> Vec<u32> {
     let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok()).collect())
         .unwrap_or_default();
     v.sort();
     v
@@ -150,12 +142,10 @@ impl std::fmt::Debug for Control {
 impl Control {
     /// Opens the control device and finds out how to talk to this kernel.
     pub fn open() -> Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| {
-            match e.kind() {
-                io::ErrorKind::NotFound => Error::NoDriver,
-                io::ErrorKind::PermissionDenied => Error::NotPermitted { what: format!("opening {CONTROL_PATH}") },
-                _ => Error::os(format!("opening {CONTROL_PATH}"), e),
-            }
+        let file = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::NoDriver,
+            io::ErrorKind::PermissionDenied => Error::NotPermitted { what: format!("opening {CONTROL_PATH}") },
+            _ => Error::os(format!("opening {CONTROL_PATH}"), e),
         })?;
         let ring = new_ctrl_ring()?;
         let mut ctrl = Control { file, ring, encoding: Encoding::Legacy, features: None };
@@ -255,10 +245,8 @@ impl Control {
     /// `GET_DEV_INFO2` (6.3+): like GET_DEV_INFO, with the char device path
     /// ahead of the payload (which unprivileged devices are checked against).
     pub fn get_dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
-        let op = ops::newer("GET_DEV_INFO2", sys::opt::UBLK_U_CMD_GET_DEV_INFO2).ok_or(Error::Unsupported {
-            feature: "GET_DEV_INFO2",
-            why: "this build's ublk_cmd.h predates it (Linux 6.3)".into(),
-        })?;
+        let op = ops::newer("GET_DEV_INFO2", sys::opt::UBLK_U_CMD_GET_DEV_INFO2)
+            .ok_or(Error::Unsupported { feature: "GET_DEV_INFO2", why: "this build's ublk_cmd.h predates it (Linux 6.3)".into() })?;
         let op = CtrlOp { legacy: sys::opt::UBLK_CMD_GET_DEV_INFO2.unwrap_or(op.legacy), ..op };
         let path = format!("/dev/ublkc{dev_id}");
         let plen = path.len();
@@ -302,7 +290,7 @@ impl Control {
     /// `GET_QUEUE_AFFINITY`: the CPUs whose requests this queue serves.
     pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let mut set = [0u64; 16]; // 1024 CPUs
-        // The kernel reads the queue from data[0], not from queue_id.
+                                  // The kernel reads the queue from data[0], not from queue_id.
         let mut c = buf_cmd(dev_id, &mut set);
         c.data[0] = u64::from(q_id);
         self.submit(ops::GET_QUEUE_AFFINITY, c).map_err(no_dev(dev_id))?;
@@ -340,10 +328,9 @@ impl Control {
         let sqe = ctrl_sqe(self.file.as_raw_fd(), self.opcode(op), &c);
         match run_one(&mut ring, sqe, Some(keep_waiting)) {
             Ok(_) => Ok(()),
-            Err(RunErr::Stopped) => Err(Error::TimedOut {
-                cmd: Cmd::Ctrl(op.name),
-                why: "not every tag of every queue was fetched; the command was cancelled",
-            }),
+            Err(RunErr::Stopped) => {
+                Err(Error::TimedOut { cmd: Cmd::Ctrl(op.name), why: "not every tag of every queue was fetched; the command was cancelled" })
+            }
             Err(e) => Err(kernel_err(op, c.dev_id, e)).map_err(no_dev(c.dev_id)),
         }
     }
@@ -357,10 +344,8 @@ impl Control {
     /// `UBLK_U_CMD_DEL_DEV_ASYNC` (6.9+): delete without waiting for the
     /// char device to be released.
     pub fn del_dev_async(&mut self, dev_id: u32) -> Result<()> {
-        let op = ops::newer("DEL_DEV_ASYNC", sys::opt::UBLK_U_CMD_DEL_DEV_ASYNC).ok_or(Error::Unsupported {
-            feature: "DEL_DEV_ASYNC",
-            why: "this build's ublk_cmd.h predates it (Linux 6.9)".into(),
-        })?;
+        let op = ops::newer("DEL_DEV_ASYNC", sys::opt::UBLK_U_CMD_DEL_DEV_ASYNC)
+            .ok_or(Error::Unsupported { feature: "DEL_DEV_ASYNC", why: "this build's ublk_cmd.h predates it (Linux 6.9)".into() })?;
         self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
     }
 }
@@ -379,11 +364,7 @@ fn dev_cmd(dev_id: u32) -> sys::ublksrv_ctrl_cmd {
 /// A command for `dev_id` whose payload is `buf` (`addr`/`len`); `buf` must
 /// stay borrowed until the command completes.
 fn buf_cmd<T: ?Sized>(dev_id: u32, buf: &mut T) -> sys::ublksrv_ctrl_cmd {
-    sys::ublksrv_ctrl_cmd {
-        addr: buf as *mut T as *mut u8 as u64,
-        len: std::mem::size_of_val(buf) as u16,
-        ..dev_cmd(dev_id)
-    }
+    sys::ublksrv_ctrl_cmd { addr: buf as *mut T as *mut u8 as u64, len: std::mem::size_of_val(buf) as u16, ..dev_cmd(dev_id) }
 }
 
 fn no_dev(dev_id: u32) -> impl Fn(Error) -> Error {

@@ -218,7 +218,19 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: false, placement: self.placement, busy_poll: self.busy_poll, io_scheduler: self.io_scheduler.clone(), panic: None };
+        let mut dev = Device {
+            ctrl,
+            info,
+            params: None,
+            char_file: None,
+            started: false,
+            deleted: false,
+            recovering: false,
+            placement: self.placement,
+            busy_poll: self.busy_poll,
+            io_scheduler: self.io_scheduler.clone(),
+            panic: None,
+        };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -323,9 +335,7 @@ impl Device {
                 why: format!("device {dev_id} was created without user recovery (UBLK_F_USER_RECOVERY); only its deletion is possible"),
             });
         }
-        let quiesced = |s: u16| {
-            u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO
-        };
+        let quiesced = |s: u16| u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO;
         let t0 = Instant::now();
         let mut info = info;
         while !quiesced(info.state) {
@@ -351,16 +361,26 @@ impl Device {
         loop {
             match ctrl.start_user_recovery(dev_id) {
                 Ok(()) => break,
-                Err(Error::Kernel { errno: libc::EBUSY, .. }) if t0.elapsed() < wait => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
+                Err(Error::Kernel { errno: libc::EBUSY, .. }) if t0.elapsed() < wait => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => return Err(e),
             }
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
         let defaults = DeviceBuilder::default();
-        let mut dev = Device { ctrl, info, params: None, char_file: None, started: false, deleted: false, recovering: true, placement: defaults.placement, busy_poll: defaults.busy_poll, io_scheduler: defaults.io_scheduler, panic: None };
+        let mut dev = Device {
+            ctrl,
+            info,
+            params: None,
+            char_file: None,
+            started: false,
+            deleted: false,
+            recovering: true,
+            placement: defaults.placement,
+            busy_poll: defaults.busy_poll,
+            io_scheduler: defaults.io_scheduler,
+            panic: None,
+        };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
             logical_bs_shift: params.basic.logical_bs_shift,
@@ -606,11 +626,8 @@ impl Device {
             }
             Err(_) => true,
         };
-        let started = if self.recovering {
-            self.ctrl.end_user_recovery(dev_id, keep_waiting)
-        } else {
-            self.ctrl.start_dev(dev_id, keep_waiting)
-        };
+        let started =
+            if self.recovering { self.ctrl.end_user_recovery(dev_id, keep_waiting) } else { self.ctrl.start_dev(dev_id, keep_waiting) };
         if let Err(e) = started {
             // START_DEV was cancelled because a queue failed meanwhile (e.g.
             // its thread panicked serving the partition scan): report that.

@@ -215,17 +215,13 @@ pub(crate) fn hints(cmd: Cmd, errno: i32) -> &'static [&'static str] {
             "the tag is already fetched (6.16+)",
             "non-zero SQE ioprio, __pad1 (bytes 12-15) or unknown uring_cmd_flags (io_uring_cmd_prep)",
         ],
-        ("FETCH_REQ", libc::EBUSY) => &[
-            "the tag is already fetched (<=6.15) or the queue/device is already ready",
-        ],
+        ("FETCH_REQ", libc::EBUSY) => &["the tag is already fetched (<=6.15) or the queue/device is already ready"],
         ("COMMIT_AND_FETCH_REQ", libc::EINVAL) => &[
             "committed from a thread other than the one that fetched (the queue's or tag's daemon)",
             "the tag is not owned by the server (no request was delivered for it) (<=6.15)",
             "buffer address 0 without USER_COPY, or non-zero with USER_COPY",
         ],
-        ("COMMIT_AND_FETCH_REQ", libc::EBUSY) => &[
-            "the tag is not owned by the server: no request was delivered for it (6.16+)",
-        ],
+        ("COMMIT_AND_FETCH_REQ", libc::EBUSY) => &["the tag is not owned by the server: no request was delivered for it (6.16+)"],
         (_, libc::EOPNOTSUPP) => &[
             "the kernel does not know this opcode (too old), or its _IOC_TYPE is not 'u'",
             "a legacy opcode on a kernel built with CONFIG_BLKDEV_UBLK_LEGACY_OPCODES=n",
@@ -242,13 +238,14 @@ pub(crate) fn hints(cmd: Cmd, errno: i32) -> &'static [&'static str] {
             "params len/types zero or len larger than the command's buffer",
         ],
         ("SET_PARAMS", libc::EACCES) => &["the device is already started: set params before START_DEV"],
-        ("START_DEV", libc::EINVAL) => &[
-            "no basic params set (SET_PARAMS before START_DEV)",
-            "data[0] is not the pid that opened /dev/ublkcN (6.17+)",
-        ],
+        ("START_DEV", libc::EINVAL) => {
+            &["no basic params set (SET_PARAMS before START_DEV)", "data[0] is not the pid that opened /dev/ublkcN (6.17+)"]
+        }
         ("START_DEV", libc::EEXIST) => &["the device is already started"],
         ("START_DEV", libc::EINTR) => &["interrupted while waiting for every tag of every queue to be fetched"],
-        (_, libc::ENODEV) => &["no such device id, or the kernel does not know this command (before 6.4, encoded opcodes are looked up as device ids)"],
+        (_, libc::ENODEV) => {
+            &["no such device id, or the kernel does not know this command (before 6.4, encoded opcodes are looked up as device ids)"]
+        }
         (_, libc::EPERM) => &["not root (CAP_SYS_ADMIN), and the device is not an unprivileged one"],
         _ => &[],
     }

@@ -48,7 +48,9 @@ impl Params {
         if size == 0 || size % u64::from(block_size) != 0 {
             return Err(Error::InvalidConfig {
                 what: "size",
-                why: format!("{size} bytes is not a positive multiple of the block size {block_size}; round it to a multiple of {block_size}"),
+                why: format!(
+                    "{size} bytes is not a positive multiple of the block size {block_size}; round it to a multiple of {block_size}"
+                ),
             });
         }
         let shift = block_size.trailing_zeros() as u8;

@@ -154,7 +154,16 @@ impl Follower {
             return None;
         }
         let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].0.load(Ordering::Relaxed)).collect();
-        Some(Follower { q: usize::from(q), plan: plan.clone(), served, seen, checked: Instant::now(), batches: 0, streak: 0, at_home: false })
+        Some(Follower {
+            q: usize::from(q),
+            plan: plan.clone(),
+            served,
+            seen,
+            checked: Instant::now(),
+            batches: 0,
+            streak: 0,
+            at_home: false,
+        })
     }
 
     /// Called after each batch with this queue's request count so far; reads

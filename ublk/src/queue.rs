@@ -28,16 +28,9 @@ pub(crate) struct IoOp {
     encoded: u32,
 }
 
-const FETCH_REQ: IoOp = IoOp {
-    name: "FETCH_REQ",
-    legacy: sys::UBLK_IO_FETCH_REQ,
-    encoded: sys::UBLK_U_IO_FETCH_REQ,
-};
-const COMMIT_AND_FETCH_REQ: IoOp = IoOp {
-    name: "COMMIT_AND_FETCH_REQ",
-    legacy: sys::UBLK_IO_COMMIT_AND_FETCH_REQ,
-    encoded: sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ,
-};
+const FETCH_REQ: IoOp = IoOp { name: "FETCH_REQ", legacy: sys::UBLK_IO_FETCH_REQ, encoded: sys::UBLK_U_IO_FETCH_REQ };
+const COMMIT_AND_FETCH_REQ: IoOp =
+    IoOp { name: "COMMIT_AND_FETCH_REQ", legacy: sys::UBLK_IO_COMMIT_AND_FETCH_REQ, encoded: sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ };
 
 /// How long a queue thread polls its ring for the next request before it
 /// sleeps, by default. Under the test VMs' emulation a request's round trip
@@ -210,9 +203,7 @@ impl Queue {
         let ring = build_ring(entries)?;
         let mut files = vec![char_fd];
         files.extend_from_slice(target_files);
-        ring.submitter()
-            .register_files(&files)
-            .map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
         Ok(Queue {
             ring,
             dev_id: info.dev_id,
@@ -269,10 +260,7 @@ impl Queue {
     /// `ublksrv_io_cmd` at byte 48.
     fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
         let cmd = sys::ublksrv_io_cmd::new(self.q_id, tag, result, self.buf_addr(tag));
-        opcode::UringCmd16::new(types::Fixed(0), self.opcode(op))
-            .cmd(io_cmd_bytes(&cmd))
-            .build()
-            .user_data(u64::from(tag))
+        opcode::UringCmd16::new(types::Fixed(0), self.opcode(op)).cmd(io_cmd_bytes(&cmd)).build().user_data(u64::from(tag))
     }
 
     fn push(&mut self, sqe: &squeue::Entry) {
@@ -446,9 +434,8 @@ impl Queue {
         // general, but wrote this tag's before completing its command (the CQE
         // we just read orders that write before this read) and will not touch
         // it again until we commit; a volatile copy reads it exactly once.
-        let d: sys::ublksrv_io_desc = unsafe {
-            std::ptr::read_volatile((self.descs.ptr.as_ptr() as *const sys::ublksrv_io_desc).add(usize::from(tag)))
-        };
+        let d: sys::ublksrv_io_desc =
+            unsafe { std::ptr::read_volatile((self.descs.ptr.as_ptr() as *const sys::ublksrv_io_desc).add(usize::from(tag))) };
         let req = Request {
             q_id: self.q_id,
             tag,
@@ -525,7 +512,7 @@ pub(crate) fn io_cmd_bytes(cmd: &sys::ublksrv_io_cmd) -> [u8; 16] {
 /// the flags that cut wake-ups where the kernel has them (COOP_TASKRUN 5.19,
 /// SINGLE_ISSUER 6.0, DEFER_TASKRUN 6.1), falling back step by step.
 fn build_ring(entries: u32) -> Result<IoUring<squeue::Entry, cqueue::Entry>> {
-    let tries: [fn(&mut io_uring::Builder) ; 3] = [
+    let tries: [fn(&mut io_uring::Builder); 3] = [
         |b| {
             b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun();
         },

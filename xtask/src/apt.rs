@@ -111,12 +111,7 @@ pub fn get() -> &'static Apt {
     APT.get_or_init(|| {
         let (base, keyring) = host_mirror();
         let dir = util::cache_dir().join("apt");
-        Apt {
-            debs: util::cache_dir().join("debs"),
-            dir,
-            base,
-            keyring,
-        }
+        Apt { debs: util::cache_dir().join("debs"), dir, base, keyring }
     })
 }
 
@@ -139,15 +134,9 @@ impl Apt {
         }
         let mut sl = String::new();
         for (archive, suite) in SUITES {
-            sl.push_str(&format!(
-                "deb [signed-by={}] {}/{} {} main\n",
-                self.keyring, self.base, archive, suite
-            ));
+            sl.push_str(&format!("deb [signed-by={}] {}/{} {} main\n", self.keyring, self.base, archive, suite));
             if suite.starts_with("bookworm") {
-                sl.push_str(&format!(
-                    "deb-src [signed-by={}] {}/{} {} main\n",
-                    self.keyring, self.base, archive, suite
-                ));
+                sl.push_str(&format!("deb-src [signed-by={}] {}/{} {} main\n", self.keyring, self.base, archive, suite));
             }
         }
         let path = self.dir.join("sources.list");
@@ -197,18 +186,11 @@ impl Apt {
                 warn!("cannot set up private apt tree: {e:#}");
                 return false;
             }
-            if std::env::var("UBLK_OFFLINE")
-                .map(|v| v == "1")
-                .unwrap_or(false)
-            {
+            if std::env::var("UBLK_OFFLINE").map(|v| v == "1").unwrap_or(false) {
                 warn!("UBLK_OFFLINE=1: not refreshing package lists, using cached versions");
                 return false;
             }
-            log!(
-                "refreshing private apt tree {} (mirror {})",
-                self.dir.display(),
-                self.base
-            );
+            log!("refreshing private apt tree {} (mirror {})", self.dir.display(), self.base);
             let mut c = self.cmd("apt-get");
             c.arg("-q").arg("update");
             match output(&mut c) {
@@ -222,10 +204,7 @@ impl Apt {
                     }
                 }
                 Err(e) => {
-                    warn!(
-                        "package archive unreachable ({}); falling back to cached versions",
-                        first_line(&e.to_string())
-                    );
+                    warn!("package archive unreachable ({}); falling back to cached versions", first_line(&e.to_string()));
                     false
                 }
             }
@@ -237,12 +216,7 @@ impl Apt {
         let mut c = self.cmd("apt-cache");
         c.args(["search", "--names-only", regex]);
         let out = output(&mut c)?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.split(" - ").next())
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect())
+        Ok(out.lines().filter_map(|l| l.split(" - ").next()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     }
 
     /// All (package, version, suite) available for these binary packages, newest first.
@@ -259,17 +233,8 @@ impl Apt {
             if f.len() < 3 || !f[2].ends_with("Packages") {
                 continue;
             }
-            let suite = f[2]
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.split('/').next())
-                .unwrap_or("?")
-                .to_string();
-            v.push(Cand {
-                pkg: f[0].to_string(),
-                version: f[1].to_string(),
-                suite,
-            });
+            let suite = f[2].split_whitespace().nth(1).and_then(|s| s.split('/').next()).unwrap_or("?").to_string();
+            v.push(Cand { pkg: f[0].to_string(), version: f[1].to_string(), suite });
         }
         v.sort_by(|a, b| deb_cmp(&b.version, &a.version));
         Ok(v)
@@ -284,12 +249,7 @@ impl Apt {
         for l in out.lines() {
             let f: Vec<&str> = l.split('|').map(str::trim).collect();
             if f.len() >= 3 && f[0] == src && f[2].ends_with("Sources") {
-                let suite = f[2]
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.split('/').next())
-                    .unwrap_or("?")
-                    .to_string();
+                let suite = f[2].split_whitespace().nth(1).and_then(|s| s.split('/').next()).unwrap_or("?").to_string();
                 v.push((f[1].to_string(), suite));
             }
         }
@@ -348,19 +308,13 @@ impl Apt {
     pub fn orig_tarball(&self, src: &str, version: &str) -> Result<(String, String, String)> {
         let spec = format!("{src}={version}");
         let uris = self.print_uris(&["source", "--download-only", &spec])?;
-        uris.into_iter()
-            .find(|(_, f, _)| f.contains(".orig.tar."))
-            .ok_or_else(|| anyhow::anyhow!("no orig tarball for {spec}"))
+        uris.into_iter().find(|(_, f, _)| f.contains(".orig.tar.")).ok_or_else(|| anyhow::anyhow!("no orig tarball for {spec}"))
     }
 }
 
 /// Extract a .deb into `dest` (once per .deb; a marker file records completion).
 pub fn extract(deb: &Path, dest: &Path) -> Result<()> {
-    let name = deb
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let name = deb.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let marker = dest.join(format!(".xtask-extracted-{name}"));
     if marker.exists() {
         return Ok(());

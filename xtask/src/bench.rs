@@ -179,12 +179,16 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     if records.is_empty() {
         bail!("the bench produced no measurements");
     }
-    let (targets, rows) = summary(&records, |q, fj| format!("{q}q/{fj}j"), |r| {
-        let m = median(&r.iops);
-        let (lo, hi) = min_max(&r.iops);
-        let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
-        format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
-    });
+    let (targets, rows) = summary(
+        &records,
+        |q, fj| format!("{q}q/{fj}j"),
+        |r| {
+            let m = median(&r.iops);
+            let (lo, hi) = min_max(&r.iops);
+            let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
+            format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+        },
+    );
     println!();
     log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, {} vCPUs)", vm::vm_cpus());
     let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
@@ -218,12 +222,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             .collect();
         let meta_j: Vec<String> = meta.iter().map(|m| json_str(m)).collect();
         let cmds_j: Vec<String> = cmds.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
-        let doc = format!(
-            "{{\"records\":[{}],\"meta\":[{}],\"commands\":{{{}}}}}\n",
-            recs.join(",\n"),
-            meta_j.join(","),
-            cmds_j.join(",")
-        );
+        let doc = format!("{{\"records\":[{}],\"meta\":[{}],\"commands\":{{{}}}}}\n", recs.join(",\n"), meta_j.join(","), cmds_j.join(","));
         std::fs::write(path, doc)?;
         log!("bench: wrote {}", path.display());
     }
@@ -248,10 +247,14 @@ pub fn markdown(file: &Path) -> Result<()> {
         });
     }
     let k = |x: f64| format!("{:.1}k", x / 1000.0);
-    let (targets, rows) = summary(&records, |q, fj| format!("{q} / {fj}"), |r| {
-        let (lo, hi) = min_max(&r.iops);
-        format!("{} ({}–{})", k(median(&r.iops)), k(lo).trim_end_matches('k'), k(hi))
-    });
+    let (targets, rows) = summary(
+        &records,
+        |q, fj| format!("{q} / {fj}"),
+        |r| {
+            let (lo, hi) = min_max(&r.iops);
+            format!("{} ({}–{})", k(median(&r.iops)), k(lo).trim_end_matches('k'), k(hi))
+        },
+    );
     let mut head = vec!["kernel".to_string(), "queues / fio jobs".into(), "job".into()];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "**ublk-null (ours)**".to_string() } else { t.clone() }));
     head.extend(["ours / null_blk".to_string(), "ours / libublk best".into()]);
@@ -259,7 +262,9 @@ pub fn markdown(file: &Path) -> Result<()> {
     if records.iter().any(|r| !r.cpu.is_empty()) {
         let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
         head.truncate(head.len() - 2);
-        println!("\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n");
+        println!(
+            "\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n"
+        );
         print_markdown(&head, &rows);
     }
     Ok(())

@@ -50,20 +50,14 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
                     return Ok((dir, c.version));
                 }
                 Err(e) => {
-                    warn!(
-                        "linux-libc-dev {} ({}) not downloadable: {}",
-                        c.version,
-                        c.suite,
-                        e.to_string().lines().next().unwrap_or("")
-                    );
+                    warn!("linux-libc-dev {} ({}) not downloadable: {}", c.version, c.suite, e.to_string().lines().next().unwrap_or(""));
                     let _ = std::fs::create_dir_all(&base);
                     let _ = std::fs::write(&neg, "");
                     last_err = Some(e);
                 }
             }
         }
-        Err(last_err
-            .unwrap_or_else(|| anyhow::anyhow!("no downloadable linux-libc-dev in {suite}")))
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no downloadable linux-libc-dev in {suite}")))
     })();
     let (dir, version) = match resolved {
         Ok(x) => x,
@@ -119,11 +113,7 @@ pub fn parse_test_results(out: &str) -> (u64, u64) {
             continue;
         };
         for part in rest.split(';') {
-            let part = part
-                .trim()
-                .trim_start_matches("ok.")
-                .trim_start_matches("FAILED.")
-                .trim();
+            let part = part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim();
             let mut it = part.split_whitespace();
             if let (Some(n), Some(what)) = (it.next(), it.next()) {
                 let n: u64 = n.parse().unwrap_or(0);
@@ -139,13 +129,8 @@ pub fn parse_test_results(out: &str) -> (u64, u64) {
 }
 
 fn one(suite: &str) -> Row {
-    let mut row = Row {
-        suite: suite.to_string(),
-        header_version: "?".into(),
-        flags: "?".into(),
-        commands: "?".into(),
-        ..Default::default()
-    };
+    let mut row =
+        Row { suite: suite.to_string(), header_version: "?".into(), flags: "?".into(), commands: "?".into(), ..Default::default() };
     let (inc, ver) = match headers_dir(suite) {
         Ok(x) => x,
         Err(e) => {
@@ -155,20 +140,13 @@ fn one(suite: &str) -> Row {
         }
     };
     row.pkg_version = ver;
-    log!(
-        "=== headers {suite}: linux-libc-dev {} -> {}",
-        row.pkg_version,
-        inc.display()
-    );
+    log!("=== headers {suite}: linux-libc-dev {} -> {}", row.pkg_version, inc.display());
     // One target dir for every suite: the dependencies build once, and the
     // changed UBLK_SYS_KERNEL_HEADERS reruns ublk-sys's build script.
     let target = workspace_root().join("target").join("headers");
     let env_cmd = |args: &[&str]| {
         let mut c = Command::new(util::cargo());
-        c.args(args)
-            .current_dir(workspace_root())
-            .env("UBLK_SYS_KERNEL_HEADERS", &inc)
-            .env("CARGO_TARGET_DIR", &target);
+        c.args(args).current_dir(workspace_root()).env("UBLK_SYS_KERNEL_HEADERS", &inc).env("CARGO_TARGET_DIR", &target);
         c
     };
     row.build_ok = util::run(&mut env_cmd(&["build", "-p", "ublk-sys", "-p", "ublk"])).is_ok();
@@ -200,10 +178,7 @@ fn one(suite: &str) -> Row {
             }
             print!("{out}");
         }
-        Err(e) => warn!(
-            "header_info example failed: {}",
-            e.to_string().lines().next().unwrap_or("")
-        ),
+        Err(e) => warn!("header_info example failed: {}", e.to_string().lines().next().unwrap_or("")),
     }
     row
 }
@@ -223,15 +198,7 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
     let rows: Vec<Row> = suites.iter().map(|s| one(s)).collect();
     println!();
     util::print_table(
-        &[
-            "suite",
-            "linux-libc-dev",
-            "header version",
-            "bindings",
-            "tests passed/failed",
-            "#flags",
-            "#commands",
-        ],
+        &["suite", "linux-libc-dev", "header version", "bindings", "tests passed/failed", "#flags", "#commands"],
         &rows
             .iter()
             .map(|r| {
@@ -239,40 +206,19 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
                     r.suite.clone(),
                     r.pkg_version.clone(),
                     r.header_version.clone(),
-                    if r.build_ok {
-                        "ok".into()
-                    } else {
-                        "FAILED".into()
-                    },
-                    if r.build_ok {
-                        format!(
-                            "{}/{}{}",
-                            r.passed,
-                            r.failed,
-                            if r.tests_ok { "" } else { " (FAILED)" }
-                        )
-                    } else {
-                        "-".into()
-                    },
+                    if r.build_ok { "ok".into() } else { "FAILED".into() },
+                    if r.build_ok { format!("{}/{}{}", r.passed, r.failed, if r.tests_ok { "" } else { " (FAILED)" }) } else { "-".into() },
                     r.flags.clone(),
                     r.commands.clone(),
                 ]
             })
             .collect::<Vec<_>>(),
     );
-    let bad: Vec<&str> = rows
-        .iter()
-        .filter(|r| !r.build_ok)
-        .map(|r| r.suite.as_str())
-        .collect();
+    let bad: Vec<&str> = rows.iter().filter(|r| !r.build_ok).map(|r| r.suite.as_str()).collect();
     if !bad.is_empty() {
         bail!("bindings generation failed for: {}", bad.join(", "));
     }
-    let tbad: Vec<&str> = rows
-        .iter()
-        .filter(|r| !r.tests_ok)
-        .map(|r| r.suite.as_str())
-        .collect();
+    let tbad: Vec<&str> = rows.iter().filter(|r| !r.tests_ok).map(|r| r.suite.as_str()).collect();
     if !tbad.is_empty() {
         bail!("tests failed for: {}", tbad.join(", "));
     }

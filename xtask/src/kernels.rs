@@ -59,11 +59,7 @@ pub fn get(name: &str) -> Result<Kernel> {
         Err(e) => {
             if let Some(k) = load_record(name) {
                 warn!("could not resolve kernel {name}: {e:#}");
-                warn!(
-                    "falling back to cached kernel {name} {} ({})",
-                    k.version,
-                    k.vmlinuz.display()
-                );
+                warn!("falling back to cached kernel {name} {} ({})", k.version, k.vmlinuz.display());
                 Ok(k)
             } else {
                 Err(e)
@@ -82,10 +78,7 @@ fn save_record(k: &Kernel) {
         k.version,
         k.origin,
         k.vmlinuz.display(),
-        k.modules
-            .as_ref()
-            .map(|m| m.display().to_string())
-            .unwrap_or_default()
+        k.modules.as_ref().map(|m| m.display().to_string()).unwrap_or_default()
     );
     let _ = std::fs::create_dir_all(cache_dir().join("kernels"));
     let _ = std::fs::write(record_path(&k.name), text);
@@ -93,11 +86,7 @@ fn save_record(k: &Kernel) {
 
 fn load_record(name: &str) -> Option<Kernel> {
     let text = std::fs::read_to_string(record_path(name)).ok()?;
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
-    };
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).map(str::to_string);
     let vmlinuz = PathBuf::from(get("vmlinuz")?);
     if !vmlinuz.exists() {
         return None;
@@ -134,14 +123,9 @@ fn kernel_deb(name: &str) -> Result<Kernel> {
         let cands: Vec<Cand> = apt
             .candidates(&names)?
             .into_iter()
-            .filter(|c| {
-                ["sid", "unstable", "experimental", "trixie-backports"].contains(&c.suite.as_str())
-            })
+            .filter(|c| ["sid", "unstable", "experimental", "trixie-backports"].contains(&c.suite.as_str()))
             .collect();
-        let c = cands
-            .first()
-            .cloned()
-            .context("no kernel image in sid/experimental/trixie-backports")?;
+        let c = cands.first().cloned().context("no kernel image in sid/experimental/trixie-backports")?;
         log!(
             "newest kernel: {} {} from {} (considered {} candidates across sid/experimental/trixie-backports)",
             c.pkg,
@@ -149,22 +133,12 @@ fn kernel_deb(name: &str) -> Result<Kernel> {
             c.suite,
             cands.len()
         );
-        let m = c
-            .pkg
-            .strip_prefix("linux-binary-unsigned-")
-            .map(|abi| format!("linux-modules-{abi}"));
+        let m = c.pkg.strip_prefix("linux-binary-unsigned-").map(|abi| format!("linux-modules-{abi}"));
         (c, m)
     };
-    let abi = img
-        .pkg
-        .trim_start_matches("linux-binary-unsigned-")
-        .trim_start_matches("linux-image-")
-        .trim_end_matches("-unsigned")
-        .to_string();
-    let root = cache_dir()
-        .join("kernels")
-        .join("deb")
-        .join(format!("{abi}_{}", img.version.replace(['~', ':'], "_")));
+    let abi =
+        img.pkg.trim_start_matches("linux-binary-unsigned-").trim_start_matches("linux-image-").trim_end_matches("-unsigned").to_string();
+    let root = cache_dir().join("kernels").join("deb").join(format!("{abi}_{}", img.version.replace(['~', ':'], "_")));
     let ready = root.join(".xtask-ready");
     let fresh = !ready.exists();
     if fresh {
@@ -180,14 +154,10 @@ fn kernel_deb(name: &str) -> Result<Kernel> {
         .map(|d| root.join(d).join(&abi))
         .find(|p| p.join("kernel").is_dir())
         .with_context(|| format!("no module tree for {abi} in {}", root.display()))?;
-    let vmlinuz = [
-        root.join("boot").join(format!("vmlinuz-{abi}")),
-        moddir.join("vmlinuz.unsigned"),
-        moddir.join("vmlinuz"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
-    .with_context(|| format!("no vmlinuz for {abi} in {}", root.display()))?;
+    let vmlinuz = [root.join("boot").join(format!("vmlinuz-{abi}")), moddir.join("vmlinuz.unsigned"), moddir.join("vmlinuz")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("no vmlinuz for {abi} in {}", root.display()))?;
     if fresh {
         depmod(&root, &moddir, &abi)?;
         std::fs::write(&ready, "")?;
@@ -218,12 +188,7 @@ fn depmod(root: &Path, moddir: &Path, abi: &str) -> Result<()> {
         root.to_path_buf()
     };
     log!("depmod for {abi}");
-    output(
-        Command::new(util::which("depmod").unwrap_or_else(|| "/sbin/depmod".into()))
-            .arg("-b")
-            .arg(&base)
-            .arg(abi),
-    )?;
+    output(Command::new(util::which("depmod").unwrap_or_else(|| "/sbin/depmod".into())).arg("-b").arg(&base).arg(abi))?;
     if !moddir.join("modules.dep").exists() {
         bail!("depmod did not create {}/modules.dep", moddir.display());
     }
@@ -240,12 +205,7 @@ pub fn fragment_path() -> PathBuf {
 fn fragment_lines() -> Result<Vec<String>> {
     let p = fragment_path();
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect())
 }
 
 /// Find (and download if needed) the newest 6.1 orig tarball: (upstream version, path).
@@ -263,12 +223,7 @@ fn source_6_1() -> Result<(String, PathBuf)> {
         if !tried.insert(file.clone()) {
             continue;
         }
-        let upver = file
-            .trim_start_matches("linux_")
-            .split(".orig.tar")
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let upver = file.trim_start_matches("linux_").split(".orig.tar").next().unwrap_or_default().to_string();
         let path = srcdir.join(&file);
         if path.exists() {
             log!("6.1 source: {} (cached, {suite})", path.display());
@@ -284,19 +239,12 @@ fn source_6_1() -> Result<(String, PathBuf)> {
             .map(|t| t.elapsed().map(|e| e.as_secs() < 86400).unwrap_or(false))
             .unwrap_or(false);
         if recent {
-            log!(
-                "skipping {file} ({suite}): not on the mirror when last tried (delete {} to retry)",
-                neg.display()
-            );
+            log!("skipping {file} ({suite}): not on the mirror when last tried (delete {} to retry)", neg.display());
             continue;
         }
         log!("downloading {url}");
         let part = srcdir.join(format!("{file}.part"));
-        let st = Command::new("curl")
-            .args(["-fsSL", "--retry", "2", "-o"])
-            .arg(&part)
-            .arg(&url)
-            .status()?;
+        let st = Command::new("curl").args(["-fsSL", "--retry", "2", "-o"]).arg(&part).arg(&url).status()?;
         if !st.success() {
             warn!("{file} ({suite}) is not downloadable from the mirror; trying an older 6.1");
             let _ = std::fs::remove_file(&part);
@@ -318,10 +266,7 @@ fn source_6_1() -> Result<(String, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let f = e.file_name().to_string_lossy().into_owned();
-            let v = f
-                .strip_prefix("linux_")?
-                .strip_suffix(".orig.tar.xz")?
-                .to_string();
+            let v = f.strip_prefix("linux_")?.strip_suffix(".orig.tar.xz")?.to_string();
             v.starts_with("6.1.").then(|| (v, e.path()))
         })
         .collect();
@@ -371,10 +316,7 @@ fn kernel_6_1() -> Result<Kernel> {
     };
     let out = out_root.join(format!("{upver}-{key_hash}"));
     let bz = out.join("bzImage");
-    let origin = format!(
-        "built from {} + kernel/6.1.fragment ({key_hash})",
-        tarball.file_name().unwrap().to_string_lossy()
-    );
+    let origin = format!("built from {} + kernel/6.1.fragment ({key_hash})", tarball.file_name().unwrap().to_string_lossy());
     let cached = |upver: String, origin: String, bz: PathBuf| Kernel {
         name: "6.1".into(),
         version: upver,
@@ -388,23 +330,12 @@ fn kernel_6_1() -> Result<Kernel> {
     }
     // One builder at a time per source tree (concurrent xtask runs); another
     // run may have built it while we waited.
-    let _lock = BuildLock::acquire(
-        &cache_dir()
-            .join("build")
-            .join(format!("linux-{upver}.lock")),
-    )?;
+    let _lock = BuildLock::acquire(&cache_dir().join("build").join(format!("linux-{upver}.lock")))?;
     if bz.exists() {
         return Ok(cached(upver, origin, bz));
     }
     build_6_1(&upver, &tarball, &lines, &out)?;
-    Ok(Kernel {
-        name: "6.1".into(),
-        version: upver,
-        origin,
-        vmlinuz: bz,
-        modules: None,
-        fresh: true,
-    })
+    Ok(Kernel { name: "6.1".into(), version: upver, origin, vmlinuz: bz, modules: None, fresh: true })
 }
 
 fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Result<()> {
@@ -417,13 +348,7 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
             std::fs::remove_dir_all(&src)?;
         }
         log!("extracting {} into {}", tarball.display(), build.display());
-        output(
-            Command::new("tar")
-                .arg("-xf")
-                .arg(tarball)
-                .arg("-C")
-                .arg(&build),
-        )?;
+        output(Command::new("tar").arg("-xf").arg(tarball).arg("-C").arg(&build))?;
         if !src.join("Makefile").exists() {
             bail!("{} did not unpack to {}", tarball.display(), src.display());
         }
@@ -431,10 +356,7 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
     }
     let logf = src.join("xtask-build.log");
     let make = |args: &[&str]| -> Result<()> {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&logf)?;
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&logf)?;
         let mut c = Command::new("make");
         c.arg("-C").arg(&src).args(args);
         c.stdout(log_file.try_clone()?).stderr(log_file);
@@ -464,28 +386,15 @@ fn build_6_1(upver: &str, tarball: &Path, lines: &[String], out: &Path) -> Resul
     // Verify every requested option survived olddefconfig.
     let final_cfg = std::fs::read_to_string(&cfg)?;
     let have: std::collections::HashSet<&str> = final_cfg.lines().map(str::trim).collect();
-    let missing: Vec<&String> = lines
-        .iter()
-        .filter(|l| !have.contains(l.as_str()))
-        .collect();
+    let missing: Vec<&String> = lines.iter().filter(|l| !have.contains(l.as_str())).collect();
     if !missing.is_empty() {
         for m in &missing {
-            println!(
-                "xtask: ERROR: {m} requested by kernel/6.1.fragment is not set after olddefconfig"
-            );
+            println!("xtask: ERROR: {m} requested by kernel/6.1.fragment is not set after olddefconfig");
         }
-        bail!(
-            "{} option(s) of kernel/6.1.fragment did not stick (unmet dependencies?)",
-            missing.len()
-        );
+        bail!("{} option(s) of kernel/6.1.fragment did not stick (unmet dependencies?)", missing.len());
     }
-    log!(
-        "config verified: all {} fragment options are set",
-        lines.len()
-    );
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    log!("config verified: all {} fragment options are set", lines.len());
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     log!("building linux {upver} bzImage with -j{jobs} (takes several minutes)");
     let t = std::time::Instant::now();
     make(&[&format!("-j{jobs}"), "bzImage"])?;
@@ -506,26 +415,13 @@ pub fn cmd_kernels(sel: &str) -> Result<()> {
                 k.name.clone(),
                 k.version.clone(),
                 k.vmlinuz.display().to_string(),
-                k.modules
-                    .as_ref()
-                    .map(|m| m.display().to_string())
-                    .unwrap_or_else(|| "built-in".into()),
-                if k.fresh {
-                    "fresh".into()
-                } else {
-                    "cached".into()
-                },
+                k.modules.as_ref().map(|m| m.display().to_string()).unwrap_or_else(|| "built-in".into()),
+                if k.fresh { "fresh".into() } else { "cached".into() },
             ]),
             Err(e) => {
                 println!("xtask: ERROR: kernel {name}: {e:#}");
                 failed = true;
-                rows.push(vec![
-                    name.clone(),
-                    "?".into(),
-                    "-".into(),
-                    "-".into(),
-                    "FAILED".into(),
-                ]);
+                rows.push(vec![name.clone(), "?".into(), "-".into(), "-".into(), "FAILED".into()]);
             }
         }
     }
@@ -554,8 +450,7 @@ impl BuildLock {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let owner = std::fs::read_to_string(path.join("pid")).unwrap_or_default();
-                    let alive = !owner.trim().is_empty()
-                        && Path::new(&format!("/proc/{}", owner.trim())).exists();
+                    let alive = !owner.trim().is_empty() && Path::new(&format!("/proc/{}", owner.trim())).exists();
                     if !alive {
                         std::thread::sleep(std::time::Duration::from_millis(500));
                         // re-read: the owner may have been writing its pid
@@ -566,17 +461,12 @@ impl BuildLock {
                         continue;
                     }
                     if !said {
-                        log!(
-                            "waiting for another xtask (pid {}) building in the same tree",
-                            owner.trim()
-                        );
+                        log!("waiting for another xtask (pid {}) building in the same tree", owner.trim());
                         said = true;
                     }
                     std::thread::sleep(std::time::Duration::from_secs(2));
                 }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("creating lock {}", path.display()))
-                }
+                Err(e) => return Err(e).with_context(|| format!("creating lock {}", path.display())),
             }
         }
     }

@@ -123,7 +123,7 @@ enum Cmd {
         /// The JSON file
         file: std::path::PathBuf,
     },
-    /// Everything: headers, host tests, clippy, docs, kernels, test-vm, demo.
+    /// Everything: fmt, headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
         /// Per-kernel time limit for test-vm
         #[arg(long, default_value_t = 900)]
@@ -135,27 +135,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Kernels { kernel } => kernels::cmd_kernels(&kernel),
-        Cmd::Headers { suite, print_dir } => {
-            headers::cmd_headers(suite.as_deref(), print_dir.as_deref())
-        }
-        Cmd::TestVm {
-            kernel,
-            timeout,
-            exe_timeout,
-            test_args,
-        } => test_vm(&kernel, timeout, exe_timeout, &test_args),
-        Cmd::Vm {
-            kernel,
-            timeout,
-            no_build,
-            with_tests,
-            cmd,
-        } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
-        Cmd::Demo {
-            kernel,
-            timeout,
-            vm,
-        } => demo(&kernel, timeout, vm),
+        Cmd::Headers { suite, print_dir } => headers::cmd_headers(suite.as_deref(), print_dir.as_deref()),
+        Cmd::TestVm { kernel, timeout, exe_timeout, test_args } => test_vm(&kernel, timeout, exe_timeout, &test_args),
+        Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
+        Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
         Cmd::BenchTable { file } => bench::markdown(&file),
         Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus } => {
@@ -183,25 +166,11 @@ fn single_kernel(sel: &str) -> Result<String> {
     Ok(v[0].clone())
 }
 
-fn vm_cmd(
-    kernel: &str,
-    timeout: u64,
-    no_build: bool,
-    with_tests: bool,
-    cmd: &[String],
-) -> Result<()> {
+fn vm_cmd(kernel: &str, timeout: u64, no_build: bool, with_tests: bool, cmd: &[String]) -> Result<()> {
     let name = single_kernel(kernel)?;
     let k = kernels::get(&name)?;
-    let script = if cmd.is_empty() {
-        "uname -a; ls -l /dev/ublk-control".to_string()
-    } else {
-        cmd.join(" ")
-    };
-    let mut payload = vm::Payload {
-        script: format!("{script}\n"),
-        strip: true,
-        ..Default::default()
-    };
+    let script = if cmd.is_empty() { "uname -a; ls -l /dev/ublk-control".to_string() } else { cmd.join(" ") };
+    let mut payload = vm::Payload { script: format!("{script}\n"), strip: true, ..Default::default() };
     if !no_build {
         let a = wsbuild::build(with_tests)?;
         payload.bins = a.bins;
@@ -216,11 +185,7 @@ fn vm_cmd(
 }
 
 fn test_payload(test_args: &[String], exe_timeout: u64) -> String {
-    let wrap = if exe_timeout > 0 {
-        format!("timeout {exe_timeout} ")
-    } else {
-        String::new()
-    };
+    let wrap = if exe_timeout > 0 { format!("timeout {exe_timeout} ") } else { String::new() };
     let args: Vec<String> = test_args.iter().map(sh_quote).collect();
     format!(
         r#"failed=0
@@ -262,12 +227,7 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
         ks.push(kernels::get(n)?);
     }
     let a = wsbuild::build(true)?;
-    let payload = vm::Payload {
-        script: test_payload(test_args, exe_timeout),
-        bins: a.bins,
-        tests: a.tests,
-        strip: true,
-    };
+    let payload = vm::Payload { script: test_payload(test_args, exe_timeout), bins: a.bins, tests: a.tests, strip: true };
     let common = vm::build_common(&payload)?;
     let mut rows = vec![];
     let mut failed = false;
@@ -326,30 +286,15 @@ fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
     let script = util::xtask_dir().join("scripts").join("demo.sh");
     if Path::new("/dev/ublk-control").exists() && !force_vm {
         log!("/dev/ublk-control present: running the demo natively");
-        util::run(
-            Command::new(util::cargo())
-                .args(["build", "-p", "ublk-cli", "--bins"])
-                .current_dir(workspace_root()),
-        )?;
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        return util::run(
-            Command::new("sh")
-                .arg(&script)
-                .env("UBLK_BIN_DIR", target.join("debug")),
-        );
+        util::run(Command::new(util::cargo()).args(["build", "-p", "ublk-cli", "--bins"]).current_dir(workspace_root()))?;
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+        return util::run(Command::new("sh").arg(&script).env("UBLK_BIN_DIR", target.join("debug")));
     }
     log!("no /dev/ublk-control on this host: running the demo in a VM");
     let name = single_kernel(kernel)?;
     let k = kernels::get(&name)?;
     let a = wsbuild::build(false)?;
-    let payload = vm::Payload {
-        script: "sh /opt/ublk/bin/demo.sh\n".into(),
-        bins: a.bins,
-        tests: vec![],
-        strip: true,
-    };
+    let payload = vm::Payload { script: "sh /opt/ublk/bin/demo.sh\n".into(), bins: a.bins, tests: vec![], strip: true };
     let common = vm::build_common(&payload)?;
     let r = vm::run(&k, &common, Duration::from_secs(timeout), &[])?;
     if !r.ok() {
@@ -367,43 +312,13 @@ fn ci(timeout: u64) -> Result<()> {
     };
     type Step<'a> = (&'a str, Box<dyn FnOnce() -> Result<()> + 'a>);
     let steps: Vec<Step> = vec![
-        (
-            "headers (bookworm, trixie, sid)",
-            Box::new(|| headers::cmd_headers(None, None)),
-        ),
-        (
-            "host cargo test --workspace",
-            Box::new(|| util::run(&mut cargo(&["test", "--workspace"]))),
-        ),
-        (
-            "clippy -D warnings",
-            Box::new(|| {
-                util::run(&mut cargo(&[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))
-            }),
-        ),
-        (
-            "cargo doc (-Dwarnings)",
-            Box::new(|| {
-                util::run(
-                    cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings"),
-                )
-            }),
-        ),
-        (
-            "kernels --kernel all",
-            Box::new(|| kernels::cmd_kernels("all")),
-        ),
-        (
-            "test-vm --kernel all",
-            Box::new(move || test_vm("all", timeout, 300, &[])),
-        ),
+        ("cargo fmt --check", Box::new(|| util::run(&mut cargo(&["fmt", "--all", "--check"])))),
+        ("headers (bookworm, trixie, sid)", Box::new(|| headers::cmd_headers(None, None))),
+        ("host cargo test --workspace", Box::new(|| util::run(&mut cargo(&["test", "--workspace"])))),
+        ("clippy -D warnings", Box::new(|| util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))),
+        ("cargo doc (-Dwarnings)", Box::new(|| util::run(cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings")))),
+        ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
+        ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 300, &[]))),
         ("demo", Box::new(|| demo("6.12", 600, false))),
     ];
     let mut rows = vec![];

@@ -35,10 +35,7 @@ macro_rules! warn {
 
 /// Root of the workspace (parent of the xtask crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent dir")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent dir").to_path_buf()
 }
 
 pub fn xtask_dir() -> PathBuf {
@@ -70,9 +67,7 @@ pub fn describe(cmd: &Command) -> String {
 /// Run a command with inherited stdio; error unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
     log!("$ {}", describe(cmd));
-    let st = cmd
-        .status()
-        .with_context(|| format!("failed to spawn {}", describe(cmd)))?;
+    let st = cmd.status().with_context(|| format!("failed to spawn {}", describe(cmd)))?;
     if !st.success() {
         bail!("command failed ({}): {}", st, describe(cmd));
     }
@@ -81,17 +76,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Run a command quietly; error (with its stderr) unless it exits 0. Returns stdout.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("failed to spawn {}", describe(cmd)))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("failed to spawn {}", describe(cmd)))?;
     if !out.status.success() {
-        bail!(
-            "command failed ({}): {}\n{}",
-            out.status,
-            describe(cmd),
-            String::from_utf8_lossy(&out.stderr).trim_end()
-        );
+        bail!("command failed ({}): {}\n{}", out.status, describe(cmd), String::from_utf8_lossy(&out.stderr).trim_end());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -100,10 +87,7 @@ pub fn output(cmd: &mut Command) -> Result<String> {
 /// Returns (success, captured stdout).
 pub fn run_tee(cmd: &mut Command) -> Result<(bool, String)> {
     log!("$ {}", describe(cmd));
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("failed to spawn {}", describe(cmd)))?;
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("failed to spawn {}", describe(cmd)))?;
     let mut pipe = child.stdout.take().unwrap();
     let mut captured = Vec::new();
     let mut buf = [0u8; 8192];
@@ -119,19 +103,12 @@ pub fn run_tee(cmd: &mut Command) -> Result<(bool, String)> {
         lock.flush()?;
     }
     let st = child.wait()?;
-    Ok((
-        st.success(),
-        String::from_utf8_lossy(&captured).into_owned(),
-    ))
+    Ok((st.success(), String::from_utf8_lossy(&captured).into_owned()))
 }
 
 pub fn which(prog: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path).chain(
-        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-            .iter()
-            .map(PathBuf::from),
-    ) {
+    for dir in std::env::split_paths(&path).chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(PathBuf::from)) {
         let p = dir.join(prog);
         if p.is_file() {
             return Some(p);
@@ -142,11 +119,7 @@ pub fn which(prog: &str) -> Option<PathBuf> {
 
 /// sha256 hex digest of some bytes (via sha256sum).
 pub fn sha256_hex(data: &[u8]) -> Result<String> {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawn sha256sum")?;
+    let mut child = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("spawn sha256sum")?;
     child.stdin.take().unwrap().write_all(data)?;
     let out = child.wait_with_output()?;
     let s = String::from_utf8_lossy(&out.stdout);
@@ -155,11 +128,7 @@ pub fn sha256_hex(data: &[u8]) -> Result<String> {
 
 pub fn sha256_file(path: &Path) -> Result<String> {
     let out = output(Command::new("sha256sum").arg(path))?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(out.split_whitespace().next().unwrap_or_default().to_string())
 }
 
 pub fn fmt_dur(d: Duration) -> String {
@@ -203,10 +172,7 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
 /// Shell-quote one argument with single quotes.
 pub fn sh_quote<S: AsRef<OsStr>>(s: S) -> String {
     let s = s.as_ref().to_string_lossy();
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-    {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
         return s.into_owned();
     }
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -272,9 +238,7 @@ pub fn deb_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     }
     let (ea, ua, ra) = split(a);
     let (eb, ub, rb) = split(b);
-    ea.cmp(&eb)
-        .then_with(|| cmp_part(ua, ub))
-        .then_with(|| cmp_part(ra, rb))
+    ea.cmp(&eb).then_with(|| cmp_part(ua, ub)).then_with(|| cmp_part(ra, rb))
 }
 
 #[cfg(test)]

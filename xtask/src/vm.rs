@@ -125,10 +125,7 @@ pub fn cleanup() {
 
 fn is_elf(p: &Path) -> bool {
     let mut b = [0u8; 4];
-    std::fs::File::open(p)
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok()
-        && &b == b"\x7fELF"
+    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut b)).is_ok() && &b == b"\x7fELF"
 }
 
 fn copy_exec(src: &Path, dst: &Path, strip: bool) -> Result<()> {
@@ -149,8 +146,7 @@ fn copy_exec(src: &Path, dst: &Path, strip: bool) -> Result<()> {
             .unwrap_or(false);
     }
     if !done {
-        std::fs::copy(src, dst)
-            .with_context(|| format!("copy {} -> {}", src.display(), dst.display()))?;
+        std::fs::copy(src, dst).with_context(|| format!("copy {} -> {}", src.display(), dst.display()))?;
     }
     let mut perm = std::fs::metadata(dst)?.permissions();
     perm.set_mode(perm.mode() | 0o755);
@@ -235,19 +231,12 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         .find(|p| p.exists())
         .context("busybox not found (apt-get install busybox-static)")?;
     if !ldd(&busybox).is_empty() {
-        warn!(
-            "{} is dynamically linked; install busybox-static",
-            busybox.display()
-        );
+        warn!("{} is dynamically linked; install busybox-static", busybox.display());
     }
     copy_exec(&busybox, &root.join("bin/busybox"), false)?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
     write_file(&root.join("init"), INIT, 0o755)?;
-    write_file(
-        &root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\n",
-        0o644,
-    )?;
+    write_file(&root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
     write_file(&root.join("etc/group"), "root:x:0:\ndisk:x:6:\n", 0o644)?;
     if Path::new("/etc/mke2fs.conf").exists() {
         std::fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf"))?;
@@ -266,10 +255,7 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         }
     }
     if !missing.is_empty() {
-        log!(
-            "host tools not found (busybox may cover them): {}",
-            missing.join(" ")
-        );
+        log!("host tools not found (busybox may cover them): {}", missing.join(" "));
     }
     let bindir = root.join("opt/ublk/bin");
     for b in &payload.bins {
@@ -313,21 +299,14 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
 
 /// Parse modules.dep: module name -> (relative path, deps' relative paths).
 fn modules_dep(moddir: &Path) -> Result<HashMap<String, (String, Vec<String>)>> {
-    let text = std::fs::read_to_string(moddir.join("modules.dep"))
-        .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
+    let text = std::fs::read_to_string(moddir.join("modules.dep")).with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
     let mut m = HashMap::new();
     for l in text.lines() {
         let Some((path, deps)) = l.split_once(':') else {
             continue;
         };
         let name = mod_name(path);
-        m.insert(
-            name,
-            (
-                path.to_string(),
-                deps.split_whitespace().map(str::to_string).collect(),
-            ),
-        );
+        m.insert(name, (path.to_string(), deps.split_whitespace().map(str::to_string).collect()));
     }
     Ok(m)
 }
@@ -352,12 +331,7 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
         let builtin = std::fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
         let builtin: BTreeSet<String> = builtin.lines().map(mod_name).collect();
         let by_path: BTreeMap<&String, &String> = deps.iter().map(|(n, (p, _))| (p, n)).collect();
-        fn visit(
-            name: &str,
-            deps: &HashMap<String, (String, Vec<String>)>,
-            by_path: &BTreeMap<&String, &String>,
-            order: &mut Vec<String>,
-        ) {
+        fn visit(name: &str, deps: &HashMap<String, (String, Vec<String>)>, by_path: &BTreeMap<&String, &String>, order: &mut Vec<String>) {
             let Some((path, d)) = deps.get(name) else {
                 return;
             };
@@ -377,21 +351,14 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
             if deps.contains_key(*m) {
                 visit(m, &deps, &by_path, &mut order);
             } else if !builtin.contains(*m) {
-                warn!(
-                    "module {m} is neither a module nor built into {}",
-                    kernel.version
-                );
+                warn!("module {m} is neither a module nor built into {}", kernel.version);
             }
         }
         let rel = moddir.file_name().unwrap().to_string_lossy().into_owned();
         let mut list = String::new();
         for p in &order {
             let src = moddir.join(p);
-            let plain = p
-                .trim_end_matches(".xz")
-                .trim_end_matches(".zst")
-                .trim_end_matches(".gz")
-                .to_string();
+            let plain = p.trim_end_matches(".xz").trim_end_matches(".zst").trim_end_matches(".gz").to_string();
             let dst = root.join("lib/modules").join(&rel).join(&plain);
             std::fs::create_dir_all(dst.parent().unwrap())?;
             let tool = if p.ends_with(".xz") {
@@ -418,15 +385,7 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
             list.push_str(&format!("{rel}/{plain}\n"));
         }
         write_file(&root.join("etc/ublk-modules"), &list, 0o644)?;
-        log!(
-            "modules for {}: {}",
-            kernel.name,
-            order
-                .iter()
-                .map(|p| mod_name(p))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        log!("modules for {}: {}", kernel.name, order.iter().map(|p| mod_name(p)).collect::<Vec<_>>().join(" "));
     }
     let mut envs = String::new();
     for (k, v) in env {
@@ -450,12 +409,7 @@ pub fn vm_cpus() -> u32 {
 /// starts (no "xtask-guest: kernel" line: nothing of ours has run), is booted
 /// once more, loudly: under TCG the Debian 7.3 image sometimes oopses in
 /// early boot (int3 in sched_clock_cpu, seen once in many boots).
-pub fn run(
-    kernel: &Kernel,
-    common: &Path,
-    timeout: Duration,
-    extra_env: &[(String, String)],
-) -> Result<RunResult> {
+pub fn run(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(String, String)]) -> Result<RunResult> {
     let r = run_once(kernel, common, timeout, extra_env)?;
     if matches!(r.outcome, Outcome::NoStatus) && r.guest_release.is_none() {
         log!("WARNING: kernel {} died before /init started (no test ran); booting it once more", kernel.name);
@@ -464,16 +418,9 @@ pub fn run(
     Ok(r)
 }
 
-fn run_once(
-    kernel: &Kernel,
-    common: &Path,
-    timeout: Duration,
-    extra_env: &[(String, String)],
-) -> Result<RunResult> {
-    let mut env: Vec<(String, String)> = vec![
-        ("UBLK_TEST_KERNEL".into(), kernel.name.clone()),
-        ("UBLK_BIN_DIR".into(), "/opt/ublk/bin".into()),
-    ];
+fn run_once(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(String, String)]) -> Result<RunResult> {
+    let mut env: Vec<(String, String)> =
+        vec![("UBLK_TEST_KERNEL".into(), kernel.name.clone()), ("UBLK_BIN_DIR".into(), "/opt/ublk/bin".into())];
     for k in ["RUST_BACKTRACE", "RUST_LOG", "RUST_TEST_NOCAPTURE"] {
         if let Ok(v) = std::env::var(k) {
             env.push((k.into(), v));
@@ -506,12 +453,7 @@ fn run_once(
         .arg(format!("file:{}", status_file.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    log!(
-        "booting kernel {} ({}) in QEMU/TCG, timeout {} s",
-        kernel.name,
-        kernel.version,
-        timeout.as_secs()
-    );
+    log!("booting kernel {} ({}) in QEMU/TCG, timeout {} s", kernel.name, kernel.version, timeout.as_secs());
     log!("$ {}", util::describe(&cmd));
     let start = Instant::now();
     let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
@@ -533,8 +475,7 @@ fn run_once(
                         if b == b'\n' {
                             let s = String::from_utf8_lossy(&line).trim_end().to_string();
                             if let Some(r) = s.split("xtask-guest: kernel ").nth(1) {
-                                let _ =
-                                    tx.send(Some(r.split(',').next().unwrap_or("").to_string()));
+                                let _ = tx.send(Some(r.split(',').next().unwrap_or("").to_string()));
                             }
                             console.push(s);
                             line.clear();
@@ -582,34 +523,14 @@ fn run_once(
             }
         }
     }
-    let outcome = if timed_out {
-        Outcome::Timeout
-    } else {
-        code.map(Outcome::Exit).unwrap_or(Outcome::NoStatus)
-    };
+    let outcome = if timed_out { Outcome::Timeout } else { code.map(Outcome::Exit).unwrap_or(Outcome::NoStatus) };
     let rel = guest_release.clone().unwrap_or_else(|| "?".into());
     match &outcome {
-        Outcome::Timeout => log!(
-            "TIMEOUT after {} s on kernel {} ({rel})",
-            timeout.as_secs(),
-            kernel.name
-        ),
-        Outcome::NoStatus => log!(
-            "kernel {} ({rel}): VM ended without reporting an exit status after {}",
-            kernel.name,
-            util::fmt_dur(duration)
-        ),
-        Outcome::Exit(c) => log!(
-            "kernel {} ({rel}): payload exit status {c}, run took {}",
-            kernel.name,
-            util::fmt_dur(duration)
-        ),
+        Outcome::Timeout => log!("TIMEOUT after {} s on kernel {} ({rel})", timeout.as_secs(), kernel.name),
+        Outcome::NoStatus => {
+            log!("kernel {} ({rel}): VM ended without reporting an exit status after {}", kernel.name, util::fmt_dur(duration))
+        }
+        Outcome::Exit(c) => log!("kernel {} ({rel}): payload exit status {c}, run took {}", kernel.name, util::fmt_dur(duration)),
     }
-    Ok(RunResult {
-        outcome,
-        duration,
-        guest_release,
-        tests,
-        console,
-    })
+    Ok(RunResult { outcome, duration, guest_release, tests, console })
 }

@@ -21,11 +21,7 @@ pub fn target_dir() -> PathBuf {
 
 /// Run cargo with JSON messages; return executables of compiler-artifact
 /// messages accepted by `want(profile_test, kinds)`.
-fn cargo_json(
-    args: &[&str],
-    inc: &PathBuf,
-    want: impl Fn(bool, &[String]) -> bool,
-) -> Result<Vec<PathBuf>> {
+fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bool) -> Result<Vec<PathBuf>> {
     let mut c = Command::new(util::cargo());
     c.args(args)
         .arg("--message-format=json-render-diagnostics")
@@ -33,12 +29,7 @@ fn cargo_json(
         .env("UBLK_SYS_KERNEL_HEADERS", inc)
         .env("CARGO_TARGET_DIR", target_dir())
         .stdout(Stdio::piped());
-    log!(
-        "$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}",
-        inc.display(),
-        target_dir().display(),
-        util::describe(&c)
-    );
+    log!("$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}", inc.display(), target_dir().display(), util::describe(&c));
     let mut child = c.spawn()?;
     let mut v = vec![];
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
@@ -53,14 +44,8 @@ fn cargo_json(
             continue;
         };
         let test = j["profile"]["test"].as_bool().unwrap_or(false);
-        let kinds: Vec<String> = j["target"]["kind"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|k| k.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let kinds: Vec<String> =
+            j["target"]["kind"].as_array().map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect()).unwrap_or_default();
         if want(test, &kinds) {
             v.push(PathBuf::from(exe));
         }
@@ -78,27 +63,15 @@ fn cargo_json(
 pub fn build(with_tests: bool) -> Result<Artifacts> {
     let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
     log!("building for the VM against linux-libc-dev {ver} (sid)");
-    let mut bins = cargo_json(
-        &["build", "--workspace", "--exclude", "xtask", "--bins"],
-        &inc,
-        |test, kinds| !test && kinds.iter().any(|k| k == "bin"),
-    )?;
-    let tests = if with_tests {
-        cargo_json(
-            &["test", "--workspace", "--exclude", "xtask", "--no-run"],
-            &inc,
-            |test, _| test,
-        )?
-    } else {
-        vec![]
-    };
+    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins"], &inc, |test, kinds| {
+        !test && kinds.iter().any(|k| k == "bin")
+    })?;
+    let tests =
+        if with_tests { cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, |test, _| test)? } else { vec![] };
     bins.extend(extra_bins());
     log!(
         "VM artifacts: bins [{}], {} test executables",
-        bins.iter()
-            .map(|b| b.file_name().unwrap().to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(", "),
+        bins.iter().map(|b| b.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "),
         tests.len()
     );
     Ok(Artifacts { bins, tests })
@@ -106,8 +79,7 @@ pub fn build(with_tests: bool) -> Result<Artifacts> {
 
 /// target/vm/**/ublk-c-example* executables and $UBLK_VM_EXTRA_BINS.
 fn extra_bins() -> Vec<PathBuf> {
-    let mut found: std::collections::BTreeMap<String, (std::time::SystemTime, PathBuf)> =
-        Default::default();
+    let mut found: std::collections::BTreeMap<String, (std::time::SystemTime, PathBuf)> = Default::default();
     let mut stack = vec![target_dir()];
     while let Some(d) = stack.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
@@ -153,11 +125,9 @@ fn extra_bins() -> Vec<PathBuf> {
 pub fn build_bench() -> Result<Vec<PathBuf>> {
     let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
     log!("building release binaries for the bench against linux-libc-dev {ver} (sid)");
-    let ours = cargo_json(
-        &["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"],
-        &inc,
-        |test, kinds| !test && kinds.iter().any(|k| k == "bin"),
-    )?;
+    let ours = cargo_json(&["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"], &inc, |test, kinds| {
+        !test && kinds.iter().any(|k| k == "bin")
+    })?;
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let lib_target = target_dir().join("libublk");

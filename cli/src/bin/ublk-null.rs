@@ -76,10 +76,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .create()?;
     let info = *dev.info();
     if info.nr_hw_queues != args.queues {
-        eprintln!(
-            "ublk-null: note: the kernel limited the device to {} queues (one per CPU), {} asked",
-            info.nr_hw_queues, args.queues
-        );
+        eprintln!("ublk-null: note: the kernel limited the device to {} queues (one per CPU), {} asked", info.nr_hw_queues, args.queues);
     }
     let stats = dev.serve(&NullTarget, |dev, stop| {
         println!("{}", dev.block_path().display());
@@ -103,4 +100,3 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
     eprintln!("ublk-null: device {} stopped and deleted", info.dev_id);
     Ok(())
 }
-

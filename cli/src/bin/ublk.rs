@@ -363,9 +363,10 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             serve(dev, &rd, cfg(size, None), &signals, ready)
         }
         Kind::Loop => {
-            let file = a.file.clone().ok_or_else(|| {
-                anyhow!("-t loop needs --file FILE, the backing file (create one with `truncate -s 1G FILE`)")
-            })?;
+            let file = a
+                .file
+                .clone()
+                .ok_or_else(|| anyhow!("-t loop needs --file FILE, the backing file (create one with `truncate -s 1G FILE`)"))?;
             let (target, file) = open_loop(&file, a.direct)?;
             let bs = u64::from(a.block_size);
             let size = match a.size {
@@ -496,7 +497,9 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
             let dev = Device::recover(id, RECOVER_WAIT)?;
             serve(dev, &target, cfg, &signals, ready)
         }
-        other => bail!("device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"),
+        other => bail!(
+            "device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"
+        ),
     }
 }
 
@@ -560,7 +563,6 @@ fn cmd_list(json: bool) -> Result<()> {
     }
     Ok(())
 }
-
 
 fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
     let ids = match (id, all) {
