@@ -248,6 +248,92 @@ impl DeviceBuilder {
         dev.char_file = Some(open_char(info.dev_id)?);
         Ok(dev)
     }
+
+    /// Takes over an existing device whose server died, with user recovery
+    /// (`UBLK_F_USER_RECOVERY`): waits (up to `wait`) for the kernel to
+    /// quiesce it, then START_USER_RECOVERY and opens `/dev/ublkcN`.
+    /// [`Device::serve`] then fetches every tag and sends END_USER_RECOVERY
+    /// instead of START_DEV; I/O queued meanwhile resumes.
+    ///
+    /// What the kernel keeps (queues, depth, flags, size, block sizes,
+    /// attributes, discard limits) comes from the kernel; what only this
+    /// process knows (placement, busy polling, I/O scheduler) comes from this
+    /// builder, so give it the settings the device was created with. The
+    /// builder's geometry and flags are not used.
+    pub fn recover(self, dev_id: u32, wait: Duration) -> Result<Device> {
+        let mut ctrl = Control::open()?;
+        let info = ctrl.get_dev_info(dev_id)?;
+        let recovery = sys::UBLK_F_USER_RECOVERY;
+        if info.flags & recovery == 0 {
+            return Err(Error::InvalidConfig {
+                what: "recover",
+                why: format!("device {dev_id} was created without user recovery (UBLK_F_USER_RECOVERY); only its deletion is possible"),
+            });
+        }
+        let quiesced = |s: u16| u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO;
+        let t0 = Instant::now();
+        let mut info = info;
+        while !quiesced(info.state) {
+            // A killed server that its parent has not reaped yet is a zombie:
+            // /proc/PID still exists but the server is gone (its state is Z).
+            let alive = info.ublksrv_pid > 0 && pid_running(info.ublksrv_pid);
+            if alive || t0.elapsed() > wait {
+                return Err(Error::InvalidConfig {
+                    what: "recover",
+                    why: format!(
+                        "device {dev_id} is {} with its server (pid {}) {}; recovery takes over only a device whose server died",
+                        crate::ctrl::state_name(info.state),
+                        info.ublksrv_pid,
+                        if alive { "still running" } else { "gone but the kernel has not quiesced it yet" }
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            info = ctrl.get_dev_info(dev_id)?;
+        }
+        // START_USER_RECOVERY needs /dev/ublkcN released by the dead server;
+        // the kernel may still be tearing its rings down: retry on -EBUSY.
+        loop {
+            match ctrl.start_user_recovery(dev_id) {
+                Ok(()) => break,
+                Err(Error::Kernel { errno: libc::EBUSY, .. }) if t0.elapsed() < wait => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return Err(e),
+            }
+        }
+        let info = ctrl.get_dev_info(dev_id)?;
+        let params = ctrl.get_params(dev_id)?;
+        let mut dev = Device {
+            ctrl,
+            info,
+            params: None,
+            char_file: None,
+            started: false,
+            deleted: false,
+            recovering: true,
+            placement: self.placement,
+            busy_poll: self.busy_poll,
+            io_scheduler: self.io_scheduler,
+            panic: None,
+        };
+        dev.params = Some(Params {
+            size: params.basic.dev_sectors << 9,
+            logical_bs_shift: params.basic.logical_bs_shift,
+            physical_bs_shift: params.basic.physical_bs_shift,
+            io_opt_shift: params.basic.io_opt_shift,
+            io_min_shift: params.basic.io_min_shift,
+            max_sectors: params.basic.max_sectors,
+            attrs: params.basic.attrs,
+            discard: (params.types & sys::UBLK_PARAM_TYPE_DISCARD != 0).then_some(Discard {
+                alignment: params.discard.discard_alignment,
+                granularity: params.discard.discard_granularity,
+                max_discard_sectors: params.discard.max_discard_sectors,
+                max_write_zeroes_sectors: params.discard.max_write_zeroes_sectors,
+                max_discard_segments: params.discard.max_discard_segments,
+            }),
+        });
+        dev.char_file = Some(open_char(dev_id)?);
+        Ok(dev)
+    }
 }
 
 fn open_char(dev_id: u32) -> Result<File> {
@@ -320,79 +406,12 @@ impl Drop for ExitGuard {
 }
 
 impl Device {
-    /// Takes over an existing device whose server died, with user recovery
-    /// (`UBLK_F_USER_RECOVERY`): waits (up to `wait`) for the kernel to
-    /// quiesce it, then START_USER_RECOVERY and opens `/dev/ublkcN`.
-    /// [`Device::serve`] then fetches every tag and sends END_USER_RECOVERY
-    /// instead of START_DEV; I/O queued meanwhile resumes.
+    /// Takes over an existing device whose server died, with the default
+    /// placement and busy polling: [`DeviceBuilder::recover`] with
+    /// [`DeviceBuilder::new`]. A server that was created with other settings
+    /// should recover through its own builder, so the device keeps them.
     pub fn recover(dev_id: u32, wait: Duration) -> Result<Device> {
-        let mut ctrl = Control::open()?;
-        let info = ctrl.get_dev_info(dev_id)?;
-        let recovery = sys::UBLK_F_USER_RECOVERY;
-        if info.flags & recovery == 0 {
-            return Err(Error::InvalidConfig {
-                what: "recover",
-                why: format!("device {dev_id} was created without user recovery (UBLK_F_USER_RECOVERY); only its deletion is possible"),
-            });
-        }
-        let quiesced = |s: u16| u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO;
-        let t0 = Instant::now();
-        let mut info = info;
-        while !quiesced(info.state) {
-            // A killed server that its parent has not reaped yet is a zombie:
-            // /proc/PID still exists but the server is gone (its state is Z).
-            let alive = info.ublksrv_pid > 0 && pid_running(info.ublksrv_pid);
-            if alive || t0.elapsed() > wait {
-                return Err(Error::InvalidConfig {
-                    what: "recover",
-                    why: format!(
-                        "device {dev_id} is {} with its server (pid {}) {}; recovery takes over only a device whose server died",
-                        crate::ctrl::state_name(info.state),
-                        info.ublksrv_pid,
-                        if alive { "still running" } else { "gone but the kernel has not quiesced it yet" }
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            info = ctrl.get_dev_info(dev_id)?;
-        }
-        // START_USER_RECOVERY needs /dev/ublkcN released by the dead server;
-        // the kernel may still be tearing its rings down: retry on -EBUSY.
-        loop {
-            match ctrl.start_user_recovery(dev_id) {
-                Ok(()) => break,
-                Err(Error::Kernel { errno: libc::EBUSY, .. }) if t0.elapsed() < wait => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => return Err(e),
-            }
-        }
-        let info = ctrl.get_dev_info(dev_id)?;
-        let params = ctrl.get_params(dev_id)?;
-        let defaults = DeviceBuilder::default();
-        let mut dev = Device {
-            ctrl,
-            info,
-            params: None,
-            char_file: None,
-            started: false,
-            deleted: false,
-            recovering: true,
-            placement: defaults.placement,
-            busy_poll: defaults.busy_poll,
-            io_scheduler: defaults.io_scheduler,
-            panic: None,
-        };
-        dev.params = Some(Params {
-            size: params.basic.dev_sectors << 9,
-            logical_bs_shift: params.basic.logical_bs_shift,
-            physical_bs_shift: params.basic.physical_bs_shift,
-            io_opt_shift: params.basic.io_opt_shift,
-            io_min_shift: params.basic.io_min_shift,
-            max_sectors: params.basic.max_sectors,
-            attrs: params.basic.attrs,
-            discard: None,
-        });
-        dev.char_file = Some(open_char(dev_id)?);
-        Ok(dev)
+        DeviceBuilder::new().recover(dev_id, wait)
     }
 
     /// Each queue thread's placement plan, from GET_QUEUE_AFFINITY.
