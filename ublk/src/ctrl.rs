@@ -131,6 +131,9 @@ pub struct Control {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     encoding: Encoding,
     features: Option<Features>,
+    /// A command could not be submitted nor its ring replaced: refuse
+    /// further commands on this handle.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for Control {
@@ -148,7 +151,7 @@ impl Control {
             _ => Error::os(format!("opening {CONTROL_PATH}"), e),
         })?;
         let ring = new_ctrl_ring()?;
-        let mut ctrl = Control { file, ring, encoding: Encoding::Legacy, features: None };
+        let mut ctrl = Control { file, ring, encoding: Encoding::Legacy, features: None, poisoned: false };
         // GET_FEATURES exists only encoded (6.5+). A kernel that predates it
         // refuses it (-ENODEV/-EOPNOTSUPP/-EINVAL on 6.1-6.4), and those
         // kernels only need, or only accept, the legacy numbers.
@@ -186,7 +189,25 @@ impl Control {
     fn submit_encoded(&mut self, op: CtrlOp, cmd: sys::ublksrv_ctrl_cmd, encoded: bool) -> Result<i32> {
         let opc = if encoded { op.encoded } else { self.opcode(op) };
         let sqe = ctrl_sqe(self.file.as_raw_fd(), opc, &cmd);
-        run_one(&mut self.ring, sqe, None).map_err(|e| kernel_err(op, cmd.dev_id, e))
+        if self.poisoned {
+            return Err(Error::os(
+                format!("control command {}", op.name),
+                io::Error::other("an earlier command left this control ring unusable; open a new Control"),
+            ));
+        }
+        match run_one(&mut self.ring, sqe, None) {
+            Err(RunErr::Unsubmitted(errno)) => {
+                // The SQE still sits in the ring, pointing at a buffer that
+                // is about to go away: it must never be submitted. Replace
+                // the ring (dropping the old one discards the SQE unseen).
+                match new_ctrl_ring() {
+                    Ok(r) => self.ring = r,
+                    Err(_) => self.poisoned = true,
+                }
+                Err(kernel_err(op, cmd.dev_id, RunErr::Errno(errno)))
+            }
+            r => r.map_err(|e| kernel_err(op, cmd.dev_id, e)),
+        }
     }
 
     fn submit(&mut self, op: CtrlOp, cmd: sys::ublksrv_ctrl_cmd) -> Result<i32> {
@@ -396,11 +417,21 @@ pub(crate) fn ctrl_sqe(fd: i32, cmd_op: u32, c: &sys::ublksrv_ctrl_cmd) -> squeu
 pub(crate) enum RunErr {
     Errno(i32),
     Stopped,
+    /// `io_uring_enter` failed before the kernel took the SQE (errno): it
+    /// is still in the submission queue; the ring must be discarded.
+    Unsubmitted(i32),
 }
 
 /// Submits one SQE and waits for its CQE; with `keep_waiting`, polls it every
 /// 50 ms and gives up (the caller drops the ring, cancelling the command)
 /// when it says so.
+///
+/// The command's buffer (`addr`) is borrowed by the caller only for this
+/// call, so the call never returns while the kernel may still write it:
+/// once the kernel has taken the SQE, only its CQE (or, for the buffer-less
+/// commands run with `keep_waiting`, the caller dropping the ring) ends the
+/// wait; if the kernel never took it, [`RunErr::Unsubmitted`] tells the
+/// caller to discard the ring with the SQE in it.
 pub(crate) fn run_one(
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
     sqe: squeue::Entry128,
@@ -408,6 +439,7 @@ pub(crate) fn run_one(
 ) -> Result<i32, RunErr> {
     // SAFETY: the buffer a command points at (`addr`) is borrowed by the
     // caller for the whole call, and the call returns only after the CQE,
+    // or with the SQE still unsubmitted (the caller then discards the ring),
     // or, when `keep_waiting` gives up, after which the caller drops the
     // ring (cancelling the command); only START_DEV and END_USER_RECOVERY
     // are run that way, and they carry no buffer.
@@ -423,10 +455,13 @@ pub(crate) fn run_one(
                 ring.submitter().submit_with_args(1, &args)
             }
         };
-        match r {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) || e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(RunErr::Errno(e.raw_os_error().unwrap_or(libc::EIO))),
+        match r.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)) {
+            Ok(_) | Err(libc::ETIME) | Err(libc::EINTR) => {}
+            // Transient: the kernel is short of memory or its CQ is full.
+            Err(libc::EAGAIN) | Err(libc::EBUSY) => std::thread::sleep(Duration::from_millis(1)),
+            Err(errno) if !ring.submission().is_empty() => return Err(RunErr::Unsubmitted(errno)),
+            // The kernel has the command: wait for its CQE whatever enter says.
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
         if let Some(cqe) = ring.completion().next() {
             let res = cqe.result();
@@ -443,6 +478,9 @@ pub(crate) fn run_one(
 fn kernel_err(op: CtrlOp, dev_id: u32, e: RunErr) -> Error {
     match e {
         RunErr::Stopped => Error::TimedOut { cmd: Cmd::Ctrl(op.name), why: "cancelled" },
+        RunErr::Unsubmitted(errno) => {
+            Error::Os { what: format!("submitting control command {}", op.name), source: io::Error::from_raw_os_error(errno) }
+        }
         RunErr::Errno(libc::EPERM) => Error::NotPermitted { what: format!("control command {}", op.name) },
         RunErr::Errno(errno) => Error::Kernel {
             cmd: Cmd::Ctrl(op.name),

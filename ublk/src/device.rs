@@ -4,17 +4,18 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
 
+use crate::buffers::IoBufs;
 use crate::ctrl::{Control, DevInfo};
 use crate::error::{Error, Result};
 use crate::params::{validate_block_size, Discard, Params};
 use crate::placement::{self, Follower, Placement, Plan};
 use crate::queue::{EventFd, Queue, QueueStats};
-use crate::target::Target;
+use crate::target::{Target, WriteCache};
 
 /// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
 pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
@@ -110,7 +111,11 @@ impl DeviceBuilder {
         self.max_io_bytes = bytes;
         self
     }
-    /// Extra `UBLK_F_*` flags to ask for; refused if the kernel lacks them.
+    /// Extra `UBLK_F_*` flags to ask for. Only flags whose protocol this
+    /// library implements are taken ([`SUPPORTED_FLAGS`]); any other is
+    /// refused by [`create`](Self::create) before ADD_DEV, naming the flag
+    /// and the kernel that has it. Flags the running kernel lacks are refused
+    /// too.
     pub fn flags(mut self, flags: u64) -> Self {
         self.flags = flags;
         self
@@ -187,6 +192,7 @@ impl DeviceBuilder {
     /// `/dev/ublkcN`. On any error the half-made device is deleted.
     pub fn create(self) -> Result<Device> {
         self.validate()?;
+        check_flags(self.flags)?;
         let mut ctrl = Control::open()?;
         if self.flags != 0 {
             if let Some(f) = ctrl.features() {
@@ -229,7 +235,6 @@ impl DeviceBuilder {
             placement: self.placement,
             busy_poll: self.busy_poll,
             io_scheduler: self.io_scheduler.clone(),
-            panic: None,
         };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
@@ -313,7 +318,6 @@ impl DeviceBuilder {
             placement: self.placement,
             busy_poll: self.busy_poll,
             io_scheduler: self.io_scheduler,
-            panic: None,
         };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
@@ -334,6 +338,82 @@ impl DeviceBuilder {
         dev.char_file = Some(open_char(dev_id)?);
         Ok(dev)
     }
+}
+
+/// The `UBLK_F_*` flags [`DeviceBuilder::flags`] accepts, by kernel name:
+/// those whose protocol the queues and the lifecycle implement (recovery,
+/// user copy without data, resizing, quiesce, safe stop) or that change
+/// nothing the server does (opcode encoding, completion in task context, no
+/// partition scan).
+pub const SUPPORTED_FLAGS: &[&str] = &[
+    "UBLK_F_URING_CMD_COMP_IN_TASK",
+    "UBLK_F_USER_RECOVERY",
+    "UBLK_F_USER_RECOVERY_REISSUE",
+    "UBLK_F_CMD_IOCTL_ENCODE",
+    "UBLK_F_USER_COPY",
+    "UBLK_F_USER_RECOVERY_FAIL_IO",
+    "UBLK_F_UPDATE_SIZE",
+    "UBLK_F_QUIESCE",
+    "UBLK_F_SAFE_STOP_DEV",
+    "UBLK_F_NO_AUTO_PART_SCAN",
+];
+
+/// The first kernel that offers each flag, for error messages.
+const FLAG_SINCE: &[(&str, &str)] = &[
+    ("UBLK_F_SUPPORT_ZERO_COPY", "6.15"),
+    ("UBLK_F_URING_CMD_COMP_IN_TASK", "6.0"),
+    ("UBLK_F_NEED_GET_DATA", "6.0"),
+    ("UBLK_F_USER_RECOVERY", "6.1"),
+    ("UBLK_F_USER_RECOVERY_REISSUE", "6.1"),
+    ("UBLK_F_UNPRIVILEGED_DEV", "6.3"),
+    ("UBLK_F_CMD_IOCTL_ENCODE", "6.4"),
+    ("UBLK_F_USER_COPY", "6.5"),
+    ("UBLK_F_ZONED", "6.6"),
+    ("UBLK_F_USER_RECOVERY_FAIL_IO", "6.13"),
+    ("UBLK_F_UPDATE_SIZE", "6.16"),
+    ("UBLK_F_AUTO_BUF_REG", "6.16"),
+    ("UBLK_F_QUIESCE", "6.16"),
+    ("UBLK_F_PER_IO_DAEMON", "6.16"),
+    ("UBLK_F_BUF_REG_OFF_DAEMON", "6.17"),
+    ("UBLK_F_BATCH_IO", "7.0"),
+    ("UBLK_F_INTEGRITY", "7.0"),
+    ("UBLK_F_SAFE_STOP_DEV", "7.0"),
+    ("UBLK_F_NO_AUTO_PART_SCAN", "7.0"),
+    ("UBLK_F_SHMEM_ZC", "7.1"),
+    ("UBLK_F_IO_DESC_SIZE", "7.3"),
+];
+
+/// Refuses every requested flag outside [`SUPPORTED_FLAGS`]: a flag passed
+/// through unimplemented changes the protocol under the queues (e.g. with
+/// `NEED_GET_DATA` the device goes live and fails its first write).
+fn check_flags(flags: u64) -> Result<()> {
+    for bit in 0..64 {
+        let f = 1u64 << bit;
+        if flags & f == 0 {
+            continue;
+        }
+        let name = sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n);
+        match name {
+            Some(n) if SUPPORTED_FLAGS.contains(&n) => {}
+            Some(n) => {
+                let since = FLAG_SINCE.iter().find(|(m, _)| *m == n).map_or("a newer kernel".to_string(), |(_, v)| format!("Linux {v}"));
+                return Err(Error::Unsupported {
+                    feature: "requested UBLK_F_ flags",
+                    why: format!(
+                        "{n} (bit {bit}, offered by {since}) is not implemented by this library, which would serve the device wrongly; drop the flag (supported: {})",
+                        SUPPORTED_FLAGS.join(", ")
+                    ),
+                });
+            }
+            None => {
+                return Err(Error::Unsupported {
+                    feature: "requested UBLK_F_ flags",
+                    why: format!("bit {bit} ({f:#x}) is no flag this build's ublk_cmd.h knows; drop it"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 fn open_char(dev_id: u32) -> Result<File> {
@@ -386,6 +466,15 @@ pub struct Device {
     placement: Placement,
     busy_poll: Duration,
     io_scheduler: Option<String>,
+}
+
+/// What [`Device::serve`] learns while the device runs.
+struct Live {
+    /// START_DEV (or END_USER_RECOVERY) completed.
+    started: bool,
+    /// Still taking over a device (END_USER_RECOVERY not done).
+    recovering: bool,
+    /// A panic of `on_live`, resumed after teardown.
     panic: Option<Box<dyn std::any::Any + Send>>,
 }
 
@@ -473,42 +562,71 @@ impl Device {
 
     /// Serves the device with `target` until stopped: spawns one thread per
     /// queue (each creates its [`Queue`], fetches every tag and serves),
-    /// waits until all have fetched, START_DEV, calls `on_live` (the block
-    /// device exists from then on) with a [`StopHandle`], and serves until
-    /// that handle is used or a queue fails. Then STOP_DEV, joins the
-    /// threads, closes `/dev/ublkcN` and DEL_DEV. Returns each queue's counts.
+    /// waits until all have fetched, START_DEV, runs `on_live` (the block
+    /// device exists from then on) with a [`StopHandle`] on a thread of its
+    /// own, and serves until that handle is used or a queue fails. Then
+    /// STOP_DEV, joins the threads, closes `/dev/ublkcN` and DEL_DEV. Returns
+    /// each queue's counts.
     ///
-    /// A device with `UBLK_F_USER_COPY` ([`DataPath::NoData`]) has no
-    /// buffers: a target that [needs data](Target::needs_data) is refused.
-    pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle)) -> Result<Vec<QueueStats>> {
+    /// Teardown does not wait for `on_live`: if a queue dies while `on_live`
+    /// is still running (say, doing I/O to the disk, which then can never
+    /// complete), the device is stopped, which fails that I/O. `serve`
+    /// returns once `on_live` has returned too; a panic in `on_live` stops
+    /// the device and is resumed after teardown.
+    ///
+    /// Before START_DEV the device's parameters get the target's
+    /// [`WriteCache`](crate::WriteCache) attributes, so FLUSH and FUA reach
+    /// the target when it needs them. A device with `UBLK_F_USER_COPY`
+    /// ([`DataPath::NoData`]) has no buffers: a target that [needs
+    /// data](Target::needs_data) is refused.
+    pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle) + Send) -> Result<Vec<QueueStats>> {
         if self.data_path() == DataPath::NoData && target.needs_data() {
             return Err(Error::InvalidConfig {
                 what: "data path",
                 why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
             });
         }
+        self.apply_write_cache(target.write_cache())?;
         let (tx, rx) = mpsc::channel::<Event>();
         let wake = EventFd::new()?;
         let nq = self.info.nr_hw_queues;
-        let char_fd = self.char_file.as_ref().expect("char device open").as_raw_fd();
-        let encoding = self.ctrl.encoding();
         let info = self.info;
+        let encoding = self.ctrl.encoding();
         let wake_fd = wake.raw();
         let plans = self.queue_plans();
         let served = placement::counters(nq);
         let busy_poll = self.busy_poll;
+        // The tags' buffers live here, not in the queue threads: after a
+        // queue dies, the others' parked FETCHes may still name their
+        // buffers until the device is deleted.
+        let mut bufs = Vec::new();
+        for q in 0..nq {
+            bufs.push(if crate::queue::user_copy(&info) {
+                None
+            } else {
+                Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?))
+            });
+        }
+        // Teardown has a control handle of its own, and the char device is
+        // held here: `on_live` borrows the device meanwhile.
+        let mut teardown = Control::open()?;
+        let mut char_file = self.char_file.take();
+        let char_fd = char_file.as_ref().expect("char device open").as_raw_fd();
+        let mut live = Live { started: false, recovering: self.recovering, panic: None };
 
         let result = std::thread::scope(|s| {
+            let this: &Device = &self;
             let mut handles = Vec::new();
             for q in 0..nq {
                 let qtx = tx.clone();
                 let plan = plans.get(usize::from(q)).cloned().unwrap_or_default();
                 let follower = Follower::new(q, &plan, served.clone());
+                let qbufs = bufs[usize::from(q)].clone();
                 let spawned = std::thread::Builder::new().name(format!("ublk{}-q{q}", info.dev_id)).spawn_scoped(s, move || {
                     let tx = qtx;
                     placement::pin_to(&plan.start);
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
-                    let mut queue = match Queue::new(char_fd, &info, q, encoding, Some(wake_fd), &target.files()) {
+                    let mut queue = match Queue::with_bufs(char_fd, &info, q, encoding, Some(wake_fd), &target.files(), qbufs, true) {
                         Ok(queue) => queue,
                         Err(e) => {
                             guard.sent = true;
@@ -525,7 +643,7 @@ impl Device {
                     }
                     let _ = tx.send(Event::Fetched);
                     let r = queue.serve(target);
-                    drop(queue); // unmap and close the ring before saying so
+                    drop(queue); // close the ring before saying so
                     guard.sent = true;
                     let _ = tx.send(Event::Exited(q, r));
                 });
@@ -540,7 +658,8 @@ impl Device {
             let spawned = handles.len() as u16;
             let mut stats: Vec<QueueStats> = (0..nq).map(|q| QueueStats { q_id: q, ..Default::default() }).collect();
             let mut failed = false;
-            let mut outcome = self.run_until_stop(&rx, &tx, spawned, &mut stats, &mut failed, on_live);
+            let mut on_live_thread = None;
+            let mut outcome = this.run_until_stop(s, &rx, &tx, spawned, &mut stats, &mut failed, &mut live, on_live, &mut on_live_thread);
 
             // Teardown. With every queue healthy: STOP_DEV first; it waits for
             // in-flight requests (the queues still serve them), then completes
@@ -551,8 +670,8 @@ impl Device {
             // partition scan, would wait for it forever: so first end every
             // queue and close the char device, then STOP_DEV. A recovery that
             // did not complete leaves the device quiesced for another attempt.
-            if !failed && !self.recovering {
-                let _ = self.ctrl.stop_dev(info.dev_id);
+            if !failed && !live.recovering {
+                let _ = teardown.stop_dev(info.dev_id);
             }
             wake.signal();
             for (q, h) in handles.into_iter().enumerate() {
@@ -561,12 +680,17 @@ impl Device {
                 }
             }
             if failed {
-                self.char_file = None;
-                if !self.recovering {
-                    let _ = self.ctrl.stop_dev(info.dev_id);
+                char_file = None;
+                if !live.recovering {
+                    let _ = teardown.stop_dev(info.dev_id);
                 }
             }
-            self.started = false;
+            // The disk is gone: whatever `on_live` was doing with it fails.
+            if let Some(h) = on_live_thread {
+                if let Ok(Err(payload)) | Err(payload) = h.join() {
+                    live.panic = Some(payload);
+                }
+            }
             while let Ok(ev) = rx.try_recv() {
                 if let Err(e) = record(ev, &mut stats, &mut failed) {
                     if outcome.is_ok() {
@@ -576,14 +700,47 @@ impl Device {
             }
             outcome.map(|()| stats)
         });
-        // Threads are joined, their rings and mappings gone: close our fd, delete.
+        // Threads are joined, their rings closed: close our fd, delete.
+        self.char_file = char_file;
+        self.started = false;
+        self.recovering = live.recovering;
         let del = self.delete();
-        if let Some(p) = self.panic.take() {
+        if del.is_err() || self.recovering {
+            // DEL_DEV did not confirm that every ring naming these buffers is
+            // gone (or the device stays, quiesced): never unmap memory the
+            // kernel may still write.
+            std::mem::forget(bufs);
+        }
+        if let Some(p) = live.panic {
             std::panic::resume_unwind(p);
         }
         let stats = result?;
         del?;
         Ok(stats)
+    }
+
+    /// Gives the device's parameters the attributes of the target's write
+    /// cache before the device starts; a recovered device must already have
+    /// them (its parameters cannot change).
+    fn apply_write_cache(&mut self, cache: WriteCache) -> Result<()> {
+        let Some(mut params) = self.params else { return Ok(()) };
+        let want = cache.attrs();
+        if params.attrs & want == want {
+            return Ok(());
+        }
+        if self.recovering {
+            return Err(Error::InvalidConfig {
+                what: "write cache",
+                why: format!(
+                    "device {} was created without the volatile write cache attributes ({:#x}) that this target needs (its writes are durable only after a FLUSH, which the kernel would never send); serve it with a target whose writes are durable when answered, or delete and create it again",
+                    self.info.dev_id, want
+                ),
+            });
+        }
+        params.attrs |= want;
+        self.ctrl.set_params(self.info.dev_id, &params)?;
+        self.params = Some(params);
+        Ok(())
     }
 
     /// Writes `name` to `/sys/block/ublkbN/queue/scheduler` and checks that
@@ -610,14 +767,21 @@ impl Device {
         Ok(())
     }
 
-    fn run_until_stop(
-        &mut self,
+    /// Waits for every queue to fetch, starts (or ends the recovery of) the
+    /// device, starts `on_live` on its own thread and returns at the first
+    /// event after that: a stop request or a queue's end.
+    #[allow(clippy::too_many_arguments)]
+    fn run_until_stop<'scope, 'env>(
+        &'env self,
+        s: &'scope std::thread::Scope<'scope, 'env>,
         rx: &mpsc::Receiver<Event>,
         tx: &mpsc::Sender<Event>,
         spawned: u16,
         stats: &mut [QueueStats],
         failed: &mut bool,
-        on_live: impl FnOnce(&Device, StopHandle),
+        live: &mut Live,
+        on_live: impl FnOnce(&Device, StopHandle) + Send + 'env,
+        on_live_thread: &mut Option<std::thread::ScopedJoinHandle<'scope, std::thread::Result<()>>>,
     ) -> Result<()> {
         let nq = self.info.nr_hw_queues;
         if spawned < nq {
@@ -646,7 +810,7 @@ impl Device {
             Err(_) => true,
         };
         let started =
-            if self.recovering { self.ctrl.end_user_recovery(dev_id, keep_waiting) } else { self.ctrl.start_dev(dev_id, keep_waiting) };
+            if live.recovering { self.ctrl.end_user_recovery(dev_id, keep_waiting) } else { self.ctrl.start_dev(dev_id, keep_waiting) };
         if let Err(e) = started {
             // START_DEV was cancelled because a queue failed meanwhile (e.g.
             // its thread panicked serving the partition scan): report that.
@@ -656,21 +820,28 @@ impl Device {
                 None => Err(e),
             };
         }
-        self.recovering = false;
-        self.started = true;
+        live.recovering = false;
+        live.started = true;
         if let Some(ev) = early {
             return record(ev, stats, failed);
         }
         if let Some(name) = self.io_scheduler.clone() {
             self.set_io_scheduler(&name)?;
         }
-        // A panic in the caller's callback must not leave the queue threads
-        // serving forever inside the thread scope: tear down, then re-raise.
+        // `on_live` runs beside us, so a queue that dies while it runs is
+        // acted on at once. A panic in it stops the device like the handle.
         let stop = StopHandle(tx.clone());
-        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_live(self, stop))) {
-            // Queues are healthy: the normal stop path, then re-raise.
-            self.panic = Some(payload);
-            return Ok(());
+        let stop_on_panic = StopHandle(tx.clone());
+        let spawned = std::thread::Builder::new().name(format!("ublk{dev_id}-live")).spawn_scoped(s, move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_live(self, stop)));
+            if r.is_err() {
+                stop_on_panic.stop();
+            }
+            r
+        });
+        match spawned {
+            Ok(h) => *on_live_thread = Some(h),
+            Err(e) => return Err(Error::os("spawning the on_live thread", e)),
         }
         record(rx.recv().expect("sender held"), stats, failed)
     }

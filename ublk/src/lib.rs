@@ -22,21 +22,23 @@
 //! ```
 #![warn(missing_docs)]
 
+mod buffers;
 pub mod ctrl;
 pub mod device;
 pub mod error;
 pub mod params;
 pub mod placement;
 pub mod queue;
+mod stats;
 pub mod target;
 pub mod targets;
 
 pub use ctrl::{Control, DevInfo, Encoding, Features};
-pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH};
+pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, SUPPORTED_FLAGS};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
 pub use placement::Placement;
 pub use queue::{Queue, QueueStats, DEFAULT_BUSY_POLL};
-pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo};
+pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo, WriteCache};
 pub use targets::{LoopOptions, LoopTarget, RamDisk};
 pub use ublk_sys as sys;

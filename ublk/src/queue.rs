@@ -9,16 +9,19 @@
 
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use ublk_sys as sys;
 
-use crate::ctrl::{DevInfo, Encoding};
+pub use crate::buffers::{desc_len, desc_offset, page_size};
+use crate::buffers::{IoBufs, Mapping};
+use crate::ctrl::{Control, DevInfo, Encoding};
 use crate::error::{hints, Cmd, Error, Result};
 use crate::placement::Follower;
-use crate::target::{Op, Request, Target, TargetIo};
+pub use crate::stats::QueueStats;
+use crate::target::{settle, Op, Request, Settled, Target, TargetIo};
 
 /// An io command: kernel name, legacy number, encoded opcode.
 #[derive(Debug, Clone, Copy)]
@@ -46,107 +49,28 @@ const WAKE: u64 = u64::MAX;
 /// user_data bit of a target operation (the low 16 bits are the tag).
 const TARGET_OP: u64 = 1 << 32;
 
-/// Page size of this machine.
-pub fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
-}
-
-fn round_up(x: usize, to: usize) -> usize {
-    x.div_ceil(to) * to
-}
-
-/// Offset in `/dev/ublkcN` of queue `q_id`'s descriptor array. The stride is
-/// fixed by the largest depth, not the device's: `UBLKSRV_CMD_BUF_OFFSET +
-/// q_id * round_up(UBLK_MAX_QUEUE_DEPTH * sizeof(ublksrv_io_desc), PAGE_SIZE)`.
-pub fn desc_offset(q_id: u16) -> u64 {
-    let stride = round_up(sys::UBLK_MAX_QUEUE_DEPTH as usize * std::mem::size_of::<sys::ublksrv_io_desc>(), page_size());
-    u64::from(sys::UBLKSRV_CMD_BUF_OFFSET) + u64::from(q_id) * stride as u64
-}
-
-/// Length of the descriptor mapping of a queue of `depth` tags.
-pub fn desc_len(depth: u16) -> usize {
-    round_up(usize::from(depth) * std::mem::size_of::<sys::ublksrv_io_desc>(), page_size())
-}
-
-/// A memory mapping, unmapped on drop.
-#[derive(Debug)]
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize, prot: i32, flags: i32, fd: RawFd, off: u64, what: &str) -> Result<Self> {
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no
-        // Rust object; the result is checked before use.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd, off as libc::off_t) };
-        if p == libc::MAP_FAILED {
-            return Err(Error::os(what.to_string(), std::io::Error::last_os_error()));
-        }
-        Ok(Mapping { ptr: NonNull::new(p as *mut u8).unwrap(), len })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
-    }
-}
-
-/// Requests served by one queue, by operation.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Queue id.
-    pub q_id: u16,
-    /// READ requests.
-    pub reads: u64,
-    /// WRITE requests.
-    pub writes: u64,
-    /// FLUSH requests.
-    pub flushes: u64,
-    /// DISCARD requests.
-    pub discards: u64,
-    /// WRITE_ZEROES requests.
-    pub write_zeroes: u64,
-    /// Requests answered -EOPNOTSUPP (unknown op).
-    pub unsupported: u64,
-    /// Requests the target failed.
-    pub errors: u64,
-    /// Bytes read and written.
-    pub bytes: u64,
-    /// io_uring_enter calls made while serving.
-    pub enters: u64,
-    /// Of those, calls that waited for a completion (the thread may have
-    /// slept and then needed a wake-up).
-    pub waits: u64,
-    /// Batches of completions found by busy polling, without waiting.
-    pub polled: u64,
-    /// Moves of the thread between home and away ([`crate::Placement::Auto`]).
-    pub moves: u64,
-}
-
-impl QueueStats {
-    /// All requests served.
-    pub fn requests(&self) -> u64 {
-        self.reads + self.writes + self.flushes + self.discards + self.write_zeroes + self.unsupported
-    }
-}
-
 /// One queue, bound to the thread that created it.
 pub struct Queue {
     ring: IoUring<squeue::Entry, cqueue::Entry>,
     dev_id: u32,
     q_id: u16,
     depth: u16,
-    buf_size: usize,
     encoding: Encoding,
     descs: Mapping,
     /// Per-tag buffers; `None` under USER_COPY (the kernel copies nothing).
-    bufs: Option<Mapping>,
+    bufs: Option<Arc<IoBufs>>,
+    /// Whether someone else (the [`Device`](crate::Device)) keeps `bufs`
+    /// until the kernel can no longer touch them.
+    bufs_kept: bool,
     wake: Option<RawFd>,
+    /// Tags with a command outstanding in the kernel (FETCH or COMMIT_AND_FETCH).
     live_tags: u16,
+    /// Tags with a target operation in flight on the ring.
+    ops_in_flight: u16,
+    /// Each tag's request while the server owns it.
+    reqs: Vec<Request>,
+    /// Bytes of each tag's request transferred by earlier, short operations.
+    done: Vec<u32>,
     /// How long to busy-poll the ring before sleeping in io_uring_enter.
     busy_poll: Duration,
     /// Follows the load for [`crate::Placement::Auto`].
@@ -165,10 +89,36 @@ impl std::fmt::Debug for Queue {
 impl Queue {
     /// Sets up queue `q_id` of the device described by `info` on the calling
     /// thread: maps its descriptors read-only, allocates one page-aligned
-    /// buffer of `max_io_buf_bytes` per tag, creates its ring and registers
-    /// `/dev/ublkcN` in it. `wake` is an eventfd whose readability makes
-    /// [`Queue::serve`] return once the device is stopped.
+    /// buffer of `max_io_buf_bytes` per tag (none under USER_COPY), creates
+    /// its ring and registers `/dev/ublkcN` in it. `wake` is an eventfd whose
+    /// readability makes [`Queue::serve`] return once the device is stopped.
+    ///
+    /// The kernel copies up to its own `max_io_buf_bytes` into each tag's
+    /// buffer, so the buffers must be sized from the kernel's values, not the
+    /// caller's: `char_fd` must be `/dev/ublkcN` of `info.dev_id`, and `info`
+    /// must agree with what the kernel reports for that device
+    /// (GET_DEV_INFO); anything else is refused with
+    /// [`Error::InvalidConfig`].
     pub fn new(char_fd: RawFd, info: &DevInfo, q_id: u16, encoding: Encoding, wake: Option<RawFd>, target_files: &[RawFd]) -> Result<Self> {
+        verify_device(char_fd, info)?;
+        let bufs = if user_copy(info) { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?)) };
+        Self::with_bufs(char_fd, info, q_id, encoding, wake, target_files, bufs, false)
+    }
+
+    /// [`Queue::new`] for a device whose `info` came from the kernel, with
+    /// buffers that the caller keeps (`bufs_kept`) until the kernel is done
+    /// with them.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_bufs(
+        char_fd: RawFd,
+        info: &DevInfo,
+        q_id: u16,
+        encoding: Encoding,
+        wake: Option<RawFd>,
+        target_files: &[RawFd],
+        bufs: Option<Arc<IoBufs>>,
+        bufs_kept: bool,
+    ) -> Result<Self> {
         if q_id >= info.nr_hw_queues {
             return Err(Error::InvalidConfig {
                 what: "queue id",
@@ -184,19 +134,6 @@ impl Queue {
             desc_offset(q_id),
             &format!("mapping the descriptors of queue {q_id}"),
         )?;
-        let buf_size = round_up(info.max_io_buf_bytes as usize, page_size());
-        let bufs = if user_copy(info) {
-            None
-        } else {
-            Some(Mapping::new(
-                buf_size * usize::from(depth),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-                &format!("allocating the io buffers of queue {q_id}"),
-            )?)
-        };
         // One slot per tag (its io command or its target operation) and one
         // for the wake-up poll.
         let entries = u32::from(depth) + 1;
@@ -204,17 +141,21 @@ impl Queue {
         let mut files = vec![char_fd];
         files.extend_from_slice(target_files);
         ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        let blank = Request { q_id, tag: 0, op: Op::Other(0xff), flags: 0, start_sector: 0, nr_sectors: 0 };
         Ok(Queue {
             ring,
             dev_id: info.dev_id,
             q_id,
             depth,
-            buf_size,
             encoding,
             descs,
             bufs,
+            bufs_kept,
             wake,
             live_tags: 0,
+            ops_in_flight: 0,
+            reqs: vec![blank; usize::from(depth)],
+            done: vec![0; usize::from(depth)],
             busy_poll: DEFAULT_BUSY_POLL,
             follower: None,
             stats: QueueStats { q_id, ..Default::default() },
@@ -249,10 +190,7 @@ impl Queue {
     /// The tag's buffer address for FETCH/COMMIT: 0 under USER_COPY, where
     /// the kernel refuses any other value.
     fn buf_addr(&self, tag: u16) -> u64 {
-        match &self.bufs {
-            Some(b) => b.ptr.as_ptr() as u64 + (usize::from(tag) * self.buf_size) as u64,
-            None => 0,
-        }
+        self.bufs.as_ref().map_or(0, |b| b.addr(tag))
     }
 
     /// Builds the io command SQE: `IORING_OP_URING_CMD` on the registered
@@ -314,9 +252,26 @@ impl Queue {
     /// the wake-up eventfd fires), answering each with `target`. Completions
     /// are reaped and commits submitted in batches: one `io_uring_enter` per
     /// batch, no allocation per request.
+    ///
+    /// Before returning, the queue waits for the target operations it has in
+    /// flight, so none of them outlives the call. A target that needs request
+    /// data ([`Target::needs_data`]) is refused on a queue without buffers
+    /// (a device created with `UBLK_F_USER_COPY`).
     pub fn serve<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
+        if self.bufs.is_none() && target.needs_data() {
+            return Err(Error::InvalidConfig {
+                what: "data path",
+                why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
+            });
+        }
+        let r = self.serve_inner(target);
+        self.drain();
+        r
+    }
+
+    fn serve_inner<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
         let mut stopping = false;
-        while self.live_tags > 0 && !stopping {
+        while (self.live_tags > 0 || self.ops_in_flight > 0) && !stopping {
             match self.enter() {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -332,17 +287,22 @@ impl Queue {
                 let tag = ud as u16;
                 let res = cqe.result();
                 if ud & TARGET_OP != 0 {
-                    // The target's operation for this tag finished: commit its result.
-                    if res < 0 {
-                        self.stats.errors += 1;
+                    // The target's operation for this tag finished.
+                    self.ops_in_flight -= 1;
+                    let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
+                    let req = self.reqs[usize::from(tag)];
+                    let (settled, invalid) = settle(&req, self.done[usize::from(tag)], answer, true);
+                    self.stats.invalid += u64::from(invalid);
+                    match settled {
+                        Settled::Commit(result) => self.commit(tag, result),
+                        Settled::Rest { done } => {
+                            self.done[usize::from(tag)] = done;
+                            self.start(target, tag);
+                        }
                     }
-                    let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, res);
-                    self.push(&sqe);
                 } else if res == sys::UBLK_IO_RES_OK as i32 {
-                    if let Some(result) = self.handle(target, tag) {
-                        let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
-                        self.push(&sqe);
-                    }
+                    self.live_tags -= 1;
+                    self.handle(target, tag);
                 } else if res == sys::UBLK_IO_RES_ABORT {
                     // The device is going away: this tag is done.
                     self.live_tags -= 1;
@@ -359,6 +319,38 @@ impl Queue {
             }
         }
         Ok(self.stats)
+    }
+
+    /// Waits until no target operation is in flight: their buffers (the
+    /// tags' buffers, the target's memory) must not be written after the
+    /// queue is gone. Their results are dropped (the device is stopping).
+    fn drain(&mut self) {
+        while self.ops_in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The ring cannot wait: nothing else can be done but not
+                // touching the buffers (see Drop).
+                Err(_) => return,
+            }
+            while let Some(cqe) = self.ring.completion().next() {
+                if cqe.user_data() & TARGET_OP != 0 && cqe.user_data() != WAKE {
+                    self.ops_in_flight -= 1;
+                } else if cqe.user_data() != WAKE {
+                    self.live_tags = self.live_tags.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
+    fn commit(&mut self, tag: u16, result: i32) {
+        if result < 0 {
+            self.stats.errors += 1;
+        }
+        let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+        self.push(&sqe);
+        self.live_tags += 1;
     }
 
     /// Submits pending commits and gets the next completions.
@@ -425,9 +417,8 @@ impl Queue {
         Ok(())
     }
 
-    /// Reads the tag's descriptor and runs the target on it; `None` when the
-    /// target answers later through an operation on the ring.
-    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) -> Option<i32> {
+    /// Reads the tag's descriptor, counts the request and starts it.
+    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) {
         debug_assert!(tag < self.depth);
         // SAFETY: tag < depth, so the descriptor lies inside the read-only
         // mapping. The kernel writes descriptors concurrently with us in
@@ -435,7 +426,7 @@ impl Queue {
         // we just read orders that write before this read) and will not touch
         // it again until we commit; a volatile copy reads it exactly once.
         let d: sys::ublksrv_io_desc =
-            unsafe { std::ptr::read_volatile((self.descs.ptr.as_ptr() as *const sys::ublksrv_io_desc).add(usize::from(tag))) };
+            unsafe { std::ptr::read_volatile((self.descs.ptr() as *const sys::ublksrv_io_desc).add(usize::from(tag))) };
         let req = Request {
             q_id: self.q_id,
             tag,
@@ -445,53 +436,129 @@ impl Queue {
             nr_sectors: d.nr_sectors(),
         };
         let s = &mut self.stats;
-        let data = match req.op {
-            Op::Read => {
-                s.reads += 1;
-                true
-            }
-            Op::Write => {
-                s.writes += 1;
-                true
-            }
-            Op::Flush => {
-                s.flushes += 1;
-                false
-            }
-            Op::Discard => {
-                s.discards += 1;
-                false
-            }
-            Op::WriteZeroes => {
-                s.write_zeroes += 1;
-                false
-            }
+        match req.op {
+            Op::Read => s.reads += 1,
+            Op::Write => s.writes += 1,
+            Op::Flush => s.flushes += 1,
+            Op::Discard => s.discards += 1,
+            Op::WriteZeroes => s.write_zeroes += 1,
             Op::Other(_) => {
                 s.unsupported += 1;
-                return Some(-libc::EOPNOTSUPP);
+                return self.commit(tag, -libc::EOPNOTSUPP);
             }
-        };
-        let len = if data { req.len().min(self.buf_size) } else { 0 };
-        if data {
-            self.stats.bytes += len as u64;
+        }
+        if matches!(req.op, Op::Read | Op::Write) {
+            let fits = self.bufs.as_ref().is_none_or(|b| req.len() <= b.buf_size());
+            if !fits {
+                // The kernel never sends more than max_io_buf_bytes; refuse
+                // rather than hand out a short buffer.
+                self.stats.invalid += 1;
+                return self.commit(tag, -libc::EIO);
+            }
+            self.stats.bytes += req.len() as u64;
+        }
+        self.reqs[usize::from(tag)] = req;
+        self.done[usize::from(tag)] = 0;
+        self.start(target, tag);
+    }
+
+    /// Runs the target on the part of the tag's request not done yet.
+    fn start<T: Target + ?Sized>(&mut self, target: &T, tag: u16) {
+        let full = self.reqs[usize::from(tag)];
+        let done = self.done[usize::from(tag)];
+        let data = matches!(full.op, Op::Read | Op::Write);
+        let mut req = full;
+        if done > 0 {
+            req.start_sector += u64::from(done >> 9);
+            req.nr_sectors -= done >> 9;
         }
         let buf: &mut [u8] = match &self.bufs {
-            // SAFETY: the tag's buffer is [tag*buf_size, +buf_size) of our own
-            // mapping, len <= buf_size, and the kernel does not touch it while
-            // the request is owned by us (between its CQE and our commit).
-            Some(b) => unsafe { std::slice::from_raw_parts_mut(b.ptr.as_ptr().add(usize::from(tag) * self.buf_size), len) },
-            // USER_COPY: no buffer; only targets that need no data get here.
-            None => &mut [],
+            // SAFETY: the server owns the tag's request between the CQE that
+            // delivered it and our commit, so the kernel does not touch the
+            // buffer; this is the only reference made to it (the target's
+            // operation, if any, is what uses it next, and the commit waits
+            // for its completion).
+            Some(b) if data => unsafe { b.slice(tag, done as usize, full.len()) },
+            // No data for this op, or USER_COPY (only targets that need no
+            // data run there, see `serve`).
+            _ => &mut [],
         };
         let mut io = TargetIo { sq: self.ring.submission(), user_data: TARGET_OP | u64::from(tag), pushed: false };
-        match target.submit(&req, buf, &mut io)? {
-            Ok(n) => Some(n as i32),
-            Err(errno) => {
-                self.stats.errors += 1;
-                Some(-errno.abs())
+        let answer = target.submit(&req, buf, &mut io);
+        let pushed = io.pushed;
+        drop(io);
+        match answer {
+            None if pushed => self.ops_in_flight += 1,
+            None => {
+                // Nothing to wait for: a target bug that would leave the tag
+                // (and the kernel's request) stuck forever.
+                self.stats.invalid += 1;
+                self.commit(tag, -libc::EIO);
+            }
+            Some(answer) => {
+                // An answer on the spot after pushing an operation would let
+                // the operation outlive the request: refuse the answer, wait
+                // for the operation.
+                if pushed {
+                    self.stats.invalid += 1;
+                    self.ops_in_flight += 1;
+                    return;
+                }
+                let (settled, invalid) = settle(&full, done, answer, false);
+                self.stats.invalid += u64::from(invalid);
+                match settled {
+                    Settled::Commit(result) => self.commit(tag, result),
+                    Settled::Rest { .. } => unreachable!("no retry for direct answers"),
+                }
             }
         }
     }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Closing the ring ends its operations only asynchronously, and the
+        // kernel may still copy into a tag's buffer while that tag's command
+        // is outstanding. Buffers that nobody else keeps are unmapped only
+        // when nothing can touch them; otherwise they are leaked (memory, not
+        // memory safety, is lost).
+        if self.live_tags > 0 || self.ops_in_flight > 0 {
+            if let Some(b) = self.bufs.take() {
+                if !self.bufs_kept {
+                    std::mem::forget(b);
+                }
+            }
+        }
+    }
+}
+
+/// Checks that `char_fd` is `/dev/ublkcN` of `info.dev_id` and that `info`
+/// agrees with the kernel's view of that device, on what the queue's memory
+/// is sized from.
+fn verify_device(char_fd: RawFd, info: &DevInfo) -> Result<()> {
+    let bad = |why: String| Error::InvalidConfig { what: "queue device", why };
+    let id = info.dev_id;
+    // SAFETY: fstat writes one `struct stat` into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; an invalid fd is reported as an error.
+    if unsafe { libc::fstat(char_fd, &mut st) } != 0 {
+        return Err(Error::os(format!("fstat of the fd given as /dev/ublkc{id}"), std::io::Error::last_os_error()));
+    }
+    let sys_dev = std::fs::read_to_string(format!("/sys/class/ublk-char/ublkc{id}/dev")).unwrap_or_default();
+    let want = sys_dev.trim().split_once(':').and_then(|(a, b)| Some(libc::makedev(a.parse().ok()?, b.parse().ok()?)));
+    if (st.st_mode & libc::S_IFMT) != libc::S_IFCHR || want != Some(st.st_rdev) {
+        return Err(bad(format!("the fd is not /dev/ublkc{id}; open that device and pass its fd")));
+    }
+    let k = Control::open()?.get_dev_info(id)?;
+    if (k.nr_hw_queues, k.queue_depth, k.max_io_buf_bytes, user_copy(&k))
+        != (info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes, user_copy(info))
+    {
+        return Err(bad(format!(
+            "the DevInfo given for device {id} ({} queues x {} tags, {} bytes per io) differs from the kernel's ({} x {}, {}); pass the DevInfo that ADD_DEV or GET_DEV_INFO returned",
+            info.nr_hw_queues, info.queue_depth, info.max_io_buf_bytes, k.nr_hw_queues, k.queue_depth, k.max_io_buf_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Whether the device was created with `UBLK_F_USER_COPY`: the kernel then

@@ -1,6 +1,12 @@
 //! A disk backed by a file or block device, through io_uring on the queue's
 //! own ring: reads and writes become READ/WRITE operations, FLUSH becomes
-//! fdatasync, DISCARD punches a hole, WRITE_ZEROES zeroes a range.
+//! fdatasync, a FUA write a `RWF_DSYNC` write, DISCARD punches a hole,
+//! WRITE_ZEROES zeroes a range.
+//!
+//! The backing file's writes sit in the page cache (or a disk's write
+//! cache, with O_DIRECT) until they are synced, so the target declares a
+//! volatile write cache that honours FUA: `fsync` on the device reaches the
+//! backing file as `fdatasync`.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
@@ -11,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use io_uring::{opcode, types};
 
 use crate::error::{Error, Result};
-use crate::target::{IoResult, Op, Request, Target, TargetIo};
+use crate::target::{IoResult, Op, Request, Target, TargetIo, WriteCache};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Default)]
@@ -118,12 +124,18 @@ impl Target for LoopTarget {
         vec![self.file.as_raw_fd()]
     }
 
+    fn write_cache(&self) -> WriteCache {
+        WriteCache::VolatileFua
+    }
+
     fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
         let fd = io.file(0);
         let off = req.offset();
         let len = req.len() as u32;
         let sqe = match req.op {
             Op::Read => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(off).build(),
+            // FUA: durable when answered, without syncing anything else.
+            Op::Write if req.fua() => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(off).rw_flags(libc::RWF_DSYNC).build(),
             Op::Write => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(off).build(),
             Op::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
             Op::Discard => {

@@ -102,6 +102,12 @@ impl Target for RamDisk {
         if off.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(libc::EIO);
         }
+        if matches!(req.op, Op::Read | Op::Write) && buf.len() as u64 != len {
+            // The queue hands out exactly req.len() bytes; anything else
+            // (a caller of `handle` outside the queue) must not make us copy
+            // past `buf`.
+            return Err(libc::EINVAL);
+        }
         let base = self.mem.as_ptr();
         match req.op {
             Op::Read => self.with_chunks(off, len, |pos, at, n| {
