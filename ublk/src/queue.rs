@@ -46,6 +46,8 @@ const IORING_ENTER_GETEVENTS: u32 = 1;
 
 /// user_data of the wake-up poll; tags use 0..depth.
 const WAKE: u64 = u64::MAX;
+/// user_data of the cancellation of target operations at teardown.
+const CANCEL: u64 = u64::MAX - 1;
 /// user_data bit of a target operation (the low 16 bits are the tag).
 const TARGET_OP: u64 = 1 << 32;
 
@@ -323,21 +325,27 @@ impl Queue {
 
     /// Waits until no target operation is in flight: their buffers (the
     /// tags' buffers, the target's memory) must not be written after the
-    /// queue is gone. Their results are dropped (the device is stopping).
+    /// queue is gone. Operations that may wait forever (a read from a socket
+    /// whose peer is gone) are cancelled first; their results are dropped
+    /// (the device is stopping).
     fn drain(&mut self) {
+        if self.ops_in_flight == 0 {
+            return;
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
+        self.push(&cancel);
         while self.ops_in_flight > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // The ring cannot wait: nothing else can be done but not
-                // touching the buffers (see Drop).
+                // The ring cannot wait: leave the buffers alone (see Drop).
                 Err(_) => return,
             }
             while let Some(cqe) = self.ring.completion().next() {
-                if cqe.user_data() & TARGET_OP != 0 && cqe.user_data() != WAKE {
-                    self.ops_in_flight -= 1;
-                } else if cqe.user_data() != WAKE {
-                    self.live_tags = self.live_tags.saturating_sub(1);
+                match cqe.user_data() {
+                    WAKE | CANCEL => {}
+                    ud if ud & TARGET_OP != 0 => self.ops_in_flight -= 1,
+                    _ => self.live_tags = self.live_tags.saturating_sub(1),
                 }
             }
         }

@@ -312,3 +312,61 @@ impl Target for NullTarget {
         Ok(req.len() as u32)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(op: Op, sectors: u32) -> Request {
+        Request { q_id: 0, tag: 0, op, flags: 0, start_sector: 8, nr_sectors: sectors }
+    }
+
+    #[test]
+    fn full_transfers_and_errnos_commit_as_answered() {
+        let w = req(Op::Write, 8);
+        assert_eq!(settle(&w, 0, Ok(4096), false), (Settled::Commit(4096), false));
+        assert_eq!(settle(&w, 0, Err(libc::ENOSPC), false), (Settled::Commit(-libc::ENOSPC), false));
+        assert_eq!(settle(&req(Op::Flush, 0), 0, Ok(0), false), (Settled::Commit(0), false));
+        assert_eq!(settle(&req(Op::Discard, 8), 0, Ok(12345), false), (Settled::Commit(0), false));
+    }
+
+    #[test]
+    fn zero_short_and_oversized_answers_never_commit_short() {
+        let w = req(Op::Write, 8);
+        // A 0-byte WRITE commit loops forever on 6.1-6.12.
+        assert_eq!(settle(&w, 0, Ok(0), false), (Settled::Commit(-libc::EIO), false));
+        assert_eq!(settle(&w, 0, Ok(0), true), (Settled::Commit(-libc::EIO), false));
+        assert_eq!(settle(&w, 0, Ok(2048), false), (Settled::Commit(-libc::EIO), false));
+        assert_eq!(settle(&req(Op::Read, 8), 0, Ok(100), false), (Settled::Commit(-libc::EIO), false));
+        // Would wrap negative as an i32.
+        assert_eq!(settle(&w, 0, Ok(u32::MAX), false), (Settled::Commit(-libc::EIO), true));
+        assert_eq!(settle(&w, 0, Ok(4097), true), (Settled::Commit(-libc::EIO), true));
+    }
+
+    #[test]
+    fn ring_operations_finish_short_transfers_on_sector_boundaries() {
+        let r = req(Op::Read, 8);
+        assert_eq!(settle(&r, 0, Ok(1024), true), (Settled::Rest { done: 1024 }, false));
+        assert_eq!(settle(&r, 1024, Ok(2048), true), (Settled::Rest { done: 3072 }, false));
+        assert_eq!(settle(&r, 3072, Ok(1024), true), (Settled::Commit(4096), false));
+        // Not on a sector boundary: the rest cannot be expressed as a request.
+        assert_eq!(settle(&r, 0, Ok(1000), true), (Settled::Commit(-libc::EIO), false));
+        assert_eq!(settle(&r, 1024, Err(libc::EIO), true), (Settled::Commit(-libc::EIO), false));
+    }
+
+    #[test]
+    fn bad_errnos_are_programming_errors() {
+        let w = req(Op::Write, 8);
+        assert_eq!(settle(&w, 0, Err(0), false), (Settled::Commit(-libc::EIO), true));
+        assert_eq!(settle(&w, 0, Err(-libc::EIO), false), (Settled::Commit(-libc::EIO), true));
+        assert_eq!(settle(&w, 0, Err(4096), false), (Settled::Commit(-libc::EIO), true));
+        assert_eq!(settle(&w, 0, Err(4095), false), (Settled::Commit(-4095), false));
+    }
+
+    #[test]
+    fn write_cache_attributes() {
+        assert_eq!(WriteCache::None.attrs(), 0);
+        assert_eq!(WriteCache::Volatile.attrs(), sys::UBLK_ATTR_VOLATILE_CACHE);
+        assert_eq!(WriteCache::VolatileFua.attrs(), sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA);
+    }
+}

@@ -1,0 +1,381 @@
+//! Answers a target may give, and failures a server may have, that must never
+//! hang the kernel, corrupt memory or leave anything behind.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+use ublk::{DeviceBuilder, IoResult, Op, Request, Target, TargetIo};
+use ublk_tests::*;
+
+/// Regions of 1 MiB, each answered its own way.
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Answer {
+    Zero,
+    ErrZero,
+    Half,
+    Huge,
+    NegErrno,
+    NoSpace,
+    Full,
+}
+
+const ANSWERS: [Answer; 7] = [Answer::Zero, Answer::ErrZero, Answer::Half, Answer::Huge, Answer::NegErrno, Answer::NoSpace, Answer::Full];
+
+/// Answers every request by the region it falls in; region `Full` is memory.
+struct Answers {
+    mem: Mutex<Vec<u8>>,
+}
+
+impl Target for Answers {
+    fn handle(&self, req: &Request, buf: &mut [u8]) -> IoResult {
+        let region = ANSWERS[((req.offset() / MIB) as usize).min(ANSWERS.len() - 1)];
+        let len = req.len() as u32;
+        match region {
+            Answer::Zero => Ok(0),
+            Answer::ErrZero => Err(0),
+            Answer::Half => Ok(len / 2),
+            Answer::Huge => Ok(u32::MAX),
+            Answer::NegErrno => Err(-libc::EIO),
+            Answer::NoSpace => Err(libc::ENOSPC),
+            Answer::Full => {
+                let mut m = self.mem.lock().unwrap();
+                let off = (req.offset() - 6 * MIB) as usize;
+                match req.op {
+                    Op::Read => buf.copy_from_slice(&m[off..off + buf.len()]),
+                    Op::Write => m[off..off + buf.len()].copy_from_slice(buf),
+                    _ => {}
+                }
+                Ok(len)
+            }
+        }
+    }
+}
+
+/// Runs `f` on a thread; panics if it takes longer than `limit` (a hang).
+fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no answer within {limit:?} (the kernel is looping on the result?)"))
+}
+
+fn direct_io(dev: &std::path::Path, off: u64, write: bool, data: Option<Vec<u8>>) -> Result<Vec<u8>, i32> {
+    let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev).unwrap();
+    let mut v = vec![0u8; 8192];
+    let b = aligned(&mut v, 4096);
+    if let Some(d) = data {
+        b.copy_from_slice(&d);
+    }
+    let r = if write { f.write_at(b, off) } else { f.read_at(b, off) };
+    match r {
+        Ok(4096) => Ok(b.to_vec()),
+        Ok(n) => panic!("short {} of {n} bytes at {off} reached the reader", if write { "write" } else { "read" }),
+        Err(e) => Err(e.raw_os_error().unwrap()),
+    }
+}
+
+driver_test! {
+    /// Every kind of answer reaches the reader as the data or an error,
+    /// never as a hang (6.1-6.12 requeue a 0-byte WRITE forever) nor as a
+    /// short transfer: Ok(0), Err(0), half the length, u32::MAX and a
+    /// negative errno fail with EIO; ENOSPC stays ENOSPC; full answers carry
+    /// the data.
+    fn trust_every_answer_completes_with_data_or_an_error() {
+        let target = Answers { mem: Mutex::new(vec![0u8; MIB as usize]) };
+        let dev = DeviceBuilder::new().size(7 * MIB).create().unwrap();
+        let stats = dev
+            .serve(&target, |dev, stop| {
+                let path = dev.block_path();
+                for (i, a) in ANSWERS.iter().enumerate() {
+                    let off = i as u64 * MIB + 8192;
+                    for write in [true, false] {
+                        let p = path.clone();
+                        let data = pattern(4096, i as u64);
+                        let what = format!("{a:?} {}", if write { "write" } else { "read" });
+                        let r = within(&what, Duration::from_secs(60), move || direct_io(&p, off, write, Some(data)));
+                        eprintln!("{what}: {:?}", r.as_ref().map(|_| "data").map_err(|e| std::io::Error::from_raw_os_error(*e)));
+                        match a {
+                            Answer::Full if write => assert!(r.is_ok(), "{what}: {r:?}"),
+                            Answer::Full => assert_eq!(r.unwrap(), pattern(4096, i as u64), "{what}: data"),
+                            Answer::NoSpace => assert_eq!(r.unwrap_err(), libc::ENOSPC, "{what}"),
+                            _ => assert_eq!(r.unwrap_err(), libc::EIO, "{what}"),
+                        }
+                    }
+                }
+                stop.stop();
+            })
+            .unwrap();
+        let invalid: u64 = stats.iter().map(|s| s.invalid).sum();
+        eprintln!("invalid answers counted: {invalid}");
+        // Err(0), u32::MAX and -EIO, for the write and the read (the block
+        // layer may retry a failed request, so at least that many).
+        assert!(invalid >= 6, "invalid answers not counted: {stats:?}");
+        assert_no_devices();
+    }
+}
+
+/// Does its I/O on the queue's ring against a file, at most `max` bytes per
+/// operation: every request of more is finished by the queue asking again.
+struct ShortOps {
+    file: std::fs::File,
+    max: u32,
+    asks: AtomicU64,
+}
+
+impl Target for ShortOps {
+    fn handle(&self, _req: &Request, _buf: &mut [u8]) -> IoResult {
+        Err(libc::EOPNOTSUPP)
+    }
+
+    fn files(&self) -> Vec<RawFd> {
+        vec![self.file.as_raw_fd()]
+    }
+
+    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
+        self.asks.fetch_add(1, Ordering::Relaxed);
+        let n = (buf.len() as u32).min(self.max);
+        let sqe = match req.op {
+            Op::Read => opcode::Read::new(io.file(0), buf.as_mut_ptr(), n).offset(req.offset()).build(),
+            Op::Write => opcode::Write::new(io.file(0), buf.as_ptr(), n).offset(req.offset()).build(),
+            _ => return Some(Ok(0)),
+        };
+        // SAFETY: `buf` is the tag's buffer, valid until the request is
+        // committed, which waits for this operation.
+        unsafe { io.push(sqe) };
+        None
+    }
+}
+
+driver_test! {
+    /// A target whose ring operations transfer only part of each request is
+    /// asked again for the rest until the request is done: the data arrives
+    /// whole (64 KiB requests in 1 KiB operations).
+    fn trust_short_ring_operations_are_finished() {
+        let path = std::path::PathBuf::from("/tmp/ublk-trust-short");
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(8 * MIB).unwrap();
+        let target = ShortOps { file, max: 1024, asks: AtomicU64::new(0) };
+        let dev = DeviceBuilder::new().size(8 * MIB).create().unwrap();
+        dev.serve(&target, |dev, stop| {
+            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
+            let data = pattern(64 << 10, 9);
+            let mut v = vec![0u8; (64 << 10) + 4096];
+            let b = aligned(&mut v, 64 << 10);
+            b.copy_from_slice(&data);
+            f.write_all_at(b, MIB).unwrap();
+            b.fill(0);
+            f.read_exact_at(b, MIB).unwrap();
+            assert_eq!(&b[..], &data[..], "data through 1 KiB operations");
+            stop.stop();
+        })
+        .unwrap();
+        let asks = target.asks.load(Ordering::Relaxed);
+        eprintln!("submit calls: {asks}");
+        assert!(asks >= 2 * 64, "each 64 KiB request should take 64 operations: {asks} submit calls");
+        let mut got = vec![0u8; 64 << 10];
+        std::fs::File::open(&path).unwrap().read_exact_at(&mut got, MIB).unwrap();
+        assert_eq!(got, pattern(64 << 10, 9), "data in the file");
+        let _ = std::fs::remove_file(&path);
+        assert_no_devices();
+    }
+}
+
+/// Reads on queue 1 wait on a pipe nobody writes (an operation that stays in
+/// flight); the first read on queue 0 panics once one such read is waiting.
+struct PanicWithOpsInFlight {
+    pipe_rd: OwnedFd,
+    waiting: AtomicU32,
+    /// Off while the kernel scans partitions at START_DEV.
+    armed: AtomicBool,
+}
+
+impl Target for PanicWithOpsInFlight {
+    fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
+        Ok(req.len() as u32)
+    }
+
+    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
+        if req.op != Op::Read || !self.armed.load(Ordering::SeqCst) {
+            return Some(Ok(req.len() as u32));
+        }
+        if req.q_id == 0 {
+            let t0 = Instant::now();
+            while self.waiting.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("deliberate panic in queue 0 with {} operations in flight on queue 1", self.waiting.load(Ordering::SeqCst));
+        }
+        let sqe = opcode::Read::new(types::Fd(self.pipe_rd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
+        // SAFETY: `buf` stays valid until the operation completes: the
+        // device keeps the tag buffers until it is deleted, and the queue
+        // cancels and waits for its operations before it ends; the pipe
+        // outlives the device.
+        unsafe { io.push(sqe) };
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        None
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity
+    // reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+driver_test! {
+    /// A queue thread panics while the other queue has target operations in
+    /// flight (reads waiting on a pipe) and readers on every CPU keep I/O
+    /// coming: the device is torn down, serve returns the panic as an error,
+    /// no device is left, and the operations in flight were cancelled (a
+    /// write to the pipe afterwards is still there to read: nothing took it
+    /// into a buffer that no longer exists).
+    fn trust_queue_panic_with_operations_in_flight_tears_down_cleanly() {
+        if nproc() < 2 {
+            eprintln!("skipped: needs 2 CPUs for 2 queues, this VM has {}", nproc());
+            return;
+        }
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned here only.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let target = PanicWithOpsInFlight { pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
+        let dev = DeviceBuilder::new().queues(2).size(16 * MIB).placement(ublk::Placement::Unpinned).create().unwrap();
+        let r = within("serve after a queue panic", Duration::from_secs(120), move || {
+            let r = dev.serve(&target, |dev, _stop| {
+                target.armed.store(true, Ordering::SeqCst);
+                for cpu in [1usize, 0] {
+                    let p = dev.block_path();
+                    std::thread::spawn(move || {
+                        pin_to(cpu);
+                        let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(p).unwrap();
+                        let mut v = vec![0u8; 8192];
+                        for i in 0..64u64 {
+                            if f.read_at(aligned(&mut v, 4096), (i % 16) * MIB).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            });
+            (r.map(|_| ()).map_err(|e| e.to_string()), target.waiting.load(Ordering::SeqCst), target)
+        });
+        let (r, waiting, target) = r;
+        eprintln!("serve: {r:?}; operations that were in flight on queue 1: {waiting}");
+        assert!(r.as_ref().is_err_and(|e| e.contains("panicked")), "{r:?}");
+        assert!(waiting >= 1, "the test did not get an operation in flight on queue 1");
+        assert_no_devices();
+        // The reads were cancelled: bytes written now stay in the pipe.
+        let msg = b"after teardown";
+        // SAFETY: writes from a live buffer to our pipe.
+        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
+        let mut back = [0u8; 14];
+        // SAFETY: reads into a live buffer from our pipe.
+        let n = unsafe { libc::read(target.pipe_rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
+        assert_eq!(n, msg.len() as isize, "an operation of the dead device consumed the pipe's bytes");
+        assert_eq!(&back, msg);
+    }
+}
+
+/// Panics on its first read once armed (after the partition scan).
+struct PanicOnRead(AtomicBool);
+
+impl Target for PanicOnRead {
+    fn needs_data(&self) -> bool {
+        false
+    }
+    fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
+        if req.op == Op::Read && self.0.load(Ordering::SeqCst) {
+            panic!("deliberate panic serving a read");
+        }
+        Ok(req.len() as u32)
+    }
+}
+
+driver_test! {
+    /// `on_live` itself reads the disk, and the queue serving that read
+    /// dies: teardown does not wait for `on_live` (which would wait for the
+    /// read forever); the read fails and serve returns the queue's error.
+    fn trust_queue_death_during_on_live_io_does_not_deadlock() {
+        let dev = DeviceBuilder::new().size(16 * MIB).create().unwrap();
+        let r = within("serve with on_live blocked in I/O", Duration::from_secs(120), move || {
+            let mut read = None;
+            let target = PanicOnRead(AtomicBool::new(false));
+            let r = dev.serve(&target, |dev, _stop| {
+                target.0.store(true, Ordering::SeqCst);
+                let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
+                let mut v = vec![0u8; 8192];
+                read = Some(f.read_at(aligned(&mut v, 4096), 0).map_err(|e| e.to_string()));
+            });
+            (r.map(|_| ()).map_err(|e| e.to_string()), read)
+        });
+        eprintln!("serve: {:?}, on_live's read: {:?}", r.0, r.1);
+        assert!(r.0.as_ref().is_err_and(|e| e.contains("panicked")), "{:?}", r.0);
+        assert!(r.1.as_ref().is_some_and(|x| x.is_err()), "on_live's read should fail: {:?}", r.1);
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// Flags the library does not implement are refused before ADD_DEV,
+    /// naming the flag and the kernel that has it; nothing is created.
+    fn trust_unimplemented_flags_are_refused_by_name() {
+        let e = DeviceBuilder::new().flags(ublk::sys::UBLK_F_NEED_GET_DATA).create().expect_err("NEED_GET_DATA is not implemented");
+        let msg = e.to_string();
+        eprintln!("{msg}");
+        assert!(msg.contains("UBLK_F_NEED_GET_DATA") && msg.contains("6.0") && msg.contains("drop the flag"), "{msg}");
+        if let Some(zc) = ublk::sys::opt::UBLK_F_SUPPORT_ZERO_COPY {
+            let msg = DeviceBuilder::new().flags(zc).create().expect_err("zero copy is not implemented").to_string();
+            assert!(msg.contains("UBLK_F_SUPPORT_ZERO_COPY") && msg.contains("6.15"), "{msg}");
+        }
+        let msg = DeviceBuilder::new().flags(1 << 63).create().expect_err("unknown bit").to_string();
+        assert!(msg.contains("bit 63"), "{msg}");
+        assert_no_devices();
+        // A supported flag still works.
+        let dev = DeviceBuilder::new().size(16 * MIB).flags(ublk::sys::UBLK_F_USER_RECOVERY).create().unwrap();
+        assert_ne!(dev.info().flags & ublk::sys::UBLK_F_USER_RECOVERY, 0);
+        drop(dev);
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// Queue::new sizes the tag buffers from the DevInfo it is given, so it
+    /// refuses a DevInfo that differs from the kernel's, or an fd that is not
+    /// the device's /dev/ublkcN.
+    fn trust_queue_new_refuses_a_devinfo_the_kernel_does_not_have() {
+        let dev = DeviceBuilder::new().size(16 * MIB).max_io_bytes(512 << 10).create().unwrap();
+        let mut info = *dev.info();
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let e = ublk::Queue::new(devnull.as_raw_fd(), &info, 0, dev.encoding(), None, &[]).expect_err("/dev/null is no ublk char device");
+        assert!(e.to_string().contains("not /dev/ublkc"), "{e}");
+        info.max_io_buf_bytes = 4096;
+        // The device holds /dev/ublkcN open (one opener only), so a second
+        // open is refused by the kernel; the DevInfo check needs no fd of
+        // ours to show: pass the device's own path through /proc.
+        let fd_path = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == dev.char_path()))
+            .expect("the device's /dev/ublkcN fd");
+        let fd: RawFd = fd_path.file_name().to_str().unwrap().parse().unwrap();
+        let e = ublk::Queue::new(fd, &info, 0, dev.encoding(), None, &[]).expect_err("a smaller max_io_buf_bytes than the kernel's");
+        assert!(e.to_string().contains("differs from the kernel's"), "{e}");
+        drop(dev);
+        assert_no_devices();
+    }
+}
