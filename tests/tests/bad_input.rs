@@ -108,7 +108,7 @@ driver_test! {
             assert_eq!(c.encoding(), ublk::Encoding::Legacy);
         } else {
             let f = c.features().expect("GET_FEATURES on 6.5+");
-            assert!(f.has(ublk::sys::opt::UBLK_F_CMD_IOCTL_ENCODE));
+            assert!(f.contains(ublk::sys::abi::UBLK_F_CMD_IOCTL_ENCODE));
             assert_eq!(c.encoding(), ublk::Encoding::Ioctl);
         }
     }

@@ -2,7 +2,7 @@
 //! sysfs and the block layer show, on every kernel, and the newer commands
 //! work where the kernel has them.
 
-use ublk::{Control, DeviceBuilder, NullTarget};
+use ublk::{Control, DataPath, DeviceBuilder, NullTarget};
 use ublk_tests::*;
 
 driver_test! {
@@ -52,9 +52,7 @@ driver_test! {
 
 driver_test! {
     fn ctrl_update_size_where_the_kernel_has_it() {
-        let Some(flag) = ublk::sys::opt::UBLK_F_UPDATE_SIZE else {
-            panic!("this test binary must be built against headers with UBLK_F_UPDATE_SIZE (the VM build uses the newest)");
-        };
+        let flag = ublk::sys::abi::UBLK_F_UPDATE_SIZE;
         let c = Control::open().unwrap();
         let has = c.features().is_some_and(|f| f.0 & flag != 0);
         eprintln!("kernel {:?}: UPDATE_SIZE {}", kernel_version(), if has { "offered" } else { "not offered" });
@@ -83,6 +81,38 @@ driver_test! {
             stop.stop();
         })
         .unwrap();
+        assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// What the library does on a kernel follows that kernel's answers, not
+    /// the header it was built against: on 6.5+ GET_FEATURES is sent, the
+    /// ioctl encoding chosen and DataPath::NoData gets USER_COPY, even in a
+    /// build against the 6.1 header (`cargo xtask old-header` runs this test
+    /// from such a build, with UBLK_EXPECT_HEADER=6.1).
+    fn negotiation_follows_the_kernel_not_the_build_header() {
+        let (a, b, _) = ublk::sys::HEADER_LINUX_VERSION;
+        eprintln!("built against the Linux {a}.{b} header ({}), running on {}", ublk::sys::HEADER_PATH, kernel_release());
+        if let Ok(want) = std::env::var("UBLK_EXPECT_HEADER") {
+            assert_eq!(format!("{a}.{b}"), want, "this run is meant to test a build against the {want} header");
+        }
+        let c = ublk::Control::open().unwrap();
+        let v = kernel_version();
+        if v < (6, 5) {
+            assert_eq!(c.features(), None, "no GET_FEATURES before 6.5");
+            assert_eq!(c.encoding(), ublk::Encoding::Legacy);
+            return;
+        }
+        let f = c.features().expect("GET_FEATURES sent and answered on 6.5+");
+        assert!(f.contains(ublk::sys::abi::UBLK_F_CMD_IOCTL_ENCODE) && f.contains(ublk::sys::abi::UBLK_F_USER_COPY), "{:?}", f.names());
+        assert!(!f.names().iter().any(|n| n.starts_with("UBLK_F_BIT")), "unnamed feature bits: {:?}", f.names());
+        assert_eq!(c.encoding(), ublk::Encoding::Ioctl);
+        drop(c);
+        let dev = DeviceBuilder::new().size(16 << 20).data_path(DataPath::NoData).create().unwrap();
+        assert_eq!(dev.data_path(), DataPath::NoData, "USER_COPY negotiated: flags {:?}", ublk::Features(dev.info().flags).names());
+        assert_ne!(dev.info().flags & ublk::sys::abi::UBLK_F_USER_COPY, 0);
+        drop(dev);
         assert_no_devices();
     }
 }

@@ -201,11 +201,9 @@ driver_test! {
     /// that needs data is refused on such a device, naming the fix, and
     /// nothing is left behind; without USER_COPY it falls back and serves.
     fn null_data_path_skips_the_copy_where_the_kernel_allows() {
-        let uc_flag = ublk::sys::opt::UBLK_F_USER_COPY.unwrap_or(0);
-        let has_uc = ublk::Control::open().unwrap().features().is_some_and(|f| f.has(ublk::sys::opt::UBLK_F_USER_COPY));
-        if uc_flag != 0 {
-            assert_eq!(has_uc, kernel_version() >= (6, 5), "USER_COPY offered on {}", kernel_release());
-        }
+        let uc_flag = ublk::sys::abi::UBLK_F_USER_COPY;
+        let has_uc = ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_USER_COPY));
+        assert_eq!(has_uc, kernel_version() >= (6, 5), "USER_COPY offered on {}", kernel_release());
         const LEN: usize = 64 << 10;
         for path in [DataPath::Copy, DataPath::NoData] {
             let dev = DeviceBuilder::new().size(16 << 20).data_path(path).create().unwrap();

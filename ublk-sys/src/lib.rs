@@ -43,6 +43,8 @@ mod caps {
 }
 pub use caps::{opt, HEADER_COMMANDS, HEADER_FLAGS, HEADER_PARAM_TYPES};
 
+pub mod abi;
+
 /// Path of the `ublk_cmd.h` these bindings were generated from.
 pub const HEADER_PATH: &str = env!("UBLK_SYS_HEADER");
 

@@ -208,3 +208,23 @@ fn shmem_zc_packing_matches_c() {
         }
     }
 }
+
+#[test]
+fn abi_table_matches_the_header() {
+    let c = c_values();
+    let hv = (HEADER_LINUX_VERSION.0, HEADER_LINUX_VERSION.1);
+    let mut checked = 0;
+    for (name, val, since) in crate::abi::TABLE {
+        match c.iter().find(|(n, _)| n == name) {
+            Some((_, v)) => {
+                assert_eq!(*v, *val as i128, "abi::{name} differs from the header {HEADER_PATH}");
+                checked += 1;
+            }
+            None => assert!(
+                hv < *since,
+                "the header {HEADER_PATH} (Linux {hv:?}) does not define {name}, which abi::TABLE says Linux {since:?} introduced"
+            ),
+        }
+    }
+    assert!(checked > 0, "no abi row could be checked against {HEADER_PATH}");
+}

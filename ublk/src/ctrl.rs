@@ -59,11 +59,6 @@ pub(crate) mod ops {
     ctrl_op!(GET_PARAMS, UBLK_CMD_GET_PARAMS, UBLK_U_CMD_GET_PARAMS);
     ctrl_op!(START_USER_RECOVERY, UBLK_CMD_START_USER_RECOVERY, UBLK_U_CMD_START_USER_RECOVERY);
     ctrl_op!(END_USER_RECOVERY, UBLK_CMD_END_USER_RECOVERY, UBLK_U_CMD_END_USER_RECOVERY);
-
-    /// Commands that newer headers add, encoded only: `None` when this build's header predates them.
-    pub(crate) fn newer(name: &'static str, enc: Option<u32>) -> Option<CtrlOp> {
-        enc.map(|encoded| CtrlOp { name, legacy: encoded & 0xff, encoded })
-    }
 }
 
 /// The features the running kernel reports (`UBLK_U_CMD_GET_FEATURES`, 6.5+),
@@ -77,8 +72,14 @@ impl Features {
         flag.is_some_and(|f| self.0 & f != 0)
     }
 
-    /// Every flag by name: (name, reported by the kernel), for the names this
-    /// build's header knows; bits the header has no name for are `UBLK_F_BIT<n>`.
+    /// Whether every bit of `flags` is reported.
+    pub fn contains(&self, flags: u64) -> bool {
+        self.0 & flags == flags
+    }
+
+    /// Every reported flag by name: the kernel's names (`sys::abi`, up to
+    /// the newest kernel the crate knows), else this build's header's; a
+    /// bit neither knows is `UBLK_F_BIT<n>`.
     pub fn names(&self) -> Vec<String> {
         let mut v = Vec::new();
         for bit in 0..64 {
@@ -86,8 +87,8 @@ impl Features {
             if self.0 & f == 0 {
                 continue;
             }
-            match sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f) {
-                Some((n, _)) => v.push(n.to_string()),
+            match sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n)) {
+                Some(n) => v.push(n.to_string()),
                 None => v.push(format!("UBLK_F_BIT{bit}")),
             }
         }
@@ -114,7 +115,7 @@ pub fn state_name(state: u16) -> &'static str {
         sys::UBLK_S_DEV_DEAD => "DEAD",
         sys::UBLK_S_DEV_LIVE => "LIVE",
         sys::UBLK_S_DEV_QUIESCED => "QUIESCED",
-        s if Some(s) == sys::opt::UBLK_S_DEV_FAIL_IO => "FAIL_IO",
+        sys::abi::UBLK_S_DEV_FAIL_IO => "FAIL_IO",
         _ => "UNKNOWN",
     }
 }
@@ -155,12 +156,15 @@ impl Control {
         // GET_FEATURES exists only encoded (6.5+). A kernel that predates it
         // refuses it (-ENODEV/-EOPNOTSUPP/-EINVAL on 6.1-6.4), and those
         // kernels only need, or only accept, the legacy numbers.
-        if let Some(op) = ops::newer("GET_FEATURES", sys::opt::UBLK_U_CMD_GET_FEATURES) {
+        // The command number comes from `sys::abi`, not the build's header:
+        // a build against an older header must negotiate like any other.
+        {
+            let op = abi_op("GET_FEATURES", sys::abi::UBLK_U_CMD_GET_FEATURES);
             let mut feats: u64 = 0;
             let c = buf_cmd(u32::MAX, &mut feats);
             if ctrl.submit_encoded(op, c, true).is_ok() {
                 ctrl.features = Some(Features(feats));
-                if Features(feats).has(sys::opt::UBLK_F_CMD_IOCTL_ENCODE) {
+                if Features(feats).contains(sys::abi::UBLK_F_CMD_IOCTL_ENCODE) {
                     ctrl.encoding = Encoding::Ioctl;
                 }
             }
@@ -266,9 +270,7 @@ impl Control {
     /// `GET_DEV_INFO2` (6.3+): like GET_DEV_INFO, with the char device path
     /// ahead of the payload (which unprivileged devices are checked against).
     pub fn get_dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
-        let op = ops::newer("GET_DEV_INFO2", sys::opt::UBLK_U_CMD_GET_DEV_INFO2)
-            .ok_or(Error::Unsupported { feature: "GET_DEV_INFO2", why: "this build's ublk_cmd.h predates it (Linux 6.3)".into() })?;
-        let op = CtrlOp { legacy: sys::opt::UBLK_CMD_GET_DEV_INFO2.unwrap_or(op.legacy), ..op };
+        let op = CtrlOp { name: "GET_DEV_INFO2", legacy: sys::abi::UBLK_CMD_GET_DEV_INFO2, encoded: sys::abi::UBLK_U_CMD_GET_DEV_INFO2 };
         let path = format!("/dev/ublkc{dev_id}");
         let plen = path.len();
         let mut buf = vec![0u8; plen + std::mem::size_of::<DevInfo>()];
@@ -285,7 +287,7 @@ impl Control {
     /// `UBLK_U_CMD_UPDATE_SIZE` (6.16+, devices with `UBLK_F_UPDATE_SIZE`):
     /// resizes a live device to `sectors` 512-byte sectors.
     pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
-        let op = newer_or(("UPDATE_SIZE", sys::opt::UBLK_U_CMD_UPDATE_SIZE), "Linux 6.16")?;
+        let op = abi_op("UPDATE_SIZE", sys::abi::UBLK_U_CMD_UPDATE_SIZE);
         let mut c = dev_cmd(dev_id);
         c.data[0] = sectors;
         self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
@@ -295,7 +297,7 @@ impl Control {
     /// quiesces a live device so its server can be replaced; `data[0]` is the
     /// timeout in milliseconds.
     pub fn quiesce_dev(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
-        let op = newer_or(("QUIESCE_DEV", sys::opt::UBLK_U_CMD_QUIESCE_DEV), "Linux 6.16")?;
+        let op = abi_op("QUIESCE_DEV", sys::abi::UBLK_U_CMD_QUIESCE_DEV);
         let mut c = dev_cmd(dev_id);
         c.data[0] = timeout_ms;
         self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
@@ -304,7 +306,7 @@ impl Control {
     /// `UBLK_U_CMD_TRY_STOP_DEV` (7.0+, devices with `UBLK_F_SAFE_STOP_DEV`):
     /// stops the device only if nobody has the disk open (-EBUSY otherwise).
     pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
-        let op = newer_or(("TRY_STOP_DEV", sys::opt::UBLK_U_CMD_TRY_STOP_DEV), "Linux 7.0")?;
+        let op = abi_op("TRY_STOP_DEV", sys::abi::UBLK_U_CMD_TRY_STOP_DEV);
         self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
     }
 
@@ -365,17 +367,15 @@ impl Control {
     /// `UBLK_U_CMD_DEL_DEV_ASYNC` (6.9+): delete without waiting for the
     /// char device to be released.
     pub fn del_dev_async(&mut self, dev_id: u32) -> Result<()> {
-        let op = ops::newer("DEL_DEV_ASYNC", sys::opt::UBLK_U_CMD_DEL_DEV_ASYNC)
-            .ok_or(Error::Unsupported { feature: "DEL_DEV_ASYNC", why: "this build's ublk_cmd.h predates it (Linux 6.9)".into() })?;
+        let op = abi_op("DEL_DEV_ASYNC", sys::abi::UBLK_U_CMD_DEL_DEV_ASYNC);
         self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
     }
 }
 
-fn newer_or((name, enc): (&'static str, Option<u32>), since: &str) -> Result<CtrlOp> {
-    ops::newer(name, enc).ok_or_else(|| Error::Unsupported {
-        feature: name,
-        why: format!("this build's ublk_cmd.h predates it ({since}); build against newer kernel headers"),
-    })
+/// A command that exists only encoded, from `sys::abi` (never from the
+/// build's header, which may predate it).
+fn abi_op(name: &'static str, encoded: u32) -> CtrlOp {
+    CtrlOp { name, legacy: encoded & 0xff, encoded }
 }
 
 fn dev_cmd(dev_id: u32) -> sys::ublksrv_ctrl_cmd {

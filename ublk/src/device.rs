@@ -210,8 +210,8 @@ impl DeviceBuilder {
             }
         }
         let mut flags = self.flags;
-        if self.data_path == DataPath::NoData && ctrl.features().is_some_and(|f| f.has(sys::opt::UBLK_F_USER_COPY)) {
-            flags |= sys::opt::UBLK_F_USER_COPY.unwrap_or(0);
+        if self.data_path == DataPath::NoData && ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY)) {
+            flags |= sys::abi::UBLK_F_USER_COPY;
         }
         let info = DevInfo {
             nr_hw_queues: self.queues,
@@ -275,7 +275,7 @@ impl DeviceBuilder {
                 why: format!("device {dev_id} was created without user recovery (UBLK_F_USER_RECOVERY); only its deletion is possible"),
             });
         }
-        let quiesced = |s: u16| u32::from(s) == sys::UBLK_S_DEV_QUIESCED || Some(u32::from(s)) == sys::opt::UBLK_S_DEV_FAIL_IO;
+        let quiesced = |s: u16| u32::from(s) == sys::UBLK_S_DEV_QUIESCED || u32::from(s) == sys::abi::UBLK_S_DEV_FAIL_IO;
         let t0 = Instant::now();
         let mut info = info;
         while !quiesced(info.state) {
@@ -358,31 +358,6 @@ pub const SUPPORTED_FLAGS: &[&str] = &[
     "UBLK_F_NO_AUTO_PART_SCAN",
 ];
 
-/// The first kernel that offers each flag, for error messages.
-const FLAG_SINCE: &[(&str, &str)] = &[
-    ("UBLK_F_SUPPORT_ZERO_COPY", "6.15"),
-    ("UBLK_F_URING_CMD_COMP_IN_TASK", "6.0"),
-    ("UBLK_F_NEED_GET_DATA", "6.0"),
-    ("UBLK_F_USER_RECOVERY", "6.1"),
-    ("UBLK_F_USER_RECOVERY_REISSUE", "6.1"),
-    ("UBLK_F_UNPRIVILEGED_DEV", "6.3"),
-    ("UBLK_F_CMD_IOCTL_ENCODE", "6.4"),
-    ("UBLK_F_USER_COPY", "6.5"),
-    ("UBLK_F_ZONED", "6.6"),
-    ("UBLK_F_USER_RECOVERY_FAIL_IO", "6.13"),
-    ("UBLK_F_UPDATE_SIZE", "6.16"),
-    ("UBLK_F_AUTO_BUF_REG", "6.16"),
-    ("UBLK_F_QUIESCE", "6.16"),
-    ("UBLK_F_PER_IO_DAEMON", "6.16"),
-    ("UBLK_F_BUF_REG_OFF_DAEMON", "6.17"),
-    ("UBLK_F_BATCH_IO", "7.0"),
-    ("UBLK_F_INTEGRITY", "7.0"),
-    ("UBLK_F_SAFE_STOP_DEV", "7.0"),
-    ("UBLK_F_NO_AUTO_PART_SCAN", "7.0"),
-    ("UBLK_F_SHMEM_ZC", "7.1"),
-    ("UBLK_F_IO_DESC_SIZE", "7.3"),
-];
-
 /// Refuses every requested flag outside [`SUPPORTED_FLAGS`]: a flag passed
 /// through unimplemented changes the protocol under the queues (e.g. with
 /// `NEED_GET_DATA` the device goes live and fails its first write).
@@ -392,11 +367,15 @@ fn check_flags(flags: u64) -> Result<()> {
         if flags & f == 0 {
             continue;
         }
-        let name = sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n);
+        let name = sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n));
         match name {
             Some(n) if SUPPORTED_FLAGS.contains(&n) => {}
             Some(n) => {
-                let since = FLAG_SINCE.iter().find(|(m, _)| *m == n).map_or("a newer kernel".to_string(), |(_, v)| format!("Linux {v}"));
+                let since = match n {
+                    // Numbered from 6.0, working from 6.15.
+                    "UBLK_F_SUPPORT_ZERO_COPY" => "Linux 6.15".to_string(),
+                    _ => sys::abi::since(n).map_or("a newer kernel".to_string(), |(a, b)| format!("Linux {a}.{b}")),
+                };
                 return Err(Error::Unsupported {
                     feature: "requested UBLK_F_ flags",
                     why: format!(
@@ -408,7 +387,7 @@ fn check_flags(flags: u64) -> Result<()> {
             None => {
                 return Err(Error::Unsupported {
                     feature: "requested UBLK_F_ flags",
-                    why: format!("bit {bit} ({f:#x}) is no flag this build's ublk_cmd.h knows; drop it"),
+                    why: format!("bit {bit} ({f:#x}) is no UBLK_F_ flag this library knows; drop it"),
                 })
             }
         }

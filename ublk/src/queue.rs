@@ -572,7 +572,7 @@ fn verify_device(char_fd: RawFd, info: &DevInfo) -> Result<()> {
 /// Whether the device was created with `UBLK_F_USER_COPY`: the kernel then
 /// moves no data itself and io commands carry buffer address 0.
 pub(crate) fn user_copy(info: &DevInfo) -> bool {
-    sys::opt::UBLK_F_USER_COPY.is_some_and(|f| info.flags & f != 0)
+    info.flags & sys::abi::UBLK_F_USER_COPY != 0
 }
 
 /// The 16 bytes of an io command, as they go to SQE bytes 48..64.

@@ -54,6 +54,14 @@ enum Cmd {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Build the workspace against the oldest header of the matrix (Debian
+    /// 12's 6.1) and check on 6.12 and the newest kernel that it negotiates
+    /// (GET_FEATURES, ioctl encoding, user copy) like the newest-header build.
+    OldHeader {
+        /// Per-kernel time limit in seconds
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Boot a kernel and run a shell command in the guest.
     Vm {
         /// 6.1, 6.12 or newest
@@ -137,6 +145,7 @@ fn main() -> ExitCode {
         Cmd::Kernels { kernel } => kernels::cmd_kernels(&kernel),
         Cmd::Headers { suite, print_dir } => headers::cmd_headers(suite.as_deref(), print_dir.as_deref()),
         Cmd::TestVm { kernel, timeout, exe_timeout, test_args } => test_vm(&kernel, timeout, exe_timeout, &test_args),
+        Cmd::OldHeader { timeout } => old_header(timeout),
         Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
         Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
@@ -217,6 +226,39 @@ exit $failed
         wrap = wrap,
         exe_timeout = exe_timeout
     )
+}
+
+/// The tests that show a build negotiates from the kernel's answers.
+const NEGOTIATION_TESTS: &[&str] = &[
+    "negotiation_follows_the_kernel_not_the_build_header",
+    "encoding_follows_the_kernel",
+    "null_data_path_skips_the_copy_where_the_kernel_allows",
+];
+
+fn old_header(timeout: u64) -> Result<()> {
+    let ks = [kernels::get("6.12")?, kernels::get("newest")?];
+    let target = util::workspace_root().join("target").join("vm-bookworm");
+    let a = wsbuild::build_for("bookworm", &target, true)?;
+    let args: Vec<String> = NEGOTIATION_TESTS.iter().map(|s| s.to_string()).collect();
+    let payload = vm::Payload { script: test_payload(&args, 300), bins: a.bins, tests: a.tests, strip: true };
+    let common = vm::build_common(&payload)?;
+    let env = [("UBLK_EXPECT_HEADER".to_string(), "6.1".to_string())];
+    let mut bad = vec![];
+    for k in &ks {
+        let r = vm::run(k, &common, Duration::from_secs(timeout), &env)?;
+        let (p, f) = headers::parse_test_results(&r.console.join("\n"));
+        log!("old-header build on {}: {p} passed, {f} failed ({})", k.name, r.label());
+        TESTS_PASSED.fetch_add(p, std::sync::atomic::Ordering::Relaxed);
+        TESTS_FAILED.fetch_add(f, std::sync::atomic::Ordering::Relaxed);
+        // Every negotiation test must have run and passed on this kernel.
+        if !r.ok() || f > 0 || p < NEGOTIATION_TESTS.len() as u64 {
+            bad.push(format!("{} ({p} passed, {f} failed, {})", k.name, r.label()));
+        }
+    }
+    if !bad.is_empty() {
+        bail!("the build against the 6.1 header did not negotiate like the newest one on: {}", bad.join(", "));
+    }
+    Ok(())
 }
 
 fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> Result<()> {
@@ -319,6 +361,7 @@ fn ci(timeout: u64) -> Result<()> {
         ("cargo doc (-Dwarnings)", Box::new(|| util::run(cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings")))),
         ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
         ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 300, &[]))),
+        ("old-header (6.1-header build on 6.12 and newest)", Box::new(|| old_header(600))),
         ("demo", Box::new(|| demo("6.12", 600, false))),
     ];
     let mut rows = vec![];

@@ -7,7 +7,7 @@ use crate::{log, warn};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub struct Artifacts {
@@ -21,15 +21,15 @@ pub fn target_dir() -> PathBuf {
 
 /// Run cargo with JSON messages; return executables of compiler-artifact
 /// messages accepted by `want(profile_test, kinds)`.
-fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bool) -> Result<Vec<PathBuf>> {
+fn cargo_json(args: &[&str], inc: &PathBuf, target: &Path, want: impl Fn(bool, &[String]) -> bool) -> Result<Vec<PathBuf>> {
     let mut c = Command::new(util::cargo());
     c.args(args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(workspace_root())
         .env("UBLK_SYS_KERNEL_HEADERS", inc)
-        .env("CARGO_TARGET_DIR", target_dir())
+        .env("CARGO_TARGET_DIR", target)
         .stdout(Stdio::piped());
-    log!("$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}", inc.display(), target_dir().display(), util::describe(&c));
+    log!("$ UBLK_SYS_KERNEL_HEADERS={} CARGO_TARGET_DIR={} {}", inc.display(), target.display(), util::describe(&c));
     let mut child = c.spawn()?;
     let mut v = vec![];
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
@@ -61,13 +61,21 @@ fn cargo_json(args: &[&str], inc: &PathBuf, want: impl Fn(bool, &[String]) -> bo
 
 /// Build the workspace binaries (and optionally test executables) for the VM.
 pub fn build(with_tests: bool) -> Result<Artifacts> {
-    let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
-    log!("building for the VM against linux-libc-dev {ver} (sid)");
-    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins"], &inc, |test, kinds| {
+    build_for("sid", &target_dir(), with_tests)
+}
+
+/// [`build`] against the headers of Debian `suite`, into `target`.
+pub fn build_for(suite: &str, target: &Path, with_tests: bool) -> Result<Artifacts> {
+    let (inc, ver) = headers::headers_dir(suite).with_context(|| format!("{suite} kernel headers for the VM build"))?;
+    log!("building for the VM against linux-libc-dev {ver} ({suite})");
+    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins"], &inc, target, |test, kinds| {
         !test && kinds.iter().any(|k| k == "bin")
     })?;
-    let tests =
-        if with_tests { cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, |test, _| test)? } else { vec![] };
+    let tests = if with_tests {
+        cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
+    } else {
+        vec![]
+    };
     bins.extend(extra_bins());
     log!(
         "VM artifacts: bins [{}], {} test executables",
@@ -125,7 +133,7 @@ fn extra_bins() -> Vec<PathBuf> {
 pub fn build_bench() -> Result<Vec<PathBuf>> {
     let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
     log!("building release binaries for the bench against linux-libc-dev {ver} (sid)");
-    let ours = cargo_json(&["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"], &inc, |test, kinds| {
+    let ours = cargo_json(&["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"], &inc, &target_dir(), |test, kinds| {
         !test && kinds.iter().any(|k| k == "bin")
     })?;
     let out = target_dir().join("bench");

@@ -1,0 +1,147 @@
+//! The ABI values a server needs to negotiate with every kernel from 6.1 to
+//! the newest, whatever header this crate was built from.
+//!
+//! What the library does on a kernel must follow that kernel's answer
+//! (`GET_FEATURES`, the flags `ADD_DEV` returns), never the age of the build
+//! machine's `linux/ublk_cmd.h`: a build against Debian 12's 6.1 header must
+//! still send `GET_FEATURES`, use the ioctl encoding and get user copy on a
+//! 7.x kernel. The few numbers that takes (command numbers, flag bits, a
+//! state) are in [`TABLE`], one row each with the kernel that introduced it.
+//! The kernel's ABI never changes a published number, and the crate's tests
+//! compare every row with the header it is built against: equal where the
+//! header defines the name, and defined by every header at least as new as
+//! the row's kernel (CI builds against the newest header of the matrix), so
+//! the table cannot drift from the kernel's own values.
+//!
+//! The ioctl encodings are computed with the kernel's `_IOC` layout from the
+//! size of this build's `struct ublksrv_ctrl_cmd`, as the header's `_IOR` and
+//! `_IOWR` do.
+
+/// `_IOC_READ` (asm-generic/ioctl.h).
+const IOC_READ: u32 = 2;
+/// `_IOC_WRITE`.
+const IOC_WRITE: u32 = 1;
+
+/// `_IOC(dir, 'u', nr, sizeof(struct ublksrv_ctrl_cmd))`.
+const fn ioc_ctrl(dir: u32, nr: u32) -> u32 {
+    (dir << 30) | ((core::mem::size_of::<crate::ublksrv_ctrl_cmd>() as u32) << 16) | ((b'u' as u32) << 8) | nr
+}
+
+/// `_IOR('u', nr, struct ublksrv_ctrl_cmd)`.
+const fn ior(nr: u32) -> u32 {
+    ioc_ctrl(IOC_READ, nr)
+}
+
+/// `_IOWR('u', nr, struct ublksrv_ctrl_cmd)`.
+const fn iowr(nr: u32) -> u32 {
+    ioc_ctrl(IOC_READ | IOC_WRITE, nr)
+}
+
+/// `UBLK_CMD_GET_DEV_INFO2` (6.3): the legacy number.
+pub const UBLK_CMD_GET_DEV_INFO2: u32 = 0x12;
+/// `UBLK_U_CMD_GET_DEV_INFO2` (6.3).
+pub const UBLK_U_CMD_GET_DEV_INFO2: u32 = ior(0x12);
+/// `UBLK_U_CMD_GET_FEATURES` (6.5): what the kernel supports.
+pub const UBLK_U_CMD_GET_FEATURES: u32 = ior(0x13);
+/// `UBLK_U_CMD_DEL_DEV_ASYNC` (6.9).
+pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 = ior(0x14);
+/// `UBLK_U_CMD_UPDATE_SIZE` (6.16).
+pub const UBLK_U_CMD_UPDATE_SIZE: u32 = iowr(0x15);
+/// `UBLK_U_CMD_QUIESCE_DEV` (6.16).
+pub const UBLK_U_CMD_QUIESCE_DEV: u32 = iowr(0x16);
+/// `UBLK_U_CMD_TRY_STOP_DEV` (7.0).
+pub const UBLK_U_CMD_TRY_STOP_DEV: u32 = iowr(0x17);
+
+/// Every `UBLK_F_*` flag up to 7.3, with its bit.
+pub const UBLK_F_SUPPORT_ZERO_COPY: u64 = 1 << 0;
+/// See [`TABLE`].
+pub const UBLK_F_URING_CMD_COMP_IN_TASK: u64 = 1 << 1;
+/// See [`TABLE`].
+pub const UBLK_F_NEED_GET_DATA: u64 = 1 << 2;
+/// See [`TABLE`].
+pub const UBLK_F_USER_RECOVERY: u64 = 1 << 3;
+/// See [`TABLE`].
+pub const UBLK_F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
+/// See [`TABLE`].
+pub const UBLK_F_UNPRIVILEGED_DEV: u64 = 1 << 5;
+/// See [`TABLE`].
+pub const UBLK_F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
+/// See [`TABLE`].
+pub const UBLK_F_USER_COPY: u64 = 1 << 7;
+/// See [`TABLE`].
+pub const UBLK_F_ZONED: u64 = 1 << 8;
+/// See [`TABLE`].
+pub const UBLK_F_USER_RECOVERY_FAIL_IO: u64 = 1 << 9;
+/// See [`TABLE`].
+pub const UBLK_F_UPDATE_SIZE: u64 = 1 << 10;
+/// See [`TABLE`].
+pub const UBLK_F_AUTO_BUF_REG: u64 = 1 << 11;
+/// See [`TABLE`].
+pub const UBLK_F_QUIESCE: u64 = 1 << 12;
+/// See [`TABLE`].
+pub const UBLK_F_PER_IO_DAEMON: u64 = 1 << 13;
+/// See [`TABLE`].
+pub const UBLK_F_BUF_REG_OFF_DAEMON: u64 = 1 << 14;
+/// See [`TABLE`].
+pub const UBLK_F_BATCH_IO: u64 = 1 << 15;
+/// See [`TABLE`].
+pub const UBLK_F_INTEGRITY: u64 = 1 << 16;
+/// See [`TABLE`].
+pub const UBLK_F_SAFE_STOP_DEV: u64 = 1 << 17;
+/// See [`TABLE`].
+pub const UBLK_F_NO_AUTO_PART_SCAN: u64 = 1 << 18;
+/// See [`TABLE`].
+pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
+/// See [`TABLE`].
+pub const UBLK_F_IO_DESC_SIZE: u64 = 1 << 20;
+
+/// `UBLK_S_DEV_FAIL_IO` (6.13): a recovery device that fails I/O while its
+/// server is gone.
+pub const UBLK_S_DEV_FAIL_IO: u32 = 3;
+
+/// One row of the table: the kernel's name, its value, and the first kernel
+/// (major, minor) whose header defines it.
+pub type Row = (&'static str, u64, (u32, u32));
+
+/// Every value above, by kernel name, with the kernel that introduced it.
+pub const TABLE: &[Row] = &[
+    ("UBLK_CMD_GET_DEV_INFO2", UBLK_CMD_GET_DEV_INFO2 as u64, (6, 3)),
+    ("UBLK_U_CMD_GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2 as u64, (6, 3)),
+    ("UBLK_U_CMD_GET_FEATURES", UBLK_U_CMD_GET_FEATURES as u64, (6, 5)),
+    ("UBLK_U_CMD_DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC as u64, (6, 9)),
+    ("UBLK_U_CMD_UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE as u64, (6, 16)),
+    ("UBLK_U_CMD_QUIESCE_DEV", UBLK_U_CMD_QUIESCE_DEV as u64, (6, 16)),
+    ("UBLK_U_CMD_TRY_STOP_DEV", UBLK_U_CMD_TRY_STOP_DEV as u64, (7, 0)),
+    ("UBLK_F_SUPPORT_ZERO_COPY", UBLK_F_SUPPORT_ZERO_COPY, (6, 0)),
+    ("UBLK_F_URING_CMD_COMP_IN_TASK", UBLK_F_URING_CMD_COMP_IN_TASK, (6, 0)),
+    ("UBLK_F_NEED_GET_DATA", UBLK_F_NEED_GET_DATA, (6, 0)),
+    ("UBLK_F_USER_RECOVERY", UBLK_F_USER_RECOVERY, (6, 1)),
+    ("UBLK_F_USER_RECOVERY_REISSUE", UBLK_F_USER_RECOVERY_REISSUE, (6, 1)),
+    ("UBLK_F_UNPRIVILEGED_DEV", UBLK_F_UNPRIVILEGED_DEV, (6, 3)),
+    ("UBLK_F_CMD_IOCTL_ENCODE", UBLK_F_CMD_IOCTL_ENCODE, (6, 4)),
+    ("UBLK_F_USER_COPY", UBLK_F_USER_COPY, (6, 5)),
+    ("UBLK_F_ZONED", UBLK_F_ZONED, (6, 6)),
+    ("UBLK_F_USER_RECOVERY_FAIL_IO", UBLK_F_USER_RECOVERY_FAIL_IO, (6, 13)),
+    ("UBLK_F_UPDATE_SIZE", UBLK_F_UPDATE_SIZE, (6, 16)),
+    ("UBLK_F_AUTO_BUF_REG", UBLK_F_AUTO_BUF_REG, (6, 16)),
+    ("UBLK_F_QUIESCE", UBLK_F_QUIESCE, (6, 16)),
+    ("UBLK_F_PER_IO_DAEMON", UBLK_F_PER_IO_DAEMON, (6, 16)),
+    ("UBLK_F_BUF_REG_OFF_DAEMON", UBLK_F_BUF_REG_OFF_DAEMON, (6, 17)),
+    ("UBLK_F_BATCH_IO", UBLK_F_BATCH_IO, (7, 0)),
+    ("UBLK_F_INTEGRITY", UBLK_F_INTEGRITY, (7, 0)),
+    ("UBLK_F_SAFE_STOP_DEV", UBLK_F_SAFE_STOP_DEV, (7, 0)),
+    ("UBLK_F_NO_AUTO_PART_SCAN", UBLK_F_NO_AUTO_PART_SCAN, (7, 0)),
+    ("UBLK_F_SHMEM_ZC", UBLK_F_SHMEM_ZC, (7, 1)),
+    ("UBLK_F_IO_DESC_SIZE", UBLK_F_IO_DESC_SIZE, (7, 3)),
+    ("UBLK_S_DEV_FAIL_IO", UBLK_S_DEV_FAIL_IO as u64, (6, 13)),
+];
+
+/// The name of flag `bit` (a single-bit mask) in [`TABLE`], if it is one.
+pub fn flag_name(bit: u64) -> Option<&'static str> {
+    TABLE.iter().find(|(n, v, _)| n.starts_with("UBLK_F_") && *v == bit).map(|(n, _, _)| *n)
+}
+
+/// The first kernel that defines `name`, as (major, minor).
+pub fn since(name: &str) -> Option<(u32, u32)> {
+    TABLE.iter().find(|(n, _, _)| *n == name).map(|(_, _, s)| *s)
+}
