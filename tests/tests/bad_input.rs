@@ -72,22 +72,27 @@ driver_test! {
 driver_test! {
     fn bad_feature_the_kernel_lacks() {
         let before = resources();
-        // A flag bit no kernel defines yet stands for "a feature this kernel is too old for".
+        // A flag bit no kernel defines yet is refused before the kernel is asked.
         let r = DeviceBuilder::new().size(16 << 20).flags(1 << 62).create();
         match r {
             Err(Error::Unsupported { .. }) => {}
             other => panic!("expected Unsupported, got {other:?}"),
         }
         let msg = DeviceBuilder::new().size(16 << 20).flags(1 << 62).create().unwrap_err().to_string();
-        assert!(msg.contains("not supported") && msg.contains("newer kernel"), "{msg}");
+        assert!(msg.contains("not supported") && msg.contains("bit 62") && msg.contains("drop it"), "{msg}");
         assert_no_devices();
         assert_eq!(before, resources(), "resources leaked");
         // And a real one where the kernel predates it: USER_RECOVERY_FAIL_IO is 6.13+.
-        if let Some(f) = ublk::sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO {
+        {
+            let f = ublk::sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO;
             let r = DeviceBuilder::new().size(16 << 20).flags(f | ublk::sys::UBLK_F_USER_RECOVERY).create();
             if kernel_version() < (6, 13) {
                 let e = r.unwrap_err();
                 assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+                // Named, with the kernel that has it (6.5+ report what they offer).
+                if kernel_version() >= (6, 5) {
+                    assert!(e.to_string().contains("UBLK_F_USER_RECOVERY_FAIL_IO"), "{e}");
+                }
             } else {
                 drop(r.expect("6.13+ has USER_RECOVERY_FAIL_IO"));
             }
