@@ -39,7 +39,7 @@ const fn iowr(nr: u32) -> u32 {
 
 /// `UBLK_CMD_GET_DEV_INFO2` (6.3): the legacy number.
 pub const UBLK_CMD_GET_DEV_INFO2: u32 = 0x12;
-/// `UBLK_U_CMD_GET_DEV_INFO2` (6.3).
+/// `UBLK_U_CMD_GET_DEV_INFO2` (6.4).
 pub const UBLK_U_CMD_GET_DEV_INFO2: u32 = ior(0x12);
 /// `UBLK_U_CMD_GET_FEATURES` (6.5): what the kernel supports.
 pub const UBLK_U_CMD_GET_FEATURES: u32 = ior(0x13);
@@ -106,7 +106,8 @@ pub type Row = (&'static str, u64, (u32, u32));
 /// Every value above, by kernel name, with the kernel that introduced it.
 pub const TABLE: &[Row] = &[
     ("UBLK_CMD_GET_DEV_INFO2", UBLK_CMD_GET_DEV_INFO2 as u64, (6, 3)),
-    ("UBLK_U_CMD_GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2 as u64, (6, 3)),
+    // Numbered in 6.3, encoded from the 6.4 header on.
+    ("UBLK_U_CMD_GET_DEV_INFO2", UBLK_U_CMD_GET_DEV_INFO2 as u64, (6, 4)),
     ("UBLK_U_CMD_GET_FEATURES", UBLK_U_CMD_GET_FEATURES as u64, (6, 5)),
     ("UBLK_U_CMD_DEL_DEV_ASYNC", UBLK_U_CMD_DEL_DEV_ASYNC as u64, (6, 9)),
     ("UBLK_U_CMD_UPDATE_SIZE", UBLK_U_CMD_UPDATE_SIZE as u64, (6, 16)),

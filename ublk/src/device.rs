@@ -229,7 +229,6 @@ impl DeviceBuilder {
             info,
             params: None,
             char_file: None,
-            started: false,
             deleted: false,
             recovering: false,
             placement: self.placement,
@@ -268,6 +267,8 @@ impl DeviceBuilder {
     pub fn recover(self, dev_id: u32, wait: Duration) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let info = ctrl.get_dev_info(dev_id)?;
+        // A device made elsewhere may use a protocol this library does not speak.
+        check_device_flags(info.flags)?;
         let recovery = sys::UBLK_F_USER_RECOVERY;
         if info.flags & recovery == 0 {
             return Err(Error::InvalidConfig {
@@ -312,7 +313,6 @@ impl DeviceBuilder {
             info,
             params: None,
             char_file: None,
-            started: false,
             deleted: false,
             recovering: true,
             placement: self.placement,
@@ -362,6 +362,22 @@ pub const SUPPORTED_FLAGS: &[&str] = &[
 /// through unimplemented changes the protocol under the queues (e.g. with
 /// `NEED_GET_DATA` the device goes live and fails its first write).
 fn check_flags(flags: u64) -> Result<()> {
+    check_flags_in(flags, SUPPORTED_FLAGS)
+}
+
+/// Flags the kernel sets by itself in the flags ADD_DEV returns (7.x: the
+/// per-I/O daemon and off-daemon registration rules, which a server with one
+/// thread per queue satisfies; safe stop), next to those the library asks for.
+const KERNEL_SET_FLAGS: &[&str] = &["UBLK_F_PER_IO_DAEMON", "UBLK_F_BUF_REG_OFF_DAEMON"];
+
+/// Refuses a device made elsewhere whose flags the library cannot serve.
+fn check_device_flags(flags: u64) -> Result<()> {
+    let mut allowed = SUPPORTED_FLAGS.to_vec();
+    allowed.extend_from_slice(KERNEL_SET_FLAGS);
+    check_flags_in(flags, &allowed)
+}
+
+fn check_flags_in(flags: u64, supported: &[&str]) -> Result<()> {
     for bit in 0..64 {
         let f = 1u64 << bit;
         if flags & f == 0 {
@@ -369,7 +385,7 @@ fn check_flags(flags: u64) -> Result<()> {
         }
         let name = sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n));
         match name {
-            Some(n) if SUPPORTED_FLAGS.contains(&n) => {}
+            Some(n) if supported.contains(&n) => {}
             Some(n) => {
                 let since = match n {
                     // Numbered from 6.0, working from 6.15.
@@ -439,7 +455,6 @@ pub struct Device {
     info: DevInfo,
     params: Option<Params>,
     char_file: Option<File>,
-    started: bool,
     deleted: bool,
     recovering: bool,
     placement: Placement,
@@ -449,8 +464,9 @@ pub struct Device {
 
 /// What [`Device::serve`] learns while the device runs.
 struct Live {
-    /// START_DEV (or END_USER_RECOVERY) completed.
-    started: bool,
+    /// The kernel quiesced the device (QUIESCE_DEV) for another server to
+    /// recover: it is left as it is.
+    quiesced: bool,
     /// Still taking over a device (END_USER_RECOVERY not done).
     recovering: bool,
     /// A panic of `on_live`, resumed after teardown.
@@ -591,7 +607,7 @@ impl Device {
         let mut teardown = Control::open()?;
         let mut char_file = self.char_file.take();
         let char_fd = char_file.as_ref().expect("char device open").as_raw_fd();
-        let mut live = Live { started: false, recovering: self.recovering, panic: None };
+        let mut live = Live { quiesced: false, recovering: self.recovering, panic: None };
 
         let result = std::thread::scope(|s| {
             let this: &Device = &self;
@@ -649,7 +665,13 @@ impl Device {
             // partition scan, would wait for it forever: so first end every
             // queue and close the char device, then STOP_DEV. A recovery that
             // did not complete leaves the device quiesced for another attempt.
-            if !failed && !live.recovering {
+            // Every queue ended by itself (all its tags aborted) without a
+            // stop request: the kernel may have quiesced the device
+            // (QUIESCE_DEV) for another server to take over.
+            if !failed && !live.recovering && outcome.is_ok() {
+                live.quiesced = teardown.get_dev_info(info.dev_id).is_ok_and(|i| u32::from(i.state) == sys::UBLK_S_DEV_QUIESCED);
+            }
+            if !failed && !live.recovering && !live.quiesced {
                 let _ = teardown.stop_dev(info.dev_id);
             }
             wake.signal();
@@ -681,8 +703,9 @@ impl Device {
         });
         // Threads are joined, their rings closed: close our fd, delete.
         self.char_file = char_file;
-        self.started = false;
-        self.recovering = live.recovering;
+        // A device quiesced for an upgrade is left for the next server, like
+        // one whose recovery did not complete.
+        self.recovering = live.recovering || live.quiesced;
         let del = self.delete();
         if del.is_err() || self.recovering {
             // DEL_DEV did not confirm that every ring naming these buffers is
@@ -800,7 +823,6 @@ impl Device {
             };
         }
         live.recovering = false;
-        live.started = true;
         if let Some(ev) = early {
             return record(ev, stats, failed);
         }
@@ -825,7 +847,8 @@ impl Device {
         record(rx.recv().expect("sender held"), stats, failed)
     }
 
-    /// STOP_DEV (if started), close `/dev/ublkcN`, DEL_DEV. Idempotent.
+    /// Close `/dev/ublkcN`, DEL_DEV (the device was stopped by `serve`, or
+    /// never started). Idempotent.
     fn delete(&mut self) -> Result<()> {
         if self.deleted {
             return Ok(());
@@ -835,10 +858,6 @@ impl Device {
             self.char_file = None;
             self.deleted = true;
             return Ok(());
-        }
-        if self.started {
-            let _ = self.ctrl.stop_dev(self.info.dev_id);
-            self.started = false;
         }
         self.char_file = None;
         self.deleted = true;

@@ -69,6 +69,13 @@ pub struct Queue {
     live_tags: u16,
     /// Tags with a target operation in flight on the ring.
     ops_in_flight: u16,
+    /// Per tag: the server owns its request (between the CQE that delivered
+    /// it and the commit).
+    held: Vec<bool>,
+    /// Per tag: a target operation is in flight.
+    in_op: Vec<bool>,
+    /// The wake-up eventfd fired (possibly already during `fetch_all`).
+    woken: bool,
     /// Each tag's request while the server owns it.
     reqs: Vec<Request>,
     /// Bytes of each tag's request transferred by earlier, short operations.
@@ -156,6 +163,9 @@ impl Queue {
             wake,
             live_tags: 0,
             ops_in_flight: 0,
+            held: vec![false; usize::from(depth)],
+            in_op: vec![false; usize::from(depth)],
+            woken: false,
             reqs: vec![blank; usize::from(depth)],
             done: vec![0; usize::from(depth)],
             busy_poll: DEFAULT_BUSY_POLL,
@@ -230,8 +240,16 @@ impl Queue {
         }
         self.ring.submit().map_err(|e| Error::os("submitting FETCH_REQ", e))?;
         self.live_tags = self.depth;
-        // FETCHes complete only when a request arrives; anything here now is a refusal.
-        let refused = self.ring.completion().next().map(|cqe| (cqe.user_data() as u16, cqe.result()));
+        // FETCHes complete only when a request arrives; anything here now is
+        // a refusal (or the wake-up, if the device is already being torn down).
+        let mut refused = None;
+        while let Some(cqe) = self.ring.completion().next() {
+            match cqe.user_data() {
+                WAKE => self.woken = true,
+                ud if refused.is_none() => refused = Some((ud as u16, cqe.result())),
+                _ => {}
+            }
+        }
         if let Some((tag, res)) = refused {
             return Err(self.io_error(FETCH_REQ, tag, res));
         }
@@ -266,13 +284,20 @@ impl Queue {
                 why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
             });
         }
-        let r = self.serve_inner(target);
+        // Whatever ends the loop (the device stopping, a refused command, a
+        // panicking target), the requests this queue holds are committed and
+        // its target operations are over before it returns: on 6.6-6.15 no
+        // one else would ever fail a request a live server holds.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_inner(target)));
         self.drain();
-        r
+        match r {
+            Ok(r) => r,
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
     }
 
     fn serve_inner<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        let mut stopping = false;
+        let mut stopping = self.woken;
         while (self.live_tags > 0 || self.ops_in_flight > 0) && !stopping {
             match self.enter() {
                 Ok(()) => {}
@@ -283,14 +308,18 @@ impl Queue {
                 let Some(cqe) = self.ring.completion().next() else { break };
                 let ud = cqe.user_data();
                 if ud == WAKE {
+                    self.woken = true;
                     stopping = true;
+                    continue;
+                }
+                if ud == CANCEL {
                     continue;
                 }
                 let tag = ud as u16;
                 let res = cqe.result();
                 if ud & TARGET_OP != 0 {
                     // The target's operation for this tag finished.
-                    self.ops_in_flight -= 1;
+                    self.op_done(tag);
                     let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
                     let req = self.reqs[usize::from(tag)];
                     let (settled, invalid) = settle(&req, self.done[usize::from(tag)], answer, true);
@@ -304,6 +333,7 @@ impl Queue {
                     }
                 } else if res == sys::UBLK_IO_RES_OK as i32 {
                     self.live_tags -= 1;
+                    self.held[usize::from(tag)] = true;
                     self.handle(target, tag);
                 } else if res == sys::UBLK_IO_RES_ABORT {
                     // The device is going away: this tag is done.
@@ -323,36 +353,70 @@ impl Queue {
         Ok(self.stats)
     }
 
-    /// Waits until no target operation is in flight: their buffers (the
-    /// tags' buffers, the target's memory) must not be written after the
-    /// queue is gone. Operations that may wait forever (a read from a socket
-    /// whose peer is gone) are cancelled first; their results are dropped
-    /// (the device is stopping).
+    /// Ends the queue's part in every request it holds: cancels its target
+    /// operations (one waiting on a socket whose peer is gone would never
+    /// end) and waits for them, since their buffers (the tags', the
+    /// target's) must not be written after the queue is gone; then commits
+    /// every request it still holds, with the operation's result where it
+    /// completed in full and EIO otherwise, and submits. Each commit parks a
+    /// FETCH again, which the kernel aborts at STOP_DEV or when the ring is
+    /// closed; a held request nobody commits would, on 6.6-6.15, never be
+    /// failed at all. Needs no target: runs after a panic and on drop.
     fn drain(&mut self) {
-        if self.ops_in_flight == 0 {
-            return;
+        if self.ops_in_flight > 0 {
+            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
+            self.push(&cancel);
         }
-        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
-        self.push(&cancel);
         while self.ops_in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            match self.ring.submit_and_wait(1).map_err(|e| e.raw_os_error()) {
+                Ok(_) | Err(Some(libc::EINTR)) => {}
+                Err(Some(libc::EAGAIN)) | Err(Some(libc::EBUSY)) => std::thread::sleep(Duration::from_millis(1)),
                 // The ring cannot wait: leave the buffers alone (see Drop).
                 Err(_) => return,
             }
-            while let Some(cqe) = self.ring.completion().next() {
+            loop {
+                let Some(cqe) = self.ring.completion().next() else { break };
                 match cqe.user_data() {
-                    WAKE | CANCEL => {}
-                    ud if ud & TARGET_OP != 0 => self.ops_in_flight -= 1,
-                    _ => self.live_tags = self.live_tags.saturating_sub(1),
+                    WAKE => self.woken = true,
+                    CANCEL => {}
+                    ud if ud & TARGET_OP != 0 => {
+                        let tag = ud as u16;
+                        self.op_done(tag);
+                        // Keep a complete result; anything else fails.
+                        let res = cqe.result();
+                        let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
+                        let req = self.reqs[usize::from(tag)];
+                        if let (Settled::Commit(result), _) = settle(&req, self.done[usize::from(tag)], answer, false) {
+                            self.commit(tag, result);
+                        }
+                    }
+                    ud => {
+                        // A request delivered meanwhile is held too.
+                        self.live_tags = self.live_tags.saturating_sub(1);
+                        if cqe.result() == sys::UBLK_IO_RES_OK as i32 {
+                            self.held[usize::from(ud as u16)] = true;
+                        }
+                    }
                 }
             }
         }
+        for tag in 0..self.depth {
+            if self.held[usize::from(tag)] && !self.in_op[usize::from(tag)] {
+                self.commit(tag, -libc::EIO);
+            }
+        }
+        let _ = self.ring.submit();
+    }
+
+    /// Bookkeeping for a finished target operation of `tag`.
+    fn op_done(&mut self, tag: u16) {
+        self.ops_in_flight -= 1;
+        self.in_op[usize::from(tag)] = false;
     }
 
     /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
     fn commit(&mut self, tag: u16, result: i32) {
+        self.held[usize::from(tag)] = false;
         if result < 0 {
             self.stats.errors += 1;
         }
@@ -491,12 +555,20 @@ impl Queue {
             // data run there, see `serve`).
             _ => &mut [],
         };
-        let mut io = TargetIo { sq: self.ring.submission(), user_data: TARGET_OP | u64::from(tag), pushed: false };
+        // The operation is counted when pushed (inside `push`), so a target
+        // that panics after pushing leaves it counted for `drain`.
+        let mut io = TargetIo {
+            sq: self.ring.submission(),
+            user_data: TARGET_OP | u64::from(tag),
+            pushed: false,
+            ops_in_flight: &mut self.ops_in_flight,
+            in_op: &mut self.in_op[usize::from(tag)],
+        };
         let answer = target.submit(&req, buf, &mut io);
         let pushed = io.pushed;
         drop(io);
         match answer {
-            None if pushed => self.ops_in_flight += 1,
+            None if pushed => {}
             None => {
                 // Nothing to wait for: a target bug that would leave the tag
                 // (and the kernel's request) stuck forever.
@@ -509,7 +581,6 @@ impl Queue {
                 // for the operation.
                 if pushed {
                     self.stats.invalid += 1;
-                    self.ops_in_flight += 1;
                     return;
                 }
                 let (settled, invalid) = settle(&full, done, answer, false);
@@ -525,6 +596,9 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        // After a panic that unwound through `serve`, or a queue never
+        // served: end what is in flight before the ring and buffers go.
+        self.drain();
         // Closing the ring ends its operations only asynchronously, and the
         // kernel may still copy into a tag's buffer while that tag's command
         // is outstanding. Buffers that nobody else keeps are unmapped only

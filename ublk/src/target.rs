@@ -157,6 +157,9 @@ pub struct TargetIo<'a> {
     pub(crate) sq: io_uring::squeue::SubmissionQueue<'a>,
     pub(crate) user_data: u64,
     pub(crate) pushed: bool,
+    /// The queue's count of operations in flight, and this tag's flag.
+    pub(crate) ops_in_flight: &'a mut u16,
+    pub(crate) in_op: &'a mut bool,
 }
 
 /// SQE flags that would make an operation produce no completion, or tie it
@@ -204,6 +207,8 @@ impl TargetIo<'_> {
         let r = unsafe { self.sq.push(&sqe.user_data(self.user_data)) };
         assert!(r.is_ok(), "queue ring full");
         self.pushed = true;
+        *self.ops_in_flight += 1;
+        *self.in_op = true;
     }
 }
 
