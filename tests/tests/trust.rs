@@ -192,6 +192,8 @@ driver_test! {
 /// Reads on queue 1 wait on a pipe nobody writes (an operation that stays in
 /// flight); the first read on queue 0 panics once one such read is waiting.
 struct PanicWithOpsInFlight {
+    /// No panic: every armed read waits on the pipe.
+    hold_only: bool,
     pipe_rd: OwnedFd,
     waiting: AtomicU32,
     /// Off while the kernel scans partitions at START_DEV.
@@ -207,7 +209,7 @@ impl Target for PanicWithOpsInFlight {
         if req.op != Op::Read || !self.armed.load(Ordering::SeqCst) {
             return Some(Ok(req.len() as u32));
         }
-        if req.q_id == 0 {
+        if req.q_id == 0 && !self.hold_only {
             let t0 = Instant::now();
             while self.waiting.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(20) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -261,7 +263,7 @@ fn panic_with_operations_in_flight(depth: u16) {
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // SAFETY: both fds were just created and are owned here only.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let target = PanicWithOpsInFlight { pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
+        let target = PanicWithOpsInFlight { hold_only: false, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
         let dev = DeviceBuilder::new().queues(2).depth(depth).size(16 * MIB).placement(ublk::Placement::Unpinned).create().unwrap();
         let r = within("serve after a queue panic", Duration::from_secs(120), move || {
             let r = dev.serve(&target, |dev, _stop| {
@@ -421,5 +423,54 @@ driver_test! {
         assert!(e.to_string().contains("differs from the kernel's"), "{e}");
         drop(dev);
         assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// A clean stop while a target operation can never complete (a read
+    /// from a pipe nobody writes): after STOP_GRACE the operation is
+    /// cancelled, the reader gets an error, serve returns, nothing is left,
+    /// and the operation is really gone (bytes written to the pipe afterwards
+    /// stay there).
+    fn trust_stop_cancels_operations_that_never_complete() {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned here only.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let target = PanicWithOpsInFlight { hold_only: true, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
+        let dev = DeviceBuilder::new().size(16 * MIB).create().unwrap();
+        let t0 = Instant::now();
+        let (r, read, target) = within("stop with an operation that never completes", ublk::STOP_GRACE + Duration::from_secs(90), move || {
+            let (tx, rx) = mpsc::channel();
+            let r = dev.serve(&target, |dev, stop| {
+                target.armed.store(true, Ordering::SeqCst);
+                let p = dev.block_path();
+                std::thread::spawn(move || {
+                    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(p).unwrap();
+                    let mut v = vec![0u8; 8192];
+                    let _ = tx.send(f.read_at(aligned(&mut v, 4096), 0).map_err(|e| e.to_string()));
+                });
+                let t = Instant::now();
+                while target.waiting.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                stop.stop();
+            });
+            let read = rx.recv_timeout(Duration::from_secs(30)).ok();
+            (r.map(|_| ()).map_err(|e| e.to_string()), read, target)
+        });
+        eprintln!("serve: {r:?} after {:?}; the reader got {read:?}", t0.elapsed());
+        assert!(target.waiting.load(Ordering::SeqCst) >= 1, "no operation was in flight");
+        r.expect("a clean stop");
+        assert!(read.as_ref().is_some_and(|x| x.is_err()), "the held read must fail: {read:?}");
+        assert_no_devices();
+        let msg = b"after teardown";
+        // SAFETY: writes from a live buffer to our pipe.
+        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
+        let mut back = [0u8; 14];
+        // SAFETY: reads into a live buffer from our pipe.
+        let n = unsafe { libc::read(target.pipe_rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
+        assert_eq!(n, msg.len() as isize, "a cancelled operation consumed the pipe's bytes");
     }
 }

@@ -17,6 +17,10 @@ use crate::placement::{self, Follower, Placement, Plan};
 use crate::queue::{EventFd, Queue, QueueStats};
 use crate::target::{Target, WriteCache};
 
+/// How long a stopping device waits for its target to finish the requests in
+/// flight before their operations are cancelled and they fail.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
 pub const MAX_QUEUE_DEPTH: u16 = sys::UBLK_MAX_QUEUE_DEPTH as u16;
 
@@ -563,6 +567,10 @@ impl Device {
     /// STOP_DEV, joins the threads, closes `/dev/ublkcN` and DEL_DEV. Returns
     /// each queue's counts.
     ///
+    /// Stopping waits up to [`STOP_GRACE`] for the target to finish the
+    /// requests in flight; then its io_uring operations are cancelled and
+    /// what is left fails with an error.
+    ///
     /// Teardown does not wait for `on_live`: if a queue dies while `on_live`
     /// is still running (say, doing I/O to the disk, which then can never
     /// complete), the device is stopped, which fails that I/O. `serve`
@@ -672,7 +680,24 @@ impl Device {
                 live.quiesced = teardown.get_dev_info(info.dev_id).is_ok_and(|i| u32::from(i.state) == sys::UBLK_S_DEV_QUIESCED);
             }
             if !failed && !live.recovering && !live.quiesced {
-                let _ = teardown.stop_dev(info.dev_id);
+                // STOP_DEV waits for the requests in flight; a target
+                // operation that never completes (a read from a peer that is
+                // gone) would hold it forever. After STOP_GRACE the queues
+                // are woken: they cancel their operations and fail what they
+                // hold, and STOP_DEV completes.
+                let t0 = Instant::now();
+                let mut woken = false;
+                std::thread::scope(|s2| {
+                    let h = s2.spawn(|| teardown.stop_dev(info.dev_id));
+                    while !h.is_finished() {
+                        if !woken && t0.elapsed() > STOP_GRACE {
+                            wake.signal();
+                            woken = true;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let _ = h.join();
+                });
             }
             wake.signal();
             for (q, h) in handles.into_iter().enumerate() {

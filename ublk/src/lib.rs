@@ -34,7 +34,7 @@ pub mod target;
 pub mod targets;
 
 pub use ctrl::{Control, DevInfo, Encoding, Features};
-pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, SUPPORTED_FLAGS};
+pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, STOP_GRACE, SUPPORTED_FLAGS};
 pub use error::{Error, Result};
 pub use params::{Discard, Params};
 pub use placement::Placement;
