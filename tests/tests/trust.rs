@@ -59,6 +59,18 @@ impl Target for Answers {
     }
 }
 
+/// UBLK_F_NO_AUTO_PART_SCAN where the kernel has it (7.0+): there the
+/// partition scan runs after START_DEV, concurrently with `on_live`, and would
+/// race with a target that changes behaviour once the device is live.
+fn no_part_scan() -> u64 {
+    let f = ublk::sys::abi::UBLK_F_NO_AUTO_PART_SCAN;
+    if ublk::Control::open().unwrap().features().is_some_and(|x| x.contains(f)) {
+        f
+    } else {
+        0
+    }
+}
+
 /// Runs `f` on a thread; panics if it takes longer than `limit` (a hang).
 fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = mpsc::channel();
@@ -264,7 +276,14 @@ fn panic_with_operations_in_flight(depth: u16) {
         // SAFETY: both fds were just created and are owned here only.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let target = PanicWithOpsInFlight { hold_only: false, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
-        let dev = DeviceBuilder::new().queues(2).depth(depth).size(16 * MIB).placement(ublk::Placement::Unpinned).create().unwrap();
+        let dev = DeviceBuilder::new()
+            .queues(2)
+            .depth(depth)
+            .flags(no_part_scan())
+            .size(16 * MIB)
+            .placement(ublk::Placement::Unpinned)
+            .create()
+            .unwrap();
         let r = within("serve after a queue panic", Duration::from_secs(120), move || {
             let r = dev.serve(&target, |dev, _stop| {
                 target.armed.store(true, Ordering::SeqCst);
@@ -357,7 +376,7 @@ driver_test! {
     /// dies: teardown does not wait for `on_live` (which would wait for the
     /// read forever); the read fails and serve returns the queue's error.
     fn trust_queue_death_during_on_live_io_does_not_deadlock() {
-        let dev = DeviceBuilder::new().size(16 * MIB).create().unwrap();
+        let dev = DeviceBuilder::new().size(16 * MIB).flags(no_part_scan()).create().unwrap();
         let r = within("serve with on_live blocked in I/O", Duration::from_secs(120), move || {
             let mut read = None;
             let target = PanicOnRead(AtomicBool::new(false));
@@ -439,7 +458,7 @@ driver_test! {
         // SAFETY: both fds were just created and are owned here only.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let target = PanicWithOpsInFlight { hold_only: true, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
-        let dev = DeviceBuilder::new().size(16 * MIB).create().unwrap();
+        let dev = DeviceBuilder::new().size(16 * MIB).flags(no_part_scan()).create().unwrap();
         let t0 = Instant::now();
         let (r, read, target) = within("stop with an operation that never completes", ublk::STOP_GRACE + Duration::from_secs(90), move || {
             let (tx, rx) = mpsc::channel();

@@ -471,6 +471,8 @@ struct Live {
     /// The kernel quiesced the device (QUIESCE_DEV) for another server to
     /// recover: it is left as it is.
     quiesced: bool,
+    /// A [`StopHandle`] asked for the stop.
+    stop_requested: bool,
     /// Still taking over a device (END_USER_RECOVERY not done).
     recovering: bool,
     /// A panic of `on_live`, resumed after teardown.
@@ -615,7 +617,7 @@ impl Device {
         let mut teardown = Control::open()?;
         let mut char_file = self.char_file.take();
         let char_fd = char_file.as_ref().expect("char device open").as_raw_fd();
-        let mut live = Live { quiesced: false, recovering: self.recovering, panic: None };
+        let mut live = Live { quiesced: false, stop_requested: false, recovering: self.recovering, panic: None };
 
         let result = std::thread::scope(|s| {
             let this: &Device = &self;
@@ -676,8 +678,18 @@ impl Device {
             // Every queue ended by itself (all its tags aborted) without a
             // stop request: the kernel may have quiesced the device
             // (QUIESCE_DEV) for another server to take over.
-            if !failed && !live.recovering && outcome.is_ok() {
-                live.quiesced = teardown.get_dev_info(info.dev_id).is_ok_and(|i| u32::from(i.state) == sys::UBLK_S_DEV_QUIESCED);
+            if !failed && !live.recovering && outcome.is_ok() && !live.stop_requested {
+                // The kernel aborts the commands before it changes the
+                // state: give it a moment to leave LIVE.
+                let t0 = Instant::now();
+                loop {
+                    let state = teardown.get_dev_info(info.dev_id).map(|i| u32::from(i.state)).unwrap_or(sys::UBLK_S_DEV_DEAD);
+                    if state != sys::UBLK_S_DEV_LIVE || t0.elapsed() > Duration::from_secs(5) {
+                        live.quiesced = state == sys::UBLK_S_DEV_QUIESCED;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             if !failed && !live.recovering && !live.quiesced {
                 // STOP_DEV waits for the requests in flight; a target
@@ -869,7 +881,9 @@ impl Device {
             Ok(h) => *on_live_thread = Some(h),
             Err(e) => return Err(Error::os("spawning the on_live thread", e)),
         }
-        record(rx.recv().expect("sender held"), stats, failed)
+        let ev = rx.recv().expect("sender held");
+        live.stop_requested = matches!(ev, Event::Stop);
+        record(ev, stats, failed)
     }
 
     /// Close `/dev/ublkcN`, DEL_DEV (the device was stopped by `serve`, or
