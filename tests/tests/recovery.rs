@@ -270,3 +270,176 @@ driver_test! {
         assert_no_devices();
     }
 }
+
+/// clone3's arguments up to `set_tid_size` (CLONE_ARGS_SIZE_VER1, 80 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+}
+
+/// Starts a child process with exactly pid `pid` (clone3 with set_tid, as
+/// root), which waits for signals: another process that now holds a dead
+/// daemon's pid. Retries while the pid is still taken (the dead daemon not
+/// yet reaped by init), up to 30 s.
+fn spawn_with_pid(pid: u32) -> i32 {
+    let tid = pid as libc::pid_t;
+    let args =
+        CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: &tid as *const libc::pid_t as u64, set_tid_size: 1, ..Default::default() };
+    let t0 = Instant::now();
+    loop {
+        // SAFETY: clone3 without CLONE_VM is a fork: the child has its own
+        // copy of this address space and makes only async-signal-safe calls
+        // (sigprocmask, pause, _exit) before it dies by a signal.
+        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        if r == 0 {
+            // SAFETY: see above; an empty signal set, then waiting for signals.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        if r > 0 {
+            assert_eq!(r, i64::from(tid), "clone3 gave pid {r}, not {tid}");
+            return r as i32;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        panic!("clone3 with set_tid={pid} (a process reusing the dead daemon's pid): {e}");
+    }
+}
+
+driver_test! {
+    /// A --recovery device's detached daemon is SIGKILLed and its pid goes to
+    /// another process (the pid reuse a long-lived host sees). The kernel
+    /// still names that pid as the device's server; `ublk list` shows the
+    /// daemon dead, and `ublk del` deletes the device without signalling
+    /// the other process, saying why.
+    fn recovery_del_spares_a_process_that_reused_the_dead_daemons_pid() {
+        let id = add_detached(&["add", "-t", "null", "--size", "16M", "--recovery", "--detach"]);
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+        let pid = cfg.pid;
+        let start = ublk_cli::config::process_start_time(pid).expect("the daemon's start time");
+        assert_eq!(cfg.pid_start, Some(start), "saved start time of daemon {pid}");
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let imp = spawn_with_pid(pid);
+        let imp_start = ublk_cli::config::process_start_time(imp as u32).expect("the new process's start time");
+        eprintln!("daemon {pid} (started at tick {start}) killed; pid {imp} now another process (started at tick {imp_start})");
+        assert_ne!(imp_start, start);
+        let info = ublk::Control::open().unwrap().get_dev_info(id).unwrap();
+        assert_eq!(info.ublksrv_pid, pid as i32, "the kernel should still name the dead daemon's pid (state {})", state(id));
+
+        let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
+        eprintln!("{list}");
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("{id} not listed:\n{list}"));
+        assert!(line.contains(&format!("{pid}(dead)")), "the daemon of {id} must show as dead, its pid reused: {line}");
+
+        let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
+        eprintln!("ublk del: {}{}", out, err.trim());
+        assert!(st.success(), "ublk del -n {id}: {st}\n{out}\n{err}");
+        assert!(err.contains(&format!("not signalling pid {pid}")) && err.contains("reused"), "del must say why it did not signal pid {pid}: {err}");
+        assert!(!ublk_devices().contains(&id), "device {id} not deleted");
+        assert!(ublk_cli::config::DeviceConfig::load(id).unwrap().is_none(), "configuration of {id} left");
+        // The other process was not signalled: still running, not exited.
+        let mut status = 0;
+        // SAFETY: waitpid on our own child, with a live int.
+        let r = unsafe { libc::waitpid(imp, &mut status, libc::WNOHANG) };
+        assert_eq!(r, 0, "pid {imp} (not the daemon) was ended by `ublk del` (wait status {status:#x})");
+        assert!(ublk_cli::config::pid_alive(imp as u32));
+        // SAFETY: kill(2) and waitpid on our own child.
+        unsafe {
+            libc::kill(imp, libc::SIGKILL);
+            libc::waitpid(imp, &mut status, 0);
+        }
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// "0-2,5" -> [0, 1, 2, 5]
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// The CPUs the thread `name` of process `pid` may run on.
+fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
+    }
+    panic!("process {pid} has no thread named {name}");
+}
+
+/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
+fn queue_sum(out: &str, key: &str) -> u64 {
+    out.lines()
+        .filter(|l| l.starts_with("queue "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
+driver_test! {
+    /// `ublk recover` serves the device with what `ublk add` chose, not the
+    /// library's defaults: with --placement unpinned the recovered queue
+    /// thread may run on every CPU (the default, Auto, pins a one-queue
+    /// thread to one CPU), and with --busy-poll-us 0 no request is found by
+    /// polling (the default polls 200 us after each batch).
+    fn recovery_keeps_placement_and_busy_polling() {
+        let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery", "--placement", "unpinned", "--busy-poll-us", "0"]);
+        let id = dev_id(&d);
+        let all: Vec<usize> = (0..nproc()).collect();
+        let q0 = format!("ublk{id}-q0");
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+        assert_eq!((cfg.placement, cfg.busy_poll_us), (ublk_cli::PlacementArg::Unpinned, 0), "{cfg:?}");
+        assert_eq!(thread_cpus(d.child.id(), &q0), all, "unpinned queue thread of the first daemon");
+        kill_daemon(d);
+        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
+        assert_eq!(state(id), "LIVE");
+        let pid = r.child.id();
+        let cpus = thread_cpus(pid, &q0);
+        eprintln!("recovered daemon {pid}: {q0} may run on {cpus:?} of {all:?}");
+        if all.len() < 2 {
+            eprintln!("NOTE: one CPU: every placement gives the same CPU set; only busy polling is checked here");
+        }
+        assert_eq!(cpus, all, "the recovered device lost --placement unpinned");
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration after recovery");
+        assert_eq!((cfg.placement, cfg.busy_poll_us, cfg.pid), (ublk_cli::PlacementArg::Unpinned, 0, pid), "{cfg:?}");
+        assert_eq!(cfg.pid_start, ublk_cli::config::process_start_time(pid), "{cfg:?}");
+        // One request at a time: each arrives after the queue thread's batch.
+        run_ok("dd", &[&format!("if=/dev/ublkb{id}"), "of=/dev/null", "bs=4k", "count=500", "iflag=direct", "status=none"]);
+        let (st, out) = r.terminate();
+        assert!(st.success(), "recovered daemon exited with {st}");
+        eprintln!("{out}");
+        assert!(queue_sum(&out, "reads") >= 500, "{out}");
+        assert_eq!(queue_sum(&out, "polled"), 0, "the recovered device polls: it lost --busy-poll-us 0: {out}");
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
