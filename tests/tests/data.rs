@@ -455,3 +455,39 @@ driver_test! {
         assert_no_devices();
     }
 }
+
+driver_test! {
+    /// `ublk features` names every flag bit the kernel's GET_FEATURES
+    /// reports (the VM build's header is the newest, so none may be left
+    /// as a bare bit number or "unknown"); without GET_FEATURES (6.1) it
+    /// says the command is unavailable.
+    fn data_features_names_every_kernel_bit() {
+        let (st, out, err) = ublk(&["features"]);
+        eprintln!("{out}{err}");
+        assert!(st.success(), "ublk features: {st}\n{err}");
+        let ctrl = ublk::Control::open().unwrap();
+        assert!(!out.contains("UBLK_F_BIT") && !out.to_lowercase().contains("unknown"), "a bit the kernel reports has no name: {out}");
+        let Some(f) = ctrl.features() else {
+            assert!(kernel_version() < (6, 5), "kernel {} should have GET_FEATURES", kernel_release());
+            assert!(out.contains("GET_FEATURES: unavailable"), "{out}");
+            assert!(out.contains("legacy numbers"), "{out}");
+            return;
+        };
+        assert!(out.contains(&format!("GET_FEATURES: {:#x} ", f.0)), "the mask is not printed: {out}");
+        let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
+        assert!(!bits.is_empty(), "GET_FEATURES reported no flag");
+        for bit in &bits {
+            let name = ublk::sys::HEADER_FLAGS
+                .iter()
+                .find(|(_, v)| *v == 1u64 << bit)
+                .map(|(n, _)| *n)
+                .unwrap_or_else(|| panic!("bit {bit} of GET_FEATURES ({:#x}) has no name in this build's header (Linux {:?})", f.0, ublk::sys::HEADER_LINUX_VERSION));
+            let want = format!("bit {bit:>2}  {name}");
+            assert!(out.lines().any(|l| l.trim() == want), "{want:?} is not listed: {out}");
+        }
+        // Nothing else is listed as reported.
+        let listed = out.lines().filter(|l| l.trim_start().starts_with("bit ")).count();
+        assert_eq!(listed, bits.len(), "listed {listed} bits, the kernel reports {}: {out}", bits.len());
+        assert!(out.contains("ioctl-encoded"), "{out}");
+    }
+}

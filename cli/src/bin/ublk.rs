@@ -660,16 +660,32 @@ fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
     Ok(())
 }
 
+/// The name this build's header gives the `UBLK_F_*` flag `1 << bit`.
+fn flag_name(bit: u32) -> Option<&'static str> {
+    sys::HEADER_FLAGS.iter().find(|(_, v)| *v == 1u64 << bit).map(|(n, _)| *n)
+}
+
 fn cmd_features() -> Result<()> {
     let ctrl = Control::open()?;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", release.trim());
+    let (a, b, c) = sys::HEADER_LINUX_VERSION;
     let feats = ctrl.features();
+    let mut unknown = vec![];
     match feats {
         Some(f) => {
-            println!("GET_FEATURES: {:#x}", f.0);
-            for n in f.names() {
-                println!("  {n}");
+            let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
+            println!("GET_FEATURES: {:#x} ({} flags; every bit the kernel reports, by name):", f.0, bits.len());
+            for bit in bits {
+                match flag_name(bit) {
+                    Some(n) => println!("  bit {bit:>2}  {n}"),
+                    None => {
+                        println!(
+                            "  bit {bit:>2}  unknown to this build: its ublk_cmd.h (Linux {a}.{b}.{c}) predates the flag; rebuild against newer kernel headers (UBLK_SYS_KERNEL_HEADERS=DIR) to name it"
+                        );
+                        unknown.push(bit);
+                    }
+                }
             }
         }
         None => println!(
@@ -680,7 +696,6 @@ fn cmd_features() -> Result<()> {
         Encoding::Legacy => println!("opcodes: legacy numbers (UBLK_CMD_*, UBLK_IO_*)"),
         Encoding::Ioctl => println!("opcodes: ioctl-encoded (UBLK_U_CMD_*, UBLK_U_IO_*)"),
     }
-    let (a, b, c) = sys::HEADER_LINUX_VERSION;
     println!("flags this build's ublk_cmd.h (Linux {a}.{b}.{c}) knows, and whether the kernel reports them:");
     let mut known: Vec<(&str, u64)> = sys::HEADER_FLAGS.to_vec();
     known.sort_by_key(|(_, v)| *v);
@@ -691,6 +706,14 @@ fn cmd_features() -> Result<()> {
             None => "?",
         };
         println!("  {name:<36} bit {:>2}  kernel: {k}", v.trailing_zeros());
+    }
+    if !unknown.is_empty() {
+        let bits: Vec<String> = unknown.iter().map(u32::to_string).collect();
+        println!(
+            "note: the kernel reports {} flag bit(s) this build cannot name (bit {}): it is newer than this build's ublk_cmd.h (Linux {a}.{b}.{c}); rebuild ublk against the kernel's headers (UBLK_SYS_KERNEL_HEADERS=DIR holding linux/ublk_cmd.h) to name them",
+            unknown.len(),
+            bits.join(", ")
+        );
     }
     Ok(())
 }
