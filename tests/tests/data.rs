@@ -345,7 +345,17 @@ driver_test! {
         eprintln!("{list}");
         let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("device {id} not listed:\n{list}"));
         assert!(line.contains("LIVE") && line.contains("loop") && line.contains(&cfg.pid.to_string()), "list line: {line}");
-        assert!(line.contains("CMD_IOCTL_ENCODE") || kernel_version() < (6, 4) || line.contains('-'), "list line: {line}");
+        // The FLAGS column is the device's flags as the kernel reports them,
+        // by name. A kernel that offers the ioctl encoding (GET_FEATURES,
+        // 6.5+) gives every device UBLK_F_CMD_IOCTL_ENCODE; 6.1 does not.
+        let mut ctrl = ublk::Control::open().unwrap();
+        let info_flags = ctrl.get_dev_info(id).unwrap().flags;
+        let want: Vec<String> = ublk::Features(info_flags).names().iter().map(|n| n.trim_start_matches("UBLK_F_").to_string()).collect();
+        let want = if want.is_empty() { "-".to_string() } else { want.join(",") };
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols.get(7).copied(), Some(want.as_str()), "FLAGS column (the kernel's flags {info_flags:#x}) of: {line}");
+        let ioctl = ctrl.encoding() == ublk::Encoding::Ioctl;
+        assert_eq!(line.contains("CMD_IOCTL_ENCODE"), ioctl, "kernel {} (opcodes {:?}), list line: {line}", kernel_release(), ctrl.encoding());
         let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
         assert!(st.success(), "ublk del failed: {st}\n{out}\n{err}");
         assert!(!ublk_cli::config::pid_alive(cfg.pid), "daemon still running after del");
