@@ -371,13 +371,26 @@ driver_test! {
     /// daemon dead, and `ublk del` deletes the device without signalling
     /// the other process, saying why.
     fn recovery_del_spares_a_process_that_reused_the_dead_daemons_pid() {
+        // The detached daemon is orphaned when `ublk add --detach` exits: as
+        // a subreaper, this process inherits it and can reap it at once, so
+        // its pid is free for the other process.
+        // SAFETY: prctl with integer arguments only.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0, "PR_SET_CHILD_SUBREAPER");
         let id = add_detached(&["add", "-t", "null", "--size", "16M", "--recovery", "--detach"]);
         let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
         let pid = cfg.pid;
         let start = ublk_cli::config::process_start_time(pid).expect("the daemon's start time");
         assert_eq!(cfg.pid_start, Some(start), "saved start time of daemon {pid}");
-        // SAFETY: kill(2) on the daemon this test started.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let mut status = 0;
+        // SAFETY: kill(2) and waitpid on the daemon this test started (our
+        // child now, as its subreaper), with a live int.
+        let reaped = unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, &mut status, 0)
+        };
+        assert_eq!(reaped, pid as i32, "reaping daemon {pid}: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
         let imp = spawn_with_pid(pid);
         let imp_start = ublk_cli::config::process_start_time(imp as u32).expect("the new process's start time");
         eprintln!("daemon {pid} (started at tick {start}) killed; pid {imp} now another process (started at tick {imp_start})");
@@ -397,7 +410,6 @@ driver_test! {
         assert!(!ublk_devices().contains(&id), "device {id} not deleted");
         assert!(ublk_cli::config::DeviceConfig::load(id).unwrap().is_none(), "configuration of {id} left");
         // The other process was not signalled: still running, not exited.
-        let mut status = 0;
         // SAFETY: waitpid on our own child, with a live int.
         let r = unsafe { libc::waitpid(imp, &mut status, libc::WNOHANG) };
         assert_eq!(r, 0, "pid {imp} (not the daemon) was ended by `ublk del` (wait status {status:#x})");
