@@ -434,6 +434,12 @@ fn cpu_list(s: &str) -> Vec<usize> {
         .collect()
 }
 
+/// The CPUs process `pid` (its main thread) may run on.
+fn process_cpus(pid: u32) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim())
+}
+
 /// The CPUs the thread `name` of process `pid` may run on.
 fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -465,8 +471,11 @@ driver_test! {
     fn recovery_keeps_placement_and_busy_polling() {
         let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery", "--placement", "unpinned", "--busy-poll-us", "0"]);
         let id = dev_id(&d);
-        let all: Vec<usize> = (0..nproc()).collect();
         let q0 = format!("ublk{id}-q0");
+        // Unpinned threads keep the process's CPUs; Auto pins a one-queue
+        // thread to one CPU.
+        let all = process_cpus(d.child.id());
+        assert_eq!(all.len(), nproc(), "the daemon may run on {all:?}");
         let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
         assert_eq!((cfg.placement, cfg.busy_poll_us), (ublk_cli::PlacementArg::Unpinned, 0), "{cfg:?}");
         assert_eq!(thread_cpus(d.child.id(), &q0), all, "unpinned queue thread of the first daemon");
@@ -474,6 +483,7 @@ driver_test! {
         let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
         assert_eq!(state(id), "LIVE");
         let pid = r.child.id();
+        assert_eq!(process_cpus(pid), all, "the recovered daemon's own CPUs");
         let cpus = thread_cpus(pid, &q0);
         eprintln!("recovered daemon {pid}: {q0} may run on {cpus:?} of {all:?}");
         if all.len() < 2 {
