@@ -367,12 +367,15 @@ fn thread_placement(name: &str) -> (Vec<usize>, u32) {
     panic!("no thread named {name}");
 }
 
-/// Sets its flag when dropped.
-struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+/// Child processes, killed and reaped when dropped (also when a check panics).
+struct Children(Vec<std::process::Child>);
 
-impl Drop for StopOnDrop<'_> {
+impl Drop for Children {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -400,7 +403,8 @@ driver_test! {
     /// SCHED_BATCH), and the stats count the moves. No fixed deadline decides
     /// it: the single submitter reads for at least 400 ms and 2000 reads
     /// (Auto looks every 10 ms), and the threads have up to 30 s to go home
-    /// under two submitters (they need 30 ms of it), however slow the host.
+    /// under two submitters (fio at iodepth 32, one per CPU; they need 30 ms
+    /// of it), however slow the host.
     fn null_auto_placement_goes_home_when_every_cpu_submits() {
         let dev = DeviceBuilder::new().queues(2).size(16 << 20).data_path(DataPath::NoData).create().unwrap();
         assert_eq!(dev.info().nr_hw_queues, 2, "this test needs 2 CPUs (the kernel gives at most one queue per CPU)");
@@ -416,36 +420,47 @@ driver_test! {
                 let t0 = Instant::now();
                 let n = read_while(&path, home[0][0], |n| n >= 2000 && t0.elapsed() >= Duration::from_millis(400));
                 let (cpus, policy) = thread_placement(&q0);
-                eprintln!("one submitter: {n} reads; q0 thread on {cpus:?}, policy {policy}");
+                eprintln!("one submitter: {n} reads in {:?}; q0 thread on {cpus:?}, policy {policy}", t0.elapsed());
                 assert!(!cpus.iter().any(|c| home[0].contains(c)), "q0 thread on {cpus:?}, its home is {:?}", home[0]);
                 assert_eq!(policy, libc::SCHED_OTHER as u32);
-                // A submitter on each queue's CPU: both threads go home.
-                let stop_reading = std::sync::atomic::AtomicBool::new(false);
-                std::thread::scope(|s| {
-                    let readers: Vec<_> = home.iter().map(|h| {
-                        let (p, cpu, stop) = (&path, h[0], &stop_reading);
-                        s.spawn(move || read_while(p, cpu, |_| stop.load(std::sync::atomic::Ordering::Relaxed)))
-                    }).collect();
-                    // Stops the readers even if a check below panics (the scope joins them).
-                    let _stop = StopOnDrop(&stop_reading);
-                    let t0 = Instant::now();
-                    let placed = || (0..home.len()).map(|q| thread_placement(&format!("ublk{id}-q{q}"))).collect::<Vec<_>>();
-                    let home_now = |p: &[(Vec<usize>, u32)]| p.iter().zip(&home).all(|((cpus, policy), h)| cpus == h && *policy == libc::SCHED_BATCH as u32);
-                    let mut now = placed();
-                    while !home_now(&now) && t0.elapsed() < Duration::from_secs(30) {
-                        std::thread::sleep(Duration::from_millis(20));
-                        now = placed();
-                    }
-                    stop_reading.store(true, std::sync::atomic::Ordering::Relaxed);
-                    eprintln!("two submitters: after {:?}, threads at {now:?}", t0.elapsed());
-                    for r in readers {
-                        eprintln!("two submitters: {} reads", r.join().unwrap());
-                    }
-                    for (q, ((cpus, policy), h)) in now.iter().zip(&home).enumerate() {
-                        assert_eq!(cpus, h, "q{q} should be home");
-                        assert_eq!(*policy, libc::SCHED_BATCH as u32, "q{q} should be SCHED_BATCH at home");
-                    }
-                });
+                // A submitter on each queue's CPU: both threads go home. Auto
+                // counts a queue as busy from ACTIVE_RATE (1000) requests a
+                // second: fio at iodepth 32 on each CPU keeps each queue far
+                // above that even on a loaded TCG host, where one-at-a-time
+                // reads fall below it (a few hundred a second were seen).
+                let reads = || -> u64 {
+                    let st = std::fs::read_to_string(format!("/sys/block/ublkb{id}/stat")).unwrap();
+                    st.split_whitespace().next().unwrap().parse().unwrap()
+                };
+                let fios = Children(
+                    home.iter()
+                        .map(|h| {
+                            std::process::Command::new("fio")
+                                .args(["--name=home", "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=32", "--direct=1"])
+                                // --thread: the job is a thread of this fio, so killing fio ends it.
+                                .args(["--thread", "--time_based", "--runtime=60", "--cpus_allowed", &h[0].to_string()])
+                                .arg(format!("--filename={}", path.display()))
+                                .stdout(std::process::Stdio::null())
+                                .spawn()
+                                .expect("spawn fio")
+                        })
+                        .collect(),
+                );
+                let (t0, r0) = (Instant::now(), reads());
+                let placed = || (0..home.len()).map(|q| thread_placement(&format!("ublk{id}-q{q}"))).collect::<Vec<_>>();
+                let home_now = |p: &[(Vec<usize>, u32)]| p.iter().zip(&home).all(|((cpus, policy), h)| cpus == h && *policy == libc::SCHED_BATCH as u32);
+                let mut now = placed();
+                while !home_now(&now) && t0.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    now = placed();
+                }
+                let rate = (reads() - r0) as f64 / t0.elapsed().as_secs_f64();
+                drop(fios);
+                eprintln!("two submitters (fio, iodepth 32): after {:?}, {rate:.0} reads/s on the device, threads at {now:?}", t0.elapsed());
+                for (q, ((cpus, policy), h)) in now.iter().zip(&home).enumerate() {
+                    assert_eq!(cpus, h, "q{q} should be home ({rate:.0} reads/s on the device; Auto counts a queue busy from 1000/s)");
+                    assert_eq!(*policy, libc::SCHED_BATCH as u32, "q{q} should be SCHED_BATCH at home");
+                }
                 stop.stop();
             })
             .unwrap();
