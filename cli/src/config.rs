@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::PlacementArg;
+
 /// Directory of the persisted configurations and daemon logs.
 pub fn run_dir() -> PathBuf {
     std::env::var_os("UBLK_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/ublk"))
@@ -37,6 +39,23 @@ pub struct DeviceConfig {
     pub direct: bool,
     /// Pid of the serving daemon.
     pub pid: u32,
+    /// Start time of the daemon (field 22 of `/proc/PID/stat`, clock ticks
+    /// since boot): tells the daemon from a process that reuses its pid
+    /// after it died. `None` in configurations written before it was kept.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
+    /// Where the daemon's queue threads run (`--placement`); a recovered
+    /// device keeps it. Older configurations: the default.
+    #[serde(default)]
+    pub placement: PlacementArg,
+    /// The daemon's busy polling in microseconds (`--busy-poll-us`); a
+    /// recovered device keeps it. Older configurations: the default.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u64,
+}
+
+fn default_busy_poll_us() -> u64 {
+    ublk::DEFAULT_BUSY_POLL.as_micros() as u64
 }
 
 impl DeviceConfig {
@@ -104,6 +123,51 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The start time of a process: field 22 of a `/proc/PID/stat` line, in
+/// clock ticks since boot. The command name (field 2, in parentheses) may
+/// hold spaces and parentheses, so fields are counted after the last ')'.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // After the ')' come fields 3 (state), 4, ...: field 22 is the 20th.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The start time of process `pid` (see [`parse_start_time`]); `None` if
+/// there is no such process.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Whether the running process `pid` is the daemon `cfg` records (same pid
+/// and same start time): `Ok(())` if so, else why it cannot be taken for it.
+/// A process that merely reuses a dead daemon's pid is not the daemon.
+pub fn verify_daemon(pid: u32, id: u32, cfg: Option<&DeviceConfig>) -> Result<(), String> {
+    if !pid_alive(pid) {
+        return Err(format!("pid {pid} is not running"));
+    }
+    let Some(cfg) = cfg else {
+        return Err(format!("no saved configuration ({}) records which process serves device {id}", DeviceConfig::path(id).display()));
+    };
+    if cfg.pid != pid {
+        return Err(format!("the saved configuration names pid {} as the daemon of device {id}, not {pid}", cfg.pid));
+    }
+    let Some(want) = cfg.pid_start else {
+        return Err(format!(
+            "the saved configuration of device {id} (written by an older ublk) has no start time to tell its daemon from a process that reused pid {pid}"
+        ));
+    };
+    match process_start_time(pid) {
+        Some(t) if t == want => Ok(()),
+        Some(t) => Err(format!(
+            "pid {pid} is now another process (started at tick {t}; the daemon of device {id} started at tick {want}): the daemon died and its pid was reused"
+        )),
+        None => Err(format!("pid {pid} is not running")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +188,9 @@ mod tests {
             flag_names: vec!["UBLK_F_USER_RECOVERY".into()],
             direct: false,
             pid: 1,
+            pid_start: Some(42),
+            placement: PlacementArg::Unpinned,
+            busy_poll_us: 0,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -133,5 +200,72 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(pid_alive(std::process::id()));
         assert!(!pid_alive(0));
+    }
+
+    #[test]
+    fn start_time_is_field_22_after_the_command() {
+        // A command name with spaces and parentheses, as a process may set.
+        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 3 4 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("4242 (x) S 1 2"), None, "a truncated line has no field 22");
+        assert_eq!(parse_start_time("no parenthesis"), None);
+        // Our own start time: present, stable, and matching what /proc says.
+        let me = std::process::id();
+        let t = process_start_time(me).expect("our own start time");
+        assert_eq!(process_start_time(me), Some(t));
+        // A child started later has a start time no earlier than ours.
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let tc = process_start_time(child.id()).expect("the child's start time");
+        assert!(tc >= t, "child started at {tc}, before us ({t})");
+        let cfg = |pid: u32, start: Option<u64>| DeviceConfig {
+            id: 3,
+            target: "null".into(),
+            file: None,
+            size: 1 << 20,
+            block_size: 512,
+            queues: 1,
+            depth: 1,
+            flags: 0,
+            flag_names: vec![],
+            direct: false,
+            pid,
+            pid_start: start,
+            placement: PlacementArg::Auto,
+            busy_poll_us: 200,
+        };
+        assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
+        let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();
+        assert!(e.contains("another process") && e.contains("reused"), "{e}");
+        let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), None))).unwrap_err();
+        assert!(e.contains("no start time"), "{e}");
+        let e = verify_daemon(child.id(), 3, Some(&cfg(me, Some(t)))).unwrap_err();
+        assert!(e.contains(&format!("names pid {me}")), "{e}");
+        let e = verify_daemon(child.id(), 3, None).unwrap_err();
+        assert!(e.contains("no saved configuration"), "{e}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))).unwrap_err();
+        assert!(e.contains("not running"), "{e}");
+    }
+
+    #[test]
+    fn older_configurations_load_with_defaults() {
+        // A configuration as `ublk add` wrote it before start times,
+        // placement and busy polling were kept.
+        let old = r#"{"id": 2, "target": "loop", "file": "/tmp/x", "size": 1048576, "block_size": 512,
+            "queues": 1, "depth": 128, "flags": 8, "flag_names": ["UBLK_F_USER_RECOVERY"], "direct": false, "pid": 77}"#;
+        let c: DeviceConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(c.pid, 77);
+        assert_eq!(c.pid_start, None);
+        assert_eq!(c.placement, PlacementArg::Auto);
+        assert_eq!(c.busy_poll_us, ublk::DEFAULT_BUSY_POLL.as_micros() as u64);
+        // And the new fields round-trip by name.
+        let mut n = c.clone();
+        n.placement = PlacementArg::Affinity;
+        n.busy_poll_us = 0;
+        n.pid_start = Some(5);
+        let text = serde_json::to_string(&n).unwrap();
+        assert!(text.contains(r#""placement":"affinity""#) && text.contains(r#""busy_poll_us":0"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeviceConfig>(&text).unwrap(), n);
     }
 }

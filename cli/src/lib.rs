@@ -7,7 +7,8 @@ pub mod config;
 use ublk::StopHandle;
 
 /// `--placement`: where queue threads run (see [`ublk::Placement`]).
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(clap::ValueEnum, serde::Serialize, serde::Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum PlacementArg {
     /// Away from the CPUs submitting to the queue while it can, home (as
     /// SCHED_BATCH, without polling) while every CPU has a submitter.

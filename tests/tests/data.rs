@@ -345,7 +345,17 @@ driver_test! {
         eprintln!("{list}");
         let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("device {id} not listed:\n{list}"));
         assert!(line.contains("LIVE") && line.contains("loop") && line.contains(&cfg.pid.to_string()), "list line: {line}");
-        assert!(line.contains("CMD_IOCTL_ENCODE") || kernel_version() < (6, 4) || line.contains('-'), "list line: {line}");
+        // The FLAGS column is the device's flags as the kernel reports them,
+        // by name. A kernel that offers the ioctl encoding (GET_FEATURES,
+        // 6.5+) gives every device UBLK_F_CMD_IOCTL_ENCODE; 6.1 does not.
+        let mut ctrl = ublk::Control::open().unwrap();
+        let info_flags = ctrl.get_dev_info(id).unwrap().flags;
+        let want: Vec<String> = ublk::Features(info_flags).names().iter().map(|n| n.trim_start_matches("UBLK_F_").to_string()).collect();
+        let want = if want.is_empty() { "-".to_string() } else { want.join(",") };
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols.get(7).copied(), Some(want.as_str()), "FLAGS column (the kernel's flags {info_flags:#x}) of: {line}");
+        let ioctl = ctrl.encoding() == ublk::Encoding::Ioctl;
+        assert_eq!(line.contains("CMD_IOCTL_ENCODE"), ioctl, "kernel {} (opcodes {:?}), list line: {line}", kernel_release(), ctrl.encoding());
         let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
         assert!(st.success(), "ublk del failed: {st}\n{out}\n{err}");
         assert!(!ublk_cli::config::pid_alive(cfg.pid), "daemon still running after del");
@@ -453,5 +463,41 @@ driver_test! {
         let _ = std::fs::remove_file(&secret);
         delete_all_devices();
         assert_no_devices();
+    }
+}
+
+driver_test! {
+    /// `ublk features` names every flag bit the kernel's GET_FEATURES
+    /// reports (the VM build's header is the newest, so none may be left
+    /// as a bare bit number or "unknown"); without GET_FEATURES (6.1) it
+    /// says the command is unavailable.
+    fn data_features_names_every_kernel_bit() {
+        let (st, out, err) = ublk(&["features"]);
+        eprintln!("{out}{err}");
+        assert!(st.success(), "ublk features: {st}\n{err}");
+        let ctrl = ublk::Control::open().unwrap();
+        assert!(!out.contains("UBLK_F_BIT") && !out.to_lowercase().contains("unknown"), "a bit the kernel reports has no name: {out}");
+        let Some(f) = ctrl.features() else {
+            assert!(kernel_version() < (6, 5), "kernel {} should have GET_FEATURES", kernel_release());
+            assert!(out.contains("GET_FEATURES: unavailable"), "{out}");
+            assert!(out.contains("legacy numbers"), "{out}");
+            return;
+        };
+        assert!(out.contains(&format!("GET_FEATURES: {:#x} ", f.0)), "the mask is not printed: {out}");
+        let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
+        assert!(!bits.is_empty(), "GET_FEATURES reported no flag");
+        for bit in &bits {
+            let name = ublk::sys::HEADER_FLAGS
+                .iter()
+                .find(|(_, v)| *v == 1u64 << bit)
+                .map(|(n, _)| *n)
+                .unwrap_or_else(|| panic!("bit {bit} of GET_FEATURES ({:#x}) has no name in this build's header (Linux {:?})", f.0, ublk::sys::HEADER_LINUX_VERSION));
+            let want = format!("bit {bit:>2}  {name}");
+            assert!(out.lines().any(|l| l.trim() == want), "{want:?} is not listed: {out}");
+        }
+        // Nothing else is listed as reported.
+        let listed = out.lines().filter(|l| l.trim_start().starts_with("bit ")).count();
+        assert_eq!(listed, bits.len(), "listed {listed} bits, the kernel reports {}: {out}", bits.len());
+        assert!(out.contains("ioctl-encoded"), "{out}");
     }
 }

@@ -46,6 +46,42 @@ fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> 
     v
 }
 
+/// Asserts that a `--verify_only` pass of [`fio_args`] read back and checked
+/// all 32 MiB (8192 4 KiB blocks, both jobs) without an error. fio's exit
+/// status (checked by `run_ok`) covers a failed check; this makes sure the
+/// pass did not verify less than everything.
+fn assert_verified_all(out: &str, what: &str) {
+    for l in out.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "{what}: fio error: {l}\n{out}");
+    }
+    let reads = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{what}: no 'issued rwts' line in fio's output:\n{out}"));
+    assert_eq!(reads, (32 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 32 MiB:\n{out}");
+}
+
+/// Write requests block device `dev` completed so far (/sys/block/ublkbN/stat, field 5).
+fn writes_completed(dev: &str) -> u64 {
+    let name = dev.trim_start_matches("/dev/");
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap_or_default();
+    stat.split_whitespace().nth(4).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// Waits (up to 60 s: fio starts slowly under TCG) until `n` more writes
+/// completed on `dev`, so the daemon dies in the middle of fio's job.
+fn wait_for_writes(dev: &str, n: u64, fio: &mut Child) {
+    let t0 = Instant::now();
+    let n = writes_completed(dev) + n;
+    while writes_completed(dev) < n {
+        assert!(fio.try_wait().unwrap().is_none(), "fio exited before it wrote {n} requests to {dev}");
+        assert!(t0.elapsed() < Duration::from_secs(60), "fio wrote only {} requests to {dev} in 60 s", writes_completed(dev));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn spawn_fio(args: &[String], log: &Path) -> Child {
     Command::new("fio").args(args).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit()).spawn().expect("spawn fio")
 }
@@ -74,7 +110,9 @@ driver_test! {
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
         let mut fio = spawn_fio(&fio_args(&dev, 0, true, &["--do_verify=1"]), &log);
-        std::thread::sleep(Duration::from_millis(1500));
+        // Kill after fio's first writes (it writes 8192 at 2000/s): mid-job
+        // however slowly the VM starts fio.
+        wait_for_writes(&dev, 200, &mut fio);
         assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed: make it longer");
         let t_kill = Instant::now();
         kill_daemon(d);
@@ -94,14 +132,14 @@ driver_test! {
         eprintln!("fio across the kill and recovery: ok ({:?} after the kill)", t_kill.elapsed());
         // Everything fio wrote, read again through the recovered device...
         let out = run_ok("fio", &fio_args(&dev, 0, true, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(!out.contains("verify:") || !out.contains("bad"), "verify_only on the device: {out}");
+        assert_verified_all(&out, "verify_only on the device");
         let (st, qout) = r.terminate();
         assert!(st.success(), "recovered daemon exited with {st}");
         eprintln!("recovered daemon: {qout}");
         assert_no_devices();
         // ...and straight from the backing file, with no ublk in between.
         let out = run_ok("fio", &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(!out.contains("bad magic") && !out.contains("bad hdr"), "verify_only on the backing file: {out}");
+        assert_verified_all(&out, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);
         delete_all_devices();
@@ -140,7 +178,7 @@ driver_test! {
         run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "oflag=direct", "conv=fsync", "status=none"]);
         let log = PathBuf::from("/tmp/recovery-failio.fio");
         let mut fio = spawn_fio(&fio_args(&dev, 16 << 20, true, &["--do_verify=1"]), &log);
-        std::thread::sleep(Duration::from_millis(1500));
+        wait_for_writes(&dev, 200, &mut fio);
         kill_daemon(d);
         let st = wait_timeout(&mut fio, Duration::from_secs(60)).unwrap_or_else(|| {
             let _ = fio.kill();
@@ -200,7 +238,8 @@ fn daemon_pid(id: u32) -> u32 {
 fn wait_dead(pid: u32) {
     let t0 = Instant::now();
     while ublk_cli::config::pid_alive(pid) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} still alive after SIGKILL");
+        // Exiting tears down the daemon's io_uring and queues: slow under TCG.
+        assert!(t0.elapsed() < Duration::from_secs(30), "pid {pid} still alive 30 s after SIGKILL");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -266,6 +305,201 @@ driver_test! {
         for p in [&f1, &f2, &pat_path, &back] {
             let _ = std::fs::remove_file(p);
         }
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// clone3's arguments up to `set_tid_size` (CLONE_ARGS_SIZE_VER1, 80 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+}
+
+/// Starts a child process with exactly pid `pid` (clone3 with set_tid, as
+/// root), which waits for signals: another process that now holds a dead
+/// daemon's pid. Retries while the pid is still taken (the dead daemon not
+/// yet reaped by init), up to 30 s.
+fn spawn_with_pid(pid: u32) -> i32 {
+    let tid = pid as libc::pid_t;
+    let args =
+        CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: &tid as *const libc::pid_t as u64, set_tid_size: 1, ..Default::default() };
+    let t0 = Instant::now();
+    loop {
+        // SAFETY: clone3 without CLONE_VM is a fork: the child has its own
+        // copy of this address space and makes only async-signal-safe calls
+        // (sigprocmask, pause, _exit) before it dies by a signal.
+        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        if r == 0 {
+            // SAFETY: see above; an empty signal set, then waiting for signals.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        if r > 0 {
+            assert_eq!(r, i64::from(tid), "clone3 gave pid {r}, not {tid}");
+            return r as i32;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        panic!("clone3 with set_tid={pid} (a process reusing the dead daemon's pid): {e}");
+    }
+}
+
+driver_test! {
+    /// A --recovery device's detached daemon is SIGKILLed and its pid goes to
+    /// another process (the pid reuse a long-lived host sees). The kernel
+    /// still names that pid as the device's server; `ublk list` shows the
+    /// daemon dead, and `ublk del` deletes the device without signalling
+    /// the other process, saying why.
+    fn recovery_del_spares_a_process_that_reused_the_dead_daemons_pid() {
+        // The detached daemon is orphaned when `ublk add --detach` exits: as
+        // a subreaper, this process inherits it and can reap it at once, so
+        // its pid is free for the other process.
+        // SAFETY: prctl with integer arguments only.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0, "PR_SET_CHILD_SUBREAPER");
+        let id = add_detached(&["add", "-t", "null", "--size", "16M", "--recovery", "--detach"]);
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+        let pid = cfg.pid;
+        let start = ublk_cli::config::process_start_time(pid).expect("the daemon's start time");
+        assert_eq!(cfg.pid_start, Some(start), "saved start time of daemon {pid}");
+        let mut status = 0;
+        // SAFETY: kill(2) and waitpid on the daemon this test started (our
+        // child now, as its subreaper), with a live int.
+        let reaped = unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+            libc::waitpid(pid as i32, &mut status, 0)
+        };
+        assert_eq!(reaped, pid as i32, "reaping daemon {pid}: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
+        let imp = spawn_with_pid(pid);
+        let imp_start = ublk_cli::config::process_start_time(imp as u32).expect("the new process's start time");
+        eprintln!("daemon {pid} (started at tick {start}) killed; pid {imp} now another process (started at tick {imp_start})");
+        assert_ne!(imp_start, start);
+        let info = ublk::Control::open().unwrap().get_dev_info(id).unwrap();
+        assert_eq!(info.ublksrv_pid, pid as i32, "the kernel should still name the dead daemon's pid (state {})", state(id));
+
+        let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
+        eprintln!("{list}");
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string())).unwrap_or_else(|| panic!("{id} not listed:\n{list}"));
+        assert!(line.contains(&format!("{pid}(dead)")), "the daemon of {id} must show as dead, its pid reused: {line}");
+
+        let (st, out, err) = ublk(&["del", "-n", &id.to_string()]);
+        eprintln!("ublk del: {}{}", out, err.trim());
+        assert!(st.success(), "ublk del -n {id}: {st}\n{out}\n{err}");
+        assert!(err.contains(&format!("not signalling pid {pid}")) && err.contains("reused"), "del must say why it did not signal pid {pid}: {err}");
+        assert!(!ublk_devices().contains(&id), "device {id} not deleted");
+        assert!(ublk_cli::config::DeviceConfig::load(id).unwrap().is_none(), "configuration of {id} left");
+        // The other process was not signalled: still running, not exited.
+        // SAFETY: waitpid on our own child, with a live int.
+        let r = unsafe { libc::waitpid(imp, &mut status, libc::WNOHANG) };
+        assert_eq!(r, 0, "pid {imp} (not the daemon) was ended by `ublk del` (wait status {status:#x})");
+        assert!(ublk_cli::config::pid_alive(imp as u32));
+        // SAFETY: kill(2) and waitpid on our own child.
+        unsafe {
+            libc::kill(imp, libc::SIGKILL);
+            libc::waitpid(imp, &mut status, 0);
+        }
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// "0-2,5" -> [0, 1, 2, 5]
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// The CPUs process `pid` (its main thread) may run on.
+fn process_cpus(pid: u32) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim())
+}
+
+/// The CPUs the thread `name` of process `pid` may run on.
+fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
+    }
+    panic!("process {pid} has no thread named {name}");
+}
+
+/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
+fn queue_sum(out: &str, key: &str) -> u64 {
+    out.lines()
+        .filter(|l| l.starts_with("queue "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
+        .sum()
+}
+
+driver_test! {
+    /// `ublk recover` serves the device with what `ublk add` chose, not the
+    /// library's defaults: with --placement unpinned the recovered queue
+    /// thread may run on every CPU (the default, Auto, pins a one-queue
+    /// thread to one CPU), and with --busy-poll-us 0 no request is found by
+    /// polling (the default polls 200 us after each batch).
+    fn recovery_keeps_placement_and_busy_polling() {
+        let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery", "--placement", "unpinned", "--busy-poll-us", "0"]);
+        let id = dev_id(&d);
+        let q0 = format!("ublk{id}-q0");
+        // Unpinned threads keep the process's CPUs; Auto pins a one-queue
+        // thread to one CPU.
+        let all = process_cpus(d.child.id());
+        assert_eq!(all.len(), nproc(), "the daemon may run on {all:?}");
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+        assert_eq!((cfg.placement, cfg.busy_poll_us), (ublk_cli::PlacementArg::Unpinned, 0), "{cfg:?}");
+        assert_eq!(thread_cpus(d.child.id(), &q0), all, "unpinned queue thread of the first daemon");
+        kill_daemon(d);
+        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
+        assert_eq!(state(id), "LIVE");
+        let pid = r.child.id();
+        assert_eq!(process_cpus(pid), all, "the recovered daemon's own CPUs");
+        let cpus = thread_cpus(pid, &q0);
+        eprintln!("recovered daemon {pid}: {q0} may run on {cpus:?} of {all:?}");
+        if all.len() < 2 {
+            eprintln!("NOTE: one CPU: every placement gives the same CPU set; only busy polling is checked here");
+        }
+        assert_eq!(cpus, all, "the recovered device lost --placement unpinned");
+        let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration after recovery");
+        assert_eq!((cfg.placement, cfg.busy_poll_us, cfg.pid), (ublk_cli::PlacementArg::Unpinned, 0, pid), "{cfg:?}");
+        assert_eq!(cfg.pid_start, ublk_cli::config::process_start_time(pid), "{cfg:?}");
+        // One request at a time: each arrives after the queue thread's batch.
+        run_ok("dd", &[&format!("if=/dev/ublkb{id}"), "of=/dev/null", "bs=4k", "count=500", "iflag=direct", "status=none"]);
+        let (st, out) = r.terminate();
+        assert!(st.success(), "recovered daemon exited with {st}");
+        eprintln!("{out}");
+        assert!(queue_sum(&out, "reads") >= 500, "{out}");
+        assert_eq!(queue_sum(&out, "polled"), 0, "the recovered device polls: it lost --busy-poll-us 0: {out}");
         delete_all_devices();
         assert_no_devices();
     }

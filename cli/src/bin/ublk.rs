@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ublk::{sys, Control, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget, RamDisk, Target};
-use ublk_cli::config::{pid_alive, run_dir, DeviceConfig};
+use ublk_cli::config::{pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig};
 use ublk_cli::{parse_size, SignalStop};
 
 /// Environment of a detached daemon: the fd to report readiness on, and its log.
@@ -346,6 +346,9 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         flag_names: vec![],
         direct: a.direct,
         pid: std::process::id(),
+        pid_start: None,
+        placement: a.placement,
+        busy_poll_us: a.busy_poll_us,
     };
     // The target first: a bad backing file or size must not create a device.
     match a.target {
@@ -412,6 +415,13 @@ fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &Si
     cfg.flags = info.flags;
     cfg.flag_names = ublk::Features(info.flags).names();
     cfg.pid = std::process::id();
+    cfg.pid_start = process_start_time(cfg.pid);
+    if cfg.pid_start.is_none() {
+        eprintln!(
+            "ublk: warning: cannot read this daemon's start time from /proc/{}/stat (is /proc mounted?); `ublk del` will not signal it",
+            cfg.pid
+        );
+    }
     let res = dev.serve(target, |dev, stop| {
         if let Err(e) = cfg.save() {
             eprintln!("ublk: warning: could not save the device configuration ({e}); `ublk list` and `ublk recover` will not know it");
@@ -419,7 +429,7 @@ fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &Si
         println!("{}", dev.block_path().display());
         let _ = std::io::stdout().flush();
         eprintln!(
-            "ublk: device {id} live: {} target{}, {} queues x {} tags, {} bytes, {}-byte blocks, flags [{}], opcodes {:?}, pid {}",
+            "ublk: device {id} live: {} target{}, {} queues x {} tags, {} bytes, {}-byte blocks, flags [{}], opcodes {:?}, placement {:?}, busy poll {} us, pid {}",
             cfg.target,
             cfg.file.as_ref().map(|f| format!(" on {}", f.display())).unwrap_or_default(),
             info.nr_hw_queues,
@@ -428,6 +438,8 @@ fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &Si
             cfg.block_size,
             cfg.flag_names.join(","),
             dev.encoding(),
+            cfg.placement,
+            cfg.busy_poll_us,
             cfg.pid
         );
         ready.live(id);
@@ -464,23 +476,30 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
             "device {id} was created without --recovery (UBLK_F_USER_RECOVERY), so no daemon can take it over; delete it with `ublk del -n {id}` and create it again with --recovery"
         );
     }
+    let cfg = DeviceConfig::load(id).map_err(|e| anyhow!(e))?;
     let pid = info.ublksrv_pid;
-    if pid > 0 && pid as u32 != std::process::id() && pid_alive(pid as u32) {
+    // A process that merely reuses the dead daemon's pid does not count (the
+    // library still refuses a device the kernel has not quiesced).
+    if pid > 0 && pid as u32 != std::process::id() && daemon_alive(pid as u32, id, cfg.as_ref()) {
         bail!(
             "device {id} is {} and still served by its daemon (pid {pid}); recovery only takes over a device whose daemon died (`ublk del -n {id}` stops and deletes it)",
             ublk::ctrl::state_name(info.state)
         );
     }
-    let cfg = DeviceConfig::load(id).map_err(|e| anyhow!(e))?.ok_or_else(|| {
+    let cfg = cfg.ok_or_else(|| {
         anyhow!(
             "no saved configuration for device {id} ({}): `ublk recover` takes over only devices made by `ublk add`",
             DeviceConfig::path(id).display()
         )
     })?;
     drop(ctrl);
+    // What only the daemon knew, as `ublk add` saved it: the recovered
+    // device keeps its placement and busy polling. The geometry, flags and
+    // discard limits come from the kernel.
+    let builder = DeviceBuilder::new().placement(cfg.placement.into()).busy_poll(Duration::from_micros(cfg.busy_poll_us));
     match cfg.target.as_str() {
         "null" => {
-            let dev = Device::recover(id, RECOVER_WAIT)?;
+            let dev = builder.data_path(ublk::DataPath::NoData).recover(id, RECOVER_WAIT)?;
             serve(dev, &NullTarget, cfg, &signals, ready)
         }
         "loop" => {
@@ -494,7 +513,7 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
                     cfg.size
                 );
             }
-            let dev = Device::recover(id, RECOVER_WAIT)?;
+            let dev = builder.recover(id, RECOVER_WAIT)?;
             serve(dev, &target, cfg, &signals, ready)
         }
         other => bail!(
@@ -521,7 +540,7 @@ fn cmd_list(json: bool) -> Result<()> {
                 "size": size.or(cfg.as_ref().map(|c| c.size)),
                 "flags": ublk::Features(info.flags).names(),
                 "pid": pid,
-                "daemon_alive": pid > 0 && pid_alive(pid as u32),
+                "daemon_alive": pid > 0 && daemon_alive(pid as u32, id, cfg.as_ref()),
                 "target": cfg.as_ref().map(|c| c.target.clone()),
                 "file": cfg.as_ref().and_then(|c| c.file.clone()),
             }));
@@ -582,9 +601,39 @@ fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether the daemon of device `id`, which the kernel says is `pid`, is
+/// running: where the saved configuration has the daemon's start time, the
+/// process must match it (a dead daemon's pid may belong to another process
+/// by now); devices without one (not made by this `ublk`) go by the pid.
+fn daemon_alive(pid: u32, id: u32, cfg: Option<&DeviceConfig>) -> bool {
+    match cfg {
+        Some(c) if c.pid_start.is_some() => verify_daemon(pid, id, cfg).is_ok(),
+        _ => pid_alive(pid),
+    }
+}
+
 fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
     let pid = info.ublksrv_pid;
-    if pid > 0 && pid as u32 != std::process::id() && pid_alive(pid as u32) {
+    let live_pid = pid > 0 && pid as u32 != std::process::id() && pid_alive(pid as u32);
+    // Only a process proven to be the daemon (the pid and start time the
+    // daemon saved) is signalled: after the daemon died, its pid may belong
+    // to any other process.
+    let cfg = if live_pid { DeviceConfig::load(id) } else { Ok(None) };
+    let verified = match (live_pid, &cfg) {
+        (false, _) => false,
+        (true, Err(e)) => {
+            eprintln!("ublk: note: not signalling pid {pid}: {e}; stopping and deleting device {id} directly");
+            false
+        }
+        (true, Ok(c)) => match verify_daemon(pid as u32, id, c.as_ref()) {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!("ublk: note: not signalling pid {pid}, which the kernel names as device {id}'s daemon: {why}; stopping and deleting device {id} directly");
+                false
+            }
+        },
+    };
+    if verified {
         // The daemon tears its device down itself on SIGTERM.
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -611,16 +660,32 @@ fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
     Ok(())
 }
 
+/// The name this build's header gives the `UBLK_F_*` flag `1 << bit`.
+fn flag_name(bit: u32) -> Option<&'static str> {
+    sys::HEADER_FLAGS.iter().find(|(_, v)| *v == 1u64 << bit).map(|(n, _)| *n)
+}
+
 fn cmd_features() -> Result<()> {
     let ctrl = Control::open()?;
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", release.trim());
+    let (a, b, c) = sys::HEADER_LINUX_VERSION;
     let feats = ctrl.features();
+    let mut unknown = vec![];
     match feats {
         Some(f) => {
-            println!("GET_FEATURES: {:#x}", f.0);
-            for n in f.names() {
-                println!("  {n}");
+            let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
+            println!("GET_FEATURES: {:#x} ({} flags; every bit the kernel reports, by name):", f.0, bits.len());
+            for bit in bits {
+                match flag_name(bit) {
+                    Some(n) => println!("  bit {bit:>2}  {n}"),
+                    None => {
+                        println!(
+                            "  bit {bit:>2}  unknown to this build: its ublk_cmd.h (Linux {a}.{b}.{c}) predates the flag; rebuild against newer kernel headers (UBLK_SYS_KERNEL_HEADERS=DIR) to name it"
+                        );
+                        unknown.push(bit);
+                    }
+                }
             }
         }
         None => println!(
@@ -631,7 +696,6 @@ fn cmd_features() -> Result<()> {
         Encoding::Legacy => println!("opcodes: legacy numbers (UBLK_CMD_*, UBLK_IO_*)"),
         Encoding::Ioctl => println!("opcodes: ioctl-encoded (UBLK_U_CMD_*, UBLK_U_IO_*)"),
     }
-    let (a, b, c) = sys::HEADER_LINUX_VERSION;
     println!("flags this build's ublk_cmd.h (Linux {a}.{b}.{c}) knows, and whether the kernel reports them:");
     let mut known: Vec<(&str, u64)> = sys::HEADER_FLAGS.to_vec();
     known.sort_by_key(|(_, v)| *v);
@@ -642,6 +706,14 @@ fn cmd_features() -> Result<()> {
             None => "?",
         };
         println!("  {name:<36} bit {:>2}  kernel: {k}", v.trailing_zeros());
+    }
+    if !unknown.is_empty() {
+        let bits: Vec<String> = unknown.iter().map(u32::to_string).collect();
+        println!(
+            "note: the kernel reports {} flag bit(s) this build cannot name (bit {}): it is newer than this build's ublk_cmd.h (Linux {a}.{b}.{c}); rebuild ublk against the kernel's headers (UBLK_SYS_KERNEL_HEADERS=DIR holding linux/ublk_cmd.h) to name them",
+            unknown.len(),
+            bits.join(", ")
+        );
     }
     Ok(())
 }
