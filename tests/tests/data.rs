@@ -487,13 +487,18 @@ driver_test! {
         let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
         assert!(!bits.is_empty(), "GET_FEATURES reported no flag");
         for bit in &bits {
-            let name = ublk::sys::HEADER_FLAGS
-                .iter()
-                .find(|(_, v)| *v == 1u64 << bit)
-                .map(|(n, _)| *n)
-                .unwrap_or_else(|| panic!("bit {bit} of GET_FEATURES ({:#x}) has no name in this build's header (Linux {:?})", f.0, ublk::sys::HEADER_LINUX_VERSION));
+            let name = ublk::sys::abi::flag_name(1u64 << bit)
+                .unwrap_or_else(|| panic!("bit {bit} of GET_FEATURES ({:#x}) has no name in ublk_sys::abi: a kernel newer than the table", f.0));
             let want = format!("bit {bit:>2}  {name}");
             assert!(out.lines().any(|l| l.trim() == want), "{want:?} is not listed: {out}");
+        }
+        // Each flag's row says whether the kernel offers it and whether the
+        // library implements it.
+        for (name, v, _) in ublk::sys::abi::TABLE.iter().filter(|(n, _, _)| n.starts_with("UBLK_F_")) {
+            let row = out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no row for {name}: {out}"));
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cols[2], if f.0 & v != 0 { "yes" } else { "no" }, "kernel column of {row:?}");
+            assert_eq!(cols[3], if ublk::SUPPORTED_FLAGS.contains(name) { "yes" } else { "no" }, "library column of {row:?}");
         }
         // Nothing else is listed as reported.
         let listed = out.lines().filter(|l| l.trim_start().starts_with("bit ")).count();

@@ -292,17 +292,11 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
         flags |= sys::UBLK_F_USER_RECOVERY_REISSUE;
     }
     if a.recovery_fail_io {
-        flags |= sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO.ok_or_else(|| {
-            anyhow!(
-                "--recovery-fail-io needs UBLK_F_USER_RECOVERY_FAIL_IO, which this build's ublk_cmd.h (Linux {}.{}) predates (Linux 6.13): rebuild against newer kernel headers, or use --recovery-reissue",
-                sys::HEADER_LINUX_VERSION.0,
-                sys::HEADER_LINUX_VERSION.1
-            )
-        })?;
+        flags |= sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO;
         // Kernels before 6.5 cannot say what they support (no GET_FEATURES),
         // and may keep a flag they do not know: FAIL_IO (6.13) needs a newer one.
         let feats = Control::open()?.features();
-        if !feats.is_some_and(|f| f.has(sys::opt::UBLK_F_USER_RECOVERY_FAIL_IO)) {
+        if !feats.is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO)) {
             let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             bail!(
                 "--recovery-fail-io needs Linux 6.13 or later (UBLK_F_USER_RECOVERY_FAIL_IO), which this kernel ({}) does not offer; use --recovery-reissue or --recovery",
@@ -660,9 +654,12 @@ fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
     Ok(())
 }
 
-/// The name this build's header gives the `UBLK_F_*` flag `1 << bit`.
+/// The kernel's name of the `UBLK_F_*` flag `1 << bit`: from the library's
+/// ABI table (every flag up to the newest kernel it knows), else from this
+/// build's header.
 fn flag_name(bit: u32) -> Option<&'static str> {
-    sys::HEADER_FLAGS.iter().find(|(_, v)| *v == 1u64 << bit).map(|(n, _)| *n)
+    let f = 1u64 << bit;
+    sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n))
 }
 
 fn cmd_features() -> Result<()> {
@@ -670,6 +667,9 @@ fn cmd_features() -> Result<()> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", release.trim());
     let (a, b, c) = sys::HEADER_LINUX_VERSION;
+    println!(
+        "build: ublk_cmd.h of Linux {a}.{b}.{c}; negotiation uses ublk_sys::abi (every flag and command up to Linux 7.3), whatever the header's age"
+    );
     let feats = ctrl.features();
     let mut unknown = vec![];
     match feats {
@@ -680,9 +680,7 @@ fn cmd_features() -> Result<()> {
                 match flag_name(bit) {
                     Some(n) => println!("  bit {bit:>2}  {n}"),
                     None => {
-                        println!(
-                            "  bit {bit:>2}  unknown to this build: its ublk_cmd.h (Linux {a}.{b}.{c}) predates the flag; rebuild against newer kernel headers (UBLK_SYS_KERNEL_HEADERS=DIR) to name it"
-                        );
+                        println!("  bit {bit:>2}  unknown to this version of ublk, which knows the flags up to Linux 7.3: upgrade ublk to name and use it");
                         unknown.push(bit);
                     }
                 }
@@ -696,21 +694,21 @@ fn cmd_features() -> Result<()> {
         Encoding::Legacy => println!("opcodes: legacy numbers (UBLK_CMD_*, UBLK_IO_*)"),
         Encoding::Ioctl => println!("opcodes: ioctl-encoded (UBLK_U_CMD_*, UBLK_U_IO_*)"),
     }
-    println!("flags this build's ublk_cmd.h (Linux {a}.{b}.{c}) knows, and whether the kernel reports them:");
-    let mut known: Vec<(&str, u64)> = sys::HEADER_FLAGS.to_vec();
-    known.sort_by_key(|(_, v)| *v);
-    for (name, v) in known {
+    println!("every flag: offered by this kernel, and implemented by this library (ublk::SUPPORTED_FLAGS):");
+    println!("  {:<32} {:>3}  {:<7} library", "flag", "bit", "kernel");
+    for (name, v, since) in sys::abi::TABLE.iter().filter(|(n, _, _)| n.starts_with("UBLK_F_")) {
         let k = match feats {
             Some(f) if f.0 & v != 0 => "yes",
             Some(_) => "no",
             None => "?",
         };
-        println!("  {name:<36} bit {:>2}  kernel: {k}", v.trailing_zeros());
+        let lib = if ublk::SUPPORTED_FLAGS.contains(name) { "yes" } else { "no" };
+        println!("  {name:<32} {:>3}  {k:<7} {lib:<4} (Linux {}.{}+)", v.trailing_zeros(), since.0, since.1);
     }
     if !unknown.is_empty() {
         let bits: Vec<String> = unknown.iter().map(u32::to_string).collect();
         println!(
-            "note: the kernel reports {} flag bit(s) this build cannot name (bit {}): it is newer than this build's ublk_cmd.h (Linux {a}.{b}.{c}); rebuild ublk against the kernel's headers (UBLK_SYS_KERNEL_HEADERS=DIR holding linux/ublk_cmd.h) to name them",
+            "note: the kernel reports {} flag bit(s) this version of ublk cannot name (bit {}): the kernel is newer than Linux 7.3; upgrade ublk",
             unknown.len(),
             bits.join(", ")
         );
