@@ -16,7 +16,7 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
     if !SUITES.contains(&suite) {
         bail!("unknown suite {suite} (expected one of {SUITES:?})");
     }
-    let apt = apt::get();
+    let apt = apt::get()?;
     apt.update();
     let base = cache_dir().join("headers").join(suite);
     let resolved: Result<(PathBuf, String)> = (|| {
