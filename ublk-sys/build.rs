@@ -120,8 +120,14 @@ const BASE_CMDS: &[&str] = &[
 ];
 const BASE_IOS: &[&str] = &["FETCH_REQ", "COMMIT_AND_FETCH_REQ", "NEED_GET_DATA"];
 
+/// What to install, per distribution, for each thing the build needs.
+const PKG_HEADERS: &str = "Debian/Ubuntu: apt-get install linux-libc-dev; Fedora: dnf install kernel-headers";
+const PKG_LIBCLANG: &str = "Debian/Ubuntu: apt-get install clang libclang-dev; Fedora: dnf install clang clang-devel";
+const PKG_CC: &str = "Debian/Ubuntu: apt-get install gcc; Fedora: dnf install gcc";
+
 fn fail(msg: &str) -> ! {
     // One line, naming the cause and the fix; cargo shows it as the error.
+    let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
     println!("cargo::error={msg}");
     eprintln!("error: {msg}");
     std::process::exit(1);
@@ -158,7 +164,7 @@ fn header_dir() -> (Option<PathBuf>, PathBuf) {
         let h = dir.join("linux/ublk_cmd.h");
         if !h.is_file() {
             fail(&format!(
-                "ublk-sys: UBLK_SYS_KERNEL_HEADERS={} has no linux/ublk_cmd.h; point it at a kernel UAPI include dir (e.g. an unpacked linux-libc-dev's usr/include) or unset it to use the system's",
+                "ublk-sys: UBLK_SYS_KERNEL_HEADERS={} has no linux/ublk_cmd.h; point it at a kernel UAPI include dir from Linux 6.0 or later (e.g. the usr/include of an unpacked linux-libc-dev or kernel-headers package), or unset it to use the system's ({PKG_HEADERS})",
                 dir.display()
             ));
         }
@@ -170,7 +176,9 @@ fn header_dir() -> (Option<PathBuf>, PathBuf) {
             return (None, h);
         }
     }
-    fail("ublk-sys: linux/ublk_cmd.h not found in /usr/include; install the kernel UAPI headers (Debian/Ubuntu: apt-get install linux-libc-dev, Fedora: kernel-headers), or set UBLK_SYS_KERNEL_HEADERS=DIR");
+    fail(&format!(
+        "ublk-sys: linux/ublk_cmd.h not found in /usr/include or /usr/local/include; install the kernel UAPI headers, Linux 6.0 or later ({PKG_HEADERS}), or set UBLK_SYS_KERNEL_HEADERS to a directory holding linux/ublk_cmd.h (where the system's are older, e.g. Ubuntu 22.04's 5.15)"
+    ));
 }
 
 fn main() {
@@ -205,7 +213,10 @@ fn main() {
     let clang_ok = std::panic::catch_unwind(bindgen::clang_version).is_ok();
     std::panic::set_hook(prev);
     if !clang_ok {
-        fail("ublk-sys: libclang not found (bindgen needs it): install it (Debian/Ubuntu: apt-get install libclang-dev clang) or set LIBCLANG_PATH");
+        let at = env::var("LIBCLANG_PATH").map(|p| format!(" (LIBCLANG_PATH={p} has none)")).unwrap_or_default();
+        fail(&format!(
+            "ublk-sys: libclang not found{at}; bindgen needs it: install it ({PKG_LIBCLANG}), or set LIBCLANG_PATH to the directory holding libclang.so"
+        ));
     }
 
     let bindings = bindgen::Builder::default()
@@ -221,7 +232,12 @@ fn main() {
         .layout_tests(false) // ours compare with the C compiler, not with libclang
         .parse_callbacks(Box::new(Callbacks))
         .generate()
-        .unwrap_or_else(|e| fail(&format!("ublk-sys: bindgen could not parse {}: {e}", header.display())));
+        .unwrap_or_else(|e| {
+            fail(&format!(
+                "ublk-sys: bindgen could not parse {}: {e}; the header and the <linux/...>, <asm/...> headers it includes must come from one kernel UAPI tree ({PKG_HEADERS}), or set UBLK_SYS_KERNEL_HEADERS to a complete usr/include",
+                header.display()
+            ))
+        });
     let text = bindings.to_string();
     fs::write(out.join("bindings.rs"), &text).unwrap();
 
@@ -254,7 +270,9 @@ fn main() {
         }
     }
     if !consts.contains_key("UBLK_SYS_ENC_IO_FETCH_REQ") {
-        fail("ublk-sys: bindgen did not evaluate the _IOWR opcodes (clang_macro_fallback); use bindgen >= 0.70 with a libclang >= 9 (apt-get install libclang-dev)");
+        fail(&format!(
+            "ublk-sys: bindgen did not evaluate the _IOWR opcodes (clang_macro_fallback); it needs libclang 9 or later: install a newer one ({PKG_LIBCLANG}), or set LIBCLANG_PATH to its directory"
+        ));
     }
 
     // cfgs describing this header's shape, for lib.rs's accessors.
@@ -489,6 +507,22 @@ fn write_probe(
     for a in inc_args {
         b.flag(a);
     }
-    b.compile("ublk_sys_probe");
+    // A missing compiler gets one line; a failed compile also has the
+    // compiler's own output above it.
+    let compiler =
+        b.try_get_compiler().unwrap_or_else(|e| fail(&format!("ublk-sys: no C compiler: {e}; install one ({PKG_CC}), or set CC")));
+    if let Err(e) = std::process::Command::new(compiler.path()).arg("--version").output() {
+        fail(&format!(
+            "ublk-sys: the C compiler {} cannot be run ({e}); install one ({PKG_CC}), or set CC to a working compiler",
+            compiler.path().display()
+        ));
+    }
+    if let Err(e) = b.try_compile("ublk_sys_probe") {
+        fail(&format!(
+            "ublk-sys: the C compiler {} could not build the layout probe against {}: {e}",
+            compiler.path().display(),
+            header.display()
+        ));
+    }
     println!("cargo::rustc-env=UBLK_SYS_HEADER={}", header.display());
 }

@@ -45,7 +45,14 @@ pub use caps::{opt, HEADER_COMMANDS, HEADER_FLAGS, HEADER_PARAM_TYPES};
 
 pub mod abi;
 
-/// Path of the `ublk_cmd.h` these bindings were generated from.
+/// Path of the `ublk_cmd.h` these bindings were generated from, on the
+/// machine that built the crate.
+///
+/// Not part of the API: it bakes the build machine's file system into the
+/// crate and means nothing where the binary runs. Use
+/// [`HEADER_LINUX_VERSION`] (and [`HEADER_FLAGS`], [`HEADER_COMMANDS`]) to
+/// say which header a build used. Hidden, and to be removed.
+#[doc(hidden)]
 pub const HEADER_PATH: &str = env!("UBLK_SYS_HEADER");
 
 /// `LINUX_VERSION_CODE` of the header tree, as (major, minor, patch).

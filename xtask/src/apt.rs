@@ -29,90 +29,171 @@ pub struct Apt {
 static UPDATED: OnceLock<bool> = OnceLock::new();
 static APT: OnceLock<Apt> = OnceLock::new();
 
-/// Find the Debian mirror base URL (e.g. `http://deb.debian.org`) and keyring the
-/// host's apt uses, so the private tree goes the same way.
-fn host_mirror() -> (String, String) {
-    let mut base = None;
-    let mut keyring = None;
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        let mut v: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+/// The Debian archive the private tree fetches from: the mirror's base URL
+/// (the part before `/debian`, e.g. `http://deb.debian.org`) and the keyring
+/// that signs it, when the source names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mirror {
+    base: String,
+    keyring: Option<String>,
+}
+
+/// Where the host's apt reads its sources from, in apt's order: `sources.list`,
+/// then `sources.list.d/*.list` and `*.sources` by name (apt ignores other names).
+fn source_files(etc_apt: &Path) -> Vec<PathBuf> {
+    let mut files = vec![etc_apt.join("sources.list")];
+    if let Ok(rd) = std::fs::read_dir(etc_apt.join("sources.list.d")) {
+        let mut v: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources") && p.is_file())
+            .collect();
         v.sort();
         files.extend(v);
     }
-    for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else {
+    files
+}
+
+/// The base of a Debian archive URI (`http://host/debian/` -> `http://host`),
+/// or None for another archive (debian-security, Ubuntu, third parties, snapshots).
+fn debian_base(uri: &str) -> Option<String> {
+    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+        return None;
+    }
+    uri.trim_end_matches('/').strip_suffix("/debian").filter(|b| b.contains("://") && !b.ends_with('/')).map(str::to_string)
+}
+
+/// The first keyring path of a `Signed-By`/`signed-by=` value (paths may be
+/// separated by commas or spaces; fingerprints and inline keys are skipped).
+fn keyring_path(v: &str) -> Option<String> {
+    v.split([',', ' ', '\t']).map(str::trim).find(|k| k.starts_with('/')).map(str::to_string)
+}
+
+/// Debian mirrors (`deb` entries for `<base>/debian`) in a one-line-format
+/// file (`sources.list`, `*.list`).
+fn mirrors_one_line(text: &str) -> Vec<Mirror> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        let Some(mut rest) = l.strip_prefix("deb ").or_else(|| l.strip_prefix("deb\t")).map(str::trim_start) else {
             continue;
         };
-        // deb822 stanzas
-        for stanza in text.split("\n\n") {
-            let mut uri = None;
-            let mut key = None;
-            let mut is_debian = false;
-            for line in stanza.lines() {
-                let l = line.trim();
-                if let Some(v) = l.strip_prefix("URIs:") {
-                    uri = v.split_whitespace().next().map(str::to_string);
-                } else if let Some(v) = l.strip_prefix("Signed-By:") {
-                    key = Some(v.trim().to_string());
-                } else if let Some(v) = l.strip_prefix("Suites:") {
-                    is_debian = v.split_whitespace().any(|s| s == "bookworm");
-                }
-            }
-            if let (Some(u), true) = (uri, is_debian) {
-                if let Some(b) = u.trim_end_matches('/').strip_suffix("/debian") {
-                    base.get_or_insert(b.to_string());
-                    if let Some(k) = key {
-                        keyring.get_or_insert(k);
-                    }
-                }
-            }
-        }
-        // one-line format
-        for line in text.lines() {
-            let l = line.trim();
-            if !l.starts_with("deb ") {
-                continue;
-            }
-            let mut opts_key = None;
-            let mut rest = &l[4..];
-            if rest.trim_start().starts_with('[') {
-                let r = rest.trim_start();
-                if let Some(end) = r.find(']') {
-                    for o in r[1..end].split_whitespace() {
-                        if let Some(k) = o.strip_prefix("signed-by=") {
-                            opts_key = Some(k.to_string());
-                        }
-                    }
-                    rest = &r[end + 1..];
-                }
-            }
-            let mut it = rest.split_whitespace();
-            let (Some(u), Some(s)) = (it.next(), it.next()) else {
+        let mut keyring = None;
+        if let Some(r) = rest.strip_prefix('[') {
+            let Some(end) = r.find(']') else {
                 continue;
             };
-            if s == "bookworm" {
-                if let Some(b) = u.trim_end_matches('/').strip_suffix("/debian") {
-                    base.get_or_insert(b.to_string());
-                    if let Some(k) = opts_key {
-                        keyring.get_or_insert(k);
-                    }
+            for o in r[..end].split_whitespace() {
+                if let Some(k) = o.strip_prefix("signed-by=") {
+                    keyring = keyring_path(k);
                 }
             }
+            rest = &r[end + 1..];
+        }
+        if let Some(base) = rest.split_whitespace().next().and_then(debian_base) {
+            v.push(Mirror { base, keyring });
         }
     }
-    (
-        base.unwrap_or_else(|| "http://deb.debian.org".to_string()),
-        keyring.unwrap_or_else(|| "/usr/share/keyrings/debian-archive-keyring.gpg".to_string()),
+    v
+}
+
+/// Debian mirrors in a deb822 file (`*.sources`): stanzas with `Types: deb`,
+/// not `Enabled: no`, and a `URIs:` entry for `<base>/debian`.
+fn mirrors_deb822(text: &str) -> Vec<Mirror> {
+    let mut v = Vec::new();
+    let mut stanza: Vec<(String, String)> = Vec::new();
+    let mut flush = |stanza: &mut Vec<(String, String)>| {
+        let field = |name: &str| stanza.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let enabled = field("Enabled").is_none_or(|e| !e.trim().eq_ignore_ascii_case("no"));
+        let deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
+        if enabled && deb {
+            let keyring = field("Signed-By").and_then(|k| k.lines().next()).and_then(keyring_path);
+            for base in field("URIs").unwrap_or("").split_whitespace().filter_map(debian_base) {
+                v.push(Mirror { base, keyring: keyring.clone() });
+            }
+        }
+        stanza.clear();
+    };
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            flush(&mut stanza);
+        } else if line.starts_with('#') {
+            // a comment line, also inside a stanza
+        } else if line.starts_with([' ', '\t']) {
+            // continuation of the previous field (e.g. an inline key)
+            if let Some((_, v)) = stanza.last_mut() {
+                v.push('\n');
+                v.push_str(line.trim());
+            }
+        } else if let Some((k, val)) = line.split_once(':') {
+            stanza.push((k.trim().to_string(), val.trim().to_string()));
+        }
+    }
+    flush(&mut stanza);
+    v
+}
+
+/// The first Debian mirror among the host's sources files (path, contents or
+/// None when unreadable), or an error naming the files read and the fix.
+fn find_mirror(files: &[(PathBuf, Option<String>)]) -> Result<Mirror> {
+    for (path, text) in files {
+        let Some(text) = text else {
+            continue;
+        };
+        let found = if path.extension().is_some_and(|e| e == "sources") { mirrors_deb822(text) } else { mirrors_one_line(text) };
+        if let Some(m) = found.into_iter().next() {
+            return Ok(m);
+        }
+    }
+    let read: Vec<String> = files.iter().map(|(p, t)| format!("{}{}", p.display(), if t.is_some() { "" } else { " (absent)" })).collect();
+    bail!(
+        "no Debian mirror in the host's apt sources (read {}): the private apt tree fetches kernels and headers from the mirror the host uses, \
+         and none of these has a `deb` entry for <mirror>/debian; set {MIRROR_ENV} to a Debian mirror's base URL (the part before /debian, \
+         e.g. {MIRROR_ENV}=http://deb.debian.org), or configure a Debian source in the host's apt",
+        read.join(", ")
     )
 }
 
-pub fn get() -> &'static Apt {
-    APT.get_or_init(|| {
-        let (base, keyring) = host_mirror();
-        let dir = util::cache_dir().join("apt");
-        Apt { debs: util::cache_dir().join("debs"), dir, base, keyring }
-    })
+/// Overrides the host's apt sources: a Debian mirror's base URL.
+const MIRROR_ENV: &str = "UBLK_DEBIAN_MIRROR";
+
+/// The Debian keyring package's file, for a mirror whose source names none.
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// The Debian mirror and keyring the host's apt uses (or `UBLK_DEBIAN_MIRROR`),
+/// so the private tree goes the same way.
+fn host_mirror() -> Result<(String, String)> {
+    let files: Vec<(PathBuf, Option<String>)> =
+        source_files(Path::new("/etc/apt")).into_iter().map(|p| (p.clone(), std::fs::read_to_string(&p).ok())).collect();
+    let from_host = find_mirror(&files);
+    let (base, keyring) = match std::env::var(MIRROR_ENV) {
+        Ok(url) if !url.trim().is_empty() => {
+            let url = url.trim().trim_end_matches('/');
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.ends_with("/debian") {
+                bail!("{MIRROR_ENV}={url} is not a mirror's base URL: give http(s)://HOST[/PATH] without the trailing /debian");
+            }
+            (url.to_string(), from_host.ok().and_then(|m| m.keyring))
+        }
+        _ => {
+            let m = from_host?;
+            (m.base, m.keyring)
+        }
+    };
+    let keyring = keyring.unwrap_or_else(|| DEBIAN_KEYRING.to_string());
+    if !Path::new(&keyring).is_file() {
+        bail!("the Debian archive keyring {keyring} is missing: install the debian-archive-keyring package");
+    }
+    Ok((base, keyring))
+}
+
+/// The private tree, set up from the host's mirror on first use.
+pub fn get() -> Result<&'static Apt> {
+    if let Some(a) = APT.get() {
+        return Ok(a);
+    }
+    let (base, keyring) = host_mirror()?;
+    let dir = util::cache_dir().join("apt");
+    Ok(APT.get_or_init(|| Apt { debs: util::cache_dir().join("debs"), dir, base, keyring }))
 }
 
 #[derive(Debug, Clone)]
@@ -328,4 +409,118 @@ pub fn extract(deb: &Path, dest: &Path) -> Result<()> {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(base: &str, keyring: Option<&str>) -> Mirror {
+        Mirror { base: base.into(), keyring: keyring.map(str::to_string) }
+    }
+
+    #[test]
+    fn one_line_sources() {
+        let text = "\
+# deb http://commented.example/debian bookworm main
+deb-src http://src.example/debian bookworm main
+deb http://security.example/debian-security bookworm-security main
+deb [arch=amd64 signed-by=/usr/share/keyrings/a.gpg] http://mirror.example/debian/ bookworm main
+deb\thttps://second.example/pub/debian trixie main # trailing comment
+deb http://archive.ubuntu.com/ubuntu noble main
+";
+        assert_eq!(
+            mirrors_one_line(text),
+            vec![m("http://mirror.example", Some("/usr/share/keyrings/a.gpg")), m("https://second.example/pub", None)]
+        );
+        assert_eq!(mirrors_one_line("deb cdrom:[Debian]/ bookworm main\ndeb file:/srv/debian bookworm main\n"), vec![]);
+    }
+
+    #[test]
+    fn deb822_sources() {
+        let text = "\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb-src
+URIs: http://src-only.example/debian
+Suites: bookworm
+
+Types: deb
+Enabled: no
+URIs: http://disabled.example/debian
+Suites: bookworm
+
+types: deb deb-src
+uris: https://inline.example/debian
+suites: trixie
+signed-by:
+ -----BEGIN PGP PUBLIC KEY BLOCK-----
+ .
+ mDMEZ...
+ -----END PGP PUBLIC KEY BLOCK-----
+";
+        assert_eq!(
+            mirrors_deb822(text),
+            vec![m("http://mirror.example", Some("/usr/share/keyrings/debian-archive-keyring.gpg")), m("https://inline.example", None)]
+        );
+    }
+
+    #[test]
+    fn first_mirror_by_file_format() {
+        let files = vec![
+            (PathBuf::from("/etc/apt/sources.list"), None),
+            // deb822 text in a .list file is not read as deb822 (apt would not either)
+            (PathBuf::from("/etc/apt/sources.list.d/a.list"), Some("Types: deb\nURIs: http://wrong.example/debian\n".to_string())),
+            (PathBuf::from("/etc/apt/sources.list.d/debian.sources"), Some("Types: deb\nURIs: http://right.example/debian\n".to_string())),
+        ];
+        assert_eq!(find_mirror(&files).unwrap(), m("http://right.example", None));
+    }
+
+    #[test]
+    fn no_mirror_is_an_error_naming_the_files_and_the_fix() {
+        let files = vec![
+            (PathBuf::from("/etc/apt/sources.list"), None),
+            (
+                PathBuf::from("/etc/apt/sources.list.d/ubuntu.sources"),
+                Some("Types: deb\nURIs: http://archive.ubuntu.com/ubuntu\n".to_string()),
+            ),
+            (
+                PathBuf::from("/etc/apt/sources.list.d/node.list"),
+                Some("deb https://deb.nodesource.com/node_20.x nodistro main\n".to_string()),
+            ),
+        ];
+        let e = find_mirror(&files).unwrap_err().to_string();
+        for want in [
+            "no Debian mirror",
+            "/etc/apt/sources.list (absent)",
+            "/etc/apt/sources.list.d/ubuntu.sources",
+            "/etc/apt/sources.list.d/node.list",
+            "UBLK_DEBIAN_MIRROR=",
+        ] {
+            assert!(e.contains(want), "{want:?} missing from: {e}");
+        }
+    }
+
+    #[test]
+    fn source_files_are_apt_s() {
+        let dir = std::env::temp_dir().join(format!("xtask-apt-test-{}", std::process::id()));
+        let d = dir.join("sources.list.d");
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["b.sources", "a.list", "c.list.disabled-by-farm", "d.save"] {
+            std::fs::write(d.join(f), "").unwrap();
+        }
+        let got = source_files(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(got, vec![dir.join("sources.list"), d.join("a.list"), d.join("b.sources")]);
+    }
 }

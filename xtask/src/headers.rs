@@ -16,7 +16,7 @@ pub fn headers_dir(suite: &str) -> Result<(PathBuf, String)> {
     if !SUITES.contains(&suite) {
         bail!("unknown suite {suite} (expected one of {SUITES:?})");
     }
-    let apt = apt::get();
+    let apt = apt::get()?;
     apt.update();
     let base = cache_dir().join("headers").join(suite);
     let resolved: Result<(PathBuf, String)> = (|| {
@@ -222,25 +222,36 @@ pub fn cmd_headers(suite: Option<&str>, print_dir: Option<&str>) -> Result<()> {
     if !tbad.is_empty() {
         bail!("tests failed for: {}", tbad.join(", "));
     }
-    missing_header_is_one_line()
+    missing_prerequisites_are_one_line()
 }
 
-/// A header dir without linux/ublk_cmd.h must stop the build with one line
-/// naming the problem and the fix.
-fn missing_header_is_one_line() -> Result<()> {
+/// A missing header, libclang or C compiler must stop the build with one
+/// line naming the problem and the packages of Debian/Ubuntu and Fedora.
+fn missing_prerequisites_are_one_line() -> Result<()> {
     let empty = workspace_root().join("target").join("headers-missing").join("include");
     std::fs::create_dir_all(&empty)?;
-    let out = std::process::Command::new(util::cargo())
-        .args(["build", "-p", "ublk-sys", "--color", "never"])
-        .current_dir(workspace_root())
-        .env("UBLK_SYS_KERNEL_HEADERS", &empty)
-        .env("CARGO_TARGET_DIR", workspace_root().join("target").join("headers"))
-        .output()?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().find(|l| l.starts_with("error: ublk-sys")).unwrap_or("");
-    if out.status.success() || !line.contains("has no linux/ublk_cmd.h") {
-        bail!("UBLK_SYS_KERNEL_HEADERS without linux/ublk_cmd.h did not fail with the one-line error:\n{err}");
+    let cases = [
+        ("UBLK_SYS_KERNEL_HEADERS", empty.into_os_string(), "has no linux/ublk_cmd.h"),
+        ("LIBCLANG_PATH", "/nonexistent-libclang-dir".into(), "libclang not found"),
+        ("CC", "/nonexistent-cc".into(), "C compiler /nonexistent-cc cannot be run"),
+    ];
+    for (var, value, cause) in cases {
+        let out = std::process::Command::new(util::cargo())
+            .args(["build", "-p", "ublk-sys", "--color", "never"])
+            .current_dir(workspace_root())
+            .env(var, &value)
+            .env("CARGO_TARGET_DIR", workspace_root().join("target").join("headers"))
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err.lines().find(|l| l.starts_with("error: ublk-sys")).unwrap_or("");
+        let names_fix = ["Debian/Ubuntu: apt-get install", "Fedora: dnf install"].iter().all(|p| line.contains(p));
+        if out.status.success() || !line.contains(cause) || !names_fix {
+            bail!(
+                "{var}={} did not stop the build with the one-line error ({cause}, with the Debian/Ubuntu and Fedora packages):\n{err}",
+                value.to_string_lossy()
+            );
+        }
+        log!("{var}={}: the build stops with: {line}", value.to_string_lossy());
     }
-    log!("missing header check: the build stops with: {line}");
     Ok(())
 }

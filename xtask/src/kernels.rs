@@ -105,7 +105,7 @@ fn load_record(name: &str) -> Option<Kernel> {
 // ---------------------------------------------------------------- Debian images
 
 fn kernel_deb(name: &str) -> Result<Kernel> {
-    let apt = apt::get();
+    let apt = apt::get()?;
     apt.update();
     let (img, modpkg): (Cand, Option<String>) = if name == "6.12" {
         let names = apt.search(r"^linux-image-6\.12\..*-cloud-amd64-unsigned$")?;
@@ -210,7 +210,7 @@ fn fragment_lines() -> Result<Vec<String>> {
 
 /// Find (and download if needed) the newest 6.1 orig tarball: (upstream version, path).
 fn source_6_1() -> Result<(String, PathBuf)> {
-    let apt = apt::get();
+    let apt = apt::get()?;
     let online = apt.update();
     let srcdir = cache_dir().join("src");
     std::fs::create_dir_all(&srcdir)?;

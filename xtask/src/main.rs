@@ -4,6 +4,7 @@ mod apt;
 mod bench;
 mod headers;
 mod kernels;
+mod package;
 mod util;
 mod vm;
 mod wsbuild;
@@ -359,6 +360,8 @@ fn ci(timeout: u64) -> Result<()> {
         ("host cargo test --workspace", Box::new(|| util::run(&mut cargo(&["test", "--workspace"])))),
         ("clippy -D warnings", Box::new(|| util::run(&mut cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])))),
         ("cargo doc (-Dwarnings)", Box::new(|| util::run(cargo(&["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-Dwarnings")))),
+        ("cargo package + publish --dry-run", Box::new(package::check)),
+        ("rust-version (MSRV) builds", Box::new(package::msrv)),
         ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
         ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 300, &[]))),
         ("old-header (6.1-header build on 6.12 and newest)", Box::new(|| old_header(600))),
