@@ -53,6 +53,7 @@ pub mod abi;
 /// [`HEADER_LINUX_VERSION`] (and [`HEADER_FLAGS`], [`HEADER_COMMANDS`]) to
 /// say which header a build used. Hidden, and to be removed.
 #[doc(hidden)]
+#[deprecated(note = "the build machine's path; use HEADER_LINUX_VERSION")]
 pub const HEADER_PATH: &str = env!("UBLK_SYS_HEADER");
 
 /// `LINUX_VERSION_CODE` of the header tree, as (major, minor, patch).

@@ -580,7 +580,7 @@ impl Device {
     /// the device and is resumed after teardown.
     ///
     /// Before START_DEV the device's parameters get the target's
-    /// [`WriteCache`](crate::WriteCache) attributes, so FLUSH and FUA reach
+    /// [`WriteCache`] attributes, so FLUSH and FUA reach
     /// the target when it needs them. A device with `UBLK_F_USER_COPY`
     /// ([`DataPath::NoData`]) has no buffers: a target that [needs
     /// data](Target::needs_data) is refused.
