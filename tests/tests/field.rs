@@ -430,12 +430,25 @@ driver_test! {
     /// (QUIESCED with --recovery) without hanging, and `ublk del` removes it.
     fn field_server_dies_during_partition_scan() {
         let _c = Cleanup;
+        let v = kernel_version();
         for recovery in [false, true] {
-            if recovery && kernel_version() < (7, 0) {
+            // Before 7.0 the scan runs inside START_DEV, under the device
+            // mutex that stopping or quiescing the device needs.
+            if recovery && v < (7, 0) {
                 skipped(
                     "server death during the partition scan with --recovery: before Linux 7.0 the scan runs inside START_DEV, under the \
                      device mutex, and its re-queued reads wait for a server that is gone, so the device never quiesces (the hang part_02 \
                      checks for; 7.0 scans asynchronously)",
+                );
+                continue;
+            }
+            if ((6, 7)..(7, 0)).contains(&v) {
+                // Seen on 6.12.117: 20 s after the kill the device was still
+                // LIVE, the held read never failed, and STOP_DEV then waited
+                // for the device mutex for good. (6.1's monitor aborts it.)
+                skipped(
+                    "server death during the partition scan: from 6.7 to 7.0 the kernel does not fail the scan's held read when the \
+                     server dies (6.12 stays LIVE and STOP_DEV blocks on the device mutex); 7.0 scans asynchronously",
                 );
                 continue;
             }
