@@ -10,6 +10,7 @@
 //! to check.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -273,28 +274,40 @@ driver_test! {
     /// The selftests' run_io_and_kill_daemon and ublksrv generic/002 on the
     /// targets recovery.rs does not cover: `kill -9` of a null or ramdisk
     /// daemon under fio; the device reaches DEAD, fio fails instead of
-    /// hanging, `ublk del` removes the device.
+    /// hanging, `ublk del` removes the device. A --recovery null device
+    /// reaches QUIESCED instead, and `ublk del` removes it without a
+    /// recovery, failing the I/O that waited for one.
     fn field_kill9_during_fio_device_dead_then_deleted() {
         let _c = Cleanup;
-        for target in ["null", "ramdisk"] {
-            let d = Daemon::start("ublk", &["add", "-t", target, "--size", "64M", "--queues", "2"]);
+        for (target, recovery) in [("null", false), ("ramdisk", false), ("null", true)] {
+            let mut args = vec!["add", "-t", target, "--size", "64M", "--queues", "2"];
+            if recovery {
+                args.push("--recovery");
+            }
+            let d = Daemon::start("ublk", &args);
             let id = dev_id(&d.dev);
             let dev = d.dev.to_str().unwrap().to_string();
             let args = strings(&[
                 "--name=kill", "--filename", &dev, "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=64", "--numjobs=2",
                 "--runtime=20", "--time_based",
             ]);
-            let mut fio = Bg::spawn("fio", &args, &format!("kill-{target}"));
+            let what = format!("{target}{}", if recovery { " --recovery" } else { "" });
+            let mut fio = Bg::spawn("fio", &args, &format!("kill-{target}-{recovery}"));
             std::thread::sleep(Duration::from_millis(1500));
-            assert!(fio.running(), "{target}: fio ended before the kill:\n{}", fio.output());
+            assert!(fio.running(), "{what}: fio ended before the kill:\n{}", fio.output());
             kill_daemon(d);
             // 6.1 notices a dead daemon in its 5 s monitor; later kernels at once.
-            let (_, took) = wait_state(id, &["DEAD"], Duration::from_secs(15));
-            let st = fio.wait(Duration::from_secs(30), "fio after the daemon was killed");
-            eprintln!("{target}: DEAD {took:?} after the kill; fio {st}");
-            assert!(!st.success() && fio_saw_errors(&fio.output()), "{target}: fio did not fail with its daemon dead:\n{}", fio.output());
+            let want = if recovery { "QUIESCED" } else { "DEAD" };
+            let (_, took) = wait_state(id, &[want], Duration::from_secs(15));
+            eprintln!("{what}: {want} {took:?} after the kill");
+            if !recovery {
+                let st = fio.wait(Duration::from_secs(30), "fio after the daemon was killed");
+                eprintln!("{what}: fio {st}");
+            }
             let took = ublk_del(id);
-            eprintln!("{target}: ublk del of the dead device took {took:?}");
+            let st = fio.wait(Duration::from_secs(30), "fio after the device was deleted");
+            eprintln!("{what}: ublk del took {took:?}; fio {st}");
+            assert!(!st.success() && fio_saw_errors(&fio.output()), "{what}: fio did not fail with its daemon dead:\n{}", fio.output());
         }
     }
 }
@@ -484,7 +497,8 @@ driver_test! {
     /// ublksrv generic/007: I/O while no server runs, for each recovery
     /// setting. A write is held by the server when it is killed; then a read
     /// is issued while the device has no server.
-    /// * none: DEAD; the held write fails, the new read fails.
+    /// * none: DEAD; the held write fails, the new read fails (the path is
+    ///   gone, and a read through a descriptor opened earlier fails).
     /// * --recovery: QUIESCED; the held write fails (EIO), the read waits
     ///   and completes once a new server recovers the device.
     /// * --recovery-reissue: QUIESCED; the held write and the read both wait
@@ -508,6 +522,9 @@ driver_test! {
             let dev = srv.expect("/dev/ublkb", Duration::from_secs(30));
             let mut w = dd(&["if=/dev/urandom", &format!("of={dev}"), "bs=4k", "count=1", "seek=8", "oflag=direct"], "nosrv-write");
             srv.expect("held Write", Duration::from_secs(10));
+            // Opened while the server lives: after a server-less stop the
+            // path is gone, but reads through this descriptor must fail.
+            let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&dev).unwrap();
             srv.kill9();
             let want = match mode {
                 "none" => "DEAD",
@@ -535,9 +552,18 @@ driver_test! {
                 assert!(!st.success(), "{mode}: the write held by the killed server succeeded");
             }
             if mode == "none" {
+                let (tx, rx) = mpsc::channel();
+                std::thread::spawn(move || {
+                    let mut backing = vec![0u8; 8192];
+                    let _ = tx.send(opened.read_at(aligned(&mut backing, 4096), 1 << 20).map_err(|e| e.to_string()));
+                });
+                let r = rx.recv_timeout(Duration::from_secs(5)).expect("a read through an open descriptor hung on a DEAD device");
+                eprintln!("{mode}: read through a descriptor opened before the kill: {r:?}");
+                assert!(r.is_err(), "{mode}: a read through an open descriptor succeeded on a DEAD device");
                 ublk_del(id);
                 continue;
             }
+            drop(opened);
             let mut rec = TestSrv::start(&["recover", "--id", &id.to_string()]);
             rec.expect("/dev/ublkb", Duration::from_secs(30));
             assert_eq!(state(id), "LIVE");
@@ -604,7 +630,8 @@ driver_test! {
             read_one(&dev.block_path());
             drop(open);
             c.try_stop_dev(id).expect("TRY_STOP_DEV with the disk closed");
-            eprintln!("TRY_STOP_DEV: EBUSY while open, stopped once closed; state {}", state(id));
+            assert_eq!(state(id), "DEAD", "TRY_STOP_DEV succeeded but the device is not stopped");
+            eprintln!("TRY_STOP_DEV: EBUSY while open, stopped once closed");
         })
         .expect("serve returns once the kernel stopped the device");
         assert_no_devices();
