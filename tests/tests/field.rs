@@ -498,7 +498,7 @@ driver_test! {
     /// setting. A write is held by the server when it is killed; then a read
     /// is issued while the device has no server.
     /// * none: DEAD; the held write fails, the new read fails (the path is
-    ///   gone, and a read through a descriptor opened earlier fails).
+    ///   gone, and a descriptor opened earlier reads an error or nothing).
     /// * --recovery: QUIESCED; the held write fails (EIO), the read waits
     ///   and completes once a new server recovers the device.
     /// * --recovery-reissue: QUIESCED; the held write and the read both wait
@@ -523,7 +523,7 @@ driver_test! {
             let mut w = dd(&["if=/dev/urandom", &format!("of={dev}"), "bs=4k", "count=1", "seek=8", "oflag=direct"], "nosrv-write");
             srv.expect("held Write", Duration::from_secs(10));
             // Opened while the server lives: after a server-less stop the
-            // path is gone, but reads through this descriptor must fail.
+            // path is gone, and reads through this descriptor return no data.
             let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&dev).unwrap();
             srv.kill9();
             let want = match mode {
@@ -558,8 +558,10 @@ driver_test! {
                     let _ = tx.send(opened.read_at(aligned(&mut backing, 4096), 1 << 20).map_err(|e| e.to_string()));
                 });
                 let r = rx.recv_timeout(Duration::from_secs(5)).expect("a read through an open descriptor hung on a DEAD device");
+                // del_gendisk sets the capacity to 0: the kernel answers with
+                // an error or end-of-device (6.1: Ok(0)), never data.
                 eprintln!("{mode}: read through a descriptor opened before the kill: {r:?}");
-                assert!(r.is_err(), "{mode}: a read through an open descriptor succeeded on a DEAD device");
+                assert!(!matches!(r, Ok(n) if n > 0), "{mode}: a read through an open descriptor returned data on a DEAD device");
                 ublk_del(id);
                 continue;
             }
