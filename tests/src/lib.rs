@@ -279,3 +279,11 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// Reports a scenario the running kernel lacks as `skipped: WHY` on stderr,
+/// written past libtest's output capture so the line shows in every run
+/// (the test still passes or fails on what it did check).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why} (kernel {})", kernel_release());
+}
