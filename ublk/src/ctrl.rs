@@ -334,6 +334,17 @@ impl Control {
         self.blocking_cmd(ops::START_DEV, c, &mut keep_waiting)
     }
 
+    /// `STOP_DEV` on a ring of its own, calling `tick` every 50 ms while the
+    /// kernel waits for the requests in flight (for a caller that must act
+    /// if they take too long).
+    pub(crate) fn stop_dev_watching(&self, dev_id: u32, mut tick: impl FnMut()) -> Result<()> {
+        let mut keep_waiting = || {
+            tick();
+            true
+        };
+        self.blocking_cmd(ops::STOP_DEV, dev_cmd(dev_id), &mut keep_waiting).map_err(no_dev(dev_id))
+    }
+
     /// `START_USER_RECOVERY` (needs `UBLK_F_USER_RECOVERY` and a quiesced device).
     pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
         self.submit(ops::START_USER_RECOVERY, dev_cmd(dev_id)).map(drop).map_err(no_dev(dev_id))

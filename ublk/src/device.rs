@@ -436,6 +436,8 @@ fn open_char(dev_id: u32) -> Result<File> {
 /// Messages from queue threads and stop handles to the serving thread.
 enum Event {
     Fetched,
+    /// A queue's target panicked; the queue fails its I/O until stopped.
+    Panicked(u16),
     Failed(Error),
     Exited(u16, Result<QueueStats>),
     Stop,
@@ -647,7 +649,10 @@ impl Device {
                         return;
                     }
                     let _ = tx.send(Event::Fetched);
-                    let r = queue.serve(target);
+                    let ptx = tx.clone();
+                    let r = queue.serve_notify(target, &|| {
+                        let _ = ptx.send(Event::Panicked(q));
+                    });
                     drop(queue); // close the ring before saying so
                     guard.sent = true;
                     let _ = tx.send(Event::Exited(q, r));
@@ -699,16 +704,11 @@ impl Device {
                 // hold, and STOP_DEV completes.
                 let t0 = Instant::now();
                 let mut woken = false;
-                std::thread::scope(|s2| {
-                    let h = s2.spawn(|| teardown.stop_dev(info.dev_id));
-                    while !h.is_finished() {
-                        if !woken && t0.elapsed() > STOP_GRACE {
-                            wake.signal();
-                            woken = true;
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
+                let _ = teardown.stop_dev_watching(info.dev_id, || {
+                    if !woken && t0.elapsed() > STOP_GRACE {
+                        wake.signal();
+                        woken = true;
                     }
-                    let _ = h.join();
                 });
             }
             wake.signal();
@@ -918,6 +918,8 @@ fn pid_running(pid: i32) -> bool {
 fn record(ev: Event, stats: &mut [QueueStats], failed: &mut bool) -> Result<()> {
     match ev {
         Event::Stop | Event::Fetched => Ok(()),
+        // The queue still fails its I/O: the normal stop path works.
+        Event::Panicked(q) => Err(Error::Queue { q_id: q, why: "its target panicked".into() }),
         // A queue whose tags were all aborted: the device was stopped.
         Event::Exited(q, Ok(st)) => {
             stats[usize::from(q)] = st;

@@ -284,16 +284,35 @@ impl Queue {
                 why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
             });
         }
-        // Whatever ends the loop (the device stopping, a refused command, a
-        // panicking target), the requests this queue holds are committed and
-        // its target operations are over before it returns: on 6.6-6.15 no
-        // one else would ever fail a request a live server holds.
+        self.serve_notify(target, &|| {})
+    }
+
+    /// [`Queue::serve`], calling `on_panic` at once when the target panics.
+    ///
+    /// A panicking target does not take the queue down with it: the queue
+    /// fails the requests it holds with EIO, calls `on_panic` (the device
+    /// starts its teardown) and keeps answering every request with EIO,
+    /// without the target, until the device is stopped; then the panic
+    /// resumes. A queue thread that died instead would leave the kernel to
+    /// fail what it held, which 6.6-6.15 do only if some command of the queue
+    /// is still parked, and never while START_DEV's partition scan waits.
+    pub(crate) fn serve_notify<T: Target + ?Sized>(&mut self, target: &T, on_panic: &dyn Fn()) -> Result<QueueStats> {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_inner(target)));
-        self.drain();
-        match r {
+        let r = match r {
             Ok(r) => r,
-            Err(payload) => std::panic::resume_unwind(payload),
-        }
+            Err(payload) => {
+                self.fail_held();
+                on_panic();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_inner(&FailAll)));
+                self.drain();
+                std::panic::resume_unwind(payload)
+            }
+        };
+        // Whatever else ended the loop (the device stopping, a refused
+        // command), the queue's target operations are over and the requests
+        // it holds committed before it returns.
+        self.drain();
+        r
     }
 
     fn serve_inner<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
@@ -400,6 +419,12 @@ impl Queue {
                 }
             }
         }
+        self.fail_held();
+    }
+
+    /// Commits EIO for every request the queue holds without an operation
+    /// in flight, and submits.
+    fn fail_held(&mut self) {
         for tag in 0..self.depth {
             if self.held[usize::from(tag)] && !self.in_op[usize::from(tag)] {
                 self.commit(tag, -libc::EIO);
@@ -641,6 +666,18 @@ fn verify_device(char_fd: RawFd, info: &DevInfo) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What a queue whose target panicked answers until the device is stopped.
+struct FailAll;
+
+impl Target for FailAll {
+    fn handle(&self, _req: &Request, _buf: &mut [u8]) -> crate::IoResult {
+        Err(libc::EIO)
+    }
+    fn needs_data(&self) -> bool {
+        false
+    }
 }
 
 /// Whether the device was created with `UBLK_F_USER_COPY`: the kernel then
