@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{kernels, log, util, vm, wsbuild};
 
@@ -57,6 +57,33 @@ fn min_max(v: &[f64]) -> (f64, f64) {
     (v.iter().cloned().fold(f64::MAX, f64::min), v.iter().cloned().fold(0.0, f64::max))
 }
 
+/// The records grouped as the tables' rows: (kernel version for sorting,
+/// kernel, queues, fio jobs, job) -> target -> record, in row order.
+type Groups<'a> = BTreeMap<(Vec<u32>, String, u32, u32, String), BTreeMap<&'a str, &'a Record>>;
+
+fn groups(records: &[Record]) -> Groups<'_> {
+    let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+    let mut groups = Groups::new();
+    for r in records {
+        groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(&r.target, r);
+    }
+    groups
+}
+
+/// A row's median IOPS of `target` (0 where it did not run).
+fn med_iops(t: &BTreeMap<&str, &Record>, target: &str) -> f64 {
+    t.get(target).map(|r| median(&r.iops)).unwrap_or(0.0)
+}
+
+/// libublk's best mode in a row: the one with the higher median IOPS.
+fn libublk_best<'a>(t: &BTreeMap<&str, &'a Record>) -> Option<&'a Record> {
+    let (s, a) = (t.get("libublk-sync").copied(), t.get("libublk-async").copied());
+    match (s, a) {
+        (Some(s), Some(a)) => Some(if median(&a.iops) > median(&s.iops) { a } else { s }),
+        (s, a) => s.or(a),
+    }
+}
+
 /// The summary both tables print: the targets in column order (null_blk,
 /// ours and its variants, libublk), and one row per kernel (in version
 /// order), queue count, fio jobs and job: kernel, `config(queues, jobs)`,
@@ -66,30 +93,63 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
     let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
     targets.sort_by_key(|t| target_rank(t));
     targets.dedup();
-    let ver = |k: &str| k.split(|c: char| !c.is_ascii_digit()).map(|x| x.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
-    // (kernel version for sorting, kernel, queues, fio jobs, job) -> target -> record
-    type Key = (Vec<u32>, String, u32, u32, String);
-    let mut groups: BTreeMap<Key, BTreeMap<&str, &Record>> = BTreeMap::new();
-    for r in records {
-        groups.entry((ver(&r.kernel), r.kernel.clone(), r.queues, r.fio_jobs, r.job.clone())).or_default().insert(&r.target, r);
-    }
     let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
-    let rows = groups
+    let rows = groups(records)
         .iter()
         .map(|((_, kernel, q, fj, job), t)| {
-            let med = |n: &str| t.get(n).map(|r| median(&r.iops)).unwrap_or(0.0);
             let mut row = vec![kernel.clone(), config(*q, *fj), job.clone()];
             row.extend(targets.iter().map(|n| match t.get(n.as_str()) {
                 Some(r) if !r.iops.is_empty() => cell(r),
                 _ => "-".into(),
             }));
-            let ours = med("ublk-null");
-            row.push(ratio(ours, med("null_blk")));
-            row.push(ratio(ours, med("libublk-sync").max(med("libublk-async"))));
+            let ours = med_iops(t, "ublk-null");
+            row.push(ratio(ours, med_iops(t, "null_blk")));
+            row.push(ratio(ours, libublk_best(t).map(|r| median(&r.iops)).unwrap_or(0.0)));
             row
         })
         .collect();
     (targets, rows)
+}
+
+/// One row of the tables as numbers, for the picture: medians of ours
+/// (`ublk-null`), null_blk and libublk's best mode. IOPS are 0 and CPU
+/// times None where a target did not run or has no CPU samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub kernel: String,
+    pub queues: u32,
+    pub fio_jobs: u32,
+    pub job: String,
+    pub iops_ours: f64,
+    pub iops_null_blk: f64,
+    pub iops_libublk: f64,
+    /// CPU time per I/O in microseconds.
+    pub cpu_ours: Option<f64>,
+    pub cpu_null_blk: Option<f64>,
+    pub cpu_libublk: Option<f64>,
+}
+
+/// The tables' rows, in their order, as [`Point`]s.
+fn points(records: &[Record]) -> Vec<Point> {
+    groups(records)
+        .iter()
+        .map(|((_, kernel, q, fj, job), t)| {
+            let best = libublk_best(t);
+            let cpu = |n: &str| t.get(n).and_then(|r| r.cpu_us_per_io());
+            Point {
+                kernel: kernel.clone(),
+                queues: *q,
+                fio_jobs: *fj,
+                job: job.clone(),
+                iops_ours: med_iops(t, "ublk-null"),
+                iops_null_blk: med_iops(t, "null_blk"),
+                iops_libublk: best.map(|r| median(&r.iops)).unwrap_or(0.0),
+                cpu_ours: cpu("ublk-null"),
+                cpu_null_blk: cpu("null_blk"),
+                cpu_libublk: best.and_then(Record::cpu_us_per_io),
+            }
+        })
+        .collect()
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -229,11 +289,11 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     Ok(())
 }
 
-/// The README's table from a `bench --json` file: per kernel, queue count,
-/// fio jobs and job, each target's median with min–max, and our ratios.
-pub fn markdown(file: &Path) -> Result<()> {
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
-    let Some(recs) = doc["records"].as_array() else { bail!("{}: no records", file.display()) };
+/// The records of a `bench --json` file (kernel names without their `+`
+/// suffix).
+fn parse(text: &str) -> Result<Vec<Record>> {
+    let doc: serde_json::Value = serde_json::from_str(text)?;
+    let Some(recs) = doc["records"].as_array() else { bail!("no records") };
     let mut records = vec![];
     for r in recs {
         records.push(Record {
@@ -245,6 +305,28 @@ pub fn markdown(file: &Path) -> Result<()> {
             iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
             cpu: r["cpu"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
         });
+    }
+    Ok(records)
+}
+
+/// The rows of a `bench --json` file's tables as numbers (the picture's data).
+#[cfg(test)]
+pub fn points_from_json(text: &str) -> Result<Vec<Point>> {
+    Ok(points(&parse(text)?))
+}
+
+/// The README's table from a `bench --json` file: per kernel, queue count,
+/// fio jobs and job, each target's median with min–max, and our ratios.
+/// With `svg`, also draws them there ([`crate::benchsvg`]).
+pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let records = parse(&text).with_context(|| format!("{}", file.display()))?;
+    if let Some(out) = svg {
+        let title = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        std::fs::write(out, crate::benchsvg::render(&points(&records), &title)?).with_context(|| format!("writing {}", out.display()))?;
+        // stdout is the tables.
+        util::LOG_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+        log!("bench-table: wrote {}", out.display());
     }
     let k = |x: f64| format!("{:.1}k", x / 1000.0);
     let (targets, rows) = summary(

@@ -2,6 +2,7 @@
 
 mod apt;
 mod bench;
+mod benchsvg;
 mod headers;
 mod kernels;
 mod package;
@@ -131,6 +132,10 @@ enum Cmd {
     BenchTable {
         /// The JSON file
         file: std::path::PathBuf,
+        /// Also draw the tables as an SVG picture here: per kernel and job,
+        /// our IOPS against null_blk and libublk, and CPU time per I/O
+        #[arg(long, value_name = "OUT")]
+        svg: Option<std::path::PathBuf>,
     },
     /// Everything: fmt, headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
@@ -150,7 +155,7 @@ fn main() -> ExitCode {
         Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
         Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
-        Cmd::BenchTable { file } => bench::markdown(&file),
+        Cmd::BenchTable { file, svg } => bench::markdown(&file, svg.as_deref()),
         Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus } => {
             // Read by vm::run; set before any thread starts.
             std::env::set_var("UBLK_VM_CPUS", cpus.to_string());
