@@ -342,8 +342,17 @@ driver_test! {
             .map_err(|e| e.to_string())
         });
         r.expect("serve ends cleanly when the device is quiesced");
-        let info = ublk::Control::open().unwrap().get_dev_info(id).expect("the quiesced device still exists");
-        assert_eq!(ublk::ctrl::state_name(info.state), "QUIESCED");
+        // The kernel makes it QUIESCED once the server released /dev/ublkcN.
+        let t0 = Instant::now();
+        let state = loop {
+            let info = ublk::Control::open().unwrap().get_dev_info(id).expect("the quiesced device still exists");
+            let state = ublk::ctrl::state_name(info.state);
+            if state == "QUIESCED" || t0.elapsed() > Duration::from_secs(10) {
+                break state;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(state, "QUIESCED");
         let dev = ublk::Device::recover(id, Duration::from_secs(10)).unwrap();
         dev.serve(&ublk::NullTarget, |dev, stop| {
             let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();

@@ -681,16 +681,18 @@ impl Device {
             // queue and close the char device, then STOP_DEV. A recovery that
             // did not complete leaves the device quiesced for another attempt.
             // Every queue ended by itself (all its tags aborted) without a
-            // stop request: the kernel may have quiesced the device
-            // (QUIESCE_DEV) for another server to take over.
+            // stop request: another process stopped the device (it turns
+            // DEAD), or quiesced it (QUIESCE_DEV, on a device made with
+            // UBLK_F_QUIESCE) for another server to take over. The kernel
+            // makes a quiesced device QUIESCED only once its server has
+            // released /dev/ublkcN, so until then it still reads LIVE.
             if !failed && !live.recovering && outcome.is_ok() && !live.stop_requested {
-                // The kernel aborts the commands before it changes the
-                // state: give it a moment to leave LIVE.
                 let t0 = Instant::now();
                 loop {
                     let state = teardown.get_dev_info(info.dev_id).map(|i| u32::from(i.state)).unwrap_or(sys::UBLK_S_DEV_DEAD);
-                    if state != sys::UBLK_S_DEV_LIVE || t0.elapsed() > Duration::from_secs(5) {
-                        live.quiesced = state == sys::UBLK_S_DEV_QUIESCED;
+                    if state != sys::UBLK_S_DEV_LIVE || t0.elapsed() > Duration::from_secs(1) {
+                        let can_quiesce = info.flags & sys::abi::UBLK_F_QUIESCE != 0;
+                        live.quiesced = state == sys::UBLK_S_DEV_QUIESCED || (state == sys::UBLK_S_DEV_LIVE && can_quiesce);
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(10));
