@@ -129,3 +129,27 @@ impl Target for RamDisk {
         Ok(len as u32)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(op: Op, sector: u64, sectors: u32) -> Request {
+        Request { q_id: 0, tag: 0, op, flags: 0, start_sector: sector, nr_sectors: sectors }
+    }
+
+    #[test]
+    fn a_buffer_of_the_wrong_length_is_refused_not_overrun() {
+        let rd = RamDisk::new(1 << 20).unwrap();
+        let mut short = vec![0u8; 100];
+        assert_eq!(rd.handle(&req(Op::Write, 0, 8), &mut short), Err(libc::EINVAL));
+        assert_eq!(rd.handle(&req(Op::Read, 0, 8), &mut short), Err(libc::EINVAL));
+        let mut data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        assert_eq!(rd.handle(&req(Op::Write, 8, 8), &mut data), Ok(4096));
+        let mut back = vec![0u8; 4096];
+        assert_eq!(rd.handle(&req(Op::Read, 8, 8), &mut back), Ok(4096));
+        assert_eq!(back, data);
+        // Past the end of the disk.
+        assert_eq!(rd.handle(&req(Op::Read, (1 << 20) / 512 - 4, 8), &mut back), Err(libc::EIO));
+    }
+}
