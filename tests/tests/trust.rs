@@ -456,7 +456,7 @@ driver_test! {
 
 driver_test! {
     /// A clean stop while a target operation can never complete (a read
-    /// from a pipe nobody writes): after STOP_GRACE the operation is
+    /// from a pipe nobody writes): after the stop grace (1 s here) the operation is
     /// cancelled, the reader gets an error, serve returns, nothing is left,
     /// and the operation is really gone (bytes written to the pipe afterwards
     /// stay there).
@@ -467,9 +467,9 @@ driver_test! {
         // SAFETY: both fds were just created and are owned here only.
         let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let target = PanicWithOpsInFlight { hold_only: true, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
-        let dev = DeviceBuilder::new().size(16 * MIB).flags(no_part_scan()).create().unwrap();
+        let dev = DeviceBuilder::new().size(16 * MIB).flags(no_part_scan()).stop_grace(Duration::from_secs(1)).create().unwrap();
         let t0 = Instant::now();
-        let (r, read, target) = within("stop with an operation that never completes", ublk::STOP_GRACE + Duration::from_secs(90), move || {
+        let (r, read, target) = within("stop with an operation that never completes", Duration::from_secs(90), move || {
             let (tx, rx) = mpsc::channel();
             let r = dev.serve(&target, |dev, stop| {
                 target.armed.store(true, Ordering::SeqCst);

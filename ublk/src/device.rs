@@ -17,8 +17,9 @@ use crate::placement::{self, Follower, Placement, Plan};
 use crate::queue::{EventFd, Queue, QueueStats};
 use crate::target::{Target, WriteCache};
 
-/// How long a stopping device waits for its target to finish the requests in
-/// flight before their operations are cancelled and they fail.
+/// How long a stopping device waits, by default, for its target to finish
+/// the requests in flight before their operations are cancelled and they
+/// fail ([`DeviceBuilder::stop_grace`]).
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The largest queue depth the kernel takes (`UBLK_MAX_QUEUE_DEPTH`).
@@ -58,6 +59,7 @@ pub struct DeviceBuilder {
     data_path: DataPath,
     busy_poll: Duration,
     io_scheduler: Option<String>,
+    stop_grace: Duration,
 }
 
 impl Default for DeviceBuilder {
@@ -76,6 +78,7 @@ impl Default for DeviceBuilder {
             data_path: DataPath::Copy,
             busy_poll: crate::queue::DEFAULT_BUSY_POLL,
             io_scheduler: None,
+            stop_grace: STOP_GRACE,
         }
     }
 }
@@ -150,6 +153,13 @@ impl DeviceBuilder {
     /// `Some("none")` gives every kernel the latter.
     pub fn io_scheduler(mut self, name: Option<&str>) -> Self {
         self.io_scheduler = name.map(str::to_string);
+        self
+    }
+    /// How long a stop waits for the target to finish the requests in flight
+    /// before their io_uring operations are cancelled and the requests fail
+    /// (default [`STOP_GRACE`]).
+    pub fn stop_grace(mut self, d: Duration) -> Self {
+        self.stop_grace = d;
         self
     }
     /// How request data moves (default [`DataPath::Copy`]).
@@ -238,6 +248,7 @@ impl DeviceBuilder {
             placement: self.placement,
             busy_poll: self.busy_poll,
             io_scheduler: self.io_scheduler.clone(),
+            stop_grace: self.stop_grace,
         };
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
@@ -322,6 +333,7 @@ impl DeviceBuilder {
             placement: self.placement,
             busy_poll: self.busy_poll,
             io_scheduler: self.io_scheduler,
+            stop_grace: self.stop_grace,
         };
         dev.params = Some(Params {
             size: params.basic.dev_sectors << 9,
@@ -466,6 +478,7 @@ pub struct Device {
     placement: Placement,
     busy_poll: Duration,
     io_scheduler: Option<String>,
+    stop_grace: Duration,
 }
 
 /// What [`Device::serve`] learns while the device runs.
@@ -571,7 +584,7 @@ impl Device {
     /// STOP_DEV, joins the threads, closes `/dev/ublkcN` and DEL_DEV. Returns
     /// each queue's counts.
     ///
-    /// Stopping waits up to [`STOP_GRACE`] for the target to finish the
+    /// Stopping waits up to [`DeviceBuilder::stop_grace`] for the target to finish the
     /// requests in flight; then its io_uring operations are cancelled and
     /// what is left fails with an error.
     ///
@@ -603,6 +616,7 @@ impl Device {
         let plans = self.queue_plans();
         let served = placement::counters(nq);
         let busy_poll = self.busy_poll;
+        let stop_grace = self.stop_grace;
         // The tags' buffers live here, not in the queue threads: after a
         // queue dies, the others' parked FETCHes may still name their
         // buffers until the device is deleted.
@@ -701,13 +715,13 @@ impl Device {
             if !failed && !live.recovering && !live.quiesced {
                 // STOP_DEV waits for the requests in flight; a target
                 // operation that never completes (a read from a peer that is
-                // gone) would hold it forever. After STOP_GRACE the queues
+                // gone) would hold it forever. After the grace period the queues
                 // are woken: they cancel their operations and fail what they
                 // hold, and STOP_DEV completes.
                 let t0 = Instant::now();
                 let mut woken = false;
                 let _ = teardown.stop_dev_watching(info.dev_id, || {
-                    if !woken && t0.elapsed() > STOP_GRACE {
+                    if !woken && t0.elapsed() > stop_grace {
                         wake.signal();
                         woken = true;
                     }
