@@ -3,6 +3,7 @@
 mod apt;
 mod bench;
 mod benchsvg;
+mod dependent;
 mod headers;
 mod kernels;
 mod package;
@@ -61,6 +62,14 @@ enum Cmd {
     /// (GET_FEATURES, ioctl encoding, user copy) like the newest-header build.
     OldHeader {
         /// Per-kernel time limit in seconds
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Build a crate outside the workspace that depends on `ublk` by path
+    /// and version, whose main is ublk's crate doc example, and run it in the
+    /// VM on the newest kernel.
+    Dependent {
+        /// Time limit in seconds
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
@@ -152,6 +161,7 @@ fn main() -> ExitCode {
         Cmd::Headers { suite, print_dir } => headers::cmd_headers(suite.as_deref(), print_dir.as_deref()),
         Cmd::TestVm { kernel, timeout, exe_timeout, test_args } => test_vm(&kernel, timeout, exe_timeout, &test_args),
         Cmd::OldHeader { timeout } => old_header(timeout),
+        Cmd::Dependent { timeout } => dependent::run(timeout),
         Cmd::Vm { kernel, timeout, no_build, with_tests, cmd } => vm_cmd(&kernel, timeout, no_build, with_tests, &cmd),
         Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
@@ -374,6 +384,7 @@ fn ci(timeout: u64) -> Result<()> {
         ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
         ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 300, &[]))),
         ("old-header (6.1-header build on 6.12 and newest)", Box::new(|| old_header(600))),
+        ("dependent crate runs the doc example (newest)", Box::new(|| dependent::run(600))),
         ("demo", Box::new(|| demo("6.12", 600, false))),
     ];
     let mut rows = vec![];
