@@ -55,11 +55,24 @@ pub struct DeviceBuilder {
     flags: u64,
     attrs: u32,
     discard: Option<Discard>,
-    placement: Placement,
     data_path: DataPath,
+    serving: Serving,
+}
+
+/// How this process serves a device: settings the kernel does not keep,
+/// which a [`Device`] takes from its builder, whether created or recovered.
+#[derive(Debug, Clone)]
+struct Serving {
+    placement: Placement,
     busy_poll: Duration,
     io_scheduler: Option<String>,
     stop_grace: Duration,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving { placement: Placement::Auto, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, stop_grace: STOP_GRACE }
+    }
 }
 
 impl Default for DeviceBuilder {
@@ -74,11 +87,8 @@ impl Default for DeviceBuilder {
             flags: 0,
             attrs: 0,
             discard: None,
-            placement: Placement::Auto,
             data_path: DataPath::Copy,
-            busy_poll: crate::queue::DEFAULT_BUSY_POLL,
-            io_scheduler: None,
-            stop_grace: STOP_GRACE,
+            serving: Serving::default(),
         }
     }
 }
@@ -134,7 +144,7 @@ impl DeviceBuilder {
     }
     /// Where queue threads run (default [`Placement::Auto`]).
     pub fn placement(mut self, p: Placement) -> Self {
-        self.placement = p;
+        self.serving.placement = p;
         self
     }
     /// How long each queue thread keeps polling its ring for the next
@@ -144,7 +154,7 @@ impl DeviceBuilder {
     /// [`Placement::Auto`] has moved home, next to its submitter, does not
     /// poll: there it would only take the CPU from the submitter.
     pub fn busy_poll(mut self, d: Duration) -> Self {
-        self.busy_poll = d;
+        self.serving.busy_poll = d;
         self
     }
     /// The block layer's I/O scheduler for `/dev/ublkbN`, set once the
@@ -152,14 +162,14 @@ impl DeviceBuilder {
     /// 6.1 give a one-queue ublk device `mq-deadline`, later ones `none`;
     /// `Some("none")` gives every kernel the latter.
     pub fn io_scheduler(mut self, name: Option<&str>) -> Self {
-        self.io_scheduler = name.map(str::to_string);
+        self.serving.io_scheduler = name.map(str::to_string);
         self
     }
     /// How long a stop waits for the target to finish the requests in flight
     /// before their io_uring operations are cancelled and the requests fail
     /// (default [`STOP_GRACE`]).
     pub fn stop_grace(mut self, d: Duration) -> Self {
-        self.stop_grace = d;
+        self.serving.stop_grace = d;
         self
     }
     /// How request data moves (default [`DataPath::Copy`]).
@@ -238,18 +248,7 @@ impl DeviceBuilder {
         };
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
-        let mut dev = Device {
-            ctrl,
-            info,
-            params: None,
-            char_file: None,
-            deleted: false,
-            recovering: false,
-            placement: self.placement,
-            busy_poll: self.busy_poll,
-            io_scheduler: self.io_scheduler.clone(),
-            stop_grace: self.stop_grace,
-        };
+        let mut dev = Device::new(ctrl, info, false, self.serving.clone());
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -323,34 +322,8 @@ impl DeviceBuilder {
         }
         let info = ctrl.get_dev_info(dev_id)?;
         let params = ctrl.get_params(dev_id)?;
-        let mut dev = Device {
-            ctrl,
-            info,
-            params: None,
-            char_file: None,
-            deleted: false,
-            recovering: true,
-            placement: self.placement,
-            busy_poll: self.busy_poll,
-            io_scheduler: self.io_scheduler,
-            stop_grace: self.stop_grace,
-        };
-        dev.params = Some(Params {
-            size: params.basic.dev_sectors << 9,
-            logical_bs_shift: params.basic.logical_bs_shift,
-            physical_bs_shift: params.basic.physical_bs_shift,
-            io_opt_shift: params.basic.io_opt_shift,
-            io_min_shift: params.basic.io_min_shift,
-            max_sectors: params.basic.max_sectors,
-            attrs: params.basic.attrs,
-            discard: (params.types & sys::UBLK_PARAM_TYPE_DISCARD != 0).then_some(Discard {
-                alignment: params.discard.discard_alignment,
-                granularity: params.discard.discard_granularity,
-                max_discard_sectors: params.discard.max_discard_sectors,
-                max_write_zeroes_sectors: params.discard.max_write_zeroes_sectors,
-                max_discard_segments: params.discard.max_discard_segments,
-            }),
-        });
+        let mut dev = Device::new(ctrl, info, true, self.serving);
+        dev.params = Some(Params::from_raw(&params));
         dev.char_file = Some(open_char(dev_id)?);
         Ok(dev)
     }
@@ -475,10 +448,7 @@ pub struct Device {
     char_file: Option<File>,
     deleted: bool,
     recovering: bool,
-    placement: Placement,
-    busy_poll: Duration,
-    io_scheduler: Option<String>,
-    stop_grace: Duration,
+    serving: Serving,
 }
 
 /// What [`Device::serve`] learns while the device runs.
@@ -511,6 +481,11 @@ impl Drop for ExitGuard {
 }
 
 impl Device {
+    /// A device just added (or taken over): its char device not open yet.
+    fn new(ctrl: Control, info: DevInfo, recovering: bool, serving: Serving) -> Device {
+        Device { ctrl, info, params: None, char_file: None, deleted: false, recovering, serving }
+    }
+
     /// Takes over an existing device whose server died, with the default
     /// placement and busy polling: [`DeviceBuilder::recover`] with
     /// [`DeviceBuilder::new`]. A server that was created with other settings
@@ -522,13 +497,13 @@ impl Device {
     /// Each queue thread's placement plan, from GET_QUEUE_AFFINITY.
     fn queue_plans(&mut self) -> Vec<Plan> {
         let nq = self.info.nr_hw_queues;
-        if self.placement == Placement::Unpinned {
+        if self.serving.placement == Placement::Unpinned {
             return vec![Plan::default(); usize::from(nq)];
         }
         let online = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let id = self.info.dev_id;
         let home: Vec<Vec<usize>> = (0..nq).map(|q| self.ctrl.get_queue_affinity(id, q).unwrap_or_default()).collect();
-        placement::plans(self.placement, &home, online)
+        placement::plans(self.serving.placement, &home, online)
     }
 
     /// Detaches from the device without stopping or deleting it (for a
@@ -615,8 +590,8 @@ impl Device {
         let wake_fd = wake.raw();
         let plans = self.queue_plans();
         let served = placement::counters(nq);
-        let busy_poll = self.busy_poll;
-        let stop_grace = self.stop_grace;
+        let busy_poll = self.serving.busy_poll;
+        let stop_grace = self.serving.stop_grace;
         // The tags' buffers live here, not in the queue threads: after a
         // queue dies, the others' parked FETCHes may still name their
         // buffers until the device is deleted.
@@ -879,7 +854,7 @@ impl Device {
         if let Some(ev) = early {
             return record(ev, stats, failed);
         }
-        if let Some(name) = self.io_scheduler.clone() {
+        if let Some(name) = self.serving.io_scheduler.clone() {
             self.set_io_scheduler(&name)?;
         }
         // `on_live` runs beside us, so a queue that dies while it runs is

@@ -66,6 +66,30 @@ impl Params {
         })
     }
 
+    /// The parameters the kernel keeps for a device (GET_PARAMS): the basic
+    /// ones and, when present, the discard limits; the inverse of
+    /// [`Params::to_raw`].
+    pub fn from_raw(p: &sys::ublk_params) -> Self {
+        let b = &p.basic;
+        let d = &p.discard;
+        Params {
+            size: b.dev_sectors << 9,
+            logical_bs_shift: b.logical_bs_shift,
+            physical_bs_shift: b.physical_bs_shift,
+            io_opt_shift: b.io_opt_shift,
+            io_min_shift: b.io_min_shift,
+            max_sectors: b.max_sectors,
+            attrs: b.attrs,
+            discard: (p.types & sys::UBLK_PARAM_TYPE_DISCARD != 0).then_some(Discard {
+                alignment: d.discard_alignment,
+                granularity: d.discard_granularity,
+                max_discard_sectors: d.max_discard_sectors,
+                max_write_zeroes_sectors: d.max_write_zeroes_sectors,
+                max_discard_segments: d.max_discard_segments,
+            }),
+        }
+    }
+
     /// The raw `ublk_params` with `len` covering this header's whole struct
     /// (older kernels clamp it to theirs, and ignore types they do not know).
     pub fn to_raw(&self) -> sys::ublk_params {
@@ -109,4 +133,24 @@ pub fn validate_block_size(bs: u32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_raw_inverts_to_raw() {
+        let mut p = Params::new(1 << 30, 4096, 512 << 10).unwrap();
+        p.attrs = sys::UBLK_ATTR_VOLATILE_CACHE;
+        assert_eq!(Params::from_raw(&p.to_raw()), p);
+        p.discard = Some(Discard {
+            alignment: 0,
+            granularity: 4096,
+            max_discard_sectors: 1 << 20,
+            max_write_zeroes_sectors: 8,
+            max_discard_segments: 1,
+        });
+        assert_eq!(Params::from_raw(&p.to_raw()), p);
+    }
 }

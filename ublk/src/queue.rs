@@ -338,12 +338,7 @@ impl Queue {
                 let res = cqe.result();
                 if ud & TARGET_OP != 0 {
                     // The target's operation for this tag finished.
-                    self.op_done(tag);
-                    let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
-                    let req = self.reqs[usize::from(tag)];
-                    let (settled, invalid) = settle(&req, self.done[usize::from(tag)], answer, true);
-                    self.stats.invalid += u64::from(invalid);
-                    match settled {
+                    match self.op_done(tag, res, true) {
                         Settled::Commit(result) => self.commit(tag, result),
                         Settled::Rest { done } => {
                             self.done[usize::from(tag)] = done;
@@ -400,12 +395,8 @@ impl Queue {
                     CANCEL => {}
                     ud if ud & TARGET_OP != 0 => {
                         let tag = ud as u16;
-                        self.op_done(tag);
                         // Keep a complete result; anything else fails.
-                        let res = cqe.result();
-                        let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
-                        let req = self.reqs[usize::from(tag)];
-                        if let (Settled::Commit(result), _) = settle(&req, self.done[usize::from(tag)], answer, false) {
+                        if let Settled::Commit(result) = self.op_done(tag, cqe.result(), false) {
                             self.commit(tag, result);
                         }
                     }
@@ -433,10 +424,16 @@ impl Queue {
         let _ = self.ring.submit();
     }
 
-    /// Bookkeeping for a finished target operation of `tag`.
-    fn op_done(&mut self, tag: u16) {
+    /// A target operation of `tag` completed with `res` (bytes or -errno):
+    /// what to commit, by the rule of [`IoResult`](crate::IoResult), or
+    /// (with `retry`) that the target must be asked for the rest.
+    fn op_done(&mut self, tag: u16, res: i32, retry: bool) -> Settled {
         self.ops_in_flight -= 1;
         self.in_op[usize::from(tag)] = false;
+        let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
+        let (settled, invalid) = settle(&self.reqs[usize::from(tag)], self.done[usize::from(tag)], answer, retry);
+        self.stats.invalid += u64::from(invalid);
+        settled
     }
 
     /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
