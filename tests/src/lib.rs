@@ -143,6 +143,11 @@ impl Daemon {
         }
     }
 
+    /// The device id: N of the `/dev/ublkbN` it reported.
+    pub fn id(&self) -> u32 {
+        self.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
+    }
+
     /// Sends `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
@@ -286,4 +291,46 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub fn skipped(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "skipped: {why} (kernel {})", kernel_release());
+}
+
+/// Runs the `ublk` CLI; returns (status, stdout, stderr).
+pub fn ublk(args: &[&str]) -> (ExitStatus, String, String) {
+    run(bin("ublk").to_str().unwrap(), args)
+}
+
+/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
+pub fn queue_sum(out: &str, key: &str) -> u64 {
+    out.lines()
+        .filter(|l| l.starts_with("queue "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A sparse file of `size` bytes at `p`, replacing whatever was there.
+pub fn sparse_file(p: &Path, size: u64) {
+    let _ = std::fs::remove_file(p);
+    std::fs::File::create(p).unwrap().set_len(size).unwrap();
+}
+
+/// "0-2,5" -> [0, 1, 2, 5]
+pub fn cpu_list(s: &str) -> Vec<usize> {
+    s.split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_self(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set by CPU_SET (cpu is below
+    // CPU_SETSIZE on any test machine), passed by reference for this thread.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(r, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
 }

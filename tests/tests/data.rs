@@ -7,18 +7,10 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::time::Duration;
 
 use ublk_tests::*;
-
-fn ublk(args: &[&str]) -> (ExitStatus, String, String) {
-    run(bin("ublk").to_str().unwrap(), args)
-}
-
-fn dev_id(d: &Daemon) -> u32 {
-    d.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
-}
 
 fn fio_ok(args: &[&str]) -> String {
     let out = run_ok("fio", args);
@@ -39,22 +31,6 @@ fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
 
 fn sha256(p: &Path) -> String {
     run_ok("sha256sum", &[p.to_str().unwrap()]).split_whitespace().next().unwrap_or("").to_string()
-}
-
-/// A sparse file of `size` bytes (replacing any old one).
-fn sparse_file(p: &Path, size: u64) {
-    let _ = std::fs::remove_file(p);
-    let f = std::fs::File::create(p).unwrap();
-    f.set_len(size).unwrap();
-}
-
-/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
-fn queue_sum(out: &str, key: &str) -> u64 {
-    out.lines()
-        .filter(|l| l.starts_with("queue "))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
-        .sum()
 }
 
 /// A directory on an ext4 filesystem (an image on /tmp mounted through the
@@ -393,7 +369,7 @@ driver_test! {
     fn data_bad_input_changes_nothing() {
         let a = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M"]);
         let b = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery"]);
-        let (ida, idb) = (dev_id(&a), dev_id(&b));
+        let (ida, idb) = (a.id(), b.id());
         let before = ublk_devices();
         assert_eq!(before.len(), 2);
         let a_dev = a.dev.to_str().unwrap().to_string();

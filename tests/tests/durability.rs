@@ -219,14 +219,6 @@ driver_test! {
     }
 }
 
-fn queue_sum(out: &str, key: &str) -> u64 {
-    out.lines()
-        .filter(|l| l.starts_with("queue "))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
-        .sum()
-}
-
 driver_test! {
     /// ext4 on a loop device: `sync` and `fsync` send FLUSH to the target
     /// (the device declares a volatile write cache), and the block layer's

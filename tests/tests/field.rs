@@ -24,10 +24,6 @@ fn ublk_bin() -> String {
     bin("ublk").to_str().unwrap().to_string()
 }
 
-fn dev_id(dev: &Path) -> u32 {
-    dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
-}
-
 /// The device's state as GET_DEV_INFO reports it, or "GONE".
 fn state(id: u32) -> String {
     let mut c = ublk::Control::open().unwrap();
@@ -218,11 +214,6 @@ fn kill_daemon(mut d: Daemon) -> Instant {
     t
 }
 
-fn sparse_file(p: &Path, size: u64) {
-    let _ = std::fs::remove_file(p);
-    std::fs::File::create(p).unwrap().set_len(size).unwrap();
-}
-
 /// Whether fio's output shows an I/O error (a job's `err=` not 0, or an io_u error).
 fn fio_saw_errors(log: &str) -> bool {
     log.lines().any(|l| l.contains("io_u error") || (l.contains("err=") && !l.contains("err= 0")))
@@ -249,7 +240,7 @@ driver_test! {
                 args.extend(["--size", "64M"]);
             }
             let mut d = Daemon::start("ublk", &args);
-            let id = dev_id(&d.dev);
+            let id = d.id();
             let dev = d.dev.to_str().unwrap().to_string();
             let mut fio_args = strings(&["--filename", &dev, "--rw=randrw", "--bs=4k", "--direct=1", "--iodepth=256", "--runtime=20", "--time_based"]);
             fio_args.extend(strings(&["--name=aio", "--ioengine=libaio", &format!("--numjobs={}", nproc())]));
@@ -285,7 +276,7 @@ driver_test! {
                 args.push("--recovery");
             }
             let d = Daemon::start("ublk", &args);
-            let id = dev_id(&d.dev);
+            let id = d.id();
             let dev = d.dev.to_str().unwrap().to_string();
             let args = strings(&[
                 "--name=kill", "--filename", &dev, "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=64", "--numjobs=2",
@@ -342,7 +333,7 @@ driver_test! {
         let backing = PathBuf::from("/tmp/field-rec.img");
         sparse_file(&backing, 64 << 20);
         let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery"]);
-        let id = dev_id(&d.dev);
+        let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         let out = run_ok("fio", &verify_job(&dev, &["--do_verify=0"]).iter().map(String::as_str).collect::<Vec<_>>());
         assert!(!fio_saw_errors(&out), "writing the verified region: {out}");
@@ -422,7 +413,7 @@ driver_test! {
     fn field_server_dies_during_recovery_teardown_finishes() {
         let _c = Cleanup;
         let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--depth", "8", "--recovery"]);
-        let id = dev_id(&d.dev);
+        let id = d.id();
         kill_daemon(d);
         wait_state(id, &["QUIESCED"], Duration::from_secs(15));
         let mut srv = TestSrv::start(&["recover-die", "--id", &id.to_string(), "--fetch", "4"]);
@@ -481,16 +472,6 @@ driver_test! {
             ublk_del(id);
         }
     }
-}
-
-/// Sum of `key=N` over the `queue N: ...` lines a server prints at exit.
-fn queue_sum(lines: &[String], key: &str) -> u64 {
-    lines
-        .iter()
-        .filter(|l| l.starts_with("queue "))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
-        .sum()
 }
 
 driver_test! {
@@ -583,7 +564,7 @@ driver_test! {
             }
             let (st, lines) = rec.terminate(Duration::from_secs(30));
             assert!(st.success(), "{mode}: recovered server exited with {st}: {lines:?}");
-            let (reads, writes) = (queue_sum(&lines, "reads"), queue_sum(&lines, "writes"));
+            let (reads, writes) = (queue_sum(&lines.join("\n"), "reads"), queue_sum(&lines.join("\n"), "writes"));
             eprintln!("{mode}: the recovered server served {reads} reads, {writes} writes");
             assert!(reads >= 1, "{mode}: {lines:?}");
             assert_eq!(writes, u64::from(mode == "--reissue"), "{mode}: only a re-issuing device hands the held write to the new server: {lines:?}");

@@ -324,28 +324,6 @@ driver_test! {
     }
 }
 
-/// Pins the calling thread to one CPU.
-fn pin_self(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set by CPU_SET (cpu is below
-    // CPU_SETSIZE on any test machine), passed by reference for this thread.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(r, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-}
-
-/// "0-2,5" -> [0, 1, 2, 5]
-fn cpu_list(s: &str) -> Vec<usize> {
-    s.split(',')
-        .flat_map(|r| match r.split_once('-') {
-            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
-            None => vec![r.parse().unwrap()],
-        })
-        .collect()
-}
-
 /// (allowed CPUs, scheduling policy) of this process's thread named `name`,
 /// from /proc/self/task/*/{comm,status,stat}.
 fn thread_placement(name: &str) -> (Vec<usize>, u32) {

@@ -8,15 +8,6 @@ use std::time::{Duration, Instant};
 
 use ublk_tests::*;
 
-fn dev_id(d: &Daemon) -> u32 {
-    d.dev.to_str().unwrap().trim_start_matches("/dev/ublkb").parse().unwrap()
-}
-
-fn sparse_file(p: &Path, size: u64) {
-    let _ = std::fs::remove_file(p);
-    std::fs::File::create(p).unwrap().set_len(size).unwrap();
-}
-
 /// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
 /// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
 fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
@@ -106,7 +97,7 @@ driver_test! {
         let backing = PathBuf::from("/tmp/recovery-reissue.img");
         sparse_file(&backing, 64 << 20);
         let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"]);
-        let id = dev_id(&d);
+        let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
         let mut fio = spawn_fio(&fio_args(&dev, 0, true, &["--do_verify=1"]), &log);
@@ -169,7 +160,7 @@ driver_test! {
         let backing = PathBuf::from("/tmp/recovery-failio.img");
         sparse_file(&backing, 64 << 20);
         let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-fail-io"]);
-        let id = dev_id(&d);
+        let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         // 8 MiB written and acknowledged before the kill.
         let pat = pattern(8 << 20, 11);
@@ -216,10 +207,6 @@ driver_test! {
         delete_all_devices();
         assert_no_devices();
     }
-}
-
-fn ublk(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    run(bin("ublk").to_str().unwrap(), args)
 }
 
 /// `ublk ARGS --detach`: the device id it prints.
@@ -424,16 +411,6 @@ driver_test! {
     }
 }
 
-/// "0-2,5" -> [0, 1, 2, 5]
-fn cpu_list(s: &str) -> Vec<usize> {
-    s.split(',')
-        .flat_map(|r| match r.split_once('-') {
-            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
-            None => vec![r.parse().unwrap()],
-        })
-        .collect()
-}
-
 /// The CPUs process `pid` (its main thread) may run on.
 fn process_cpus(pid: u32) -> Vec<usize> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -453,15 +430,6 @@ fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
     panic!("process {pid} has no thread named {name}");
 }
 
-/// Sum of `key=N` over the per-queue lines a daemon prints at exit.
-fn queue_sum(out: &str, key: &str) -> u64 {
-    out.lines()
-        .filter(|l| l.starts_with("queue "))
-        .flat_map(|l| l.split_whitespace())
-        .filter_map(|kv| kv.strip_prefix(&format!("{key}=")).and_then(|n| n.parse::<u64>().ok()))
-        .sum()
-}
-
 driver_test! {
     /// `ublk recover` serves the device with what `ublk add` chose, not the
     /// library's defaults: with --placement unpinned the recovered queue
@@ -470,7 +438,7 @@ driver_test! {
     /// polling (the default polls 200 us after each batch).
     fn recovery_keeps_placement_and_busy_polling() {
         let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery", "--placement", "unpinned", "--busy-poll-us", "0"]);
-        let id = dev_id(&d);
+        let id = d.id();
         let q0 = format!("ublk{id}-q0");
         // Unpinned threads keep the process's CPUs; Auto pins a one-queue
         // thread to one CPU.

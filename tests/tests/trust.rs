@@ -201,6 +201,28 @@ driver_test! {
     }
 }
 
+/// A pipe: (read end, write end).
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned here only.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Writes to the pipe and reads the bytes back: no operation still waiting
+/// on `rd` (`who`) took them into a buffer that may no longer exist.
+fn assert_no_reader_left(wr: &OwnedFd, rd: &OwnedFd, who: &str) {
+    let msg = b"after teardown";
+    // SAFETY: writes from a live buffer to our pipe.
+    assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
+    let mut back = [0u8; 14];
+    // SAFETY: reads into a live buffer from our pipe.
+    let n = unsafe { libc::read(rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
+    assert_eq!(n, msg.len() as isize, "{who} consumed the pipe's bytes");
+    assert_eq!(&back, msg);
+}
+
 /// Reads on queue 1 wait on a pipe nobody writes (an operation that stays in
 /// flight); the first read on queue 0 panics once one such read is waiting.
 struct PanicWithOpsInFlight {
@@ -239,16 +261,6 @@ impl Target for PanicWithOpsInFlight {
     }
 }
 
-fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_setaffinity
-    // reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 driver_test! {
     /// A queue thread panics while the other queue has target operations in
     /// flight (reads waiting on a pipe) and readers on every CPU keep I/O
@@ -270,11 +282,7 @@ driver_test! {
 
 fn panic_with_operations_in_flight(depth: u16) {
     {
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds were just created and are owned here only.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (rd, wr) = pipe();
         let target = PanicWithOpsInFlight { hold_only: false, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
         let dev = DeviceBuilder::new()
             .queues(2)
@@ -290,7 +298,7 @@ fn panic_with_operations_in_flight(depth: u16) {
                 for cpu in [1usize, 0] {
                     let p = dev.block_path();
                     std::thread::spawn(move || {
-                        pin_to(cpu);
+                        pin_self(cpu);
                         let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(p).unwrap();
                         let mut v = vec![0u8; 8192];
                         for i in 0..64u64 {
@@ -310,14 +318,7 @@ fn panic_with_operations_in_flight(depth: u16) {
         assert!(waiting >= 1, "the test did not get an operation in flight on queue 1");
         assert_no_devices();
         // The reads were cancelled: bytes written now stay in the pipe.
-        let msg = b"after teardown";
-        // SAFETY: writes from a live buffer to our pipe.
-        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
-        let mut back = [0u8; 14];
-        // SAFETY: reads into a live buffer from our pipe.
-        let n = unsafe { libc::read(target.pipe_rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
-        assert_eq!(n, msg.len() as isize, "an operation of the dead device consumed the pipe's bytes");
-        assert_eq!(&back, msg);
+        assert_no_reader_left(&wr, &target.pipe_rd, "an operation of the dead device");
     }
 }
 
@@ -461,11 +462,7 @@ driver_test! {
     /// and the operation is really gone (bytes written to the pipe afterwards
     /// stay there).
     fn trust_stop_cancels_operations_that_never_complete() {
-        let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds were just created and are owned here only.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (rd, wr) = pipe();
         let target = PanicWithOpsInFlight { hold_only: true, pipe_rd: rd, waiting: AtomicU32::new(0), armed: AtomicBool::new(false) };
         let dev = DeviceBuilder::new().size(16 * MIB).flags(no_part_scan()).stop_grace(Duration::from_secs(1)).create().unwrap();
         let t0 = Instant::now();
@@ -493,12 +490,6 @@ driver_test! {
         r.expect("a clean stop");
         assert!(read.as_ref().is_some_and(|x| x.is_err()), "the held read must fail: {read:?}");
         assert_no_devices();
-        let msg = b"after teardown";
-        // SAFETY: writes from a live buffer to our pipe.
-        assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
-        let mut back = [0u8; 14];
-        // SAFETY: reads into a live buffer from our pipe.
-        let n = unsafe { libc::read(target.pipe_rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
-        assert_eq!(n, msg.len() as isize, "a cancelled operation consumed the pipe's bytes");
+        assert_no_reader_left(&wr, &target.pipe_rd, "a cancelled operation");
     }
 }
