@@ -249,6 +249,8 @@ const NEGOTIATION_TESTS: &[&str] = &[
     "negotiation_follows_the_kernel_not_the_build_header",
     "encoding_follows_the_kernel",
     "null_data_path_skips_the_copy_where_the_kernel_allows",
+    // The CLI of that build: it names every flag the kernel reports.
+    "data_features_names_every_kernel_bit",
 ];
 
 fn old_header(timeout: u64) -> Result<()> {
