@@ -52,6 +52,13 @@ pub struct DeviceConfig {
     /// recovered device keeps it. Older configurations: the default.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// `--data-path` as given (`copy`, `user-copy`, `none`); `None`: the
+    /// target's default.
+    #[serde(default)]
+    pub data_path: Option<String>,
+    /// `--async`: the null device is served by the async null target.
+    #[serde(default)]
+    pub async_target: bool,
 }
 
 fn default_busy_poll_us() -> u64 {
@@ -191,6 +198,8 @@ mod tests {
             pid_start: Some(42),
             placement: PlacementArg::Unpinned,
             busy_poll_us: 0,
+            data_path: Some("user-copy".into()),
+            async_target: false,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -232,6 +241,8 @@ mod tests {
             pid_start: start,
             placement: PlacementArg::Auto,
             busy_poll_us: 200,
+            data_path: None,
+            async_target: true,
         };
         assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();

@@ -2,15 +2,15 @@
 //! hang the kernel, corrupt memory or leave anything behind.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types};
-use ublk::{DeviceBuilder, IoResult, Op, Request, Target, TargetIo};
+use ublk::aio::{AsyncTarget, FileRef, Io, QueueContext, QueueTarget};
+use ublk::{DeviceBuilder, Errno, IoResult, Op, Request, Target};
 use ublk_tests::*;
 
 /// Regions of 1 MiB, each answered its own way.
@@ -40,11 +40,11 @@ impl Target for Answers {
         let len = req.len() as u32;
         match region {
             Answer::Zero => Ok(0),
-            Answer::ErrZero => Err(0),
+            Answer::ErrZero => Err(Errno::new(0)),
             Answer::Half => Ok(len / 2),
             Answer::Huge => Ok(u32::MAX),
-            Answer::NegErrno => Err(-libc::EIO),
-            Answer::NoSpace => Err(libc::ENOSPC),
+            Answer::NegErrno => Err(Errno::new(-libc::EIO)),
+            Answer::NoSpace => Err(Errno::ENOSPC),
             Answer::Full => {
                 let mut m = self.mem.lock().unwrap();
                 let off = (req.offset() - 6 * MIB) as usize;
@@ -135,49 +135,54 @@ driver_test! {
     }
 }
 
-/// Does its I/O on the queue's ring against a file, at most `max` bytes per
-/// operation: every request of more is finished by the queue asking again.
+/// An async target that does its I/O on the queue's ring against a file,
+/// at most `max` bytes per operation, one after the other: many operations
+/// per request.
 struct ShortOps {
     file: std::fs::File,
-    max: u32,
-    asks: AtomicU64,
+    max: usize,
+    ops: AtomicU64,
 }
 
-impl Target for ShortOps {
-    fn handle(&self, _req: &Request, _buf: &mut [u8]) -> IoResult {
-        Err(libc::EOPNOTSUPP)
+impl AsyncTarget for ShortOps {
+    type Queue<'a> = &'a ShortOps;
+    fn queue(&self, _q: &QueueContext) -> std::io::Result<&ShortOps> {
+        Ok(self)
     }
+}
 
-    fn files(&self) -> Vec<RawFd> {
-        vec![self.file.as_raw_fd()]
-    }
-
-    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
-        self.asks.fetch_add(1, Ordering::Relaxed);
-        let n = (buf.len() as u32).min(self.max);
-        let sqe = match req.op {
-            Op::Read => opcode::Read::new(io.file(0), buf.as_mut_ptr(), n).offset(req.offset()).build(),
-            Op::Write => opcode::Write::new(io.file(0), buf.as_ptr(), n).offset(req.offset()).build(),
-            _ => return Some(Ok(0)),
-        };
-        // SAFETY: `buf` is the tag's buffer, valid until the request is
-        // committed, which waits for this operation.
-        unsafe { io.push(sqe) };
-        None
+impl QueueTarget for &ShortOps {
+    async fn handle(&self, mut io: Io<'_>) -> IoResult {
+        let req = *io.request();
+        let mut done = 0;
+        while done < req.len() {
+            let end = (done + self.max).min(req.len());
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            let n = match req.op {
+                Op::Read => io.read_at(&self.file, done..end, req.offset() + done as u64).await?,
+                Op::Write => io.write_at(&self.file, done..end, req.offset() + done as u64, 0).await?,
+                _ => return Ok(0),
+            };
+            if n == 0 {
+                return Err(Errno::EIO);
+            }
+            done += n as usize;
+        }
+        Ok(done as u32)
     }
 }
 
 driver_test! {
-    /// A target whose ring operations transfer only part of each request is
-    /// asked again for the rest until the request is done: the data arrives
-    /// whole (64 KiB requests in 1 KiB operations).
-    fn trust_short_ring_operations_are_finished() {
+    /// An async target that does each request in many operations on the
+    /// ring, one after the other: the data arrives whole (64 KiB requests in
+    /// 1 KiB operations).
+    fn trust_many_operations_per_request_carry_the_data() {
         let path = std::path::PathBuf::from("/tmp/ublk-trust-short");
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(8 * MIB).unwrap();
-        let target = ShortOps { file, max: 1024, asks: AtomicU64::new(0) };
+        let target = ShortOps { file, max: 1024, ops: AtomicU64::new(0) };
         let dev = DeviceBuilder::new().size(8 * MIB).create().unwrap();
-        dev.serve(&target, |dev, stop| {
+        dev.serve_async(&target, |dev, stop| {
             let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
             let data = pattern(64 << 10, 9);
             let mut v = vec![0u8; (64 << 10) + 4096];
@@ -190,9 +195,9 @@ driver_test! {
             stop.stop();
         })
         .unwrap();
-        let asks = target.asks.load(Ordering::Relaxed);
-        eprintln!("submit calls: {asks}");
-        assert!(asks >= 2 * 64, "each 64 KiB request should take 64 operations: {asks} submit calls");
+        let ops = target.ops.load(Ordering::Relaxed);
+        eprintln!("operations: {ops}");
+        assert!(ops >= 2 * 64, "each 64 KiB request should take 64 operations: {ops}");
         let mut got = vec![0u8; 64 << 10];
         std::fs::File::open(&path).unwrap().read_exact_at(&mut got, MIB).unwrap();
         assert_eq!(got, pattern(64 << 10, 9), "data in the file");
@@ -234,14 +239,18 @@ struct PanicWithOpsInFlight {
     armed: AtomicBool,
 }
 
-impl Target for PanicWithOpsInFlight {
-    fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
-        Ok(req.len() as u32)
+impl AsyncTarget for PanicWithOpsInFlight {
+    type Queue<'a> = &'a PanicWithOpsInFlight;
+    fn queue(&self, _q: &QueueContext) -> std::io::Result<&PanicWithOpsInFlight> {
+        Ok(self)
     }
+}
 
-    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
+impl QueueTarget for &PanicWithOpsInFlight {
+    async fn handle(&self, mut io: Io<'_>) -> IoResult {
+        let req = *io.request();
         if req.op != Op::Read || !self.armed.load(Ordering::SeqCst) {
-            return Some(Ok(req.len() as u32));
+            return Ok(req.len() as u32);
         }
         if req.q_id == 0 && !self.hold_only {
             let t0 = Instant::now();
@@ -250,14 +259,11 @@ impl Target for PanicWithOpsInFlight {
             }
             panic!("deliberate panic in queue 0 with {} operations in flight on queue 1", self.waiting.load(Ordering::SeqCst));
         }
-        let sqe = opcode::Read::new(types::Fd(self.pipe_rd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
-        // SAFETY: `buf` stays valid until the operation completes: the
-        // device keeps the tag buffers until it is deleted, and the queue
-        // cancels and waits for its operations before it ends; the pipe
-        // outlives the device.
-        unsafe { io.push(sqe) };
+        // Into the request's data: the queue cancels and reaps this before
+        // the future (and the device's buffers) go.
+        let read = io.read_at(FileRef::Fd(self.pipe_rd.as_fd()), 0..req.len(), 0);
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        None
+        read.await
     }
 }
 
@@ -293,7 +299,7 @@ fn panic_with_operations_in_flight(depth: u16) {
             .create()
             .unwrap();
         let r = within("serve after a queue panic", Duration::from_secs(120), move || {
-            let r = dev.serve(&target, |dev, _stop| {
+            let r = dev.serve_async(&target, |dev, _stop| {
                 target.armed.store(true, Ordering::SeqCst);
                 for cpu in [1usize, 0] {
                     let p = dev.block_path();
@@ -468,7 +474,7 @@ driver_test! {
         let t0 = Instant::now();
         let (r, read, target) = within("stop with an operation that never completes", Duration::from_secs(90), move || {
             let (tx, rx) = mpsc::channel();
-            let r = dev.serve(&target, |dev, stop| {
+            let r = dev.serve_async(&target, |dev, stop| {
                 target.armed.store(true, Ordering::SeqCst);
                 let p = dev.block_path();
                 std::thread::spawn(move || {

@@ -95,6 +95,13 @@ pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
 /// See [`TABLE`].
 pub const UBLK_F_IO_DESC_SIZE: u64 = 1 << 20;
 
+/// `UBLK_TAG_OFF` (6.5): under `UBLK_F_USER_COPY`, the tag's bit offset in
+/// a request's position in `/dev/ublkcN` (above `UBLKSRV_IO_BUF_OFFSET`).
+pub const UBLK_TAG_OFF: u64 = 25;
+
+/// `UBLK_QID_OFF` (6.5): the queue id's bit offset, likewise.
+pub const UBLK_QID_OFF: u64 = 41;
+
 /// `UBLK_S_DEV_FAIL_IO` (6.13): a recovery device that fails I/O while its
 /// server is gone.
 pub const UBLK_S_DEV_FAIL_IO: u32 = 3;
@@ -135,6 +142,8 @@ pub const TABLE: &[Row] = &[
     ("UBLK_F_SHMEM_ZC", UBLK_F_SHMEM_ZC, (7, 1)),
     ("UBLK_F_IO_DESC_SIZE", UBLK_F_IO_DESC_SIZE, (7, 3)),
     ("UBLK_S_DEV_FAIL_IO", UBLK_S_DEV_FAIL_IO as u64, (6, 13)),
+    ("UBLK_TAG_OFF", UBLK_TAG_OFF, (6, 5)),
+    ("UBLK_QID_OFF", UBLK_QID_OFF, (6, 5)),
 ];
 
 /// The name of flag `bit` (a single-bit mask) in [`TABLE`], if it is one.

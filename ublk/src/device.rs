@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
 
+use crate::aio::AsyncTarget;
 use crate::buffers::IoBufs;
 use crate::ctrl::{Control, DevInfo};
 use crate::error::{Error, Result};
@@ -41,6 +42,39 @@ pub enum DataPath {
     /// buffers. On older kernels this falls back to [`DataPath::Copy`];
     /// [`Device::data_path`] says which one the device got.
     NoData,
+    /// `UBLK_F_USER_COPY` (6.5+): the kernel copies nothing at FETCH or
+    /// COMMIT; the server moves each request's data itself with
+    /// `pread`/`pwrite` on `/dev/ublkcN` at the request's offset
+    /// ([`user_copy_offset`](crate::queue::user_copy_offset)). A target
+    /// that [needs data](crate::Target::needs_data) gets it in per-tag
+    /// buffers as with [`DataPath::Copy`] (the queue does the copies); one
+    /// that does not gets no buffers and may do its own copies (an
+    /// [async target](crate::aio) with [`Io::char_dev`](crate::aio::Io::char_dev)).
+    /// Refused on kernels without it.
+    UserCopy,
+}
+
+impl DataPath {
+    /// The name used on the command line: `copy`, `user-copy`, `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Copy => "copy",
+            DataPath::UserCopy => "user-copy",
+            DataPath::NoData => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for DataPath {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "copy" => Ok(DataPath::Copy),
+            "user-copy" => Ok(DataPath::UserCopy),
+            "none" => Ok(DataPath::NoData),
+            _ => Err(format!("unknown data path {s:?}: use copy, user-copy or none")),
+        }
+    }
 }
 
 /// Configures a device, then creates it with [`DeviceBuilder::create`].
@@ -67,11 +101,18 @@ struct Serving {
     busy_poll: Duration,
     io_scheduler: Option<String>,
     stop_grace: Duration,
+    data_path: DataPath,
 }
 
 impl Default for Serving {
     fn default() -> Self {
-        Serving { placement: Placement::Auto, busy_poll: crate::queue::DEFAULT_BUSY_POLL, io_scheduler: None, stop_grace: STOP_GRACE }
+        Serving {
+            placement: Placement::Auto,
+            busy_poll: crate::queue::DEFAULT_BUSY_POLL,
+            io_scheduler: None,
+            stop_grace: STOP_GRACE,
+            data_path: DataPath::Copy,
+        }
     }
 }
 
@@ -175,6 +216,7 @@ impl DeviceBuilder {
     /// How request data moves (default [`DataPath::Copy`]).
     pub fn data_path(mut self, d: DataPath) -> Self {
         self.data_path = d;
+        self.serving.data_path = d;
         self
     }
     /// Discard / write-zeroes limits (so the block layer sends them).
@@ -234,8 +276,17 @@ impl DeviceBuilder {
             }
         }
         let mut flags = self.flags;
-        if self.data_path == DataPath::NoData && ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY)) {
-            flags |= sys::abi::UBLK_F_USER_COPY;
+        let user_copy = ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY));
+        match self.data_path {
+            DataPath::NoData if user_copy => flags |= sys::abi::UBLK_F_USER_COPY,
+            DataPath::UserCopy if user_copy => flags |= sys::abi::UBLK_F_USER_COPY,
+            DataPath::UserCopy => {
+                return Err(Error::Unsupported {
+                    feature: "UBLK_F_USER_COPY",
+                    why: "the running kernel does not offer user copy (Linux 6.5+); use DataPath::Copy (`--data-path copy`)".into(),
+                })
+            }
+            _ => {}
         }
         let info = DevInfo {
             nr_hw_queues: self.queues,
@@ -451,6 +502,47 @@ pub struct Device {
     serving: Serving,
 }
 
+/// What a device's queue threads serve: a [`Target`] or an [`AsyncTarget`].
+trait Serve: Sync {
+    fn needs_data(&self) -> bool;
+    fn write_cache(&self) -> WriteCache;
+    fn files(&self) -> Vec<std::os::fd::RawFd>;
+    fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats>;
+}
+
+struct Sync_<'a, T>(&'a T);
+struct Async_<'a, T>(&'a T);
+
+impl<T: Target> Serve for Sync_<'_, T> {
+    fn needs_data(&self) -> bool {
+        self.0.needs_data()
+    }
+    fn write_cache(&self) -> WriteCache {
+        self.0.write_cache()
+    }
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats> {
+        q.serve_notify(self.0, on_panic)
+    }
+}
+
+impl<T: AsyncTarget> Serve for Async_<'_, T> {
+    fn needs_data(&self) -> bool {
+        self.0.needs_data()
+    }
+    fn write_cache(&self) -> WriteCache {
+        self.0.write_cache()
+    }
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        self.0.files().iter().map(|f| f.as_raw_fd()).collect()
+    }
+    fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats> {
+        q.serve_async_notify(self.0, on_panic)
+    }
+}
+
 /// What [`Device::serve`] learns while the device runs.
 struct Live {
     /// The kernel quiesced the device (QUIESCE_DEV) for another server to
@@ -529,13 +621,16 @@ impl Device {
     pub fn control(&mut self) -> &mut Control {
         &mut self.ctrl
     }
-    /// The data path the device got: [`DataPath::NoData`] when it was
-    /// created with `UBLK_F_USER_COPY`, else [`DataPath::Copy`].
+    /// The data path the device got: [`DataPath::Copy`] unless it was
+    /// created with `UBLK_F_USER_COPY`, then [`DataPath::NoData`] if that
+    /// was asked for, else [`DataPath::UserCopy`].
     pub fn data_path(&self) -> DataPath {
-        if crate::queue::user_copy(&self.info) {
+        if !crate::queue::user_copy(&self.info) {
+            DataPath::Copy
+        } else if self.serving.data_path == DataPath::NoData {
             DataPath::NoData
         } else {
-            DataPath::Copy
+            DataPath::UserCopy
         }
     }
     /// The opcode encoding in use (chosen from the kernel's GET_FEATURES).
@@ -574,11 +669,22 @@ impl Device {
     /// the target when it needs them. A device with `UBLK_F_USER_COPY`
     /// ([`DataPath::NoData`]) has no buffers: a target that [needs
     /// data](Target::needs_data) is refused.
-    pub fn serve<T: Target>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle) + Send) -> Result<Vec<QueueStats>> {
+    pub fn serve<T: Target>(self, target: &T, on_live: impl FnOnce(&Device, StopHandle) + Send) -> Result<Vec<QueueStats>> {
+        self.serve_with(&Sync_(target), on_live)
+    }
+
+    /// [`Device::serve`] with an [`AsyncTarget`]: each queue thread makes
+    /// the target's object for its queue and runs every request as a future
+    /// on that thread (see [`crate::aio`]).
+    pub fn serve_async<T: AsyncTarget>(self, target: &T, on_live: impl FnOnce(&Device, StopHandle) + Send) -> Result<Vec<QueueStats>> {
+        self.serve_with(&Async_(target), on_live)
+    }
+
+    fn serve_with<T: Serve>(mut self, target: &T, on_live: impl FnOnce(&Device, StopHandle) + Send) -> Result<Vec<QueueStats>> {
         if self.data_path() == DataPath::NoData && target.needs_data() {
             return Err(Error::InvalidConfig {
                 what: "data path",
-                why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
+                why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy or DataPath::UserCopy".into(),
             });
         }
         self.apply_write_cache(target.write_cache())?;
@@ -597,7 +703,7 @@ impl Device {
         // buffers until the device is deleted.
         let mut bufs = Vec::new();
         for q in 0..nq {
-            bufs.push(if crate::queue::user_copy(&info) {
+            bufs.push(if crate::queue::user_copy(&info) && !target.needs_data() {
                 None
             } else {
                 Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?))
@@ -622,7 +728,8 @@ impl Device {
                     let tx = qtx;
                     placement::pin_to(&plan.start);
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
-                    let mut queue = match Queue::with_bufs(char_fd, &info, q, encoding, Some(wake_fd), &target.files(), qbufs, true) {
+                    let files = target.files();
+                    let mut queue = match Queue::with_bufs(char_fd, &info, q, encoding, Some(wake_fd), &files, qbufs, true) {
                         Ok(queue) => queue,
                         Err(e) => {
                             guard.sent = true;
@@ -639,7 +746,7 @@ impl Device {
                     }
                     let _ = tx.send(Event::Fetched);
                     let ptx = tx.clone();
-                    let r = queue.serve_notify(target, &|| {
+                    let r = target.run(&mut queue, &|| {
                         let _ = ptx.send(Event::Panicked(q));
                     });
                     drop(queue); // close the ring before saying so

@@ -6,7 +6,10 @@
 //! * [`queue`]: one queue's ring on `/dev/ublkcN`, its read-only descriptor
 //!   mapping and per-tag buffers; `!Send`, so its io commands all come from
 //!   the one thread that owns it.
-//! * [`target`]: what a block device does with one request.
+//! * [`target`]: what a block device does with one request, answered at once.
+//! * [`aio`]: targets whose requests are futures on the queue's thread: any
+//!   number of io_uring operations per request, completions from other
+//!   threads, per-queue state.
 //! * [`placement`]: where queue threads run, following the load.
 //! * [`device`]: the lifecycle, from ADD_DEV to DEL_DEV, with teardown on
 //!   drop, on a queue's panic and on stop.
@@ -22,9 +25,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod aio;
 mod buffers;
 pub mod ctrl;
 pub mod device;
+mod errno;
 pub mod error;
 pub mod params;
 pub mod placement;
@@ -33,12 +38,15 @@ mod stats;
 pub mod target;
 pub mod targets;
 
+pub use aio::{AsyncTarget, QueueTarget};
 pub use ctrl::{Control, DevInfo, Encoding, Features};
 pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, STOP_GRACE, SUPPORTED_FLAGS};
+pub use errno::Errno;
 pub use error::{Error, Result};
+pub use io_uring;
 pub use params::{Discard, Params};
 pub use placement::Placement;
-pub use queue::{Queue, QueueStats, DEFAULT_BUSY_POLL};
-pub use target::{IoResult, NullTarget, Op, Request, Target, TargetIo, WriteCache};
+pub use queue::{user_copy_offset, Queue, QueueStats, DEFAULT_BUSY_POLL};
+pub use target::{AsyncNullTarget, IoResult, NullTarget, Op, Request, Target, WriteCache};
 pub use targets::{LoopOptions, LoopTarget, RamDisk};
 pub use ublk_sys as sys;

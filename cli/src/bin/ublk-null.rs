@@ -92,6 +92,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             match dev.data_path() {
                 ublk::DataPath::NoData => "not copied (USER_COPY)",
                 ublk::DataPath::Copy => "copied",
+                ublk::DataPath::UserCopy => "copied by the daemon (USER_COPY)",
             }
         );
         signals.arm(stop);

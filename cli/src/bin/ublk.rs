@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use ublk::{sys, Control, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget, RamDisk, Target};
+use ublk::{
+    sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget,
+    RamDisk, StopHandle, Target,
+};
 use ublk_cli::config::{pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig};
 use ublk_cli::{parse_size, SignalStop};
 
@@ -138,6 +141,40 @@ struct AddArgs {
     /// Where queue threads run.
     #[arg(long, value_enum, default_value_t)]
     placement: ublk_cli::PlacementArg,
+    /// How request data reaches the daemon: copy (the kernel copies into
+    /// per-tag buffers), user-copy (the daemon copies with pread/pwrite on
+    /// /dev/ublkcN; Linux 6.5+) or none (no data; null only). Default:
+    /// none for null (user copy where the kernel has it), copy otherwise.
+    #[arg(long, value_parser = parse_data_path)]
+    data_path: Option<DataPath>,
+    /// Serve a null device with the async target (futures on the queue
+    /// thread) instead of the sync one; loop is always async.
+    #[arg(long = "async")]
+    async_: bool,
+}
+
+fn parse_data_path(s: &str) -> std::result::Result<DataPath, String> {
+    s.parse()
+}
+
+/// A target the CLI serves: sync or async.
+trait CliTarget {
+    fn run(&self, dev: Device, on_live: impl FnOnce(&Device, StopHandle) + Send) -> ublk::Result<Vec<ublk::QueueStats>>;
+}
+
+struct SyncT<'a, T>(&'a T);
+struct AsyncT<'a, T>(&'a T);
+
+impl<T: Target> CliTarget for SyncT<'_, T> {
+    fn run(&self, dev: Device, on_live: impl FnOnce(&Device, StopHandle) + Send) -> ublk::Result<Vec<ublk::QueueStats>> {
+        dev.serve(self.0, on_live)
+    }
+}
+
+impl<T: AsyncTarget> CliTarget for AsyncT<'_, T> {
+    fn run(&self, dev: Device, on_live: impl FnOnce(&Device, StopHandle) + Send) -> ublk::Result<Vec<ublk::QueueStats>> {
+        dev.serve_async(self.0, on_live)
+    }
 }
 
 fn main() -> ExitCode {
@@ -343,21 +380,35 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         pid_start: None,
         placement: a.placement,
         busy_poll_us: a.busy_poll_us,
+        data_path: a.data_path.map(|d| d.name().to_string()),
+        async_target: a.async_,
     };
+    if a.async_ && a.target != Kind::Null {
+        bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
+    }
+    if a.data_path == Some(DataPath::NoData) && a.target != Kind::Null {
+        bail!("--data-path none is for -t null: a {} device reads and writes data; use copy or user-copy", a.target.name());
+    }
+    let data_path = a.data_path.unwrap_or(if a.target == Kind::Null { DataPath::NoData } else { DataPath::Copy });
     // The target first: a bad backing file or size must not create a device.
     match a.target {
         Kind::Null => {
             let size = a.size.unwrap_or(1 << 30);
-            // A null target never touches data: USER_COPY where the kernel has it.
-            let dev = builder(size, None).data_path(ublk::DataPath::NoData).create()?;
-            serve(dev, &NullTarget, cfg(size, None), &signals, ready)
+            // A null target never touches data: by default USER_COPY where
+            // the kernel has it, and no buffers.
+            let dev = builder(size, None).data_path(data_path).create()?;
+            if a.async_ {
+                serve(dev, &AsyncT(&AsyncNullTarget), cfg(size, None), &signals, ready)
+            } else {
+                serve(dev, &SyncT(&NullTarget), cfg(size, None), &signals, ready)
+            }
         }
         Kind::Ramdisk => {
             let size = a.size.unwrap_or(256 << 20);
             ublk::Params::new(size, a.block_size, 512 << 10)?;
             let rd = RamDisk::new(size)?;
-            let dev = builder(size, discard_for(a.block_size)).create()?;
-            serve(dev, &rd, cfg(size, None), &signals, ready)
+            let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
+            serve(dev, &SyncT(&rd), cfg(size, None), &signals, ready)
         }
         Kind::Loop => {
             let file = a
@@ -378,8 +429,8 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             if size == 0 {
                 bail!("backing file {} is smaller than one {bs}-byte block; grow it (e.g. truncate -s 1G FILE)", file.display());
             }
-            let dev = builder(size, discard_for(a.block_size)).create()?;
-            serve(dev, &target, cfg(size, Some(file)), &signals, ready)
+            let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
+            serve(dev, &AsyncT(&target), cfg(size, Some(file)), &signals, ready)
         }
     }
 }
@@ -397,7 +448,7 @@ fn device_exists(id: u32) -> bool {
 
 /// Serves `dev` until SIGINT/SIGTERM: saves the configuration and prints the
 /// block device once live, the per-queue counts at the end.
-fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &SignalStop, ready: &mut Ready) -> Result<()> {
+fn serve<T: CliTarget>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &SignalStop, ready: &mut Ready) -> Result<()> {
     let info = *dev.info();
     let id = dev.id();
     if cfg.queues != info.nr_hw_queues {
@@ -416,20 +467,23 @@ fn serve<T: Target>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: &Si
             cfg.pid
         );
     }
-    let res = dev.serve(target, |dev, stop| {
+    let data_path = dev.data_path();
+    let res = target.run(dev, |dev, stop| {
         if let Err(e) = cfg.save() {
             eprintln!("ublk: warning: could not save the device configuration ({e}); `ublk list` and `ublk recover` will not know it");
         }
         println!("{}", dev.block_path().display());
         let _ = std::io::stdout().flush();
         eprintln!(
-            "ublk: device {id} live: {} target{}, {} queues x {} tags, {} bytes, {}-byte blocks, flags [{}], opcodes {:?}, placement {:?}, busy poll {} us, pid {}",
+            "ublk: device {id} live: {}{} target{}, {} queues x {} tags, {} bytes, {}-byte blocks, data path {}, flags [{}], opcodes {:?}, placement {:?}, busy poll {} us, pid {}",
+            if cfg.async_target { "async " } else { "" },
             cfg.target,
             cfg.file.as_ref().map(|f| format!(" on {}", f.display())).unwrap_or_default(),
             info.nr_hw_queues,
             info.queue_depth,
             cfg.size,
             cfg.block_size,
+            data_path.name(),
             cfg.flag_names.join(","),
             dev.encoding(),
             cfg.placement,
@@ -490,11 +544,21 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
     // What only the daemon knew, as `ublk add` saved it: the recovered
     // device keeps its placement and busy polling. The geometry, flags and
     // discard limits come from the kernel.
-    let builder = DeviceBuilder::new().placement(cfg.placement.into()).busy_poll(Duration::from_micros(cfg.busy_poll_us));
+    let data_path = match &cfg.data_path {
+        Some(d) => d.parse::<DataPath>().map_err(|e| anyhow!("the saved configuration of device {id}: {e}"))?,
+        None if cfg.target == "null" => DataPath::NoData,
+        None => DataPath::Copy,
+    };
+    let builder =
+        DeviceBuilder::new().placement(cfg.placement.into()).busy_poll(Duration::from_micros(cfg.busy_poll_us)).data_path(data_path);
     match cfg.target.as_str() {
         "null" => {
-            let dev = builder.data_path(ublk::DataPath::NoData).recover(id, RECOVER_WAIT)?;
-            serve(dev, &NullTarget, cfg, &signals, ready)
+            let dev = builder.recover(id, RECOVER_WAIT)?;
+            if cfg.async_target {
+                serve(dev, &AsyncT(&AsyncNullTarget), cfg, &signals, ready)
+            } else {
+                serve(dev, &SyncT(&NullTarget), cfg, &signals, ready)
+            }
         }
         "loop" => {
             let file = cfg.file.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no backing file"))?;
@@ -508,7 +572,7 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
                 );
             }
             let dev = builder.recover(id, RECOVER_WAIT)?;
-            serve(dev, &target, cfg, &signals, ready)
+            serve(dev, &AsyncT(&target), cfg, &signals, ready)
         }
         other => bail!(
             "device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"

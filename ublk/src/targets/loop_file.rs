@@ -1,7 +1,8 @@
-//! A disk backed by a file or block device, through io_uring on the queue's
-//! own ring: reads and writes become READ/WRITE operations, FLUSH becomes
-//! fdatasync, a FUA write a `RWF_DSYNC` write, DISCARD punches a hole,
-//! WRITE_ZEROES zeroes a range.
+//! A disk backed by a file or block device, an [async target](crate::aio)
+//! on the queue's own ring: reads and writes become READ/WRITE operations
+//! (short transfers finished with more), FLUSH becomes fdatasync, a FUA
+//! write a `RWF_DSYNC` write, DISCARD punches a hole, WRITE_ZEROES zeroes a
+//! range.
 //!
 //! The backing file's writes sit in the page cache (or a disk's write
 //! cache, with O_DIRECT) until they are synced, so the target declares a
@@ -9,15 +10,15 @@
 //! backing file as `fdatasync`.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use io_uring::{opcode, types};
-
+use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
+use crate::errno::Errno;
 use crate::error::{Error, Result};
-use crate::target::{IoResult, Op, Request, Target, TargetIo, WriteCache};
+use crate::target::{IoResult, Op, WriteCache};
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Default)]
@@ -96,12 +97,12 @@ impl LoopTarget {
             if unsafe { libc::fallocate(fd, mode | libc::FALLOC_FL_KEEP_SIZE, off as libc::off_t, len as libc::off_t) } == 0 {
                 Ok(0)
             } else {
-                Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+                Err(Errno::last())
             }
         };
         if self.zero_range.load(Ordering::Relaxed) {
             match falloc(libc::FALLOC_FL_ZERO_RANGE) {
-                Err(libc::EOPNOTSUPP) => self.zero_range.store(false, Ordering::Relaxed),
+                Err(Errno::EOPNOTSUPP) => self.zero_range.store(false, Ordering::Relaxed),
                 r => return r,
             }
         }
@@ -114,45 +115,64 @@ impl LoopTarget {
     }
 }
 
-impl Target for LoopTarget {
-    fn handle(&self, _req: &Request, _buf: &mut [u8]) -> IoResult {
-        // Every request goes through `submit`.
-        Err(libc::EOPNOTSUPP)
+impl AsyncTarget for LoopTarget {
+    type Queue<'a> = &'a LoopTarget;
+
+    fn queue(&self, _q: &QueueContext) -> std::io::Result<&LoopTarget> {
+        Ok(self)
     }
 
-    fn files(&self) -> Vec<RawFd> {
-        vec![self.file.as_raw_fd()]
+    fn files(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.file.as_fd()]
     }
 
     fn write_cache(&self) -> WriteCache {
         WriteCache::VolatileFua
     }
+}
 
-    fn submit(&self, req: &Request, buf: &mut [u8], io: &mut TargetIo<'_>) -> Option<IoResult> {
-        let fd = io.file(0);
-        let off = req.offset();
-        let len = req.len() as u32;
-        let sqe = match req.op {
-            Op::Read => opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32).offset(off).build(),
-            // FUA: durable when answered, without syncing anything else.
-            Op::Write if req.fua() => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(off).rw_flags(libc::RWF_DSYNC).build(),
-            Op::Write => opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32).offset(off).build(),
-            Op::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+impl QueueTarget for &LoopTarget {
+    async fn handle(&self, mut io: Io<'_>) -> IoResult {
+        let req = *io.request();
+        let file = io.file(0);
+        let (off, len) = (req.offset(), req.len());
+        match req.op {
+            Op::Read => {
+                let mut done = 0;
+                while done < len {
+                    // A short read (a signal, a file shorter than the
+                    // device) is finished with another; nothing more at
+                    // all fails the request.
+                    match io.read_at(file, done..len, off + done as u64).await? {
+                        0 => return Err(Errno::EIO),
+                        n => done += n as usize,
+                    }
+                }
+                Ok(len as u32)
+            }
+            Op::Write => {
+                // FUA: durable when answered, without syncing anything else.
+                let flags = if req.fua() { libc::RWF_DSYNC } else { 0 };
+                let mut done = 0;
+                while done < len {
+                    match io.write_at(file, done..len, off + done as u64, flags).await? {
+                        0 => return Err(Errno::EIO),
+                        n => done += n as usize,
+                    }
+                }
+                Ok(len as u32)
+            }
+            Op::Flush => io.ring().fsync(file, true).await,
             Op::Discard => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                opcode::Fallocate::new(fd, u64::from(len)).offset(off).mode(mode).build()
+                io.ring().fallocate(file, mode, off, len as u64).await
             }
-            // Fix: tmpfs (and some other file systems) refuse FALLOC_FL_ZERO_RANGE
-            // with -EOPNOTSUPP, which failed every WRITE_ZEROES (mkfs.ext4 on a
-            // loop device over /tmp logged "operation not supported error").
-            // Done synchronously so it can fall back to a hole punch, which
-            // reads back as zeros too (as the kernel's loop driver does).
-            Op::WriteZeroes => return Some(self.write_zeroes(off, u64::from(len))),
-            Op::Other(_) => return Some(Err(libc::EOPNOTSUPP)),
-        };
-        // SAFETY: `buf` is the tag's buffer, valid until the request is
-        // committed, which happens only after this operation completes.
-        unsafe { io.push(sqe) };
-        None
+            // tmpfs (and some other file systems) refuse FALLOC_FL_ZERO_RANGE
+            // with -EOPNOTSUPP: done synchronously so it can fall back to a
+            // hole punch, which reads back as zeros too (as the kernel's loop
+            // driver does).
+            Op::WriteZeroes => self.write_zeroes(off, len as u64),
+            Op::Other(_) => Err(Errno::EOPNOTSUPP),
+        }
     }
 }

@@ -3,6 +3,7 @@
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
+use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
 
@@ -100,13 +101,13 @@ impl Target for RamDisk {
         let off = req.offset();
         let len = req.len() as u64;
         if off.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(libc::EIO);
+            return Err(Errno::EIO);
         }
         if matches!(req.op, Op::Read | Op::Write) && buf.len() as u64 != len {
             // The queue hands out exactly req.len() bytes; anything else
             // (a caller of `handle` outside the queue) must not make us copy
             // past `buf`.
-            return Err(libc::EINVAL);
+            return Err(Errno::EINVAL);
         }
         let base = self.mem.as_ptr();
         match req.op {
@@ -124,7 +125,7 @@ impl Target for RamDisk {
                 unsafe { std::ptr::write_bytes(base.add(pos as usize), 0, n) }
             }),
             Op::Flush => {}
-            Op::Other(_) => return Err(libc::EOPNOTSUPP),
+            Op::Other(_) => return Err(Errno::EOPNOTSUPP),
         }
         Ok(len as u32)
     }
@@ -142,14 +143,14 @@ mod tests {
     fn a_buffer_of_the_wrong_length_is_refused_not_overrun() {
         let rd = RamDisk::new(1 << 20).unwrap();
         let mut short = vec![0u8; 100];
-        assert_eq!(rd.handle(&req(Op::Write, 0, 8), &mut short), Err(libc::EINVAL));
-        assert_eq!(rd.handle(&req(Op::Read, 0, 8), &mut short), Err(libc::EINVAL));
+        assert_eq!(rd.handle(&req(Op::Write, 0, 8), &mut short), Err(Errno::EINVAL));
+        assert_eq!(rd.handle(&req(Op::Read, 0, 8), &mut short), Err(Errno::EINVAL));
         let mut data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
         assert_eq!(rd.handle(&req(Op::Write, 8, 8), &mut data), Ok(4096));
         let mut back = vec![0u8; 4096];
         assert_eq!(rd.handle(&req(Op::Read, 8, 8), &mut back), Ok(4096));
         assert_eq!(back, data);
         // Past the end of the disk.
-        assert_eq!(rd.handle(&req(Op::Read, (1 << 20) / 512 - 4, 8), &mut back), Err(libc::EIO));
+        assert_eq!(rd.handle(&req(Op::Read, (1 << 20) / 512 - 4, 8), &mut back), Err(Errno::EIO));
     }
 }

@@ -7,33 +7,29 @@
 //! `!Send` and `!Sync`: it is created on the thread that will serve it and
 //! cannot leave it, so "FETCH from another thread" cannot be written.
 
+mod exec;
+mod ring;
+
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types};
 use ublk_sys as sys;
 
+use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
 pub use crate::buffers::{desc_len, desc_offset, page_size};
 use crate::buffers::{IoBufs, Mapping};
 use crate::ctrl::{Control, DevInfo, Encoding};
+use crate::errno::Errno;
 use crate::error::{hints, Cmd, Error, Result};
 use crate::placement::Follower;
 pub use crate::stats::QueueStats;
-use crate::target::{settle, Op, Request, Settled, Target, TargetIo};
-
-/// An io command: kernel name, legacy number, encoded opcode.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct IoOp {
-    name: &'static str,
-    legacy: u32,
-    encoded: u32,
-}
-
-const FETCH_REQ: IoOp = IoOp { name: "FETCH_REQ", legacy: sys::UBLK_IO_FETCH_REQ, encoded: sys::UBLK_U_IO_FETCH_REQ };
-const COMMIT_AND_FETCH_REQ: IoOp =
-    IoOp { name: "COMMIT_AND_FETCH_REQ", legacy: sys::UBLK_IO_COMMIT_AND_FETCH_REQ, encoded: sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ };
+use crate::target::{settle, Op, Request, Target};
+pub(crate) use ring::EventFd;
+use ring::{build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, FETCH_REQ};
 
 /// How long a queue thread polls its ring for the next request before it
 /// sleeps, by default. Under the test VMs' emulation a request's round trip
@@ -44,42 +40,53 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 /// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): run task work, reap.
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
-/// user_data of the wake-up poll; tags use 0..depth.
+/// user_data of the teardown wake-up poll; tags use 0..depth.
 const WAKE: u64 = u64::MAX;
 /// user_data of the cancellation of target operations at teardown.
 const CANCEL: u64 = u64::MAX - 1;
-/// user_data bit of a target operation (the low 16 bits are the tag).
-const TARGET_OP: u64 = 1 << 32;
+/// user_data of the poll on the queue's own eventfd, which wakers on other
+/// threads write.
+const NOTIFY: u64 = u64::MAX - 3;
+
+/// Where request `tag` of queue `q_id` is in `/dev/ublkcN` under
+/// `UBLK_F_USER_COPY`: `pread` there reads a WRITE's data, `pwrite` there
+/// gives a READ's (`UBLKSRV_IO_BUF_OFFSET + (q_id << UBLK_QID_OFF | tag <<
+/// UBLK_TAG_OFF)`, plus the byte offset within the request).
+pub fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
+    u64::from(sys::UBLKSRV_IO_BUF_OFFSET) + ((u64::from(q_id) << sys::abi::UBLK_QID_OFF) | (u64::from(tag) << sys::abi::UBLK_TAG_OFF))
+}
 
 /// One queue, bound to the thread that created it.
 pub struct Queue {
-    ring: IoUring<squeue::Entry, cqueue::Entry>,
+    /// The ring (shared with the futures of an async target).
+    reactor: Rc<Reactor>,
     dev_id: u32,
     q_id: u16,
     depth: u16,
     encoding: Encoding,
     descs: Mapping,
-    /// Per-tag buffers; `None` under USER_COPY (the kernel copies nothing).
+    /// Per-tag buffers; `None` when no data moves through the server.
     bufs: Option<Arc<IoBufs>>,
     /// Whether someone else (the [`Device`](crate::Device)) keeps `bufs`
     /// until the kernel can no longer touch them.
     bufs_kept: bool,
+    /// `/dev/ublkcN` for copies under `UBLK_F_USER_COPY` (a duplicate, so
+    /// that it lives as long as the queue).
+    char_dup: Option<OwnedFd>,
+    /// The device was created with `UBLK_F_USER_COPY`.
+    user_copy: bool,
     wake: Option<RawFd>,
     /// Tags with a command outstanding in the kernel (FETCH or COMMIT_AND_FETCH).
     live_tags: u16,
-    /// Tags with a target operation in flight on the ring.
-    ops_in_flight: u16,
     /// Per tag: the server owns its request (between the CQE that delivered
     /// it and the commit).
     held: Vec<bool>,
-    /// Per tag: a target operation is in flight.
-    in_op: Vec<bool>,
+    /// Per tag: the answer, waiting for the request's operations to end.
+    answers: Vec<Option<i32>>,
     /// The wake-up eventfd fired (possibly already during `fetch_all`).
     woken: bool,
     /// Each tag's request while the server owns it.
     reqs: Vec<Request>,
-    /// Bytes of each tag's request transferred by earlier, short operations.
-    done: Vec<u32>,
     /// How long to busy-poll the ring before sleeping in io_uring_enter.
     busy_poll: Duration,
     /// Follows the load for [`crate::Placement::Auto`].
@@ -116,7 +123,8 @@ impl Queue {
 
     /// [`Queue::new`] for a device whose `info` came from the kernel, with
     /// buffers that the caller keeps (`bufs_kept`) until the kernel is done
-    /// with them.
+    /// with them. Under USER_COPY, `bufs` are the server's own copies of the
+    /// requests' data, moved with pread/pwrite on `/dev/ublkcN`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn with_bufs(
         char_fd: RawFd,
@@ -143,16 +151,29 @@ impl Queue {
             desc_offset(q_id),
             &format!("mapping the descriptors of queue {q_id}"),
         )?;
-        // One slot per tag (its io command or its target operation) and one
-        // for the wake-up poll.
-        let entries = u32::from(depth) + 1;
+        // A slot per tag for its io command, as many again for target
+        // operations (more are pushed after a submit), and the two polls.
+        let entries = 2 * u32::from(depth) + 2;
         let ring = build_ring(entries)?;
         let mut files = vec![char_fd];
         files.extend_from_slice(target_files);
         ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        let char_dup = if user_copy(info) && bufs.is_some() {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open;
+            // the result is checked and owned.
+            let fd = unsafe { libc::fcntl(char_fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(Error::os("duplicating /dev/ublkcN for user copy", std::io::Error::last_os_error()));
+            }
+            // SAFETY: a fresh descriptor we own.
+            Some(unsafe { OwnedFd::from_raw_fd(fd) })
+        } else {
+            None
+        };
+        let notify = EventFd::new()?;
         let blank = Request { q_id, tag: 0, op: Op::Other(0xff), flags: 0, start_sector: 0, nr_sectors: 0 };
         Ok(Queue {
-            ring,
+            reactor: Rc::new(Reactor::new(ring, depth, notify.into_owned())),
             dev_id: info.dev_id,
             q_id,
             depth,
@@ -160,14 +181,14 @@ impl Queue {
             descs,
             bufs,
             bufs_kept,
+            char_dup,
+            user_copy: user_copy(info),
             wake,
             live_tags: 0,
-            ops_in_flight: 0,
             held: vec![false; usize::from(depth)],
-            in_op: vec![false; usize::from(depth)],
+            answers: vec![None; usize::from(depth)],
             woken: false,
             reqs: vec![blank; usize::from(depth)],
-            done: vec![0; usize::from(depth)],
             busy_poll: DEFAULT_BUSY_POLL,
             follower: None,
             stats: QueueStats { q_id, ..Default::default() },
@@ -192,38 +213,34 @@ impl Queue {
         self.follower = f;
     }
 
-    fn opcode(&self, op: IoOp) -> u32 {
-        match self.encoding {
-            Encoding::Legacy => op.legacy,
-            Encoding::Ioctl => op.encoded,
-        }
-    }
-
     /// The tag's buffer address for FETCH/COMMIT: 0 under USER_COPY, where
     /// the kernel refuses any other value.
     fn buf_addr(&self, tag: u16) -> u64 {
-        self.bufs.as_ref().map_or(0, |b| b.addr(tag))
-    }
-
-    /// Builds the io command SQE: `IORING_OP_URING_CMD` on the registered
-    /// `/dev/ublkcN` (fixed file 0), `cmd_op` at byte 8, the 16-byte
-    /// `ublksrv_io_cmd` at byte 48.
-    fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
-        let cmd = sys::ublksrv_io_cmd::new(self.q_id, tag, result, self.buf_addr(tag));
-        opcode::UringCmd16::new(types::Fixed(0), self.opcode(op)).cmd(io_cmd_bytes(&cmd)).build().user_data(u64::from(tag))
-    }
-
-    fn push(&mut self, sqe: &squeue::Entry) {
-        // SAFETY: the command's buffer (`addr`) is this queue's mapping, which
-        // lives as long as the ring; the ring has room for one command per
-        // tag plus the wake-up poll, and each tag has at most one outstanding.
-        let pushed = unsafe { self.ring.submission().push(sqe) };
-        debug_assert!(pushed.is_ok(), "queue ring full");
-        if pushed.is_err() {
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            let _ = unsafe { self.ring.submission().push(sqe) };
+        match &self.bufs {
+            Some(b) if !self.user_copy => b.addr(tag),
+            _ => 0,
         }
+    }
+
+    fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
+        io_sqe(op, self.encoding, self.q_id, tag, result, self.buf_addr(tag))
+    }
+
+    fn push(&self, sqe: &squeue::Entry) {
+        // The command's buffer (`addr`) is this queue's mapping, which lives
+        // as long as the ring (or is leaked, see Drop).
+        self.reactor.push(sqe);
+    }
+
+    fn submit(&self) -> std::io::Result<usize> {
+        self.reactor.ring.borrow_mut().submit()
+    }
+
+    /// Arms the poll on the queue's own eventfd (written by wakers on other
+    /// threads).
+    fn arm_notify(&self) {
+        let poll = opcode::PollAdd::new(types::Fd(self.reactor.ready.efd()), libc::POLLIN as u32).build().user_data(NOTIFY);
+        self.push(&poll);
     }
 
     /// Issues `FETCH_REQ` for every tag, from this (the queue's) thread, and
@@ -238,14 +255,16 @@ impl Queue {
             let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
             self.push(&poll);
         }
-        self.ring.submit().map_err(|e| Error::os("submitting FETCH_REQ", e))?;
+        self.arm_notify();
+        self.submit().map_err(|e| Error::os("submitting FETCH_REQ", e))?;
         self.live_tags = self.depth;
         // FETCHes complete only when a request arrives; anything here now is
         // a refusal (or the wake-up, if the device is already being torn down).
         let mut refused = None;
-        while let Some(cqe) = self.ring.completion().next() {
+        while let Some(cqe) = self.next_cqe() {
             match cqe.user_data() {
                 WAKE => self.woken = true,
+                NOTIFY => self.arm_notify(),
                 ud if refused.is_none() => refused = Some((ud as u16, cqe.result())),
                 _ => {}
             }
@@ -254,6 +273,10 @@ impl Queue {
             return Err(self.io_error(FETCH_REQ, tag, res));
         }
         Ok(())
+    }
+
+    fn next_cqe(&self) -> Option<io_uring::cqueue::Entry> {
+        self.reactor.ring.borrow_mut().completion().next()
     }
 
     fn io_error(&self, op: IoOp, tag: u16, res: i32) -> Error {
@@ -273,18 +296,22 @@ impl Queue {
     /// are reaped and commits submitted in batches: one `io_uring_enter` per
     /// batch, no allocation per request.
     ///
-    /// Before returning, the queue waits for the target operations it has in
-    /// flight, so none of them outlives the call. A target that needs request
-    /// data ([`Target::needs_data`]) is refused on a queue without buffers
-    /// (a device created with `UBLK_F_USER_COPY`).
+    /// A target that needs request data ([`Target::needs_data`]) is refused
+    /// on a queue without buffers (a device created with `UBLK_F_USER_COPY`
+    /// through [`Queue::new`]).
     pub fn serve<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        if self.bufs.is_none() && target.needs_data() {
+        self.check_data(target.needs_data())?;
+        self.serve_notify(target, &|| {})
+    }
+
+    fn check_data(&self, needs_data: bool) -> Result<()> {
+        if self.bufs.is_none() && needs_data {
             return Err(Error::InvalidConfig {
                 what: "data path",
-                why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy".into(),
+                why: "the device was created with UBLK_F_USER_COPY and the queue has no buffers (DataPath::NoData), so the server gets no data, but this target reads or writes request data; create the device with DataPath::Copy or DataPath::UserCopy".into(),
             });
         }
-        self.serve_notify(target, &|| {})
+        Ok(())
     }
 
     /// [`Queue::serve`], calling `on_panic` at once when the target panics.
@@ -297,10 +324,18 @@ impl Queue {
     /// fail what it held, which 6.6-6.15 do only if some command of the queue
     /// is still parked, and never while START_DEV's partition scan waits.
     pub(crate) fn serve_notify<T: Target + ?Sized>(&mut self, target: &T, on_panic: &dyn Fn()) -> Result<QueueStats> {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_inner(target)));
+        self.guarded(on_panic, |q| q.serve_inner(target))
+    }
+
+    /// Runs `serve` so that a panic in the target fails what the queue holds
+    /// (see [`Queue::serve_notify`]), and ends every operation and request
+    /// the queue holds before returning.
+    fn guarded(&mut self, on_panic: &dyn Fn(), serve: impl FnOnce(&mut Self) -> Result<QueueStats>) -> Result<QueueStats> {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(self)));
         let r = match r {
             Ok(r) => r,
             Err(payload) => {
+                self.end_ops();
                 self.fail_held();
                 on_panic();
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve_inner(&FailAll)));
@@ -317,88 +352,116 @@ impl Queue {
 
     fn serve_inner<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
         let mut stopping = self.woken;
-        while (self.live_tags > 0 || self.ops_in_flight > 0) && !stopping {
-            match self.enter() {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(Error::os("io_uring_enter on the queue ring", e)),
-            }
-            loop {
-                let Some(cqe) = self.ring.completion().next() else { break };
-                let ud = cqe.user_data();
-                if ud == WAKE {
-                    self.woken = true;
-                    stopping = true;
-                    continue;
-                }
-                if ud == CANCEL {
-                    continue;
-                }
-                let tag = ud as u16;
-                let res = cqe.result();
-                if ud & TARGET_OP != 0 {
-                    // The target's operation for this tag finished.
-                    match self.op_done(tag, res, true) {
-                        Settled::Commit(result) => self.commit(tag, result),
-                        Settled::Rest { done } => {
-                            self.done[usize::from(tag)] = done;
-                            self.start(target, tag);
+        while (self.live_tags > 0 || self.reactor.in_flight() > 0) && !stopping {
+            self.enter_or_fail()?;
+            while let Some(cqe) = self.next_cqe() {
+                let (ud, res) = (cqe.user_data(), cqe.result());
+                match ud {
+                    WAKE => {
+                        self.woken = true;
+                        stopping = true;
+                    }
+                    NOTIFY => {
+                        drain_eventfd(self.reactor.ready.efd());
+                        self.arm_notify();
+                    }
+                    CANCEL | OP_CANCEL => {}
+                    ud if ud & ASYNC_OP != 0 => self.op_completed(ud, res),
+                    ud => {
+                        if let Some(req) = self.on_command(ud as u16, res)? {
+                            let result = self.handle_sync(target, &req);
+                            self.answer(req.tag, result);
                         }
                     }
-                } else if res == sys::UBLK_IO_RES_OK as i32 {
-                    self.live_tags -= 1;
-                    self.held[usize::from(tag)] = true;
-                    self.handle(target, tag);
-                } else if res == sys::UBLK_IO_RES_ABORT {
-                    // The device is going away: this tag is done.
-                    self.live_tags -= 1;
-                } else {
-                    self.live_tags -= 1;
-                    return Err(self.io_error(COMMIT_AND_FETCH_REQ, tag, res));
                 }
             }
-            if let Some(f) = &mut self.follower {
-                if let Some(m) = f.tick(self.stats.requests()) {
-                    f.apply(m);
-                    self.stats.moves += 1;
-                }
-            }
+            self.follow();
         }
         Ok(self.stats)
     }
 
-    /// Ends the queue's part in every request it holds: cancels its target
-    /// operations (one waiting on a socket whose peer is gone would never
-    /// end) and waits for them, since their buffers (the tags', the
-    /// target's) must not be written after the queue is gone; then commits
-    /// every request it still holds, with the operation's result where it
-    /// completed in full and EIO otherwise, and submits. Each commit parks a
-    /// FETCH again, which the kernel aborts at STOP_DEV or when the ring is
-    /// closed; a held request nobody commits would, on 6.6-6.15, never be
-    /// failed at all. Needs no target: runs after a panic and on drop.
-    fn drain(&mut self) {
-        if self.ops_in_flight > 0 {
+    /// Moves the queue's thread after the load, if it follows it.
+    fn follow(&mut self) {
+        if let Some(f) = &mut self.follower {
+            if let Some(m) = f.tick(self.stats.requests()) {
+                f.apply(m);
+                self.stats.moves += 1;
+            }
+        }
+    }
+
+    fn enter_or_fail(&mut self) -> Result<()> {
+        match self.enter() {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) => Err(Error::os("io_uring_enter on the queue ring", e)),
+        }
+    }
+
+    /// The completion of tag `tag`'s io command: the request it delivered,
+    /// if any (decoded, counted and checked; a request the queue answers
+    /// itself is committed here).
+    fn on_command(&mut self, tag: u16, res: i32) -> Result<Option<Request>> {
+        self.live_tags -= 1;
+        if res == sys::UBLK_IO_RES_OK as i32 {
+            self.held[usize::from(tag)] = true;
+            Ok(self.decode(tag))
+        } else if res == sys::UBLK_IO_RES_ABORT {
+            // The device is going away: this tag is done.
+            Ok(None)
+        } else {
+            Err(self.io_error(COMMIT_AND_FETCH_REQ, tag, res))
+        }
+    }
+
+    /// An operation of the async target completed: route it, and commit its
+    /// request if that was the last thing it waited for.
+    fn op_completed(&mut self, ud: u64, res: i32) {
+        if let Some(tag) = self.reactor.complete(ud as u32, res) {
+            self.maybe_commit(tag);
+        }
+    }
+
+    /// Records the tag's answer (bytes or -errno, already settled) and
+    /// commits it once none of the request's operations is in flight.
+    fn answer(&mut self, tag: u16, result: i32) {
+        self.answers[usize::from(tag)] = Some(result);
+        self.maybe_commit(tag);
+    }
+
+    fn maybe_commit(&mut self, tag: u16) {
+        let t = usize::from(tag);
+        if self.held[t] && self.reactor.tags[t].ops.get() == 0 {
+            if let Some(result) = self.answers[t].take() {
+                let result = self.copy_out(tag, result);
+                self.commit(tag, result);
+            }
+        }
+    }
+
+    /// Cancels the target's operations in flight (one waiting on a socket
+    /// whose peer is gone would never end) and reaps them, since their
+    /// buffers (the tags', the target's) must not be written after the
+    /// queue is gone. Requests delivered meanwhile are held, for `fail_held`.
+    fn end_ops(&mut self) {
+        if self.reactor.in_flight() > 0 {
             let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
             self.push(&cancel);
         }
-        while self.ops_in_flight > 0 {
-            match self.ring.submit_and_wait(1).map_err(|e| e.raw_os_error()) {
+        while self.reactor.in_flight() > 0 {
+            let waited = self.reactor.ring.borrow_mut().submit_and_wait(1).map_err(|e| e.raw_os_error());
+            match waited {
                 Ok(_) | Err(Some(libc::EINTR)) => {}
                 Err(Some(libc::EAGAIN)) | Err(Some(libc::EBUSY)) => std::thread::sleep(Duration::from_millis(1)),
                 // The ring cannot wait: leave the buffers alone (see Drop).
                 Err(_) => return,
             }
-            loop {
-                let Some(cqe) = self.ring.completion().next() else { break };
+            while let Some(cqe) = self.next_cqe() {
                 match cqe.user_data() {
                     WAKE => self.woken = true,
-                    CANCEL => {}
-                    ud if ud & TARGET_OP != 0 => {
-                        let tag = ud as u16;
-                        // Keep a complete result; anything else fails.
-                        if let Settled::Commit(result) = self.op_done(tag, cqe.result(), false) {
-                            self.commit(tag, result);
-                        }
+                    CANCEL | OP_CANCEL | NOTIFY => {}
+                    ud if ud & ASYNC_OP != 0 => {
+                        self.reactor.complete(ud as u32, cqe.result());
                     }
                     ud => {
                         // A request delivered meanwhile is held too.
@@ -410,30 +473,31 @@ impl Queue {
                 }
             }
         }
+    }
+
+    /// Ends the queue's part in every request it holds: ends its target
+    /// operations ([`Queue::end_ops`]), then commits every request it still
+    /// holds, with its answer where it has one and EIO otherwise, and
+    /// submits. Each commit parks a FETCH again, which the kernel aborts at
+    /// STOP_DEV or when the ring is closed; a held request nobody commits
+    /// would, on 6.6-6.15, never be failed at all. Needs no target: runs
+    /// after a panic and on drop.
+    fn drain(&mut self) {
+        self.end_ops();
         self.fail_held();
     }
 
-    /// Commits EIO for every request the queue holds without an operation
-    /// in flight, and submits.
+    /// Commits EIO for every request the queue holds without an answer and
+    /// without an operation in flight, and submits.
     fn fail_held(&mut self) {
         for tag in 0..self.depth {
-            if self.held[usize::from(tag)] && !self.in_op[usize::from(tag)] {
-                self.commit(tag, -libc::EIO);
+            let t = usize::from(tag);
+            if self.held[t] && self.reactor.tags[t].ops.get() == 0 {
+                let result = self.answers[t].take().unwrap_or(-libc::EIO);
+                self.commit(tag, result);
             }
         }
-        let _ = self.ring.submit();
-    }
-
-    /// A target operation of `tag` completed with `res` (bytes or -errno):
-    /// what to commit, by the rule of [`IoResult`](crate::IoResult), or
-    /// (with `retry`) that the target must be asked for the rest.
-    fn op_done(&mut self, tag: u16, res: i32, retry: bool) -> Settled {
-        self.ops_in_flight -= 1;
-        self.in_op[usize::from(tag)] = false;
-        let answer = if res < 0 { Err(-res) } else { Ok(res as u32) };
-        let (settled, invalid) = settle(&self.reqs[usize::from(tag)], self.done[usize::from(tag)], answer, retry);
-        self.stats.invalid += u64::from(invalid);
-        settled
+        let _ = self.submit();
     }
 
     /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
@@ -468,14 +532,14 @@ impl Queue {
         }
         self.stats.enters += 1;
         self.stats.waits += 1;
-        self.ring.submit_and_wait(1)?;
+        self.reactor.ring.borrow_mut().submit_and_wait(1)?;
         Ok(())
     }
 
     /// Submits, then polls for completions for up to `busy_poll`; whether
     /// any arrived.
     fn poll(&mut self) -> std::io::Result<bool> {
-        let n = self.ring.submission().len() as u32;
+        let n = self.reactor.ring.borrow_mut().submission().len() as u32;
         self.enter_nowait(n)?;
         let t0 = Instant::now();
         let mut polls = 0u32;
@@ -483,10 +547,16 @@ impl Queue {
             // Completions come from task work we ran (below), or, without
             // DEFER_TASKRUN, from task work run on the way out of any
             // syscall (sched_yield below).
-            if !self.ring.completion().is_empty() {
+            let (empty, taskrun) = {
+                let mut ring = self.reactor.ring.borrow_mut();
+                let empty = ring.completion().is_empty();
+                let taskrun = ring.submission().taskrun();
+                (empty, taskrun)
+            };
+            if !empty {
                 return Ok(true);
             }
-            if self.ring.submission().taskrun() {
+            if taskrun {
                 self.enter_nowait(0)?;
             }
             std::hint::spin_loop();
@@ -505,14 +575,18 @@ impl Queue {
 
     fn enter_nowait(&mut self, to_submit: u32) -> std::io::Result<()> {
         self.stats.enters += 1;
+        let ring = self.reactor.ring.borrow();
         // SAFETY: no argument pointer is passed; io_uring_enter only submits
         // SQEs already pushed (valid per `push`) and runs task work.
-        unsafe { self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)? };
+        unsafe { ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)? };
         Ok(())
     }
 
-    /// Reads the tag's descriptor, counts the request and starts it.
-    fn handle<T: Target + ?Sized>(&mut self, target: &T, tag: u16) {
+    /// Reads the tag's descriptor and counts the request. Answers itself
+    /// (and returns `None`) for what no target gets: an unsupported op, a
+    /// request larger than the buffers, a WRITE whose data could not be
+    /// copied in under USER_COPY.
+    fn decode(&mut self, tag: u16) -> Option<Request> {
         debug_assert!(tag < self.depth);
         // SAFETY: tag < depth, so the descriptor lies inside the read-only
         // mapping. The kernel writes descriptors concurrently with us in
@@ -538,7 +612,8 @@ impl Queue {
             Op::WriteZeroes => s.write_zeroes += 1,
             Op::Other(_) => {
                 s.unsupported += 1;
-                return self.commit(tag, -libc::EOPNOTSUPP);
+                self.answer(tag, -libc::EOPNOTSUPP);
+                return None;
             }
         }
         if matches!(req.op, Op::Read | Op::Write) {
@@ -547,72 +622,85 @@ impl Queue {
                 // The kernel never sends more than max_io_buf_bytes; refuse
                 // rather than hand out a short buffer.
                 self.stats.invalid += 1;
-                return self.commit(tag, -libc::EIO);
+                self.answer(tag, -libc::EIO);
+                return None;
             }
             self.stats.bytes += req.len() as u64;
         }
         self.reqs[usize::from(tag)] = req;
-        self.done[usize::from(tag)] = 0;
-        self.start(target, tag);
+        if req.op == Op::Write && !self.copy_in(&req) {
+            self.answer(tag, -libc::EIO);
+            return None;
+        }
+        Some(req)
     }
 
-    /// Runs the target on the part of the tag's request not done yet.
-    fn start<T: Target + ?Sized>(&mut self, target: &T, tag: u16) {
-        let full = self.reqs[usize::from(tag)];
-        let done = self.done[usize::from(tag)];
-        let data = matches!(full.op, Op::Read | Op::Write);
-        let mut req = full;
-        if done > 0 {
-            req.start_sector += u64::from(done >> 9);
-            req.nr_sectors -= done >> 9;
+    /// The tag's buffer (null without buffers) and its size.
+    fn buf_raw(&self, tag: u16) -> (*mut u8, usize) {
+        match &self.bufs {
+            Some(b) => (b.addr(tag) as *mut u8, b.buf_size()),
+            None => (std::ptr::null_mut(), 0),
         }
+    }
+
+    /// Under USER_COPY with buffers: reads a WRITE's data from
+    /// `/dev/ublkcN` into the tag's buffer. Whether it has the data.
+    fn copy_in(&mut self, req: &Request) -> bool {
+        let (Some(fd), Some(b)) = (&self.char_dup, &self.bufs) else { return true };
+        // SAFETY: the tag's buffer has room for req.len() (checked in
+        // decode); the server owns the request, so nothing else touches it.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                b.addr(req.tag) as *mut libc::c_void,
+                req.len(),
+                user_copy_offset(self.q_id, req.tag) as libc::off_t,
+            )
+        };
+        n == req.len() as isize
+    }
+
+    /// Under USER_COPY with buffers: gives a READ's answer (`result` bytes)
+    /// from the tag's buffer to `/dev/ublkcN`. The result to commit.
+    fn copy_out(&mut self, tag: u16, result: i32) -> i32 {
+        let (Some(fd), Some(b)) = (&self.char_dup, &self.bufs) else { return result };
+        if result <= 0 || self.reqs[usize::from(tag)].op != Op::Read {
+            return result;
+        }
+        // SAFETY: reads `result` (<= the request's length, settled) bytes of
+        // the tag's buffer, which no operation uses any more.
+        let n = unsafe {
+            libc::pwrite(
+                fd.as_raw_fd(),
+                b.addr(tag) as *const libc::c_void,
+                result as usize,
+                user_copy_offset(self.q_id, tag) as libc::off_t,
+            )
+        };
+        if n == result as isize {
+            result
+        } else {
+            -libc::EIO
+        }
+    }
+
+    /// Runs a sync target on a request; the settled result.
+    fn handle_sync<T: Target + ?Sized>(&mut self, target: &T, req: &Request) -> i32 {
+        let data = matches!(req.op, Op::Read | Op::Write);
         let buf: &mut [u8] = match &self.bufs {
             // SAFETY: the server owns the tag's request between the CQE that
             // delivered it and our commit, so the kernel does not touch the
-            // buffer; this is the only reference made to it (the target's
-            // operation, if any, is what uses it next, and the commit waits
-            // for its completion).
-            Some(b) if data => unsafe { b.slice(tag, done as usize, full.len()) },
-            // No data for this op, or USER_COPY (only targets that need no
+            // buffer; this is the only reference made to it, and it ends
+            // before the commit.
+            Some(b) if data => unsafe { b.slice(req.tag, 0, req.len()) },
+            // No data for this op, or no buffers (only targets that need no
             // data run there, see `serve`).
             _ => &mut [],
         };
-        // The operation is counted when pushed (inside `push`), so a target
-        // that panics after pushing leaves it counted for `drain`.
-        let mut io = TargetIo {
-            sq: self.ring.submission(),
-            user_data: TARGET_OP | u64::from(tag),
-            pushed: false,
-            ops_in_flight: &mut self.ops_in_flight,
-            in_op: &mut self.in_op[usize::from(tag)],
-        };
-        let answer = target.submit(&req, buf, &mut io);
-        let pushed = io.pushed;
-        drop(io);
-        match answer {
-            None if pushed => {}
-            None => {
-                // Nothing to wait for: a target bug that would leave the tag
-                // (and the kernel's request) stuck forever.
-                self.stats.invalid += 1;
-                self.commit(tag, -libc::EIO);
-            }
-            Some(answer) => {
-                // An answer on the spot after pushing an operation would let
-                // the operation outlive the request: refuse the answer, wait
-                // for the operation.
-                if pushed {
-                    self.stats.invalid += 1;
-                    return;
-                }
-                let (settled, invalid) = settle(&full, done, answer, false);
-                self.stats.invalid += u64::from(invalid);
-                match settled {
-                    Settled::Commit(result) => self.commit(tag, result),
-                    Settled::Rest { .. } => unreachable!("no retry for direct answers"),
-                }
-            }
-        }
+        let answer = target.handle(req, buf);
+        let (result, invalid) = settle(req, answer);
+        self.stats.invalid += u64::from(invalid);
+        result
     }
 }
 
@@ -626,7 +714,7 @@ impl Drop for Queue {
         // is outstanding. Buffers that nobody else keeps are unmapped only
         // when nothing can touch them; otherwise they are leaked (memory, not
         // memory safety, is lost).
-        if self.live_tags > 0 || self.ops_in_flight > 0 {
+        if self.live_tags > 0 || self.reactor.in_flight() > 0 {
             if let Some(b) = self.bufs.take() {
                 if !self.bufs_kept {
                     std::mem::forget(b);
@@ -670,74 +758,20 @@ struct FailAll;
 
 impl Target for FailAll {
     fn handle(&self, _req: &Request, _buf: &mut [u8]) -> crate::IoResult {
-        Err(libc::EIO)
+        Err(Errno::EIO)
     }
     fn needs_data(&self) -> bool {
         false
     }
 }
 
+/// Whether the queue's device moves data with pread/pwrite on `/dev/ublkcN`.
+fn user_copy_dev(q: &Queue) -> bool {
+    q.user_copy
+}
+
 /// Whether the device was created with `UBLK_F_USER_COPY`: the kernel then
 /// moves no data itself and io commands carry buffer address 0.
 pub(crate) fn user_copy(info: &DevInfo) -> bool {
     info.flags & sys::abi::UBLK_F_USER_COPY != 0
-}
-
-/// The 16 bytes of an io command, as they go to SQE bytes 48..64.
-pub(crate) fn io_cmd_bytes(cmd: &sys::ublksrv_io_cmd) -> [u8; 16] {
-    const _: () = assert!(std::mem::size_of::<sys::ublksrv_io_cmd>() == 16);
-    // SAFETY: ublksrv_io_cmd is 16 bytes of plain integers without padding
-    // (u16, u16, s32, u64; checked against C by ublk-sys's layout tests).
-    unsafe { std::mem::transmute_copy(cmd) }
-}
-
-/// A queue ring: 64-byte SQEs (io commands carry 16 bytes at byte 48), with
-/// the flags that cut wake-ups where the kernel has them (COOP_TASKRUN 5.19,
-/// SINGLE_ISSUER 6.0, DEFER_TASKRUN 6.1), falling back step by step.
-fn build_ring(entries: u32) -> Result<IoUring<squeue::Entry, cqueue::Entry>> {
-    let tries: [fn(&mut io_uring::Builder); 3] = [
-        |b| {
-            b.setup_coop_taskrun().setup_taskrun_flag().setup_single_issuer().setup_defer_taskrun();
-        },
-        |b| {
-            b.setup_coop_taskrun().setup_taskrun_flag();
-        },
-        |_| {},
-    ];
-    let mut last = None;
-    for t in tries {
-        let mut b = IoUring::builder();
-        t(&mut b);
-        match b.build(entries) {
-            Ok(r) => return Ok(r),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(Error::os("creating the queue io_uring", last.unwrap()))
-}
-
-/// An eventfd used to wake queue threads at teardown.
-#[derive(Debug)]
-pub(crate) struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub(crate) fn new() -> Result<Self> {
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(Error::os("creating an eventfd", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub(crate) fn raw(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-
-    pub(crate) fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
-    }
 }

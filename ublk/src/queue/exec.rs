@@ -1,0 +1,123 @@
+//! The queue's executor for [`AsyncTarget`]s: one future slot per tag,
+//! polled on the queue's thread when woken, parked in the queue's
+//! `io_uring_enter` otherwise.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::{Queue, CANCEL, NOTIFY, WAKE};
+use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
+use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
+use crate::error::{Error, Result};
+use crate::queue::ring::drain_eventfd;
+use crate::queue::QueueStats;
+use crate::target::{settle, IoResult};
+
+impl Queue {
+    /// Serves requests with an [`AsyncTarget`] until the device is stopped:
+    /// makes the target's object for this queue (on this thread), then runs
+    /// each request's future on this thread. See [`crate::aio`].
+    pub fn serve_async<T: AsyncTarget + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
+        self.check_data(target.needs_data())?;
+        self.serve_async_notify(target, &|| {})
+    }
+
+    pub(crate) fn serve_async_notify<T: AsyncTarget + ?Sized>(&mut self, target: &T, on_panic: &dyn Fn()) -> Result<QueueStats> {
+        let ctx = QueueContext { dev_id: self.dev_id, q_id: self.q_id, depth: self.depth, user_copy: super::user_copy_dev(self) };
+        let qt = match target.queue(&ctx) {
+            Ok(qt) => qt,
+            Err(e) => {
+                let err = Error::os(format!("making the target's object for queue {}", self.q_id), e);
+                self.drain();
+                return Err(err);
+            }
+        };
+        let reactor = self.reactor.clone();
+        self.guarded(on_panic, |q| run(q, &reactor, |io| qt.handle(io)))
+    }
+}
+
+/// The executor's loop, over futures of type `F` made by `start`.
+fn run<'r, F: Future<Output = IoResult> + 'r>(q: &mut Queue, r: &'r Reactor, start: impl Fn(Io<'r>) -> F) -> Result<QueueStats> {
+    // One slot per tag, allocated once: a future stays in its slot (pinned)
+    // from its first poll until it is dropped there.
+    let mut futs: Box<[Option<F>]> = (0..q.depth).map(|_| None).collect();
+    let result = turn(q, r, &mut futs, &start);
+    // Teardown, or an error: the futures' operations are cancelled and
+    // reaped before the futures (and what they borrow) are dropped.
+    q.end_ops();
+    for f in futs.iter_mut() {
+        *f = None;
+    }
+    result
+}
+
+fn turn<'r, F: Future<Output = IoResult> + 'r>(
+    q: &mut Queue,
+    r: &'r Reactor,
+    futs: &mut [Option<F>],
+    start: &impl Fn(Io<'r>) -> F,
+) -> Result<QueueStats> {
+    let mut stopping = q.woken;
+    while !stopping && (q.live_tags > 0 || q.held.iter().any(|&h| h)) {
+        // Sleep only if no future is ready. A waker on another thread that
+        // finds the queue asleep writes its eventfd.
+        r.ready.set_awake(false);
+        if r.ready.any() {
+            r.ready.set_awake(true);
+            let n = r.ring.borrow_mut().submission().len() as u32;
+            q.enter_nowait(n).map_err(|e| Error::os("io_uring_enter on the queue ring", e))?;
+        } else {
+            let entered = q.enter_or_fail();
+            r.ready.set_awake(true);
+            entered?;
+        }
+        while let Some(cqe) = q.next_cqe() {
+            let (ud, res) = (cqe.user_data(), cqe.result());
+            match ud {
+                WAKE => {
+                    q.woken = true;
+                    stopping = true;
+                }
+                NOTIFY => {
+                    drain_eventfd(r.ready.efd());
+                    q.arm_notify();
+                }
+                CANCEL | OP_CANCEL => {}
+                ud if ud & ASYNC_OP != 0 => q.op_completed(ud, res),
+                ud => {
+                    if let Some(req) = q.on_command(ud as u16, res)? {
+                        let (buf, size) = q.buf_raw(req.tag);
+                        let io = Io::new(r, req, buf, size, super::user_copy_dev(q));
+                        futs[usize::from(req.tag)] = Some(start(io));
+                        r.ready.set(req.tag);
+                    }
+                }
+            }
+        }
+        for w in 0..r.ready.words() {
+            let mut bits = r.ready.take(w);
+            while bits != 0 {
+                let tag = (w * 64) as u16 + bits.trailing_zeros() as u16;
+                bits &= bits - 1;
+                let slot = &mut futs[usize::from(tag)];
+                let Some(fut) = slot.as_mut() else { continue };
+                // SAFETY: the future lives in its slot of a boxed slice that
+                // is never resized or moved, from here until it is dropped in
+                // place (`*slot = None`): it is pinned.
+                let fut = unsafe { Pin::new_unchecked(fut) };
+                let mut cx = Context::from_waker(&r.wakers[usize::from(tag)]);
+                if let Poll::Ready(answer) = fut.poll(&mut cx) {
+                    *slot = None;
+                    let req = q.reqs[usize::from(tag)];
+                    let (result, invalid) = settle(&req, answer);
+                    q.stats.invalid += u64::from(invalid);
+                    q.answer(tag, result);
+                }
+            }
+        }
+        q.follow();
+    }
+    Ok(q.stats)
+}
