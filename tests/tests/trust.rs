@@ -442,7 +442,7 @@ driver_test! {
         let dev = DeviceBuilder::new().size(16 * MIB).max_io_bytes(512 << 10).create().unwrap();
         let mut info = *dev.info();
         let devnull = std::fs::File::open("/dev/null").unwrap();
-        let e = ublk::Queue::new(devnull.as_raw_fd(), &info, 0, dev.encoding(), None, &[]).expect_err("/dev/null is no ublk char device");
+        let e = ublk::Queue::new(devnull.as_fd(), &info, 0, dev.encoding(), None, &[]).expect_err("/dev/null is no ublk char device");
         assert!(e.to_string().contains("not /dev/ublkc"), "{e}");
         info.max_io_buf_bytes = 4096;
         // The device holds /dev/ublkcN open (one opener only), so a second
@@ -454,6 +454,8 @@ driver_test! {
             .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == dev.char_path()))
             .expect("the device's /dev/ublkcN fd");
         let fd: RawFd = fd_path.file_name().to_str().unwrap().parse().unwrap();
+        // SAFETY: `dev` keeps this descriptor open until it is dropped below.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let e = ublk::Queue::new(fd, &info, 0, dev.encoding(), None, &[]).expect_err("a smaller max_io_buf_bytes than the kernel's");
         assert!(e.to_string().contains("differs from the kernel's"), "{e}");
         drop(dev);

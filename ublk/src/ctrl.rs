@@ -73,8 +73,14 @@ impl Features {
     }
 
     /// Whether every bit of `flags` is reported.
-    pub fn contains(&self, flags: u64) -> bool {
-        self.0 & flags == flags
+    pub fn contains(&self, flags: impl Into<crate::DevFlags>) -> bool {
+        let f = flags.into().bits();
+        self.0 & f == f
+    }
+
+    /// The reported flags, typed.
+    pub fn flags(&self) -> crate::DevFlags {
+        crate::DevFlags::from_bits_retain(self.0)
     }
 
     /// Every reported flag by name: the kernel's names (`sys::abi`, up to
@@ -369,8 +375,10 @@ impl Control {
         }
     }
 
-    /// Sends a raw control command with this kernel's encoding; for tests and
-    /// for commands this crate has no typed wrapper for. Returns the CQE result.
+    /// Sends a raw control command with this kernel's encoding. **Not part
+    /// of the API:** for the crate's own tests of the kernel's refusals; it
+    /// bypasses every check the typed commands make. Returns the CQE result.
+    #[doc(hidden)]
     pub fn raw_command(&mut self, name: &'static str, legacy: u32, encoded: u32, cmd: sys::ublksrv_ctrl_cmd) -> Result<i32> {
         self.submit(CtrlOp { name, legacy, encoded }, cmd)
     }

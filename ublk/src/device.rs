@@ -174,13 +174,14 @@ impl DeviceBuilder {
     /// refused by [`create`](Self::create) before ADD_DEV, naming the flag
     /// and the kernel that has it. Flags the running kernel lacks are refused
     /// too.
-    pub fn flags(mut self, flags: u64) -> Self {
-        self.flags = flags;
+    /// Takes [`DevFlags`](crate::DevFlags) (or the raw bits).
+    pub fn flags(mut self, flags: impl Into<crate::DevFlags>) -> Self {
+        self.flags = flags.into().bits();
         self
     }
-    /// `UBLK_ATTR_*` attributes.
-    pub fn attrs(mut self, attrs: u32) -> Self {
-        self.attrs = attrs;
+    /// `UBLK_ATTR_*` attributes: [`Attrs`](crate::Attrs) (or the raw bits).
+    pub fn attrs(mut self, attrs: impl Into<crate::Attrs>) -> Self {
+        self.attrs = attrs.into().bits();
         self
     }
     /// Where queue threads run (default [`Placement::Auto`]).
@@ -861,7 +862,7 @@ impl Device {
     /// them (its parameters cannot change).
     fn apply_write_cache(&mut self, cache: WriteCache) -> Result<()> {
         let Some(mut params) = self.params else { return Ok(()) };
-        let want = cache.attrs();
+        let want = cache.attrs().bits();
         if params.attrs & want == want {
             return Ok(());
         }

@@ -147,11 +147,12 @@ pub enum WriteCache {
 
 impl WriteCache {
     /// The `UBLK_ATTR_*` bits this cache sets in the device's parameters.
-    pub fn attrs(self) -> u32 {
+    pub fn attrs(self) -> crate::Attrs {
+        use crate::Attrs;
         match self {
-            WriteCache::None => 0,
-            WriteCache::Volatile => sys::UBLK_ATTR_VOLATILE_CACHE,
-            WriteCache::VolatileFua => sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            WriteCache::None => Attrs::empty(),
+            WriteCache::Volatile => Attrs::VOLATILE_CACHE,
+            WriteCache::VolatileFua => Attrs::VOLATILE_CACHE | Attrs::FUA,
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   fulfils with its [`Completer`]; the queue is woken through an eventfd.
 //!
 //! Requests complete in any order. The answer goes through the rule of
-//! [`IoResult`](crate::IoResult). A request is committed only once its
+//! [`IoResult`]. A request is committed only once its
 //! future has resolved *and* every operation it started is over, so no
 //! buffer is reused or freed while the kernel may still write it; an
 //! operation whose future is dropped early is cancelled and keeps what it

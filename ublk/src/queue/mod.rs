@@ -11,7 +11,7 @@ mod exec;
 mod ring;
 
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,10 +115,22 @@ impl Queue {
     /// must agree with what the kernel reports for that device
     /// (GET_DEV_INFO); anything else is refused with
     /// [`Error::InvalidConfig`].
-    pub fn new(char_fd: RawFd, info: &DevInfo, q_id: u16, encoding: Encoding, wake: Option<RawFd>, target_files: &[RawFd]) -> Result<Self> {
+    ///
+    /// `wake` and the `target_files` (registered as fixed files 1..) must
+    /// stay open while the queue lives.
+    pub fn new(
+        char_fd: BorrowedFd<'_>,
+        info: &DevInfo,
+        q_id: u16,
+        encoding: Encoding,
+        wake: Option<BorrowedFd<'_>>,
+        target_files: &[BorrowedFd<'_>],
+    ) -> Result<Self> {
+        let char_fd = char_fd.as_raw_fd();
         verify_device(char_fd, info)?;
         let bufs = if user_copy(info) { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?)) };
-        Self::with_bufs(char_fd, info, q_id, encoding, wake, target_files, bufs, false)
+        let files: Vec<RawFd> = target_files.iter().map(|f| f.as_raw_fd()).collect();
+        Self::with_bufs(char_fd, info, q_id, encoding, wake.map(|w| w.as_raw_fd()), &files, bufs, false)
     }
 
     /// [`Queue::new`] for a device whose `info` came from the kernel, with
