@@ -8,11 +8,15 @@
 # busy-polling server counts as busy). C * 1e6 / N is the CPU time per I/O.
 # Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS,
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
-# ublk-null+copy runs ublk-null --data-copy; ublk-null+affinity, +away and
-# +unpinned choose its --placement; ublk-null+pollN its --busy-poll-us.
+# ublk-null+copy runs ublk-null --data-copy; ublk-null+async its async null
+# target; ublk-null+affinity, +away and +unpinned choose its --placement;
+# ublk-null+pollN its --busy-poll-us. ublk-loop+copy and ublk-loop+user-copy
+# run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
+# (filled once, so reads find pages, not holes). A +twin suffix changes
+# nothing: a second column of the same target shows the run-to-run noise.
 RUNS=${BENCH_RUNS:-5}
 RUNTIME=${BENCH_RUNTIME:-3}
-TARGETS=${BENCH_TARGETS:-"null_blk ublk-null libublk-sync libublk-async"}
+TARGETS=${BENCH_TARGETS:-"null_blk ublk-null ublk-null+twin ublk-null+async libublk-sync libublk-async ublk-loop+copy ublk-loop+user-copy"}
 CONFIGS=${BENCH_CONFIGS:-"1x1 2x1 2x2"}
 NULLBLK=$(find /lib/modules -name 'null_blk.ko' 2>/dev/null | head -1)
 
@@ -62,10 +66,17 @@ start_target() { # target queues -> sets DEV, PID
     ublk-null*)
         extra=
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
+        case $t in *+async*) extra="$extra --async" ;; esac
         case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; *+away*) extra="$extra --placement away" ;; esac
         poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         ublk-null --queues "$q" --depth 128 --size 4G $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0 ;;
+    ublk-loop+*)
+        if [ ! -f /tmp/bench-loop.img ]; then
+            dd if=/dev/zero of=/tmp/bench-loop.img bs=1M count=512 status=none || return 1
+        fi
+        ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 --data-path "${t#ublk-loop+}" > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
     libublk-sync)
         libublk-null sync "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
@@ -107,7 +118,7 @@ for run in $(seq 1 "$RUNS"); do
             done
             stop_target
             # Our per-queue counts (moves: Placement::Auto's home/away moves).
-            case $t in ublk-null*) grep "^queue" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
+            case $t in ublk-*) grep "^queue" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
         done
     done
 done

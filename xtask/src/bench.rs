@@ -93,6 +93,7 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
     let mut targets: Vec<String> = records.iter().map(|r| r.target.clone()).collect();
     targets.sort_by_key(|t| target_rank(t));
     targets.dedup();
+    let extra = extra_ratios(&targets);
     let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { format!("{:.2}", a / b) } else { "-".into() };
     let rows = groups(records)
         .iter()
@@ -105,10 +106,32 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
             let ours = med_iops(t, "ublk-null");
             row.push(ratio(ours, med_iops(t, "null_blk")));
             row.push(ratio(ours, libublk_best(t).map(|r| median(&r.iops)).unwrap_or(0.0)));
+            for (_, a, b) in &extra {
+                row.push(ratio(med_iops(t, a), med_iops(t, b)));
+            }
             row
         })
         .collect();
     (targets, rows)
+}
+
+/// Ratios of IOPS between variants, as columns after ours/null_blk and
+/// ours/libublk: (heading, numerator, denominator), where both ran.
+const EXTRA_RATIOS: [(&str, &str, &str); 3] = [
+    ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
+    ("async / sync null", "ublk-null+async", "ublk-null"),
+    ("loop user-copy / copy", "ublk-loop+user-copy", "ublk-loop+copy"),
+];
+
+fn extra_ratios(targets: &[String]) -> Vec<(&'static str, &'static str, &'static str)> {
+    EXTRA_RATIOS.iter().copied().filter(|(_, a, b)| targets.iter().any(|t| t == a) && targets.iter().any(|t| t == b)).collect()
+}
+
+/// The headings of the ratio columns [`summary`] appends.
+fn ratio_heads(targets: &[String]) -> Vec<String> {
+    let mut v = vec!["ours/null_blk".to_string(), "ours/libublk best".to_string()];
+    v.extend(extra_ratios(targets).iter().map(|(h, _, _)| h.to_string()));
+    v
 }
 
 /// One row of the tables as numbers, for the picture: medians of ours
@@ -253,12 +276,13 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, {} vCPUs)", vm::vm_cpus());
     let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "ublk-null (ours)" } else { t.as_str() }));
-    head.extend(["ours/null_blk", "ours/libublk best"]);
+    let ratios = ratio_heads(&targets);
+    head.extend(ratios.iter().map(String::as_str));
     util::print_table(&head, &rows);
     let (_, rows) = cpu_summary(&records, |q, fj| format!("{q}q/{fj}j"));
     println!();
     log!("bench: CPUs busy while fio ran and CPU time per I/O (fio + kernel + server; medians)");
-    head.truncate(head.len() - 2);
+    head.truncate(head.len() - ratios.len());
     util::print_table(&head, &rows);
     for m in &meta {
         println!("  {m}");
@@ -339,11 +363,12 @@ pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
     );
     let mut head = vec!["kernel".to_string(), "queues / fio jobs".into(), "job".into()];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "**ublk-null (ours)**".to_string() } else { t.clone() }));
-    head.extend(["ours / null_blk".to_string(), "ours / libublk best".into()]);
+    let ratios = ratio_heads(&targets);
+    head.extend(ratios.iter().map(|h| h.replace('/', " / ").replace("  ", " ")));
     print_markdown(&head, &rows);
     if records.iter().any(|r| !r.cpu.is_empty()) {
         let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
-        head.truncate(head.len() - 2);
+        head.truncate(head.len() - ratios.len());
         println!(
             "\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n"
         );
@@ -364,8 +389,9 @@ fn print_markdown(head: &[String], rows: &[Vec<String>]) {
 /// CPU time per I/O, no ratio columns.
 fn cpu_summary(records: &[Record], config: impl Fn(u32, u32) -> String) -> (Vec<String>, Vec<Vec<String>>) {
     let (targets, mut rows) = summary(records, config, Record::cpu_cell);
+    let n = ratio_heads(&targets).len();
     for r in &mut rows {
-        r.truncate(r.len() - 2);
+        r.truncate(r.len() - n);
     }
     (targets, rows)
 }

@@ -121,9 +121,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5400)]
         timeout: u64,
         /// Targets, space-separated (default: null_blk ublk-null
-        /// libublk-sync libublk-async). Variants of ours: ublk-null+copy
-        /// (--data-copy), ublk-null+affinity / +away / +unpinned (--placement),
-        /// ublk-null+pollN (--busy-poll-us N); combine as ublk-null+poll0+copy.
+        /// ublk-null+twin ublk-null+async libublk-sync libublk-async
+        /// ublk-loop+copy ublk-loop+user-copy). Variants of ours:
+        /// ublk-null+copy (--data-copy), ublk-null+async (the async null
+        /// target), ublk-null+affinity / +away / +unpinned (--placement),
+        /// ublk-null+pollN (--busy-poll-us N), +twin (the same again, for the
+        /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy and
+        /// ublk-loop+user-copy: the loop target over a tmpfs file.
         #[arg(long)]
         targets: Option<String>,
         /// Only jobs whose name contains one of these (space-separated), e.g. "qd64"

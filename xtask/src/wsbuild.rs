@@ -134,9 +134,12 @@ fn extra_bins() -> Vec<PathBuf> {
 pub fn build_bench() -> Result<Vec<PathBuf>> {
     let (inc, ver) = headers::headers_dir("sid").context("sid kernel headers for the VM build")?;
     log!("building release binaries for the bench against linux-libc-dev {ver} (sid)");
-    let ours = cargo_json(&["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null"], &inc, &target_dir(), |test, kinds| {
-        !test && kinds.iter().any(|k| k == "bin")
-    })?;
+    let ours = cargo_json(
+        &["build", "--release", "-p", "ublk-cli", "--bin", "ublk-null", "--bin", "ublk"],
+        &inc,
+        &target_dir(),
+        |test, kinds| !test && kinds.iter().any(|k| k == "bin"),
+    )?;
     let out = target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let lib_target = target_dir().join("libublk");

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ublk::{DeviceBuilder, NullTarget};
+use ublk::{AsyncNullTarget, Device, DeviceBuilder, NullTarget, StopHandle};
 use ublk_cli::{parse_size, SignalStop};
 
 /// A ublk block device that reads zeros and discards writes.
@@ -43,6 +43,10 @@ struct Args {
     /// where it could skip that (UBLK_F_USER_COPY, 6.5+): for comparison.
     #[arg(long)]
     data_copy: bool,
+    /// Serve with the async null target (each request a future on the
+    /// queue's thread) instead of the sync one: for comparison.
+    #[arg(long = "async")]
+    async_: bool,
     /// Largest request, e.g. 512K.
     #[arg(long, default_value = "512K", value_parser = parse_size)]
     max_io_size: u64,
@@ -78,7 +82,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
     if info.nr_hw_queues != args.queues {
         eprintln!("ublk-null: note: the kernel limited the device to {} queues (one per CPU), {} asked", info.nr_hw_queues, args.queues);
     }
-    let stats = dev.serve(&NullTarget, |dev, stop| {
+    let on_live = |dev: &Device, stop: StopHandle| {
         println!("{}", dev.block_path().display());
         let _ = std::io::stdout().flush();
         eprintln!(
@@ -96,7 +100,8 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
             }
         );
         signals.arm(stop);
-    })?;
+    };
+    let stats = if args.async_ { dev.serve_async(&AsyncNullTarget, on_live)? } else { dev.serve(&NullTarget, on_live)? };
     ublk_cli::print_queue_stats(&stats);
     eprintln!("ublk-null: device {} stopped and deleted", info.dev_id);
     Ok(())
