@@ -127,6 +127,16 @@ pub trait QueueTarget {
     /// await any number of operations and completions. `io` is the
     /// request: its fields, its data, and the queue's ring.
     fn handle<'a>(&'a self, io: Io<'a>) -> impl Future<Output = IoResult> + 'a;
+
+    /// A task the queue runs beside its requests, from before the first
+    /// request until the queue stops (e.g. the reader of a connection whose
+    /// replies complete requests in any order). Its operations are not
+    /// tied to a request; at stop they are cancelled and reaped, then the
+    /// task is dropped. By default there is none.
+    fn run<'a>(&'a self, ring: Ring<'a>) -> impl Future<Output = ()> + 'a {
+        let _ = ring;
+        std::future::pending()
+    }
 }
 
 /// One request, as its future sees it: the request, its data, and the
@@ -257,6 +267,41 @@ impl<'r> Io<'r> {
         Plain(unsafe {
             ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, (), |_| {
                 ops::on_file!(file, |fd| opcode::Write::new(fd, p, n).offset(offset).rw_flags(rw_flags).build())
+            })
+        })
+    }
+
+    /// Receives from `sock` into the request's data `range` (a READ's answer
+    /// arriving on a connection), with `MSG_*` flags (`MSG_WAITALL` to get
+    /// all of it unless the connection fails). Takes `&mut self` as
+    /// [`Io::read_at`] does.
+    ///
+    /// # Panics
+    /// If `range` is not inside the request's data.
+    pub fn recv_data<'f>(&mut self, sock: impl Into<FileRef<'f>>, range: Range<usize>, flags: i32) -> Plain<'r> {
+        let (p, n) = self.data_range(&range);
+        let sock = sock.into();
+        // SAFETY: as in `read_at`.
+        Plain(unsafe {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, (), |_| {
+                ops::on_file!(sock, |fd| opcode::Recv::new(fd, p, n).flags(flags).build())
+            })
+        })
+    }
+
+    /// Sends the request's data `range` (a WRITE's payload) on `sock`, with
+    /// `MSG_*` flags (e.g. `MSG_MORE`, `MSG_NOSIGNAL`). Resolves to the bytes
+    /// sent.
+    ///
+    /// # Panics
+    /// If `range` is not inside the request's data.
+    pub fn send_data<'f>(&self, sock: impl Into<FileRef<'f>>, range: Range<usize>, flags: i32) -> Plain<'r> {
+        let (p, n) = self.data_range(&range);
+        let sock = sock.into();
+        // SAFETY: as in `write_at`; the kernel only reads the buffer.
+        Plain(unsafe {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, (), |_| {
+                ops::on_file!(sock, |fd| opcode::Send::new(fd, p, n).flags(flags).build())
             })
         })
     }

@@ -152,8 +152,10 @@ pub(crate) struct Reactor {
 
 impl Reactor {
     pub(crate) fn new(ring: IoUring<squeue::Entry, cqueue::Entry>, depth: u16, efd: OwnedFd) -> Reactor {
-        let ready = Arc::new(Ready::new(depth, efd));
-        let wakers = (0..depth).map(|tag| Waker::from(Arc::new(TagWaker { tag, ready: ready.clone() }))).collect();
+        // One more than the tags: the queue's background task (see
+        // `QueueTarget::run`) has index `depth`.
+        let ready = Arc::new(Ready::new(depth + 1, efd));
+        let wakers = (0..=depth).map(|tag| Waker::from(Arc::new(TagWaker { tag, ready: ready.clone() }))).collect();
         Reactor {
             ring: RefCell::new(ring),
             ops: RefCell::new(OpTable::default()),

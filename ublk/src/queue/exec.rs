@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use super::{Queue, CANCEL, NOTIFY, WAKE};
 use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
-use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
+use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget, Ring};
 use crate::error::{Error, Result};
 use crate::queue::ring::drain_eventfd;
 use crate::queue::QueueStats;
@@ -34,29 +34,43 @@ impl Queue {
             }
         };
         let reactor = self.reactor.clone();
-        self.guarded(on_panic, |q| run(q, &reactor, |io| qt.handle(io)))
+        self.guarded(on_panic, |q| {
+            let r = &*reactor;
+            run(q, r, |io| qt.handle(io), qt.run(Ring { r, tag: None }))
+        })
     }
 }
 
-/// The executor's loop, over futures of type `F` made by `start`.
-fn run<'r, F: Future<Output = IoResult> + 'r>(q: &mut Queue, r: &'r Reactor, start: impl Fn(Io<'r>) -> F) -> Result<QueueStats> {
+/// The executor's loop, over request futures of type `F` made by `start`
+/// and the queue's background task `bg`.
+fn run<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
+    q: &mut Queue,
+    r: &'r Reactor,
+    start: impl Fn(Io<'r>) -> F,
+    bg: B,
+) -> Result<QueueStats> {
     // One slot per tag, allocated once: a future stays in its slot (pinned)
-    // from its first poll until it is dropped there.
+    // from its first poll until it is dropped there. The background task
+    // likewise stays in its box.
     let mut futs: Box<[Option<F>]> = (0..q.depth).map(|_| None).collect();
-    let result = turn(q, r, &mut futs, &start);
+    let mut bg = Box::pin(Some(bg));
+    r.ready.set(q.depth);
+    let result = turn(q, r, &mut futs, bg.as_mut(), &start);
     // Teardown, or an error: the futures' operations are cancelled and
     // reaped before the futures (and what they borrow) are dropped.
     q.end_ops();
     for f in futs.iter_mut() {
         *f = None;
     }
+    bg.set(None);
     result
 }
 
-fn turn<'r, F: Future<Output = IoResult> + 'r>(
+fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
     q: &mut Queue,
     r: &'r Reactor,
     futs: &mut [Option<F>],
+    mut bg: Pin<&mut Option<B>>,
     start: &impl Fn(Io<'r>) -> F,
 ) -> Result<QueueStats> {
     let mut stopping = q.woken;
@@ -101,6 +115,15 @@ fn turn<'r, F: Future<Output = IoResult> + 'r>(
             while bits != 0 {
                 let tag = (w * 64) as u16 + bits.trailing_zeros() as u16;
                 bits &= bits - 1;
+                if tag == q.depth {
+                    if let Some(task) = bg.as_mut().as_pin_mut() {
+                        let mut cx = Context::from_waker(&r.wakers[usize::from(tag)]);
+                        if task.poll(&mut cx).is_ready() {
+                            bg.set(None);
+                        }
+                    }
+                    continue;
+                }
                 let slot = &mut futs[usize::from(tag)];
                 let Some(fut) = slot.as_mut() else { continue };
                 // SAFETY: the future lives in its slot of a boxed slice that
