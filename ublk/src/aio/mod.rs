@@ -70,7 +70,7 @@ use std::os::fd::BorrowedFd;
 use io_uring::opcode;
 
 pub use oneshot::{completion, Completer, Completion};
-pub use ops::{FileRef, IoBuf, IoBufMut, Op as Operation, OpResult, Plain, Ring};
+pub use ops::{FileRef, IoBuf, IoBufMut, Op as Operation, OpResult, Plain, Ring, Sleep};
 
 use crate::target::{IoResult, Request, WriteCache};
 use reactor::{DataUse, Reactor};
@@ -174,7 +174,11 @@ impl<'r> Io<'r> {
     }
 
     /// The `n`th of the target's registered files ([`AsyncTarget::files`]).
+    ///
+    /// # Panics
+    /// If the target registered fewer than `n + 1` files.
     pub fn file(&self, n: u32) -> FileRef<'static> {
+        assert!(n < self.r.files, "Io::file({n}): the target registered {} files (AsyncTarget::files)", self.r.files);
         FileRef::Fixed(1 + n)
     }
 
@@ -249,7 +253,7 @@ impl<'r> Io<'r> {
         // request is committed only after the operation is over; `data` and
         // `data_mut` refuse while it writes there.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, (), |_| {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, Some(file), (), |_| {
                 ops::on_file!(file, |fd| opcode::Read::new(fd, p, n).offset(offset).build())
             })
         })
@@ -265,7 +269,7 @@ impl<'r> Io<'r> {
         let file = file.into();
         // SAFETY: as in `read_at`; the kernel only reads the buffer.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, (), |_| {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, Some(file), (), |_| {
                 ops::on_file!(file, |fd| opcode::Write::new(fd, p, n).offset(offset).rw_flags(rw_flags).build())
             })
         })
@@ -283,7 +287,7 @@ impl<'r> Io<'r> {
         let sock = sock.into();
         // SAFETY: as in `read_at`.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, (), |_| {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, Some(sock), (), |_| {
                 ops::on_file!(sock, |fd| opcode::Recv::new(fd, p, n).flags(flags).build())
             })
         })
@@ -300,7 +304,7 @@ impl<'r> Io<'r> {
         let sock = sock.into();
         // SAFETY: as in `write_at`; the kernel only reads the buffer.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, (), |_| {
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, Some(sock), (), |_| {
                 ops::on_file!(sock, |fd| opcode::Send::new(fd, p, n).flags(flags).build())
             })
         })

@@ -6,7 +6,6 @@
 //! (and is cancelled) until the kernel is done with it: no safe code can
 //! free memory an operation may still write.
 
-use std::any::Any;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
@@ -167,7 +166,7 @@ pub(crate) use on_file;
 /// Dropping it before it resolves cancels the operation
 /// (`IORING_OP_ASYNC_CANCEL`); what it owns is kept until the kernel
 /// reports the operation over.
-#[must_use = "an operation does nothing useful unless awaited (it is already submitted)"]
+#[must_use = "an operation is already queued to the kernel; dropping it cancels it"]
 pub struct Op<'r, K: 'static = ()> {
     r: &'r Reactor,
     idx: u32,
@@ -189,12 +188,15 @@ impl<'r, K: 'static> Op<'r, K> {
         r: &'r Reactor,
         tag: Option<u16>,
         data: DataUse,
+        file: Option<FileRef<'_>>,
         keep: K,
         build: impl FnOnce(&mut super::reactor::Slot) -> squeue::Entry,
     ) -> Self {
+        // A descriptor borrowed only for this call must reach the kernel now.
+        let submit_now = matches!(file, Some(FileRef::Fd(_)));
         // SAFETY: the caller's promise; `keep` lives in the Op, and moves to
         // the slot if the Op is dropped before the completion.
-        let idx = unsafe { r.start(tag, data, build) };
+        let idx = unsafe { r.start(tag, data, submit_now, build) };
         Op { r, idx, keep: Some(keep), _thread_bound: PhantomData }
     }
 }
@@ -218,20 +220,36 @@ impl<K: 'static> Future for Op<'_, K> {
 impl<K: 'static> Drop for Op<'_, K> {
     fn drop(&mut self) {
         if let Some(keep) = self.keep.take() {
-            let boxed: Option<Box<dyn Any>> = if std::mem::size_of::<K>() == 0 { None } else { Some(Box::new(keep)) };
-            self.r.orphan(self.idx, boxed);
+            // Boxed even when zero-sized (no allocation then): a guard type
+            // must live until the completion too.
+            self.r.orphan(self.idx, Some(Box::new(keep)));
         }
     }
 }
 
 /// An operation that owns nothing: resolves to its result alone.
-#[must_use = "an operation does nothing useful unless awaited (it is already submitted)"]
+#[must_use = "an operation is already queued to the kernel; dropping it cancels it"]
 pub struct Plain<'r>(pub(crate) Op<'r, ()>);
 
 impl Future for Plain<'_> {
     type Output = OpResult;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpResult> {
         Pin::new(&mut self.0).poll(cx).map(|(r, ())| r)
+    }
+}
+
+/// A [`Ring::sleep`]: resolves to `Ok(0)` when the time is up.
+#[must_use = "an operation is already queued to the kernel; dropping it cancels it"]
+pub struct Sleep<'r>(Op<'r, ()>);
+
+impl Future for Sleep<'_> {
+    type Output = OpResult;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<OpResult> {
+        Pin::new(&mut self.0).poll(cx).map(|(r, ())| match r {
+            // The kernel reports an expired timeout as -ETIME.
+            Err(e) if e == Errno::ETIME => Ok(0),
+            r => r,
+        })
     }
 }
 
@@ -291,9 +309,9 @@ impl std::fmt::Debug for Ring<'_> {
 }
 
 impl<'r> Ring<'r> {
-    fn plain(&self, build: impl FnOnce() -> squeue::Entry) -> Plain<'r> {
+    fn plain(&self, file: Option<FileRef<'_>>, build: impl FnOnce() -> squeue::Entry) -> Plain<'r> {
         // SAFETY: the SQE names no memory.
-        Plain(unsafe { Op::start(self.r, self.tag, DataUse::None, (), |_| build()) })
+        Plain(unsafe { Op::start(self.r, self.tag, DataUse::None, file, (), |_| build()) })
     }
 
     /// `pread` into `buf` (up to its length) at `offset`.
@@ -302,7 +320,9 @@ impl<'r> Ring<'r> {
         let file = file.into();
         // SAFETY: `buf` is owned by the Op (stable heap bytes) until done.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, buf, |_| on_file!(file, |fd| opcode::Read::new(fd, p, n).offset(offset).build()))
+            Op::start(self.r, self.tag, DataUse::None, Some(file), buf, |_| {
+                on_file!(file, |fd| opcode::Read::new(fd, p, n).offset(offset).build())
+            })
         }
     }
 
@@ -312,7 +332,7 @@ impl<'r> Ring<'r> {
         let file = file.into();
         // SAFETY: as in `read`.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, buf, |_| {
+            Op::start(self.r, self.tag, DataUse::None, Some(file), buf, |_| {
                 on_file!(file, |fd| opcode::Write::new(fd, p, n).offset(offset).rw_flags(rw_flags).build())
             })
         }
@@ -331,7 +351,7 @@ impl<'r> Ring<'r> {
         let file = file.into();
         // SAFETY: the buffers and the iovec array (heap) are owned by the Op.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, (bufs, iov), |_| {
+            Op::start(self.r, self.tag, DataUse::None, Some(file), (bufs, iov), |_| {
                 on_file!(file, |fd| opcode::Readv::new(fd, p, n).offset(offset).build())
             })
         }
@@ -345,7 +365,7 @@ impl<'r> Ring<'r> {
         let file = file.into();
         // SAFETY: as in `readv`; the kernel only reads the buffers.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, (bufs, iov), |_| {
+            Op::start(self.r, self.tag, DataUse::None, Some(file), (bufs, iov), |_| {
                 on_file!(file, |fd| opcode::Writev::new(fd, p, n).offset(offset).build())
             })
         }
@@ -355,13 +375,13 @@ impl<'r> Ring<'r> {
     pub fn fsync<'f>(&self, file: impl Into<FileRef<'f>>, datasync: bool) -> Plain<'r> {
         let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
         let file = file.into();
-        self.plain(|| on_file!(file, |fd| opcode::Fsync::new(fd).flags(flags).build()))
+        self.plain(Some(file), || on_file!(file, |fd| opcode::Fsync::new(fd).flags(flags).build()))
     }
 
     /// `fallocate(mode, offset, len)` (e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`).
     pub fn fallocate<'f>(&self, file: impl Into<FileRef<'f>>, mode: i32, offset: u64, len: u64) -> Plain<'r> {
         let file = file.into();
-        self.plain(|| on_file!(file, |fd| opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()))
+        self.plain(Some(file), || on_file!(file, |fd| opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build()))
     }
 
     /// `send` of `buf` with `MSG_*` flags.
@@ -370,7 +390,9 @@ impl<'r> Ring<'r> {
         let sock = sock.into();
         // SAFETY: as in `write`.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, buf, |_| on_file!(sock, |fd| opcode::Send::new(fd, p, n).flags(flags).build()))
+            Op::start(self.r, self.tag, DataUse::None, Some(sock), buf, |_| {
+                on_file!(sock, |fd| opcode::Send::new(fd, p, n).flags(flags).build())
+            })
         }
     }
 
@@ -380,7 +402,9 @@ impl<'r> Ring<'r> {
         let sock = sock.into();
         // SAFETY: as in `read`.
         unsafe {
-            Op::start(self.r, self.tag, DataUse::None, buf, |_| on_file!(sock, |fd| opcode::Recv::new(fd, p, n).flags(flags).build()))
+            Op::start(self.r, self.tag, DataUse::None, Some(sock), buf, |_| {
+                on_file!(sock, |fd| opcode::Recv::new(fd, p, n).flags(flags).build())
+            })
         }
     }
 
@@ -390,18 +414,20 @@ impl<'r> Ring<'r> {
         let (p, n) = (&sa.storage as *const libc::sockaddr_storage as *const libc::sockaddr, sa.len);
         let sock = sock.into();
         // SAFETY: the address is boxed and owned by the Op until done.
-        let op = unsafe { Op::start(self.r, self.tag, DataUse::None, sa, |_| on_file!(sock, |fd| opcode::Connect::new(fd, p, n).build())) };
+        let op = unsafe {
+            Op::start(self.r, self.tag, DataUse::None, Some(sock), sa, |_| on_file!(sock, |fd| opcode::Connect::new(fd, p, n).build()))
+        };
         // Drop the SockAddr from the result: map through a Plain-like wrapper.
         Plain(Op::forget_keep(op))
     }
 
-    /// Completes after `d` (an io_uring TIMEOUT): `Err(ETIME)` is the normal
-    /// outcome, as the kernel reports it.
-    pub fn sleep(&self, d: Duration) -> Plain<'r> {
+    /// Completes after `d` (an io_uring TIMEOUT) with `Ok(0)`; `Err` only if
+    /// it was cancelled (`ECANCELED`) or refused.
+    pub fn sleep(&self, d: Duration) -> Sleep<'r> {
         // SAFETY: the timespec lives in the operation's slot, which stays
         // put until the completion.
-        Plain(unsafe {
-            Op::start(self.r, self.tag, DataUse::None, (), |slot| {
+        Sleep(unsafe {
+            Op::start(self.r, self.tag, DataUse::None, None, (), |slot| {
                 slot.ts = types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
                 opcode::Timeout::new(&slot.ts as *const types::Timespec).build()
             })
@@ -410,7 +436,7 @@ impl<'r> Ring<'r> {
 
     /// A no-op that completes at once (after a trip through the ring).
     pub fn nop(&self) -> Plain<'r> {
-        self.plain(|| opcode::Nop::new().build())
+        self.plain(None, || opcode::Nop::new().build())
     }
 
     /// Pushes any operation. Its `user_data` is set by the queue.
@@ -425,10 +451,14 @@ impl<'r> Ring<'r> {
     ///   (`IOSQE_IO_LINK`/`IOSQE_IO_HARDLINK`), nothing that posts
     ///   notification CQEs (zero-copy send).
     /// * It must not name the queue's fixed file 0 (`/dev/ublkcN`) with an
-    ///   io command.
+    ///   io command, cancel other operations (`IORING_ASYNC_CANCEL_ANY`, by
+    ///   another user_data), remove or update other polls or timeouts, or
+    ///   change the ring's registered files or buffers.
+    /// * A descriptor it names by number must stay open until it is
+    ///   submitted (at the queue's next `io_uring_enter`).
     pub unsafe fn raw<K: 'static>(&self, sqe: squeue::Entry, keep: K) -> Op<'r, K> {
         // SAFETY: the caller's promise.
-        unsafe { Op::start(self.r, self.tag, DataUse::None, keep, |_| sqe) }
+        unsafe { Op::start(self.r, self.tag, DataUse::None, None, keep, |_| sqe) }
     }
 
     /// Raw descriptor of a [`FileRef::Fd`], for building raw SQEs.

@@ -76,6 +76,9 @@ pub(crate) struct Ready {
     bits: Box<[AtomicU64]>,
     /// Whether the queue thread is awake or already told: a wake from
     /// another thread writes the eventfd only when this goes false -> true.
+    /// The queue stores false then reads the bits; a waker sets a bit then
+    /// swaps this: all four SeqCst, so at least one of them sees the other
+    /// (no lost wake-up on weakly ordered CPUs either).
     notified: AtomicBool,
     efd: OwnedFd,
 }
@@ -87,11 +90,11 @@ impl Ready {
     }
 
     pub(crate) fn set(&self, tag: u16) {
-        self.bits[usize::from(tag / 64)].fetch_or(1 << (tag % 64), Ordering::AcqRel);
+        self.bits[usize::from(tag / 64)].fetch_or(1 << (tag % 64), Ordering::SeqCst);
     }
 
     fn notify(&self) {
-        if !self.notified.swap(true, Ordering::AcqRel) {
+        if !self.notified.swap(true, Ordering::SeqCst) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full
             // counter (EAGAIN) means a wake-up is pending anyway.
@@ -109,7 +112,7 @@ impl Ready {
     }
 
     pub(crate) fn any(&self) -> bool {
-        self.bits.iter().any(|w| w.load(Ordering::Acquire) != 0)
+        self.bits.iter().any(|w| w.load(Ordering::SeqCst) != 0)
     }
 
     /// The queue thread is about to sleep (false) or is awake (true).
@@ -148,10 +151,12 @@ pub(crate) struct Reactor {
     pub(crate) tags: Box<[TagOps]>,
     pub(crate) ready: Arc<Ready>,
     pub(crate) wakers: Box<[Waker]>,
+    /// Target files registered after `/dev/ublkcN` (fixed files 1..=files).
+    pub(crate) files: u32,
 }
 
 impl Reactor {
-    pub(crate) fn new(ring: IoUring<squeue::Entry, cqueue::Entry>, depth: u16, efd: OwnedFd) -> Reactor {
+    pub(crate) fn new(ring: IoUring<squeue::Entry, cqueue::Entry>, depth: u16, efd: OwnedFd, files: u32) -> Reactor {
         // One more than the tags: the queue's background task (see
         // `QueueTarget::run`) has index `depth`.
         let ready = Arc::new(Ready::new(depth + 1, efd));
@@ -162,6 +167,7 @@ impl Reactor {
             tags: (0..depth).map(|_| TagOps::default()).collect(),
             ready,
             wakers,
+            files,
         }
     }
 
@@ -191,7 +197,13 @@ impl Reactor {
     /// The memory the SQE names must stay valid until its completion: the
     /// tag's buffer (which outlives the queue's commands), the slot's own
     /// storage, or memory the caller keeps until then (see [`Reactor::orphan`]).
-    pub(crate) unsafe fn start(&self, tag: Option<u16>, data: DataUse, build: impl FnOnce(&mut Slot) -> squeue::Entry) -> u32 {
+    pub(crate) unsafe fn start(
+        &self,
+        tag: Option<u16>,
+        data: DataUse,
+        submit_now: bool,
+        build: impl FnOnce(&mut Slot) -> squeue::Entry,
+    ) -> u32 {
         let (idx, sqe) = {
             let mut t = self.ops.borrow_mut();
             let idx = match t.free.pop() {
@@ -208,14 +220,21 @@ impl Reactor {
                     (t.slots.len() - 1) as u32
                 }
             };
+            let slot = &mut t.slots[idx as usize];
+            let sqe = build(slot).user_data(ASYNC_OP | u64::from(idx));
+            (idx, sqe)
+        };
+        // Pushed before anything counts it: a push that panics leaves no
+        // operation counted that the kernel never got (the slot is lost).
+        self.push(&sqe);
+        {
+            let mut t = self.ops.borrow_mut();
             t.in_flight += 1;
             let slot = &mut t.slots[idx as usize];
             slot.state = State::Pending;
             slot.tag = tag;
             slot.data = data;
-            let sqe = build(slot).user_data(ASYNC_OP | u64::from(idx));
-            (idx, sqe)
-        };
+        }
         if let Some(tag) = tag {
             let t = &self.tags[usize::from(tag)];
             t.ops.set(t.ops.get() + 1);
@@ -225,13 +244,41 @@ impl Reactor {
                 DataUse::Write => t.data_writes.set(t.data_writes.get() + 1),
             }
         }
-        self.push(&sqe);
+        if submit_now {
+            // The SQE names a descriptor by number: the kernel must take its
+            // file now, while the caller's borrow of it still holds, not at
+            // the next enter, by which time it may be closed and the number
+            // reused (the operation would act on another file). Without
+            // IOSQE_ASYNC the kernel resolves the file during this submit.
+            let _ = self.ring.borrow_mut().submit();
+        }
         idx
+    }
+
+    /// Cancels every operation in flight, one by one (by user_data), so that
+    /// the queue's own polls (teardown wake-up, cross-thread notify) stay.
+    pub(crate) fn cancel_all(&self, user_data: u64) {
+        let pending: Vec<u32> = {
+            let t = self.ops.borrow();
+            t.slots.iter().enumerate().filter(|(_, s)| matches!(s.state, State::Pending | State::Orphan)).map(|(i, _)| i as u32).collect()
+        };
+        for idx in pending {
+            let cancel = opcode::AsyncCancel::new(ASYNC_OP | u64::from(idx)).build().user_data(user_data);
+            self.push(&cancel);
+        }
+    }
+
+    /// Gives up on the operations in flight (the ring is closing without
+    /// their completions): what they may still touch is leaked, never freed.
+    pub(crate) fn leak_ops(&self) {
+        let slots = std::mem::take(&mut self.ops.borrow_mut().slots);
+        std::mem::forget(slots);
     }
 
     /// The operation in `idx` completed with `res`. Returns the tag it
     /// belonged to.
     pub(crate) fn complete(&self, idx: u32, res: i32) -> Option<u16> {
+        let mut orphan_keep = None;
         let mut t = self.ops.borrow_mut();
         let slot = t.slots.get_mut(idx as usize)?;
         let (tag, data) = (slot.tag, slot.data);
@@ -242,8 +289,10 @@ impl Reactor {
             }
             State::Orphan => {
                 slot.state = State::Free;
-                slot.keep = None;
                 slot.waker = None;
+                // Dropped below, after the bookkeeping: the kept value is
+                // the target's, and its drop may panic.
+                orphan_keep = slot.keep.take();
                 t.free.push(idx);
                 None
             }
@@ -261,6 +310,7 @@ impl Reactor {
                 DataUse::Write => o.data_writes.set(o.data_writes.get() - 1),
             }
         }
+        drop(orphan_keep);
         if let Some(w) = waker {
             w.wake();
         }

@@ -81,7 +81,11 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
         if r.ready.any() {
             r.ready.set_awake(true);
             let n = r.ring.borrow_mut().submission().len() as u32;
-            q.enter_nowait(n).map_err(|e| Error::os("io_uring_enter on the queue ring", e))?;
+            match q.enter_nowait(n) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(Error::os("io_uring_enter on the queue ring", e)),
+            }
         } else {
             let entered = q.enter_or_fail();
             r.ready.set_awake(true);
@@ -91,8 +95,8 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
             let (ud, res) = (cqe.user_data(), cqe.result());
             match ud {
                 WAKE => {
-                    q.woken = true;
-                    stopping = true;
+                    q.on_wake(res);
+                    stopping = q.woken;
                 }
                 NOTIFY => {
                     drain_eventfd(r.ready.efd());

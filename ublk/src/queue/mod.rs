@@ -47,6 +47,9 @@ const CANCEL: u64 = u64::MAX - 1;
 /// user_data of the poll on the queue's own eventfd, which wakers on other
 /// threads write.
 const NOTIFY: u64 = u64::MAX - 3;
+/// How long a queue waits for its target's operations to end after
+/// cancelling them before it gives up and leaks their memory.
+const END_OPS_LIMIT: Duration = Duration::from_secs(30);
 
 /// Where request `tag` of queue `q_id` is in `/dev/ublkcN` under
 /// `UBLK_F_USER_COPY`: `pread` there reads a WRITE's data, `pwrite` there
@@ -185,7 +188,7 @@ impl Queue {
         let notify = EventFd::new()?;
         let blank = Request { q_id, tag: 0, op: Op::Other(0xff), flags: 0, start_sector: 0, nr_sectors: 0 };
         Ok(Queue {
-            reactor: Rc::new(Reactor::new(ring, depth, notify.into_owned())),
+            reactor: Rc::new(Reactor::new(ring, depth, notify.into_owned(), target_files.len() as u32)),
             dev_id: info.dev_id,
             q_id,
             depth,
@@ -370,8 +373,8 @@ impl Queue {
                 let (ud, res) = (cqe.user_data(), cqe.result());
                 match ud {
                     WAKE => {
-                        self.woken = true;
-                        stopping = true;
+                        self.on_wake(res);
+                        stopping = self.woken;
                     }
                     NOTIFY => {
                         drain_eventfd(self.reactor.ready.efd());
@@ -456,22 +459,39 @@ impl Queue {
     /// buffers (the tags', the target's) must not be written after the
     /// queue is gone. Requests delivered meanwhile are held, for `fail_held`.
     fn end_ops(&mut self) {
-        if self.reactor.in_flight() > 0 {
-            let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any()).build().user_data(CANCEL);
-            self.push(&cancel);
-        }
+        // Each operation is cancelled by its own user_data: an "any" cancel
+        // would also end the queue's polls (the teardown wake-up and the
+        // cross-thread notify), which a queue that goes on serving (after a
+        // panic) still needs. Cancels are sent again every second (one may
+        // race an operation's start); after END_OPS_LIMIT the queue gives up
+        // and leaks what the operations may still touch (see Drop).
+        let t0 = Instant::now();
+        let mut last_cancel: Option<Instant> = None;
         while self.reactor.in_flight() > 0 {
-            let waited = self.reactor.ring.borrow_mut().submit_and_wait(1).map_err(|e| e.raw_os_error());
+            if last_cancel.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if t0.elapsed() > END_OPS_LIMIT {
+                    return;
+                }
+                self.reactor.cancel_all(CANCEL);
+                last_cancel = Some(Instant::now());
+            }
+            let ts = types::Timespec::new().nsec(100_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let waited = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args).map_err(|e| e.raw_os_error());
             match waited {
-                Ok(_) | Err(Some(libc::EINTR)) => {}
+                Ok(_) | Err(Some(libc::EINTR)) | Err(Some(libc::ETIME)) => {}
                 Err(Some(libc::EAGAIN)) | Err(Some(libc::EBUSY)) => std::thread::sleep(Duration::from_millis(1)),
                 // The ring cannot wait: leave the buffers alone (see Drop).
                 Err(_) => return,
             }
             while let Some(cqe) = self.next_cqe() {
                 match cqe.user_data() {
-                    WAKE => self.woken = true,
-                    CANCEL | OP_CANCEL | NOTIFY => {}
+                    WAKE => self.on_wake(cqe.result()),
+                    NOTIFY => {
+                        drain_eventfd(self.reactor.ready.efd());
+                        self.arm_notify();
+                    }
+                    CANCEL | OP_CANCEL => {}
                     ud if ud & ASYNC_OP != 0 => {
                         self.reactor.complete(ud as u32, cqe.result());
                     }
@@ -484,6 +504,19 @@ impl Queue {
                     }
                 }
             }
+        }
+    }
+
+    /// The teardown wake-up poll completed with `res`: the eventfd was
+    /// written (stop), or the poll was cancelled, which is no stop: re-arm.
+    fn on_wake(&mut self, res: i32) {
+        if res == -libc::ECANCELED {
+            if let Some(fd) = self.wake {
+                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
+                self.push(&poll);
+            }
+        } else {
+            self.woken = true;
         }
     }
 
@@ -505,7 +538,11 @@ impl Queue {
         for tag in 0..self.depth {
             let t = usize::from(tag);
             if self.held[t] && self.reactor.tags[t].ops.get() == 0 {
-                let result = self.answers[t].take().unwrap_or(-libc::EIO);
+                // A stored answer still needs its data moved (USER_COPY).
+                let result = match self.answers[t].take() {
+                    Some(r) => self.copy_out(tag, r),
+                    None => -libc::EIO,
+                };
                 self.commit(tag, result);
             }
         }
@@ -732,6 +769,11 @@ impl Drop for Queue {
                     std::mem::forget(b);
                 }
             }
+        }
+        if self.reactor.in_flight() > 0 {
+            // Operations the kernel never reported over: what they may
+            // still write (their owned buffers) is leaked with their slots.
+            self.reactor.leak_ops();
         }
     }
 }
