@@ -8,6 +8,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use ublk_tests::*;
 
@@ -40,19 +41,27 @@ fn read_device(dev: &str, size: u64) -> Vec<u8> {
     v
 }
 
-/// Writes `data` at `off` of `dev` with O_DIRECT; returns dd's status and stderr.
+/// Writes `data` at `off` of `dev` with O_DIRECT, in one write(2) (one
+/// request up to the device's 512 KiB); returns dd's status and stderr.
 fn dd_write(dev: &str, off: u64, data: &[u8], name: &str) -> (std::process::ExitStatus, String) {
     let src = PathBuf::from(format!("/tmp/stripe-{name}.src"));
     std::fs::write(&src, data).unwrap();
     let (st, _, err) = run(
         "dd",
-        &[&format!("if={}", src.display()), &format!("of={dev}"), "bs=4k", &format!("seek={}", off / 4096), "oflag=direct", "status=none"],
+        &[
+            &format!("if={}", src.display()),
+            &format!("of={dev}"),
+            &format!("bs={}", data.len()),
+            &format!("seek={off}"),
+            "oflag=direct,seek_bytes",
+            "status=none",
+        ],
     );
     let _ = std::fs::remove_file(&src);
     (st, err)
 }
 
-/// `len` bytes at `off` of `dev`, read with O_DIRECT.
+/// `len` bytes at `off` of `dev`, read with O_DIRECT in one read(2).
 fn dd_read(dev: &str, off: u64, len: u64) -> Vec<u8> {
     let dst = PathBuf::from("/tmp/stripe-dd.read");
     run_ok(
@@ -60,10 +69,10 @@ fn dd_read(dev: &str, off: u64, len: u64) -> Vec<u8> {
         &[
             &format!("if={dev}"),
             &format!("of={}", dst.display()),
-            "bs=4k",
-            &format!("skip={}", off / 4096),
-            &format!("count={}", len / 4096),
-            "iflag=direct",
+            &format!("bs={len}"),
+            &format!("skip={off}"),
+            "count=1",
+            "iflag=direct,skip_bytes",
             "status=none",
         ],
     );
@@ -494,6 +503,94 @@ driver_test! {
         assert!(st.success());
         let _ = std::fs::remove_file(&tiny);
         remove(&legs);
+        delete_all_devices();
+        assert_no_devices();
+    }
+}
+
+/// A memory-backed null_blk disk made through configfs whose every request
+/// completes `latency_ms` after it arrives (a timer, `irqmode=2`); removed
+/// on drop.
+struct SlowNullb {
+    cfs: PathBuf,
+    dev: PathBuf,
+}
+
+impl SlowNullb {
+    fn new(name: &str, mb: u64, latency_ms: u64) -> SlowNullb {
+        let cfs = PathBuf::from("/sys/kernel/config/nullb").join(name);
+        assert!(Path::new("/sys/kernel/config/nullb").is_dir(), "null_blk's configfs directory is missing (null_blk not loaded?)");
+        let _ = std::fs::remove_dir(&cfs);
+        std::fs::create_dir(&cfs).unwrap_or_else(|e| panic!("mkdir {}: {e}", cfs.display()));
+        let set = |k: &str, v: &str| std::fs::write(cfs.join(k), v).unwrap_or_else(|e| panic!("{}/{k} = {v}: {e}", cfs.display()));
+        set("memory_backed", "1");
+        set("blocksize", "512");
+        set("size", &mb.to_string());
+        set("irqmode", "2");
+        set("completion_nsec", &(latency_ms * 1_000_000).to_string());
+        set("power", "1");
+        // 6.1 names the disk after the configfs directory, later kernels nullbN.
+        let index = std::fs::read_to_string(cfs.join("index")).unwrap().trim().to_string();
+        let dev = if Path::new("/sys/block").join(name).exists() {
+            PathBuf::from("/dev").join(name)
+        } else {
+            PathBuf::from(format!("/dev/nullb{index}"))
+        };
+        wait_for_path(&dev);
+        SlowNullb { cfs, dev }
+    }
+}
+
+impl Drop for SlowNullb {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.cfs.join("power"), "0");
+        let _ = std::fs::remove_dir(&self.cfs);
+    }
+}
+
+driver_test! {
+    /// Legs that are block devices, opened with O_DIRECT (--direct): two
+    /// null_blk disks that complete every request 250 ms after it arrives.
+    /// A 64 KiB request over 4 KiB chunks is 16 pieces; run one after
+    /// another they would take 4 s, run at once about 250 ms: each such
+    /// read and write through the device must take well under half the
+    /// serial time. The data is on the disks in RAID-0 order.
+    fn stripe_block_device_legs_pieces_run_concurrently() {
+        const LATENCY_MS: u64 = 250;
+        let a = SlowNullb::new("stripe_slow_a", 16, LATENCY_MS);
+        let b = SlowNullb::new("stripe_slow_b", 16, LATENCY_MS);
+        let legs = vec![a.dev.clone(), b.dev.clone()];
+        let d = Daemon::start("ublk", &stripe_args(&legs, &["--chunk", "4K", "--direct"]));
+        let dev = d.dev.to_str().unwrap().to_string();
+        assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (32 * M).to_string());
+        let serial = Duration::from_millis(16 * LATENCY_MS);
+        for i in 0..3u64 {
+            let off = (i * 3 + 1) * 64 * K;
+            let data = pattern(64 << 10, 30 + i);
+            let t = Instant::now();
+            let (st, err) = dd_write(&dev, off, &data, "slow");
+            let tw = t.elapsed();
+            assert!(st.success(), "write at {off}: {err}");
+            let t = Instant::now();
+            let back = dd_read(&dev, off, 64 * K);
+            let tr = t.elapsed();
+            eprintln!("64 KiB = 16 pieces of 4 KiB at {off}: write {tw:?}, read {tr:?} (serial: at least {serial:?})");
+            assert!(back == data, "64 KiB at {off} read back differently");
+            assert!(tw < serial / 2 && tr < serial / 2, "pieces ran one after another: write {tw:?}, read {tr:?}, serial {serial:?}");
+            // Chunk k of the device is on disk k % 2 at (k / 2) * 4 KiB: the
+            // 16 chunks from k0 (even) are 8 in a row on each disk.
+            let k0 = off / (4 * K);
+            let on_legs = [0, 1].map(|l| dd_read(legs[l].to_str().unwrap(), k0 / 2 * 4 * K, 32 * K));
+            for j in 0..16usize {
+                let (k, c) = (k0 + j as u64, 4 * K as usize);
+                let on_leg = &on_legs[j % 2][j / 2 * c..(j / 2 + 1) * c];
+                assert!(on_leg == &data[j * c..(j + 1) * c], "chunk {k} is not on disk {} at {}", k % 2, (k / 2) * 4 * K);
+            }
+        }
+        let (st, out) = d.terminate();
+        assert!(st.success(), "stripe daemon exited with {st}");
+        assert_eq!(queue_sum(&out, "errors"), 0, "requests failed: {out}");
+        drop((a, b));
         delete_all_devices();
         assert_no_devices();
     }
