@@ -555,7 +555,8 @@ driver_test! {
     /// A 64 KiB request over 4 KiB chunks is 16 pieces; run one after
     /// another they would take 4 s, run at once about 250 ms: each such
     /// read and write through the device must take well under half the
-    /// serial time. The data is on the disks in RAID-0 order.
+    /// serial time. The data is on the disks in RAID-0 order, and
+    /// WRITE_ZEROES zeroes the disks' ranges.
     fn stripe_block_device_legs_pieces_run_concurrently() {
         const LATENCY_MS: u64 = 250;
         let a = SlowNullb::new("stripe_slow_a", 16, LATENCY_MS);
@@ -588,9 +589,20 @@ driver_test! {
                 assert!(on_leg == &data[j * c..(j + 1) * c], "chunk {k} is not on disk {} at {}", k % 2, (k / 2) * 4 * K);
             }
         }
+        // WRITE_ZEROES on block-device legs (FALLOC_FL_ZERO_RANGE on each
+        // disk): the first 64 KiB written above read back as zeros, on the
+        // disks too, and the rest of that write is untouched.
+        run_ok("blkdiscard", &["-z", "-o", &(64 * K).to_string(), "-l", &(48 * K).to_string(), &dev]);
+        let back = dd_read(&dev, 64 * K, 64 * K);
+        assert!(back[..48 << 10].iter().all(|b| *b == 0), "write-zeroes on block-device legs left data");
+        assert!(back[48 << 10..] == pattern(64 << 10, 30)[48 << 10..], "write-zeroes went past its range");
+        for leg in &legs {
+            assert!(dd_read(leg.to_str().unwrap(), 32 * K, 24 * K).iter().all(|b| *b == 0), "{} not zeroed", leg.display());
+        }
         let (st, out) = d.terminate();
         assert!(st.success(), "stripe daemon exited with {st}");
         assert_eq!(queue_sum(&out, "errors"), 0, "requests failed: {out}");
+        assert!(queue_sum(&out, "write_zeroes") > 0, "no WRITE_ZEROES reached the target: {out}");
         drop((a, b));
         delete_all_devices();
         assert_no_devices();
