@@ -551,14 +551,14 @@ impl Drop for SlowNullb {
 
 driver_test! {
     /// Legs that are block devices, opened with O_DIRECT (--direct): two
-    /// null_blk disks that complete every request 250 ms after it arrives.
+    /// null_blk disks that complete every request 500 ms after it arrives.
     /// A 64 KiB request over 4 KiB chunks is 16 pieces; run one after
-    /// another they would take 4 s, run at once about 250 ms: each such
+    /// another they would take 8 s, run at once about 500 ms: each such
     /// read and write through the device must take well under half the
     /// serial time. The data is on the disks in RAID-0 order, and
     /// WRITE_ZEROES zeroes the disks' ranges.
     fn stripe_block_device_legs_pieces_run_concurrently() {
-        const LATENCY_MS: u64 = 250;
+        const LATENCY_MS: u64 = 500;
         let a = SlowNullb::new("stripe_slow_a", 16, LATENCY_MS);
         let b = SlowNullb::new("stripe_slow_b", 16, LATENCY_MS);
         let legs = vec![a.dev.clone(), b.dev.clone()];
