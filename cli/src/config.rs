@@ -19,7 +19,7 @@ pub fn run_dir() -> PathBuf {
 pub struct DeviceConfig {
     /// Device id (N of /dev/ublkbN).
     pub id: u32,
-    /// `null`, `ramdisk` or `loop`.
+    /// `null`, `ramdisk`, `loop` or `stripe`.
     pub target: String,
     /// Backing file of a loop device (absolute path).
     pub file: Option<PathBuf>,
@@ -59,6 +59,26 @@ pub struct DeviceConfig {
     /// `--async`: the null device is served by the async null target.
     #[serde(default)]
     pub async_target: bool,
+    /// The legs and chunk of a stripe device; absent for other targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe: Option<StripeConfig>,
+}
+
+/// A stripe device's legs (absolute paths, in order) and chunk size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeConfig {
+    /// The legs, leg 0 first.
+    pub legs: Vec<PathBuf>,
+    /// Bytes per chunk.
+    pub chunk: u32,
+}
+
+impl StripeConfig {
+    /// The legs as one comma-separated string (for `ublk list`).
+    pub fn files(&self) -> PathBuf {
+        let names: Vec<String> = self.legs.iter().map(|p| p.display().to_string()).collect();
+        PathBuf::from(names.join(","))
+    }
 }
 
 fn default_busy_poll_us() -> u64 {
@@ -200,6 +220,7 @@ mod tests {
             busy_poll_us: 0,
             data_path: Some("user-copy".into()),
             async_target: false,
+            stripe: None,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -243,6 +264,7 @@ mod tests {
             busy_poll_us: 200,
             data_path: None,
             async_target: true,
+            stripe: None,
         };
         assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();
@@ -277,6 +299,15 @@ mod tests {
         n.pid_start = Some(5);
         let text = serde_json::to_string(&n).unwrap();
         assert!(text.contains(r#""placement":"affinity""#) && text.contains(r#""busy_poll_us":0"#), "{text}");
+        assert_eq!(serde_json::from_str::<DeviceConfig>(&text).unwrap(), n);
+        // A stripe's legs: absent before stripes (and for other targets),
+        // kept by name when present.
+        assert_eq!(c.stripe, None);
+        assert!(!text.contains("stripe"), "{text}");
+        n.target = "stripe".into();
+        n.stripe = Some(StripeConfig { legs: vec!["/a".into(), "/b".into()], chunk: 16384 });
+        let text = serde_json::to_string(&n).unwrap();
+        assert!(text.contains(r#""stripe":{"legs":["/a","/b"],"chunk":16384}"#), "{text}");
         assert_eq!(serde_json::from_str::<DeviceConfig>(&text).unwrap(), n);
     }
 }

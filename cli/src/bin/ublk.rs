@@ -1,6 +1,6 @@
 //! `ublk`: create, list, delete and recover ublk block devices.
 //!
-//! * `ublk add -t null|ramdisk|loop ...`: creates a device and serves it in
+//! * `ublk add -t null|ramdisk|loop|stripe ...`: creates a device and serves it in
 //!   the foreground (the block device path is the first line on stdout; the
 //!   per-queue counts follow at exit) until SIGINT/SIGTERM, or with
 //!   `--detach` in a background daemon (the id is printed once it is live).
@@ -23,9 +23,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ublk::{
     sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget,
-    RamDisk, StopHandle, Target,
+    RamDisk, StopHandle, Stripe, Target,
 };
-use ublk_cli::config::{pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig};
+use ublk_cli::config::{pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, StripeConfig};
 use ublk_cli::{parse_size, SignalStop};
 
 /// Environment of a detached daemon: the fd to report readiness on, and its log.
@@ -84,6 +84,8 @@ enum Kind {
     Ramdisk,
     /// Backed by a file or block device (--file).
     Loop,
+    /// RAID-0 over 2 or more files or block devices (--file A --file B ..., --chunk).
+    Stripe,
 }
 
 impl Kind {
@@ -92,6 +94,7 @@ impl Kind {
             Kind::Null => "null",
             Kind::Ramdisk => "ramdisk",
             Kind::Loop => "loop",
+            Kind::Stripe => "stripe",
         }
     }
 }
@@ -107,16 +110,20 @@ struct AddArgs {
     /// Tags (outstanding requests) per queue, 1..=4096.
     #[arg(long, default_value_t = 128)]
     depth: u16,
-    /// Device size (e.g. 1G, 512M). Default: null 1G, ramdisk 256M, loop the backing file's size.
+    /// Device size (e.g. 1G, 512M). Default: null 1G, ramdisk 256M, loop the backing file's size, stripe legs x the smallest leg.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
     /// Logical block size: 512, 1024, 2048 or 4096.
     #[arg(long, default_value_t = 512)]
     block_size: u32,
-    /// Backing file or block device of a loop device.
+    /// Backing file or block device of a loop device; for a stripe, once
+    /// per leg, in order.
     #[arg(long)]
-    file: Option<PathBuf>,
-    /// Open the backing file with O_DIRECT.
+    file: Vec<PathBuf>,
+    /// Stripe chunk size: a power of two from 4K to 1M. Default 64K.
+    #[arg(long, value_parser = parse_size)]
+    chunk: Option<u64>,
+    /// Open the backing file(s) with O_DIRECT.
     #[arg(long)]
     direct: bool,
     /// Device id (N of /dev/ublkbN); the kernel picks one if omitted.
@@ -347,8 +354,11 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
 fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
     let flags = recovery_flags(&a)?;
-    if a.target != Kind::Loop && (a.file.is_some() || a.direct) {
-        bail!("--file and --direct are for -t loop only; drop them or use -t loop");
+    if !matches!(a.target, Kind::Loop | Kind::Stripe) && (!a.file.is_empty() || a.direct) {
+        bail!("--file and --direct are for -t loop and -t stripe only; drop them or use -t loop");
+    }
+    if a.target != Kind::Stripe && a.chunk.is_some() {
+        bail!("--chunk is for -t stripe only; drop it or use -t stripe");
     }
     if a.target == Kind::Ramdisk && flags != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
@@ -382,6 +392,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         busy_poll_us: a.busy_poll_us,
         data_path: a.data_path.map(|d| d.name().to_string()),
         async_target: a.async_,
+        stripe: None,
     };
     if a.async_ && a.target != Kind::Null {
         bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
@@ -411,10 +422,11 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             serve(dev, &SyncT(&rd), cfg(size, None), &signals, ready)
         }
         Kind::Loop => {
-            let file = a
-                .file
-                .clone()
-                .ok_or_else(|| anyhow!("-t loop needs --file FILE, the backing file (create one with `truncate -s 1G FILE`)"))?;
+            let file = match a.file.as_slice() {
+                [f] => f.clone(),
+                [] => bail!("-t loop needs --file FILE, the backing file (create one with `truncate -s 1G FILE`)"),
+                _ => bail!("-t loop takes one --file; for several, use -t stripe"),
+            };
             let (target, file) = open_loop(&file, a.direct)?;
             let bs = u64::from(a.block_size);
             let size = match a.size {
@@ -432,7 +444,34 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             serve(dev, &AsyncT(&target), cfg(size, Some(file)), &signals, ready)
         }
+        Kind::Stripe => {
+            if a.file.len() < 2 {
+                bail!("-t stripe needs at least two legs: --file A --file B (files or block devices)");
+            }
+            let chunk = a.chunk.unwrap_or(u64::from(ublk::targets::stripe::DEFAULT_CHUNK));
+            let chunk = u32::try_from(chunk).map_err(|_| anyhow!("--chunk {chunk} is too large: at most 1M"))?;
+            let (target, legs) = open_stripe(&a.file, chunk, a.direct)?;
+            let size = match a.size {
+                Some(s) if s > target.size() => bail!(
+                    "--size {s} is larger than the stripe ({} bytes: {} legs x the smallest leg, in whole {chunk}-byte chunks); grow the legs or omit --size",
+                    target.size(),
+                    legs.len()
+                ),
+                Some(s) => s,
+                None => target.size(),
+            };
+            let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
+            let cfg = DeviceConfig { stripe: Some(StripeConfig { legs, chunk }), ..cfg(size, None) };
+            serve(dev, &AsyncT(&target), cfg, &signals, ready)
+        }
     }
+}
+
+/// Opens a stripe target; returns it with the absolute paths of its legs.
+fn open_stripe(files: &[PathBuf], chunk: u32, direct: bool) -> Result<(Stripe, Vec<PathBuf>)> {
+    let target = Stripe::open(files, chunk, &LoopOptions { direct, read_only: false })?;
+    let abs = files.iter().map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())).collect();
+    Ok((target, abs))
 }
 
 /// Opens a loop target; returns it with the absolute path of its file.
@@ -574,6 +613,19 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
             let dev = builder.recover(id, RECOVER_WAIT)?;
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
         }
+        "stripe" => {
+            let s = cfg.stripe.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no stripe legs"))?;
+            let (target, _) = open_stripe(&s.legs, s.chunk, cfg.direct)?;
+            if target.size() < cfg.size {
+                bail!(
+                    "the stripe's legs shrank to {} bytes in all, below the device's {} bytes; restore them before recovering",
+                    target.size(),
+                    cfg.size
+                );
+            }
+            let dev = builder.recover(id, RECOVER_WAIT)?;
+            serve(dev, &AsyncT(&target), cfg, &signals, ready)
+        }
         other => bail!(
             "device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"
         ),
@@ -600,7 +652,7 @@ fn cmd_list(json: bool) -> Result<()> {
                 "pid": pid,
                 "daemon_alive": pid > 0 && daemon_alive(pid as u32, id, cfg.as_ref()),
                 "target": cfg.as_ref().map(|c| c.target.clone()),
-                "file": cfg.as_ref().and_then(|c| c.file.clone()),
+                "file": cfg.as_ref().and_then(|c| c.file.clone().or(c.stripe.as_ref().map(StripeConfig::files))),
             }));
         }
     }
