@@ -2,9 +2,10 @@
 //! checking what the kernel shows, and checking that nothing leaked.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Declares a test that needs `/dev/ublk-control`: ignored, with the reason,
@@ -333,4 +334,56 @@ pub fn pin_self(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     assert_eq!(r, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+}
+
+/// A pipe: (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned here only.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Writes to the pipe and reads the bytes back: no operation still waiting
+/// on `rd` (`who`) took them into a buffer that may no longer exist.
+pub fn assert_no_reader_left(wr: &OwnedFd, rd: &OwnedFd, who: &str) {
+    let msg = b"after teardown";
+    // SAFETY: writes from a live buffer to our pipe.
+    assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
+    let mut back = [0u8; 14];
+    // SAFETY: reads into a live buffer from our pipe.
+    let n = unsafe { libc::read(rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
+    assert_eq!(n, msg.len() as isize, "{who} consumed the pipe's bytes");
+    assert_eq!(&back, msg);
+}
+
+/// UBLK_F_NO_AUTO_PART_SCAN where the kernel has it (7.0+): there the
+/// partition scan runs after START_DEV, concurrently with `on_live`, and would
+/// race with a target that changes behaviour once the device is live.
+pub fn no_part_scan() -> u64 {
+    let f = ublk::sys::abi::UBLK_F_NO_AUTO_PART_SCAN;
+    if ublk::Control::open().unwrap().features().is_some_and(|x| x.contains(f)) {
+        f
+    } else {
+        0
+    }
+}
+
+/// Runs `f` on a thread; panics if it takes longer than `limit` (a hang).
+pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no answer within {limit:?} (the kernel is looping on the result?)"))
+}
+
+/// Runs fio and asserts it succeeded and every job reports `err= 0`; returns its output.
+pub fn fio_ok(args: &[&str]) -> String {
+    let out = run_ok("fio", args);
+    for l in out.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "fio {args:?} reported an error: {l}\n{out}");
+    }
+    out
 }

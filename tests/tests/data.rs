@@ -12,14 +12,6 @@ use std::time::Duration;
 
 use ublk_tests::*;
 
-fn fio_ok(args: &[&str]) -> String {
-    let out = run_ok("fio", args);
-    for l in out.lines().filter(|l| l.contains("err=")) {
-        assert!(l.contains("err= 0"), "fio {args:?} reported an error: {l}\n{out}");
-    }
-    out
-}
-
 fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(p).unwrap();

@@ -2,7 +2,7 @@
 //! hang the kernel, corrupt memory or leave anything behind.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -57,27 +57,6 @@ impl Target for Answers {
             }
         }
     }
-}
-
-/// UBLK_F_NO_AUTO_PART_SCAN where the kernel has it (7.0+): there the
-/// partition scan runs after START_DEV, concurrently with `on_live`, and would
-/// race with a target that changes behaviour once the device is live.
-fn no_part_scan() -> u64 {
-    let f = ublk::sys::abi::UBLK_F_NO_AUTO_PART_SCAN;
-    if ublk::Control::open().unwrap().features().is_some_and(|x| x.contains(f)) {
-        f
-    } else {
-        0
-    }
-}
-
-/// Runs `f` on a thread; panics if it takes longer than `limit` (a hang).
-fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no answer within {limit:?} (the kernel is looping on the result?)"))
 }
 
 fn direct_io(dev: &std::path::Path, off: u64, write: bool, data: Option<Vec<u8>>) -> Result<Vec<u8>, i32> {
@@ -204,28 +183,6 @@ driver_test! {
         let _ = std::fs::remove_file(&path);
         assert_no_devices();
     }
-}
-
-/// A pipe: (read end, write end).
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: both fds were just created and are owned here only.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// Writes to the pipe and reads the bytes back: no operation still waiting
-/// on `rd` (`who`) took them into a buffer that may no longer exist.
-fn assert_no_reader_left(wr: &OwnedFd, rd: &OwnedFd, who: &str) {
-    let msg = b"after teardown";
-    // SAFETY: writes from a live buffer to our pipe.
-    assert_eq!(unsafe { libc::write(wr.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }, msg.len() as isize);
-    let mut back = [0u8; 14];
-    // SAFETY: reads into a live buffer from our pipe.
-    let n = unsafe { libc::read(rd.as_raw_fd(), back.as_mut_ptr().cast(), back.len()) };
-    assert_eq!(n, msg.len() as isize, "{who} consumed the pipe's bytes");
-    assert_eq!(&back, msg);
 }
 
 /// Reads on queue 1 wait on a pipe nobody writes (an operation that stays in
