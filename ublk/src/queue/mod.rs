@@ -362,7 +362,10 @@ impl Queue {
         // command), the queue's target operations are over and the requests
         // it holds committed before it returns.
         self.drain();
-        r
+        // The counts as they are now: `r` holds a copy taken when the loop
+        // ended, which misses the requests `drain` just failed (at a stop,
+        // those whose operations were still in flight after the grace).
+        r.map(|_| self.stats)
     }
 
     fn serve_inner<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
