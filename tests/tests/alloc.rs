@@ -1,6 +1,8 @@
 //! The queue loop does no heap allocation per request: a counting global
 //! allocator, read on the queue thread itself at request 1,000 and again at
-//! request 21,000, sees no allocation in between.
+//! request 21,000 (11,000 for async targets), sees no allocation in between.
+//! Both paths: sync targets and async ones (the library's async null target,
+//! and one that awaits an operation on the ring per request).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -8,19 +10,33 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ublk::{DataPath, DeviceBuilder, IoResult, Request, Target};
+use ublk::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
+use ublk::{AsyncNullTarget, DataPath, DeviceBuilder, IoResult, Request, Target};
 use ublk_tests::*;
 
 struct Counting;
 
 thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    /// This thread's allocations also count in `QUEUE_ALLOCS`.
+    static QUEUE_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Allocations by threads marked with `QUEUE_THREAD`: read from another
+/// thread, for targets whose code we do not write (the library's own).
+static QUEUE_ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+fn count_alloc() {
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+    if QUEUE_THREAD.try_with(|q| q.get()).unwrap_or(false) {
+        QUEUE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 // SAFETY: forwards to the system allocator; only bumps a thread-local counter.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        count_alloc();
         // SAFETY: same contract as ours.
         unsafe { System.alloc(l) }
     }
@@ -29,7 +45,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        count_alloc();
         // SAFETY: same contract as ours.
         unsafe { System.realloc(p, l, n) }
     }
@@ -40,6 +56,9 @@ static A: Counting = Counting;
 
 const FIRST: u64 = 1_000;
 const LAST: u64 = 21_000;
+/// The async runs (four of them) measure over 10,000 requests, to keep the
+/// test executable well inside the VM's time limit per executable.
+const A_LAST: u64 = 11_000;
 
 /// A null target that samples its own thread's allocation count.
 #[derive(Default)]
@@ -82,17 +101,7 @@ fn no_allocation_per_request(path: DataPath) {
         let probe = Probe { no_data: path == DataPath::NoData, ..Default::default() };
         let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
         dev.serve(&probe, |dev, stop| {
-            let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
-            // 4 KiB-aligned buffer, allocated before the measurement.
-            let mut backing = vec![0u8; 8192];
-            let buf = aligned(&mut backing, 4096);
-            let mut reads = 0u64;
-            while probe.served.load(Ordering::Relaxed) < LAST + 10 {
-                if f.read(buf).unwrap() == 0 {
-                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
-                }
-                reads += 1;
-            }
+            let reads = read_while(&dev.block_path(), |_| probe.served.load(Ordering::Relaxed) < LAST + 10);
             eprintln!("{reads} reads issued");
             stop.stop();
         })
@@ -103,5 +112,123 @@ fn no_allocation_per_request(path: DataPath) {
         assert!(probe.served.load(Ordering::Relaxed) >= LAST);
         assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
         assert_no_devices();
+    }
+}
+
+/// One O_DIRECT 4 KiB read after another (from the start of the device
+/// again at its end) while `more(n)`, called after the nth read returned.
+/// Returns the reads issued.
+fn read_while(dev: &std::path::Path, mut more: impl FnMut(u64) -> bool) -> u64 {
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(dev).unwrap();
+    // 4 KiB-aligned buffer, allocated before the measurement.
+    let mut backing = vec![0u8; 8192];
+    let buf = aligned(&mut backing, 4096);
+    let mut reads = 0u64;
+    loop {
+        if f.read(buf).unwrap() == 0 {
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
+        }
+        reads += 1;
+        if !more(reads) {
+            return reads;
+        }
+    }
+}
+
+/// The library's [`AsyncNullTarget`], with its queue threads counted in
+/// `QUEUE_ALLOCS` (marked when the queue's object is made, on its thread).
+struct CountedAsyncNull;
+
+impl AsyncTarget for CountedAsyncNull {
+    type Queue<'a> = AsyncNullTarget;
+    fn queue(&self, q: &QueueContext) -> std::io::Result<AsyncNullTarget> {
+        QUEUE_THREAD.with(|c| c.set(true));
+        AsyncNullTarget.queue(q)
+    }
+    fn needs_data(&self) -> bool {
+        false
+    }
+}
+
+/// An async target that awaits one NOP on the queue's ring per request and
+/// samples its thread's allocation count like [`Probe`].
+#[derive(Default)]
+struct NopProbe {
+    served: AtomicU64,
+    at_first: AtomicU64,
+    at_last: AtomicU64,
+}
+
+impl AsyncTarget for NopProbe {
+    type Queue<'a> = &'a NopProbe;
+    fn queue(&self, _q: &QueueContext) -> std::io::Result<&NopProbe> {
+        Ok(self)
+    }
+    fn needs_data(&self) -> bool {
+        false
+    }
+}
+
+impl QueueTarget for &NopProbe {
+    async fn handle(&self, io: Io<'_>) -> IoResult {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == FIRST {
+            self.at_first.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
+        } else if n == A_LAST {
+            self.at_last.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
+        }
+        io.ring().nop().await?;
+        Ok(io.request().len() as u32)
+    }
+}
+
+driver_test! {
+    /// The async path, both data paths: the library's AsyncNullTarget (its
+    /// queue thread's allocations sampled by the reader between its 1,000th
+    /// and 11,000th read, one read at a time) and a target that awaits a
+    /// NOP on the ring per request (sampled on the queue thread itself).
+    fn async_queue_loop_does_not_allocate_per_request() {
+        for path in [DataPath::Copy, DataPath::NoData] {
+            eprintln!("{path:?}, AsyncNullTarget:");
+            {
+                let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
+                let (mut first, mut last) = (None, None);
+                dev.serve_async(&CountedAsyncNull, |dev, stop| {
+                    let reads = read_while(&dev.block_path(), |n| {
+                        match n {
+                            FIRST => first = Some(QUEUE_ALLOCS.load(Ordering::Relaxed)),
+                            A_LAST => last = Some(QUEUE_ALLOCS.load(Ordering::Relaxed)),
+                            _ => {}
+                        }
+                        n < A_LAST
+                    });
+                    eprintln!("{reads} reads issued");
+                    stop.stop();
+                })
+                .unwrap();
+                let (first, last) = (first.unwrap(), last.unwrap());
+                eprintln!("queue thread allocations: {first} after read {FIRST}, {last} after read {A_LAST}");
+                assert!(first > 0, "the queue thread was not counted (setting it up allocates)");
+                assert_eq!(last - first, 0, "the async queue thread allocated {} times over {} requests", last - first, A_LAST - FIRST);
+                assert_no_devices();
+            }
+            eprintln!("{path:?}, a NOP per request:");
+            {
+                let probe = NopProbe::default();
+                let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
+                dev.serve_async(&probe, |dev, stop| {
+                    let reads = read_while(&dev.block_path(), |_| probe.served.load(Ordering::Relaxed) < A_LAST + 10);
+                    eprintln!("{reads} reads issued");
+                    stop.stop();
+                })
+                .unwrap();
+                let first = probe.at_first.load(Ordering::Relaxed);
+                let last = probe.at_last.load(Ordering::Relaxed);
+                eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {A_LAST}");
+                assert!(probe.served.load(Ordering::Relaxed) >= A_LAST);
+                assert_eq!(last - first, 0, "the async queue thread allocated {} times over {} requests", last - first, A_LAST - FIRST);
+                assert_no_devices();
+            }
+        }
     }
 }
