@@ -6,6 +6,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
+use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
 use std::future::{poll_fn, Future};
 use std::os::fd::OwnedFd;
@@ -19,7 +20,8 @@ use std::task::Poll;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use ublk::aio::{completion, AsyncTarget, Completer, Io, IoBuf, IoBufMut, Plain, QueueContext, QueueTarget};
+use ublk::aio::{completion, AsyncTarget, Completer, Io, IoBuf, IoBufMut, Operation, Plain, QueueContext, QueueTarget, Ring};
+use ublk::io_uring::{opcode, squeue, types};
 use ublk::{DeviceBuilder, Errno, IoResult, Op};
 use ublk_tests::*;
 
@@ -616,13 +618,72 @@ unsafe impl IoBufMut for GuardBuf {
 }
 
 // ---------------------------------------------------------------------------
+// An operation that blocks in one of io_uring's worker threads
+
+/// A FIFO on /tmp that nobody opens for writing.
+fn fifo(name: &str) -> CString {
+    let p = CString::new(format!("/tmp/ublk-aio-{name}.fifo")).unwrap();
+    // SAFETY: unlink and mkfifo of a NUL-terminated path.
+    unsafe {
+        libc::unlink(p.as_ptr());
+        assert_eq!(libc::mkfifo(p.as_ptr(), 0o600), 0, "mkfifo: {}", std::io::Error::last_os_error());
+    }
+    p
+}
+
+/// Opens `path` (a FIFO) for reading, as an io_uring OPENAT sent straight
+/// to a worker thread (IOSQE_ASYNC; inline, io_uring would try the open
+/// with O_NONBLOCK first, which succeeds at once on a FIFO), where it waits
+/// in open(2) for a writer that never comes. Cancelling it means
+/// interrupting that thread, unlike a read on a pipe, which waits on a poll.
+fn open_fifo<'r>(ring: &Ring<'r>, path: &CStr) -> Operation<'r, CString> {
+    let path = path.to_owned();
+    let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+        .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+        .build()
+        .flags(squeue::Flags::ASYNC);
+    // SAFETY: the SQE names only the path, a CString (heap bytes, which stay
+    // put when it moves) that the operation owns until it completes; an
+    // OPENAT has one completion; no links, no fixed file (IOSQE_ASYNC only
+    // says where it runs).
+    unsafe { ring.raw(sqe, path) }
+}
+
+/// Closes the descriptor an open that should never have completed returned.
+fn close_opened(r: Result<u32, Errno>) {
+    if let Ok(fd) = r {
+        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+        unsafe { libc::close(fd as i32) };
+    }
+}
+
+/// Nobody has the FIFO open for reading, nor is opening it: an open for
+/// writing without blocking fails with ENXIO. (A reader waiting in open(2)
+/// counts: it is a reader from the moment it starts waiting.)
+fn assert_no_fifo_reader(path: &CStr, who: &str) {
+    // SAFETY: open of a NUL-terminated path; the result is closed below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    let e = std::io::Error::last_os_error();
+    if fd >= 0 {
+        // SAFETY: ours.
+        unsafe { libc::close(fd) };
+    }
+    assert!(fd < 0 && e.raw_os_error() == Some(libc::ENXIO), "{who} still opens the FIFO for reading (open for writing: {fd}, {e})");
+}
+
+// ---------------------------------------------------------------------------
 // Stop with operations in flight on every tag
 
 /// Once armed, every request starts a read from a pipe nobody writes into a
-/// guarded buffer of its own and a 60 s io_uring timeout, and waits for
-/// both: none can complete before the device stops.
+/// guarded buffer of its own and a 60 s io_uring timeout, requests with an
+/// odd tag also an open of a FIFO nobody writes (blocked in an io_uring
+/// worker thread), and waits for all: none can complete before the device
+/// stops.
 struct Hold {
     pipe_rd: OwnedFd,
+    fifo: CString,
+    /// FIFO opens started.
+    opens: AtomicU32,
     arena: Arc<Arena>,
     depth: u16,
     armed: AtomicBool,
@@ -649,23 +710,32 @@ impl QueueTarget for &Hold {
         let ring = io.ring();
         let read = ring.read(&self.pipe_rd, self.arena.lend(slot), 0);
         let sleep = ring.sleep(Duration::from_secs(60));
+        let open = (req.tag % 2 == 1).then(|| open_fifo(&ring, &self.fifo));
+        if open.is_some() {
+            self.opens.fetch_add(1, SEQ);
+        }
         self.waiting.fetch_add(1, SEQ);
         let (r, _buf) = read.await;
         self.resolved.fetch_add(1, SEQ);
         let _ = sleep.await;
         self.resolved.fetch_add(1, SEQ);
+        if let Some(open) = open {
+            close_opened(open.await.0);
+            self.resolved.fetch_add(1, SEQ);
+        }
         r.map(|_| req.len() as u32)
     }
 }
 
 driver_test! {
     /// fio keeps every tag of both queues busy with requests whose
-    /// operations (a pipe read into a guarded buffer, a 60 s timeout) cannot
+    /// operations (a pipe read into a guarded buffer, a 60 s timeout, on
+    /// half the tags a FIFO open blocked in an io_uring worker) cannot
     /// complete; then the device is stopped. serve returns within a few
     /// seconds (stop grace 0.5 s), fio ends, no device is left, every buffer
     /// was given back and nothing was written into one after that (canaries
     /// and contents intact, also after bytes are written to the pipe, which
-    /// nobody consumed).
+    /// nobody consumed), and no open of the FIFO is left waiting.
     fn aio_stop_under_fio_with_operations_in_flight() {
         assert!(nproc() >= 2, "needs 2 CPUs for 2 queues, this VM has {}", nproc());
         let depth = 16u16;
@@ -673,6 +743,8 @@ driver_test! {
         let arena = Arena::new(2 * usize::from(depth));
         let target = Hold {
             pipe_rd: rd,
+            fifo: fifo("hold"),
+            opens: AtomicU32::new(0),
             arena: arena.clone(),
             depth,
             armed: AtomicBool::new(false),
@@ -741,6 +813,10 @@ driver_test! {
         // and no buffer changed.
         assert_no_reader_left(&wr, &target.pipe_rd, "a read of the stopped device");
         arena.check().unwrap();
+        // The opens blocked in io_uring's worker threads were interrupted.
+        assert_eq!(target.opens.load(SEQ), u32::from(depth), "one FIFO open per odd tag");
+        assert_no_fifo_reader(&target.fifo, "an open of the stopped device");
+        let _ = std::fs::remove_file(target.fifo.to_str().unwrap());
         let _ = std::fs::remove_file("/tmp/ublk-aio-stop-fio.log");
     }
 }
@@ -778,9 +854,14 @@ const ABANDON_AT: std::ops::Range<u64> = 4 * MIB..12 * MIB;
 
 /// Once armed, a request in `ABANDON_AT` races a read from a pipe nobody
 /// writes (into a guarded buffer) against a 2 ms timeout, drops the read
-/// when the timeout wins, and answers (a read with `byte_at`).
+/// when the timeout wins, and answers (a read with `byte_at`). In every
+/// other 64 KiB of the region the operation raced and dropped is an open of
+/// a FIFO nobody writes, which blocks in an io_uring worker thread.
 struct Abandon {
     pipe_rd: OwnedFd,
+    fifo: CString,
+    /// Dropped FIFO opens.
+    dropped_opens: AtomicU64,
     arena: Arc<Arena>,
     depth: u16,
     armed: AtomicBool,
@@ -804,7 +885,25 @@ impl AsyncTarget for Abandon {
 impl QueueTarget for &Abandon {
     async fn handle(&self, mut io: Io<'_>) -> IoResult {
         let req = *io.request();
-        if self.armed.load(SEQ) && ABANDON_AT.contains(&req.offset()) {
+        if self.armed.load(SEQ) && ABANDON_AT.contains(&req.offset()) && req.offset() / 65536 % 2 == 1 {
+            let ring = io.ring();
+            let mut open = open_fifo(&ring, &self.fifo);
+            let mut sleep = ring.sleep(Duration::from_millis(2));
+            match select(&mut open, &mut sleep).await {
+                First::A((r, _)) => {
+                    close_opened(r);
+                    self.read_won.fetch_add(1, SEQ);
+                }
+                First::B(r) => {
+                    if r != Err(Errno::ETIME) {
+                        self.odd_sleeps.fetch_add(1, SEQ);
+                    }
+                }
+            }
+            drop(open);
+            self.dropped.fetch_add(1, SEQ);
+            self.dropped_opens.fetch_add(1, SEQ);
+        } else if self.armed.load(SEQ) && ABANDON_AT.contains(&req.offset()) {
             let slot = usize::from(req.q_id) * usize::from(self.depth) + usize::from(req.tag);
             let ring = io.ring();
             let mut read = ring.read(&self.pipe_rd, self.arena.lend(slot), 0);
@@ -838,9 +937,9 @@ impl QueueTarget for &Abandon {
 }
 
 driver_test! {
-    /// A request's future starts a pipe read that never completes and a
-    /// 2 ms timeout, and returns when the timeout fires, dropping the read
-    /// (a select). Each request completes at once with its data; its read
+    /// A request's future starts a pipe read that never completes (or an
+    /// open of a FIFO, blocked in an io_uring worker) and a 2 ms timeout,
+    /// and returns when the timeout fires, dropping the read (a select). Each request completes at once with its data; its read
     /// was cancelled and its buffer kept until the read's completion, which
     /// came before the request was committed; bytes written to the pipe
     /// later are still there (no cancelled read consumed them).
@@ -850,6 +949,8 @@ driver_test! {
         let arena = Arena::new(2 * usize::from(depth));
         let target = Abandon {
             pipe_rd: rd,
+            fifo: fifo("abandon"),
+            dropped_opens: 0.into(),
             arena: arena.clone(),
             depth,
             armed: AtomicBool::new(false),
@@ -897,8 +998,9 @@ driver_test! {
                 for t in threads {
                     t.join().unwrap();
                 }
-                // Nothing waits on the pipe any more.
+                // Nothing waits on the pipe or the FIFO any more.
                 assert_no_reader_left(&wr, &target.pipe_rd, "a dropped (cancelled) read");
+                assert_no_fifo_reader(&target.fifo, "a dropped (cancelled) open");
                 stop.stop();
             });
             (r.map(|_| ()).map_err(|e| e.to_string()), target)
@@ -907,11 +1009,15 @@ driver_test! {
             (target.dropped.load(SEQ), target.read_won.load(SEQ), target.odd_sleeps.load(SEQ), target.released_early.load(SEQ));
         eprintln!("serve: {r:?}; dropped operations {dropped}, buffers lent {}, given back {}", arena.lent.load(SEQ), arena.returned.load(SEQ));
         r.expect("serve");
+        let opens = target.dropped_opens.load(SEQ);
+        eprintln!("of which FIFO opens blocked in io_uring workers: {opens}");
         assert_eq!(dropped, 64 + 4 * 32);
-        assert_eq!(won, 0, "a read from an empty pipe completed");
+        assert!(opens >= 16 && opens < dropped, "both kinds of dropped operation: {opens} opens of {dropped}");
+        let _ = std::fs::remove_file(target.fifo.to_str().unwrap());
+        assert_eq!(won, 0, "a raced operation that cannot complete (pipe read, FIFO open) completed");
         assert_eq!(odd, 0, "a timeout ended other than with ETIME");
         assert_eq!(early, 0, "a dropped operation's buffer was given back before its completion");
-        assert_eq!(arena.lent.load(SEQ), dropped);
+        assert_eq!(arena.lent.load(SEQ), dropped - opens);
         arena.check().unwrap();
         assert_no_devices();
     }
