@@ -71,6 +71,14 @@ pub fn ensure_run_dir() -> Result<PathBuf, String> {
         Err(e) => return Err(format!("creating {}: {e}", dir.display())),
     }
     check_dir(&dir)?;
+    let owner = std::fs::symlink_metadata(&dir).map(|m| m.uid()).unwrap_or(u32::MAX);
+    if owner != euid() {
+        return Err(format!(
+            "{} belongs to uid {owner}: uid {} cannot keep its devices' state there (only read it); use $XDG_RUNTIME_DIR or set UBLK_RUN_DIR to a directory of your own",
+            dir.display(),
+            euid()
+        ));
+    }
     Ok(dir)
 }
 
@@ -84,7 +92,7 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     }
     if m.uid() != me && m.uid() != 0 {
         return Err(format!(
-            "{} belongs to uid {}, not to uid {me} or root: refusing to trust the device state in it; remove it or set UBLK_RUN_DIR",
+            "{} belongs to uid {}, not to the caller (uid {me}) or root: refusing to trust the device state in it; remove it or set UBLK_RUN_DIR",
             dir.display(),
             m.uid()
         ));
@@ -217,7 +225,7 @@ impl DeviceConfig {
         }
         if m.uid() != me && m.uid() != 0 {
             return Err(format!(
-                "{} belongs to uid {}, not to uid {me} or root: refusing to trust it (it names the daemon to signal and the backing file to open); remove it",
+                "{} belongs to uid {}, not to the caller (uid {me}) or root: refusing to trust it (it names the daemon to signal and the backing file to open); remove it",
                 p.display(),
                 m.uid()
             ));
