@@ -356,7 +356,7 @@ driver_test! {
             Ok(d) => panic!("{d}"),
         }
         // USER_RECOVERY: the kernel drops it (raw ADD_DEV), the library reports it and deletes the device.
-        let rec = u64::from(ublk::sys::UBLK_F_USER_RECOVERY);
+        let rec = ublk::sys::abi::UBLK_F_USER_RECOVERY;
         match probe(A, &["add-raw", &format!("{:x}", unp | rec)]) {
             Ok(d) => {
                 let flags = u64::from_str_radix(d.split("flags=0x").nth(1).unwrap().split_whitespace().next().unwrap(), 16).unwrap();
