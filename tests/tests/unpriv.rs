@@ -30,6 +30,8 @@ const B: u32 = 1001;
 /// The rules of docs/unprivileged.md, applied while it lives.
 struct Rules {
     stop: Arc<AtomicBool>,
+    /// While set, new nodes are left as the kernel made them (no udev rule).
+    paused: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     control_mode: u32,
 }
@@ -48,6 +50,8 @@ impl Rules {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
+        let paused = Arc::new(AtomicBool::new(false));
+        let p2 = paused.clone();
         let thread = std::thread::spawn(move || {
             // name -> inode of the node the rule was applied to
             let mut done: HashMap<String, u64> = HashMap::new();
@@ -63,7 +67,7 @@ impl Rules {
                     }
                 }
                 done.retain(|n, _| names.contains(n));
-                for n in names {
+                for n in names.into_iter().filter(|_| !p2.load(Ordering::Relaxed)) {
                     let node = format!("/dev/{n}");
                     let Ok(m) = std::fs::metadata(&node) else { continue };
                     if done.get(&n) == Some(&m.ino()) {
@@ -86,7 +90,7 @@ impl Rules {
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        Rules { stop, thread: Some(thread), control_mode }
+        Rules { stop, paused, thread: Some(thread), control_mode }
     }
 }
 
@@ -330,7 +334,7 @@ driver_test! {
     /// directory; root asking for an unprivileged device gets a privileged
     /// one from the kernel, which the library reports.
     fn unpriv_user_cannot_reach_root_powers() {
-        let _rules = Rules::apply();
+        let rules = Rules::apply();
         if !kernel_has_unprivileged() {
             return assert_refused_before_6_3();
         }
@@ -405,6 +409,40 @@ driver_test! {
         let e = ublk::DeviceBuilder::new().unprivileged().size(16 << 20).create().unwrap_err();
         assert!(e.to_string().contains("a privileged device") && e.to_string().contains("CAP_SYS_ADMIN"), "{e}");
         assert_no_devices();
+        // Root's privileged device: A may not read or stop it (EPERM: no
+        // CAP_SYS_ADMIN), and A's list says whose kind it is.
+        let root_dev = ublk::DeviceBuilder::new().size(16 << 20).depth(16).create().unwrap();
+        let rid = root_dev.id().to_string();
+        for cmd in ["info", "stop", "del"] {
+            let msg = refused(A, &[cmd, &rid]);
+            assert!(msg.contains("privileged device") && msg.contains("CAP_SYS_ADMIN"), "{cmd}: {msg}");
+        }
+        let (st, out, err) = ublk_as(A, &["list"]);
+        assert!(st.success(), "{err}");
+        assert!(out.lines().any(|l| l.split_whitespace().next() == Some(rid.as_str()) && l.contains("root only")), "A's list: {out}");
+        drop(root_dev);
+        assert_no_devices();
+        // Without the control node's rule: the error names the rule and the chmod.
+        std::fs::set_permissions("/dev/ublk-control", std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (st, _, err) = ublk_as(A, &["features"]);
+        std::fs::set_permissions("/dev/ublk-control", std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(!st.success(), "A opened /dev/ublk-control with mode 0600");
+        assert!(err.contains(r#"KERNEL=="ublk-control", MODE="0666""#) && err.contains("chmod 0666 /dev/ublk-control"), "{err}");
+        // Without the rule for the device's nodes: A's ADD_DEV works, but
+        // the node stays root's; after NODE_WAIT the error says which rule
+        // is missing and that only root can delete the device now.
+        rules.paused.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let (st, _, err) = ublk_as(A, &["add", "--unprivileged", "-t", "null", "--size", "16M"]);
+        rules.paused.store(false, Ordering::Relaxed);
+        assert!(!st.success(), "ublk add without the udev rule worked");
+        assert!(t0.elapsed() >= ublk::NODE_WAIT, "gave up after {:?}", t0.elapsed());
+        assert!(err.contains("not readable and writable by uid 1000") && err.contains("udev rule") && err.contains("as root"), "{err}");
+        let left = ublk_devices();
+        assert_eq!(left.len(), 1, "the device whose node never became A's: {left:?}");
+        let out = run_ok(bin("ublk").to_str().unwrap(), &["del", "-n", &left[0].to_string()]);
+        assert!(out.contains("deleted device"), "{out}");
+        assert_no_devices();
     }
 }
 
@@ -426,6 +464,20 @@ driver_test! {
         assert_eq!(row["state"], "LIVE");
         let out = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
         assert!(out.lines().any(|l| l.split_whitespace().next() == Some(&id.to_string()) && l.contains("1000:1000")), "{out}");
+        // The kernel's limit of unprivileged devices counts every user's:
+        // with it at 1, A's device leaves B none (ADD_DEV: EACCES).
+        let param = "/sys/module/ublk_drv/parameters/ublks_max";
+        if let Ok(max) = std::fs::read_to_string(param) {
+            std::fs::write(param, "1").unwrap();
+            let r = probe(B, &["create", "unprivileged"]);
+            std::fs::write(param, max.trim()).unwrap();
+            match r {
+                Err((_, msg)) => assert!(msg.contains("limit of unprivileged ublk devices is reached") && msg.contains("ublks_max"), "{msg}"),
+                Ok(d) => panic!("B created a device beyond the limit: {d}"),
+            }
+        } else {
+            skipped("no /sys/module/ublk_drv/parameters/ublks_max (ublk_drv built in)");
+        }
         let out = run_ok(bin("ublk").to_str().unwrap(), &["del", "-n", &id.to_string()]);
         assert!(out.contains(&format!("deleted device {id}")), "{out}");
         let st = wait_timeout(&mut d.child, Duration::from_secs(60)).expect("A's daemon did not end after root deleted its device");

@@ -272,7 +272,10 @@ impl Control {
             }
             // A privileged device and a caller without CAP_SYS_ADMIN: its
             // commands go without the path (and the kernel refuses them).
-            Err(Error::NotOwner { errno: libc::EPERM, .. }) => return Ok(false),
+            Err(Error::NotOwner { errno: libc::EPERM, .. }) => {
+                self.unprivileged.insert(dev_id, false);
+                return Ok(false);
+            }
             // A root caller in a mount namespace without the node: only a
             // privileged device can be read without it (an unprivileged one
             // refuses every command then).
@@ -347,7 +350,6 @@ impl Control {
             Err(Error::Kernel { errno: e @ (libc::EPERM | libc::EACCES), .. }) => *e,
             _ => return r,
         };
-        // ADD_DEV's limit of unprivileged devices is not about ownership.
         let owner = if unpriv {
             // The owner can be read only by someone the kernel lets read the
             // device; else the node's owner (set from it by the udev rule).
@@ -506,7 +508,9 @@ impl Control {
         if self.is_unprivileged(dev_id)? {
             return self.get_dev_info2(dev_id);
         }
-        self.get_dev_info_plain(dev_id)
+        let mut out = DevInfo::default();
+        self.device_cmd(ops::GET_DEV_INFO, dev_id, Some(&mut out), 0, false).map_err(no_dev(dev_id))?;
+        Ok(out)
     }
 
     /// `GET_DEV_INFO2` (6.3+): like GET_DEV_INFO, with the char device path
