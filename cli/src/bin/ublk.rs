@@ -371,8 +371,6 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
 
 fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
-    // Where the device's state goes, before there is a device.
-    ensure_run_dir().map_err(|e| anyhow!(e))?;
     // With --unprivileged, whether the kernel keeps --recovery is its
     // answer to ADD_DEV (up to 7.3 it drops it: the library says so).
     let flags = recovery_flags(&a)?;
@@ -429,6 +427,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let size = a.size.unwrap_or(1 << 30);
             // A null target never touches data: by default USER_COPY where
             // the kernel has it, and no buffers.
+            state_dir()?;
             let dev = builder(size, None).data_path(data_path).create()?;
             if a.async_ {
                 serve(dev, &AsyncT(&AsyncNullTarget), cfg(size, None), &signals, ready)
@@ -440,6 +439,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let size = a.size.unwrap_or(256 << 20);
             ublk::Params::new(size, a.block_size, 512 << 10)?;
             let rd = RamDisk::new(size)?;
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             serve(dev, &SyncT(&rd), cfg(size, None), &signals, ready)
         }
@@ -463,6 +463,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             if size == 0 {
                 bail!("backing file {} is smaller than one {bs}-byte block; grow it (e.g. truncate -s 1G FILE)", file.display());
             }
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             serve(dev, &AsyncT(&target), cfg(size, Some(file)), &signals, ready)
         }
@@ -482,6 +483,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 Some(s) => s,
                 None => target.size(),
             };
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             let cfg = DeviceConfig { stripe: Some(StripeConfig { legs, chunk }), ..cfg(size, None) };
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
@@ -494,6 +496,12 @@ fn open_stripe(files: &[PathBuf], chunk: u32, direct: bool) -> Result<(Stripe, V
     let target = Stripe::open(files, chunk, &LoopOptions { direct, read_only: false })?;
     let abs = files.iter().map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())).collect();
     Ok((target, abs))
+}
+
+/// Where the device's state will go, checked after the target (a bad
+/// backing file or size is named first) and before there is a device.
+fn state_dir() -> Result<()> {
+    ensure_run_dir().map(drop).map_err(|e| anyhow!(e))
 }
 
 /// Opens a loop target; returns it with the absolute path of its file.
