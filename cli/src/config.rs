@@ -1,17 +1,111 @@
 //! The configuration `ublk add` persists for each live device, as JSON at
-//! `/run/ublk/<id>.json` (`$UBLK_RUN_DIR/<id>.json` when that is set): what
-//! `ublk list` shows and what `ublk recover` serves again.
+//! `<run dir>/<id>.json`: what `ublk list` shows and what `ublk recover`
+//! serves again.
+//!
+//! The run directory is `$UBLK_RUN_DIR` when that is set, else `/run/ublk`
+//! for root and `$XDG_RUNTIME_DIR/ublk` for everyone else (an ordinary user
+//! keeps the state of their unprivileged devices there; without
+//! `XDG_RUNTIME_DIR` there is none, and the error says so). The directory
+//! must belong to the caller and be writable by nobody else (root's is made
+//! 0755, a user's 0700). A file in it is trusted only if it belongs to the
+//! caller or root, is writable by nobody else, parses, and names the device
+//! it is read for; anything else is refused with the reason.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::PlacementArg;
 
-/// Directory of the persisted configurations and daemon logs.
-pub fn run_dir() -> PathBuf {
-    std::env::var_os("UBLK_RUN_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/ublk"))
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// Directory of the persisted configurations and daemon logs (see the
+/// module docs); an error says why there is none.
+pub fn run_dir() -> Result<PathBuf, String> {
+    run_dir_for(euid(), std::env::var_os("UBLK_RUN_DIR"), std::env::var_os("XDG_RUNTIME_DIR"))
+}
+
+/// [`run_dir`] for a caller `uid` and the two variables.
+pub fn run_dir_for(uid: u32, ublk_run_dir: Option<std::ffi::OsString>, xdg: Option<std::ffi::OsString>) -> Result<PathBuf, String> {
+    if let Some(d) = ublk_run_dir.filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    if uid == 0 {
+        return Ok(PathBuf::from("/run/ublk"));
+    }
+    match xdg.filter(|d| !d.is_empty()) {
+        Some(d) if Path::new(&d).is_absolute() => Ok(PathBuf::from(d).join("ublk")),
+        Some(d) => Err(format!("XDG_RUNTIME_DIR ({}) is not an absolute path; fix it, or set UBLK_RUN_DIR", Path::new(&d).display())),
+        None => Err(format!(
+            "XDG_RUNTIME_DIR is not set, so uid {uid} has no directory for its devices' state (/run/ublk is root's): log in through a session that sets it (systemd-logind: /run/user/{uid}), or set UBLK_RUN_DIR to a directory of your own"
+        )),
+    }
+}
+
+/// Creates the run directory if needed (0755 for root, 0700 for others,
+/// whatever the umask) and checks that it is the caller's and writable by
+/// nobody else.
+pub fn ensure_run_dir() -> Result<PathBuf, String> {
+    let dir = run_dir()?;
+    let mode = if euid() == 0 { 0o755 } else { 0o700 };
+    match std::fs::DirBuilder::new().recursive(false).mode(mode).create(&dir) {
+        Ok(()) => {
+            // The umask may have taken bits away; set exactly this mode.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("setting the mode of {}: {e}", dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "creating {}: {e} (uid {} may not write there; set UBLK_RUN_DIR to a directory of your own)",
+                dir.display(),
+                euid()
+            ))
+        }
+        Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+    }
+    check_dir(&dir)?;
+    let owner = std::fs::symlink_metadata(&dir).map(|m| m.uid()).unwrap_or(u32::MAX);
+    if owner != euid() {
+        return Err(format!(
+            "{} belongs to uid {owner}: uid {} cannot keep its devices' state there (only read it); use $XDG_RUNTIME_DIR or set UBLK_RUN_DIR to a directory of your own",
+            dir.display(),
+            euid()
+        ));
+    }
+    Ok(dir)
+}
+
+/// The run directory must be a real directory of the caller's (or root's),
+/// writable by nobody else.
+fn check_dir(dir: &Path) -> Result<(), String> {
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let me = euid();
+    if !m.is_dir() {
+        return Err(format!("{} is not a directory (a symlink?): refusing to keep device state there", dir.display()));
+    }
+    if m.uid() != me && m.uid() != 0 {
+        return Err(format!(
+            "{} belongs to uid {}, not to the caller (uid {me}) or root: refusing to trust the device state in it; remove it or set UBLK_RUN_DIR",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by others (mode {:04o}): anyone could plant a device configuration there; `chmod go-w {}`",
+            dir.display(),
+            m.mode() & 0o7777,
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// A device's persisted configuration.
@@ -87,49 +181,108 @@ fn default_busy_poll_us() -> u64 {
 
 impl DeviceConfig {
     /// `<run dir>/<id>.json`.
-    pub fn path(id: u32) -> PathBuf {
-        run_dir().join(format!("{id}.json"))
+    pub fn path(id: u32) -> Result<PathBuf, String> {
+        Ok(run_dir()?.join(format!("{id}.json")))
     }
 
-    /// Reads `<run dir>/<id>.json`; `Ok(None)` if there is none.
+    /// Reads `<run dir>/<id>.json`; `Ok(None)` if there is none. A file
+    /// that is not the caller's (or root's), is writable by others, does
+    /// not parse, or names another device is refused, with the reason.
     pub fn load(id: u32) -> Result<Option<DeviceConfig>, String> {
-        Self::load_from(&Self::path(id))
+        Self::load_in(&run_dir()?, id)
     }
 
-    /// Reads one configuration file; `Ok(None)` if it does not exist.
-    pub fn load_from(p: &Path) -> Result<Option<DeviceConfig>, String> {
-        match std::fs::read_to_string(p) {
-            Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| format!("{} is not a valid device configuration: {e}", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("reading {}: {e}", p.display())),
+    /// [`load`](Self::load) from directory `dir`.
+    pub fn load_in(dir: &Path, id: u32) -> Result<Option<DeviceConfig>, String> {
+        if !dir.exists() {
+            return Ok(None);
+        }
+        check_dir(dir)?;
+        let p = dir.join(format!("{id}.json"));
+        match Self::load_from(&p)? {
+            Some(c) if c.id != id => Err(format!(
+                "{} names device {}, not device {id}: refusing it (remove the file; `ublk list` shows the devices)",
+                p.display(),
+                c.id
+            )),
+            c => Ok(c),
         }
     }
 
-    /// Writes the configuration atomically (temporary file, then rename).
+    /// Reads one configuration file; `Ok(None)` if it does not exist. It
+    /// must be a regular file (not a symlink) of the caller's or root's,
+    /// writable by nobody else, and parse.
+    pub fn load_from(p: &Path) -> Result<Option<DeviceConfig>, String> {
+        let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e} (a symlink is refused)", p.display())),
+        };
+        let m = f.metadata().map_err(|e| format!("reading {}: {e}", p.display()))?;
+        let me = euid();
+        if !m.is_file() {
+            return Err(format!("{} is not a regular file: refusing it", p.display()));
+        }
+        if m.uid() != me && m.uid() != 0 {
+            return Err(format!(
+                "{} belongs to uid {}, not to the caller (uid {me}) or root: refusing to trust it (it names the daemon to signal and the backing file to open); remove it",
+                p.display(),
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(format!("{} is writable by others (mode {:04o}): refusing to trust it; remove it", p.display(), m.mode() & 0o7777));
+        }
+        let mut s = String::new();
+        (&f).read_to_string(&mut s).map_err(|e| format!("reading {}: {e}", p.display()))?;
+        serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| format!("{} is not a valid device configuration: {e}; refusing it (remove the file)", p.display()))
+    }
+
+    /// Writes the configuration atomically (temporary file, then rename),
+    /// readable by everyone and writable by the caller only.
     pub fn save(&self) -> Result<(), String> {
-        let dir = run_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let p = Self::path(self.id);
+        let dir = ensure_run_dir()?;
+        let p = dir.join(format!("{}.json", self.id));
         let tmp = dir.join(format!(".{}.json.{}", self.id, std::process::id()));
         let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| format!("setting the mode of {}: {e}", tmp.display()))?;
         f.write_all(text.as_bytes()).and_then(|()| f.write_all(b"\n")).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
         drop(f);
         std::fs::rename(&tmp, &p).map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), p.display()))
     }
 
-    /// Removes `<run dir>/<id>.json` (no error if it is already gone).
+    /// Removes `<run dir>/<id>.json` (no error if it is already gone, or if
+    /// there is no run directory).
     pub fn remove(id: u32) {
-        let _ = std::fs::remove_file(Self::path(id));
+        if let Ok(p) = Self::path(id) {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
-    /// Every persisted configuration, by id.
+    /// Every persisted configuration that can be trusted (see [`load`](Self::load)), by id.
     pub fn all() -> Vec<DeviceConfig> {
-        let mut v: Vec<DeviceConfig> = std::fs::read_dir(run_dir())
+        let Ok(dir) = run_dir() else { return vec![] };
+        if check_dir(&dir).is_err() {
+            return vec![];
+        }
+        let mut v: Vec<DeviceConfig> = std::fs::read_dir(&dir)
             .map(|d| {
                 d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json") && !e.file_name().to_string_lossy().starts_with('.'))
-                    .filter_map(|e| Self::load_from(&e.path()).ok().flatten())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let id: u32 = name.strip_suffix(".json")?.parse().ok()?;
+                        Self::load(id).ok().flatten()
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -176,7 +329,8 @@ pub fn verify_daemon(pid: u32, id: u32, cfg: Option<&DeviceConfig>) -> Result<()
         return Err(format!("pid {pid} is not running"));
     }
     let Some(cfg) = cfg else {
-        return Err(format!("no saved configuration ({}) records which process serves device {id}", DeviceConfig::path(id).display()));
+        let where_ = DeviceConfig::path(id).map(|p| p.display().to_string()).unwrap_or_else(|e| e);
+        return Err(format!("no saved configuration ({where_}) records which process serves device {id}"));
     };
     if cfg.pid != pid {
         return Err(format!("the saved configuration names pid {} as the daemon of device {id}, not {pid}", cfg.pid));
@@ -279,6 +433,53 @@ mod tests {
         child.wait().unwrap();
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))).unwrap_err();
         assert!(e.contains("not running"), "{e}");
+    }
+
+    #[test]
+    fn run_dir_per_user() {
+        assert_eq!(run_dir_for(0, None, Some("/run/user/0".into())), Ok(PathBuf::from("/run/ublk")));
+        assert_eq!(run_dir_for(1000, None, Some("/run/user/1000".into())), Ok(PathBuf::from("/run/user/1000/ublk")));
+        assert_eq!(run_dir_for(1000, Some("/x".into()), None), Ok(PathBuf::from("/x")));
+        let e = run_dir_for(1000, None, None).unwrap_err();
+        assert!(e.contains("XDG_RUNTIME_DIR is not set") && e.contains("UBLK_RUN_DIR"), "{e}");
+        let e = run_dir_for(1000, None, Some("rel".into())).unwrap_err();
+        assert!(e.contains("not an absolute path"), "{e}");
+    }
+
+    /// A file that does not parse, names another device, is writable by
+    /// others, or is a symlink is refused, never trusted; so is a directory
+    /// writable by others.
+    #[test]
+    fn untrustworthy_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("ublk-cfg-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let good = r#"{"id": 4, "target": "null", "file": null, "size": 1048576, "block_size": 512,
+            "queues": 1, "depth": 128, "flags": 0, "flag_names": [], "direct": false, "pid": 77}"#;
+        write("4.json", good, 0o644);
+        assert_eq!(DeviceConfig::load_in(&dir, 4).unwrap().unwrap().id, 4);
+        assert_eq!(DeviceConfig::load_in(&dir, 9).unwrap(), None, "no file: no configuration");
+        write("5.json", good, 0o644);
+        let e = DeviceConfig::load_in(&dir, 5).unwrap_err();
+        assert!(e.contains("names device 4, not device 5"), "{e}");
+        write("6.json", "{ not json", 0o644);
+        let e = DeviceConfig::load_in(&dir, 6).unwrap_err();
+        assert!(e.contains("not a valid device configuration"), "{e}");
+        write("7.json", &good.replace("\"id\": 4", "\"id\": 7"), 0o666);
+        let e = DeviceConfig::load_in(&dir, 7).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        std::os::unix::fs::symlink(dir.join("4.json"), dir.join("8.json")).unwrap();
+        let e = DeviceConfig::load_in(&dir, 8).unwrap_err();
+        assert!(e.contains("symlink"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = DeviceConfig::load_in(&dir, 4).unwrap_err();
+        assert!(e.contains("writable by others"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -115,12 +115,15 @@ impl Daemon {
     /// Starts `bin(name) args...` and waits (up to 60 s) for it to print the
     /// block device path on stdout.
     pub fn start(name: &str, args: &[&str]) -> Daemon {
-        let mut child = Command::new(bin(name))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args);
+        Self::spawn(cmd, &format!("{name} {args:?}"))
+    }
+
+    /// [`start`](Self::start) of a prepared command (e.g. one that runs as
+    /// another user); `what` names it in failures.
+    pub fn spawn(mut cmd: Command, what: &str) -> Daemon {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -139,7 +142,7 @@ impl Daemon {
             other => {
                 let _ = child.kill();
                 let st = child.wait();
-                panic!("{name} {args:?} did not report a device: {other:?}, exit {st:?}");
+                panic!("{what} did not report a device: {other:?}, exit {st:?}");
             }
         }
     }

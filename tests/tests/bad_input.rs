@@ -64,7 +64,9 @@ driver_test! {
         let out = Command::new(bin("ublk-null")).args(["--size", "16M"]).uid(65534).gid(65534).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("not permitted") && err.contains("root"), "{err}");
+        // The control node is root's: the error says so, and what grants access.
+        assert!(err.contains("/dev/ublk-control") && err.contains("permission denied") && err.contains("root"), "{err}");
+        assert!(err.contains(r#"MODE="0666""#) && err.contains("chmod 0666"), "the fix is named: {err}");
         assert_no_devices();
     }
 }

@@ -127,9 +127,12 @@ impl ublksrv_io_cmd {
 }
 
 impl ublksrv_ctrl_cmd {
-    /// Sets `dev_path_len` (6.3+ headers: the char device path that
+    /// Sets `dev_path_len` (6.3+: the length of the char device path that
     /// GET_DEV_INFO2 and unprivileged devices carry ahead of the payload).
-    /// Returns false where this header predates the field.
+    /// Headers before 6.3 name those bytes `data[1]`: the field is the first
+    /// two bytes of it (byte 24 of the command, in the machine's byte
+    /// order), which is what is set there, so a build against an old
+    /// header sends what the kernel reads. Always returns true.
     pub fn set_dev_path_len(&mut self, len: u16) -> bool {
         #[cfg(ublk_sys_ctrl_cmd_dev_path_len)]
         {
@@ -138,19 +141,27 @@ impl ublksrv_ctrl_cmd {
         }
         #[cfg(not(ublk_sys_ctrl_cmd_dev_path_len))]
         {
-            let _ = len;
-            return false;
+            let mut b = self.data[1].to_ne_bytes();
+            b[..2].copy_from_slice(&len.to_ne_bytes());
+            self.data[1] = u64::from_ne_bytes(b);
+            return true;
         }
     }
 }
 
 impl ublksrv_ctrl_dev_info {
-    /// Owner uid and gid of the device (6.3+ headers; `None` with older ones).
+    /// Owner uid and gid of the device, as the kernel (6.3+) records them
+    /// at ADD_DEV. Headers before 6.3 call those 8 bytes `reserved0`; they
+    /// are read from there, so the answer does not depend on the header's
+    /// age (kernels before 6.3 leave them 0). Always `Some`.
     pub fn owner(&self) -> Option<(u32, u32)> {
         #[cfg(ublk_sys_dev_info_owner)]
         return Some((self.owner_uid, self.owner_gid));
         #[cfg(not(ublk_sys_dev_info_owner))]
-        return None;
+        {
+            let b = self.reserved0.to_ne_bytes();
+            return Some((u32::from_ne_bytes([b[0], b[1], b[2], b[3]]), u32::from_ne_bytes([b[4], b[5], b[6], b[7]])));
+        }
     }
 }
 

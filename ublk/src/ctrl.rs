@@ -8,19 +8,64 @@
 //! (`UBLK_U_CMD_*`) when `GET_FEATURES` works and reports
 //! `UBLK_F_CMD_IOCTL_ENCODE` (6.5+), the legacy numbers otherwise (6.1–6.4).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use ublk_sys as sys;
 
-use crate::error::{hints, Cmd, Error, Result};
+use crate::error::{hints, Cmd, Error, Owner, OwnerSource, Result};
 use crate::params::Params;
 
 /// Path of the control device.
 pub const CONTROL_PATH: &str = "/dev/ublk-control";
+
+/// Bytes of the char device path (`/dev/ublkcN`, NUL-padded) that every
+/// control command for an unprivileged device carries at the start of its
+/// buffer (`dev_path_len`), with the payload right after it: the kernel
+/// reads `dev_path_len` bytes from `addr` as the path, then moves `addr`
+/// and `len` past them (`ublk_ctrl_uring_cmd_permission`). A fixed,
+/// 8-byte-aligned length (as libublksrv's `UBLKC_PATH_MAX`) keeps the
+/// payload aligned; `kern_path` stops at the first NUL.
+pub const DEV_PATH_LEN: usize = 32;
+
+/// A command buffer for an unprivileged device: the path, then the payload.
+#[repr(C)]
+struct WithPath<T> {
+    path: [u8; DEV_PATH_LEN],
+    payload: T,
+}
+
+/// `/dev/ublkcN` as the NUL-padded bytes of [`DEV_PATH_LEN`].
+fn dev_path_bytes(dev_id: u32) -> [u8; DEV_PATH_LEN] {
+    let p = format!("/dev/ublkc{dev_id}");
+    let mut b = [0u8; DEV_PATH_LEN];
+    // "/dev/ublkc" + at most 10 digits: always shorter than DEV_PATH_LEN.
+    b[..p.len()].copy_from_slice(p.as_bytes());
+    b
+}
+
+/// The running kernel's (major, minor), from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut it = r.trim().split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// `uname -r`, for messages.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// This process's effective uid and gid.
+pub(crate) fn caller_ids() -> (u32, u32) {
+    // SAFETY: geteuid/getegid cannot fail and touch no memory.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
 
 /// How command opcodes are put in `sqe->cmd_op`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +183,12 @@ pub struct Control {
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     encoding: Encoding,
     features: Option<Features>,
+    /// Whether the kernel has unprivileged devices (6.3+): from
+    /// GET_FEATURES where it exists (6.5+), else from the release.
+    kernel_unprivileged: bool,
+    /// Per device id: whether it is an unprivileged device, whose commands
+    /// carry the char device path (learned from ADD_DEV or GET_DEV_INFO2).
+    unprivileged: HashMap<u32, bool>,
     /// A command could not be submitted nor its ring replaced: refuse
     /// further commands on this handle.
     poisoned: bool,
@@ -154,11 +205,19 @@ impl Control {
     pub fn open() -> Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(CONTROL_PATH).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Error::NoDriver,
-            io::ErrorKind::PermissionDenied => Error::NotPermitted { what: format!("opening {CONTROL_PATH}") },
+            io::ErrorKind::PermissionDenied => control_access_error(),
             _ => Error::os(format!("opening {CONTROL_PATH}"), e),
         })?;
         let ring = new_ctrl_ring()?;
-        let mut ctrl = Control { file, ring, encoding: Encoding::Legacy, features: None, poisoned: false };
+        let mut ctrl = Control {
+            file,
+            ring,
+            encoding: Encoding::Legacy,
+            features: None,
+            kernel_unprivileged: false,
+            unprivileged: HashMap::new(),
+            poisoned: false,
+        };
         // GET_FEATURES exists only encoded (6.5+). A kernel that predates it
         // refuses it (-ENODEV/-EOPNOTSUPP/-EINVAL on 6.1-6.4), and those
         // kernels only need, or only accept, the legacy numbers.
@@ -175,7 +234,162 @@ impl Control {
                 }
             }
         }
+        ctrl.kernel_unprivileged = match ctrl.features {
+            Some(f) => f.contains(sys::abi::UBLK_F_UNPRIVILEGED_DEV),
+            // 6.3 and 6.4 have unprivileged devices but no GET_FEATURES.
+            None => kernel_version().is_some_and(|v| v >= (6, 3)),
+        };
         Ok(ctrl)
+    }
+
+    /// Whether the running kernel offers unprivileged devices
+    /// (`UBLK_F_UNPRIVILEGED_DEV`, Linux 6.3+).
+    pub fn kernel_has_unprivileged(&self) -> bool {
+        self.kernel_unprivileged
+    }
+
+    /// Whether device `dev_id` is an unprivileged device
+    /// (`UBLK_F_UNPRIVILEGED_DEV`), whose control commands carry the path of
+    /// its char device. Asked once per device with GET_DEV_INFO2 (which
+    /// always carries the path), then remembered; always false on kernels
+    /// before 6.3. A caller who may not read the device gets
+    /// [`Error::NotOwner`].
+    pub fn is_unprivileged(&mut self, dev_id: u32) -> Result<bool> {
+        if !self.kernel_unprivileged {
+            return Ok(false);
+        }
+        if let Some(u) = self.unprivileged.get(&dev_id) {
+            return Ok(*u);
+        }
+        let info = match self.dev_info2_raw(dev_id) {
+            Ok(info) => info,
+            // Only an unprivileged device checks the node's mode (EACCES):
+            // someone else's. Send its commands with the path, and let the
+            // kernel refuse each of them.
+            Err(Error::NotOwner { errno: libc::EACCES, .. }) => {
+                self.unprivileged.insert(dev_id, true);
+                return Ok(true);
+            }
+            // A privileged device and a caller without CAP_SYS_ADMIN: its
+            // commands go without the path (and the kernel refuses them).
+            Err(Error::NotOwner { errno: libc::EPERM, .. }) => {
+                self.unprivileged.insert(dev_id, false);
+                return Ok(false);
+            }
+            // A root caller in a mount namespace without the node: only a
+            // privileged device can be read without it (an unprivileged one
+            // refuses every command then).
+            Err(Error::Kernel { errno: libc::ENOENT, .. }) if caller_ids().0 == 0 => self.get_dev_info_plain(dev_id)?,
+            Err(e) => return Err(e),
+        };
+        let u = info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0;
+        self.unprivileged.insert(dev_id, u);
+        Ok(u)
+    }
+
+    /// Records whether a device is unprivileged, from its info (ADD_DEV's
+    /// answer or GET_DEV_INFO2), for the commands this handle sends it.
+    pub(crate) fn remember(&mut self, info: &DevInfo) {
+        self.unprivileged.insert(info.dev_id, info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0);
+    }
+
+    /// Sends a command for device `dev_id` with `payload` as its buffer
+    /// (read and/or written by the kernel), and `data0`: for an
+    /// unprivileged device the buffer is the char device path followed by
+    /// the payload ([`DEV_PATH_LEN`]), else the payload alone. A refusal
+    /// for lack of permission (EPERM, EACCES) becomes [`Error::NotOwner`].
+    fn device_cmd<T: Copy>(&mut self, op: CtrlOp, dev_id: u32, payload: Option<&mut T>, data0: u64, encoded: bool) -> Result<i32> {
+        let unpriv = self.is_unprivileged(dev_id)?;
+        let r = self.device_cmd_as(op, dev_id, payload, data0, encoded, unpriv);
+        self.permission_error(op, dev_id, unpriv, r)
+    }
+
+    fn device_cmd_as<T: Copy>(
+        &mut self,
+        op: CtrlOp,
+        dev_id: u32,
+        payload: Option<&mut T>,
+        data0: u64,
+        encoded: bool,
+        with_path: bool,
+    ) -> Result<i32> {
+        let encoded = encoded || self.encoding == Encoding::Ioctl;
+        if !with_path {
+            let mut c = match payload {
+                Some(p) => buf_cmd(dev_id, p),
+                None => dev_cmd(dev_id),
+            };
+            c.data[0] = data0;
+            return self.submit_encoded(op, c, encoded);
+        }
+        match payload {
+            Some(p) => {
+                let mut buf = WithPath { path: dev_path_bytes(dev_id), payload: *p };
+                let mut c = buf_cmd(dev_id, &mut buf);
+                c.data[0] = data0;
+                c.set_dev_path_len(DEV_PATH_LEN as u16);
+                let r = self.submit_encoded(op, c, encoded);
+                *p = buf.payload;
+                r
+            }
+            None => {
+                let mut path = dev_path_bytes(dev_id);
+                let mut c = buf_cmd(dev_id, &mut path);
+                c.data[0] = data0;
+                c.set_dev_path_len(DEV_PATH_LEN as u16);
+                self.submit_encoded(op, c, encoded)
+            }
+        }
+    }
+
+    /// Turns EPERM/EACCES from a device command into [`Error::NotOwner`],
+    /// with the device's owner as far as this caller can learn it.
+    fn permission_error(&mut self, op: CtrlOp, dev_id: u32, unpriv: bool, r: Result<i32>) -> Result<i32> {
+        let errno = match &r {
+            Err(Error::NotPermitted { .. }) => libc::EPERM,
+            Err(Error::Kernel { errno: e @ (libc::EPERM | libc::EACCES), .. }) => *e,
+            _ => return r,
+        };
+        let owner = if unpriv {
+            // The owner can be read only by someone the kernel lets read the
+            // device; else the node's owner (set from it by the udev rule).
+            match self.dev_info2_raw(dev_id) {
+                Ok(i) => i.owner().map(|(uid, gid)| Owner { uid, gid, source: OwnerSource::DeviceInfo }),
+                Err(_) => node_owner(dev_id),
+            }
+        } else {
+            None
+        };
+        Err(Error::NotOwner { cmd: op.name, dev_id, errno, owner, unprivileged: Some(unpriv), caller: caller_ids() })
+    }
+
+    /// GET_DEV_INFO2 with the path, whatever the device; EPERM/EACCES are
+    /// reported as [`Error::NotOwner`] (the device is privileged, or not
+    /// this caller's).
+    fn dev_info2_raw(&mut self, dev_id: u32) -> Result<DevInfo> {
+        let op = CtrlOp { name: "GET_DEV_INFO2", legacy: sys::abi::UBLK_CMD_GET_DEV_INFO2, encoded: sys::abi::UBLK_U_CMD_GET_DEV_INFO2 };
+        let mut out = DevInfo::default();
+        match self.device_cmd_as(op, dev_id, Some(&mut out), 0, false, true).map_err(no_dev(dev_id)) {
+            Ok(_) => Ok(out),
+            Err(Error::NotPermitted { .. }) => Err(self.refused_info2(dev_id, libc::EPERM)),
+            Err(Error::Kernel { errno: libc::EACCES, .. }) => Err(self.refused_info2(dev_id, libc::EACCES)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why GET_DEV_INFO2 was refused: EACCES is the node's mode (someone
+    /// else's unprivileged device); EPERM is a privileged device and a
+    /// caller without CAP_SYS_ADMIN, or a path naming another device.
+    fn refused_info2(&self, dev_id: u32, errno: i32) -> Error {
+        let unprivileged = if errno == libc::EACCES { Some(true) } else { None };
+        Error::NotOwner { cmd: "GET_DEV_INFO2", dev_id, errno, owner: node_owner(dev_id), unprivileged, caller: caller_ids() }
+    }
+
+    /// GET_DEV_INFO without the path (privileged devices).
+    fn get_dev_info_plain(&mut self, dev_id: u32) -> Result<DevInfo> {
+        let mut out = DevInfo::default();
+        self.device_cmd_as(ops::GET_DEV_INFO, dev_id, Some(&mut out), 0, false, false).map_err(no_dev(dev_id))?;
+        Ok(out)
     }
 
     /// The encoding chosen for this kernel.
@@ -227,76 +441,95 @@ impl Control {
     /// `ADD_DEV`: creates a device (and `/dev/ublkcN`). `info.dev_id` is the
     /// requested id, `u32::MAX` to let the kernel choose. Returns the info the
     /// kernel wrote back: the id, the negotiated flags, and the queue count
-    /// clamped to the number of CPUs.
+    /// clamped to the number of CPUs. ADD_DEV never carries a device path
+    /// (the kernel checks no node for it): a caller without CAP_SYS_ADMIN
+    /// may add only an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`).
     pub fn add_dev(&mut self, info: &DevInfo) -> Result<DevInfo> {
         let mut out = *info;
         let c = buf_cmd(info.dev_id, &mut out);
+        let unpriv = info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0;
         match self.submit(ops::ADD_DEV, c) {
             Err(Error::Kernel { errno: libc::EEXIST, .. }) => Err(Error::DeviceExists { dev_id: info.dev_id }),
+            Err(Error::NotPermitted { .. }) if !unpriv => Err(Error::NotPermitted {
+                what: format!(
+                    "ADD_DEV of a privileged device as uid {}: the kernel lets only CAP_SYS_ADMIN create those; an ordinary user creates an unprivileged device instead (DeviceBuilder::unprivileged, `ublk add --unprivileged`, Linux 6.3+)",
+                    caller_ids().0
+                ),
+            }),
+            Err(Error::Kernel { errno: libc::EACCES, .. }) if unpriv => Err(Error::Unsupported {
+                feature: "UBLK_F_UNPRIVILEGED_DEV",
+                why: format!(
+                    "the kernel's limit of unprivileged ublk devices is reached (ADD_DEV: -EACCES; module parameter ublk_drv.ublks_max, now {}, counts every user's); delete one, or ask root to raise /sys/module/ublk_drv/parameters/ublks_max",
+                    std::fs::read_to_string("/sys/module/ublk_drv/parameters/ublks_max").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+                ),
+            }),
             Err(e) => Err(e),
-            Ok(_) => Ok(out),
+            Ok(_) => {
+                self.remember(&out);
+                Ok(out)
+            }
         }
     }
 
     /// `DEL_DEV`: removes a stopped device. The kernel waits until
     /// `/dev/ublkcN` is closed by everyone, so close it first.
     pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.submit(ops::DEL_DEV, dev_cmd(dev_id)).map(drop).map_err(no_dev(dev_id))
+        let r = self.device_cmd::<()>(ops::DEL_DEV, dev_id, None, 0, false).map(drop).map_err(no_dev(dev_id));
+        if r.is_ok() || matches!(r, Err(Error::NoDevice { .. })) {
+            self.unprivileged.remove(&dev_id);
+        }
+        r
     }
 
     /// `STOP_DEV`: removes `/dev/ublkbN` and completes every outstanding io
     /// command with `UBLK_IO_RES_ABORT`, so the queue threads can exit.
     pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
-        self.submit(ops::STOP_DEV, dev_cmd(dev_id)).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd::<()>(ops::STOP_DEV, dev_id, None, 0, false).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `SET_PARAMS`, before `START_DEV`.
     pub fn set_params(&mut self, dev_id: u32, params: &Params) -> Result<()> {
         let mut raw = params.to_raw();
-        let c = buf_cmd(dev_id, &mut raw);
-        self.submit(ops::SET_PARAMS, c).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd(ops::SET_PARAMS, dev_id, Some(&mut raw), 0, false).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `GET_PARAMS`.
     pub fn get_params(&mut self, dev_id: u32) -> Result<sys::ublk_params> {
         let mut raw = sys::ublk_params { len: std::mem::size_of::<sys::ublk_params>() as u32, ..Default::default() };
-        let c = buf_cmd(dev_id, &mut raw);
-        self.submit(ops::GET_PARAMS, c).map_err(no_dev(dev_id))?;
+        self.device_cmd(ops::GET_PARAMS, dev_id, Some(&mut raw), 0, false).map_err(no_dev(dev_id))?;
         Ok(raw)
     }
 
-    /// `GET_DEV_INFO`.
+    /// The device's info: `GET_DEV_INFO2` on kernels that have it (6.3+;
+    /// the only form an unprivileged device answers, and the one whose
+    /// permission check a caller who may not read the device fails with
+    /// [`Error::NotOwner`]), else `GET_DEV_INFO`.
     pub fn get_dev_info(&mut self, dev_id: u32) -> Result<DevInfo> {
+        if self.is_unprivileged(dev_id)? {
+            return self.get_dev_info2(dev_id);
+        }
         let mut out = DevInfo::default();
-        let c = buf_cmd(dev_id, &mut out);
-        self.submit(ops::GET_DEV_INFO, c).map_err(no_dev(dev_id))?;
+        self.device_cmd(ops::GET_DEV_INFO, dev_id, Some(&mut out), 0, false).map_err(no_dev(dev_id))?;
         Ok(out)
     }
 
     /// `GET_DEV_INFO2` (6.3+): like GET_DEV_INFO, with the char device path
-    /// ahead of the payload (which unprivileged devices are checked against).
+    /// ahead of the payload, whatever the device (the kernel checks the
+    /// caller's read access to that node for unprivileged devices, and
+    /// CAP_SYS_ADMIN for the others).
     pub fn get_dev_info2(&mut self, dev_id: u32) -> Result<DevInfo> {
-        let op = CtrlOp { name: "GET_DEV_INFO2", legacy: sys::abi::UBLK_CMD_GET_DEV_INFO2, encoded: sys::abi::UBLK_U_CMD_GET_DEV_INFO2 };
-        let path = format!("/dev/ublkc{dev_id}");
-        let plen = path.len();
-        let mut buf = vec![0u8; plen + std::mem::size_of::<DevInfo>()];
-        buf[..plen].copy_from_slice(path.as_bytes());
-        let mut c = buf_cmd(dev_id, buf.as_mut_slice());
-        if !c.set_dev_path_len(plen as u16) {
-            return Err(Error::Unsupported { feature: "GET_DEV_INFO2", why: "this build's ublk_cmd.h has no dev_path_len".into() });
+        let info = self.dev_info2_raw(dev_id)?;
+        if self.kernel_unprivileged {
+            self.unprivileged.insert(dev_id, info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0);
         }
-        self.submit(op, c).map_err(no_dev(dev_id))?;
-        // SAFETY: DevInfo is plain old data; the kernel wrote it after the path.
-        Ok(unsafe { std::ptr::read_unaligned(buf[plen..].as_ptr() as *const DevInfo) })
+        Ok(info)
     }
 
     /// `UBLK_U_CMD_UPDATE_SIZE` (6.16+, devices with `UBLK_F_UPDATE_SIZE`):
     /// resizes a live device to `sectors` 512-byte sectors.
     pub fn update_size(&mut self, dev_id: u32, sectors: u64) -> Result<()> {
         let op = abi_op("UPDATE_SIZE", sys::abi::UBLK_U_CMD_UPDATE_SIZE);
-        let mut c = dev_cmd(dev_id);
-        c.data[0] = sectors;
-        self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd::<()>(op, dev_id, None, sectors, true).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `UBLK_U_CMD_QUIESCE_DEV` (6.16+, devices with `UBLK_F_QUIESCE`):
@@ -304,25 +537,21 @@ impl Control {
     /// timeout in milliseconds.
     pub fn quiesce_dev(&mut self, dev_id: u32, timeout_ms: u64) -> Result<()> {
         let op = abi_op("QUIESCE_DEV", sys::abi::UBLK_U_CMD_QUIESCE_DEV);
-        let mut c = dev_cmd(dev_id);
-        c.data[0] = timeout_ms;
-        self.submit_encoded(op, c, true).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd::<()>(op, dev_id, None, timeout_ms, true).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `UBLK_U_CMD_TRY_STOP_DEV` (7.0+, devices with `UBLK_F_SAFE_STOP_DEV`):
     /// stops the device only if nobody has the disk open (-EBUSY otherwise).
     pub fn try_stop_dev(&mut self, dev_id: u32) -> Result<()> {
         let op = abi_op("TRY_STOP_DEV", sys::abi::UBLK_U_CMD_TRY_STOP_DEV);
-        self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd::<()>(op, dev_id, None, 0, true).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `GET_QUEUE_AFFINITY`: the CPUs whose requests this queue serves.
     pub fn get_queue_affinity(&mut self, dev_id: u32, q_id: u16) -> Result<Vec<usize>> {
         let mut set = [0u64; 16]; // 1024 CPUs
                                   // The kernel reads the queue from data[0], not from queue_id.
-        let mut c = buf_cmd(dev_id, &mut set);
-        c.data[0] = u64::from(q_id);
-        self.submit(ops::GET_QUEUE_AFFINITY, c).map_err(no_dev(dev_id))?;
+        self.device_cmd(ops::GET_QUEUE_AFFINITY, dev_id, Some(&mut set), u64::from(q_id), false).map_err(no_dev(dev_id))?;
         Ok((0..1024).filter(|i| set[i / 64] & (1u64 << (i % 64)) != 0).collect())
     }
 
@@ -335,9 +564,7 @@ impl Control {
     /// [`Error::TimedOut`] is returned, so a queue that never fetched cannot
     /// hang the caller.
     pub fn start_dev(&self, dev_id: u32, mut keep_waiting: impl FnMut() -> bool) -> Result<()> {
-        let mut c = dev_cmd(dev_id);
-        c.data[0] = std::process::id() as u64;
-        self.blocking_cmd(ops::START_DEV, c, &mut keep_waiting)
+        self.blocking_cmd(ops::START_DEV, dev_id, std::process::id() as u64, &mut keep_waiting)
     }
 
     /// `STOP_DEV` on a ring of its own, calling `tick` every 50 ms while the
@@ -348,31 +575,66 @@ impl Control {
             tick();
             true
         };
-        self.blocking_cmd(ops::STOP_DEV, dev_cmd(dev_id), &mut keep_waiting).map_err(no_dev(dev_id))
+        self.blocking_cmd(ops::STOP_DEV, dev_id, 0, &mut keep_waiting).map_err(no_dev(dev_id))
     }
 
     /// `START_USER_RECOVERY` (needs `UBLK_F_USER_RECOVERY` and a quiesced device).
     pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
-        self.submit(ops::START_USER_RECOVERY, dev_cmd(dev_id)).map(drop).map_err(no_dev(dev_id))
+        self.device_cmd::<()>(ops::START_USER_RECOVERY, dev_id, None, 0, false).map(drop).map_err(no_dev(dev_id))
     }
 
     /// `END_USER_RECOVERY`: like START_DEV, waits for every tag to be fetched.
     pub fn end_user_recovery(&self, dev_id: u32, mut keep_waiting: impl FnMut() -> bool) -> Result<()> {
-        let mut c = dev_cmd(dev_id);
-        c.data[0] = std::process::id() as u64;
-        self.blocking_cmd(ops::END_USER_RECOVERY, c, &mut keep_waiting)
+        self.blocking_cmd(ops::END_USER_RECOVERY, dev_id, std::process::id() as u64, &mut keep_waiting)
     }
 
-    fn blocking_cmd(&self, op: CtrlOp, c: sys::ublksrv_ctrl_cmd, keep_waiting: &mut dyn FnMut() -> bool) -> Result<()> {
+    /// A command that may wait long (START_DEV, END_USER_RECOVERY,
+    /// STOP_DEV), on a ring of its own so other commands are not stuck
+    /// behind it. Whether the device takes the path must already be known
+    /// (it is for a [`crate::Device`]'s own handle: ADD_DEV or recovery
+    /// asked); an unknown device is sent none.
+    fn blocking_cmd(&self, op: CtrlOp, dev_id: u32, data0: u64, keep_waiting: &mut dyn FnMut() -> bool) -> Result<()> {
+        let unpriv = self.unprivileged.get(&dev_id).copied().unwrap_or(false);
         let mut ring = new_ctrl_ring()?;
+        // The kernel only reads the path (when it checks permission, before
+        // it waits), and this buffer lives until the command completes or the
+        // ring is dropped below.
+        let mut path = dev_path_bytes(dev_id);
+        let mut c = if unpriv { buf_cmd(dev_id, &mut path) } else { dev_cmd(dev_id) };
+        if unpriv {
+            c.set_dev_path_len(DEV_PATH_LEN as u16);
+        }
+        c.data[0] = data0;
         let sqe = ctrl_sqe(self.file.as_raw_fd(), self.opcode(op), &c);
-        match run_one(&mut ring, sqe, Some(keep_waiting)) {
+        let r = match run_one(&mut ring, sqe, Some(keep_waiting)) {
             Ok(_) => Ok(()),
             Err(RunErr::Stopped) => {
                 Err(Error::TimedOut { cmd: Cmd::Ctrl(op.name), why: "not every tag of every queue was fetched; the command was cancelled" })
             }
-            Err(e) => Err(kernel_err(op, c.dev_id, e)).map_err(no_dev(c.dev_id)),
-        }
+            Err(e) => Err(kernel_err(op, dev_id, e)).map_err(no_dev(dev_id)),
+        };
+        drop(ring);
+        let errno = match &r {
+            Err(Error::NotPermitted { .. }) => libc::EPERM,
+            Err(Error::Kernel { errno: e @ (libc::EPERM | libc::EACCES), .. }) => *e,
+            _ => return r,
+        };
+        let owner = if unpriv { node_owner(dev_id) } else { None };
+        Err(Error::NotOwner { cmd: op.name, dev_id, errno, owner, unprivileged: Some(unpriv), caller: caller_ids() })
+    }
+
+    /// For tests of the kernel's permission checks: sends the buffer-less
+    /// device command `name` (e.g. STOP_DEV) for `dev_id` with `path` as
+    /// its char device path, whatever device that path names. Returns the
+    /// CQE result.
+    #[doc(hidden)]
+    pub fn raw_command_with_path(&mut self, name: &'static str, legacy: u32, encoded: u32, dev_id: u32, path: &str) -> Result<i32> {
+        let mut b = [0u8; DEV_PATH_LEN];
+        let n = path.len().min(DEV_PATH_LEN - 1);
+        b[..n].copy_from_slice(&path.as_bytes()[..n]);
+        let mut c = buf_cmd(dev_id, &mut b);
+        c.set_dev_path_len(DEV_PATH_LEN as u16);
+        self.submit(CtrlOp { name, legacy, encoded }, c)
     }
 
     /// Sends a raw control command with this kernel's encoding. **Not part
@@ -384,10 +646,45 @@ impl Control {
     }
 
     /// `UBLK_U_CMD_DEL_DEV_ASYNC` (6.9+): delete without waiting for the
-    /// char device to be released.
+    /// char device to be released. Privileged devices only: the kernel's
+    /// permission check for unprivileged devices does not list this
+    /// command and fails it with -EINVAL, so it is refused here, naming
+    /// DEL_DEV instead.
     pub fn del_dev_async(&mut self, dev_id: u32) -> Result<()> {
         let op = abi_op("DEL_DEV_ASYNC", sys::abi::UBLK_U_CMD_DEL_DEV_ASYNC);
-        self.submit_encoded(op, dev_cmd(dev_id), true).map(drop).map_err(no_dev(dev_id))
+        if self.is_unprivileged(dev_id)? {
+            return Err(Error::Unsupported {
+                feature: "DEL_DEV_ASYNC",
+                why: format!("device {dev_id} is an unprivileged device, for which the kernel accepts only DEL_DEV (ublk_ctrl_uring_cmd_permission lists no DEL_DEV_ASYNC); use del_dev"),
+            });
+        }
+        let r = self.device_cmd::<()>(op, dev_id, None, 0, true).map(drop).map_err(no_dev(dev_id));
+        if r.is_ok() {
+            self.unprivileged.remove(&dev_id);
+        }
+        r
+    }
+}
+
+/// The owner of `/dev/ublkcN`, which the udev rule sets from the device's
+/// owner (`None` if the node cannot be looked at).
+fn node_owner(dev_id: u32) -> Option<Owner> {
+    let m = std::fs::metadata(format!("/dev/ublkc{dev_id}")).ok()?;
+    Some(Owner { uid: m.uid(), gid: m.gid(), source: OwnerSource::CharNode })
+}
+
+/// `/dev/ublk-control` cannot be opened: who may, and what grants access.
+fn control_access_error() -> Error {
+    let (uid, gid) = caller_ids();
+    let node = match std::fs::metadata(CONTROL_PATH) {
+        Ok(m) => format!("mode {:04o}, owner uid {} gid {}", m.mode() & 0o7777, m.uid(), m.gid()),
+        Err(_) => "not readable".into(),
+    };
+    Error::Access {
+        what: format!("opening {CONTROL_PATH} ({node}) as uid {uid} gid {gid}"),
+        fix: "privileged devices need root; for unprivileged devices (Linux 6.3+) ordinary users need read and write access to the control node: \
+              install the udev rule `KERNEL==\"ublk-control\", MODE=\"0666\"` (docs/unprivileged.md), or run `chmod 0666 /dev/ublk-control` as root"
+            .into(),
     }
 }
 
@@ -447,9 +744,9 @@ pub(crate) enum RunErr {
 ///
 /// The command's buffer (`addr`) is borrowed by the caller only for this
 /// call, so the call never returns while the kernel may still write it:
-/// once the kernel has taken the SQE, only its CQE (or, for the buffer-less
-/// commands run with `keep_waiting`, the caller dropping the ring) ends the
-/// wait; if the kernel never took it, [`RunErr::Unsubmitted`] tells the
+/// once the kernel has taken the SQE, only its CQE (or, for the commands run
+/// with `keep_waiting`, whose buffer the kernel never writes, the caller
+/// dropping the ring) ends the wait; if the kernel never took it, [`RunErr::Unsubmitted`] tells the
 /// caller to discard the ring with the SQE in it.
 pub(crate) fn run_one(
     ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
@@ -460,8 +757,10 @@ pub(crate) fn run_one(
     // caller for the whole call, and the call returns only after the CQE,
     // or with the SQE still unsubmitted (the caller then discards the ring),
     // or, when `keep_waiting` gives up, after which the caller drops the
-    // ring (cancelling the command); only START_DEV and END_USER_RECOVERY
-    // are run that way, and they carry no buffer.
+    // ring (cancelling the command); only START_DEV, END_USER_RECOVERY and
+    // STOP_DEV are run that way, and their only buffer is the device path of
+    // an unprivileged device, which the kernel only reads (copy_from_user):
+    // a late read of it cannot write this process's memory.
     unsafe {
         ring.submission().push(&sqe.user_data(1)).map_err(|_| RunErr::Errno(libc::EBUSY))?;
     }
@@ -509,5 +808,40 @@ fn kernel_err(op: CtrlOp, dev_id: u32, e: RunErr) -> Error {
             errno,
             hints: hints(Cmd::Ctrl(op.name), errno),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The payload starts exactly `dev_path_len` bytes after the path, where
+    /// the kernel moves `addr` to, for every payload a command carries.
+    #[test]
+    fn payload_follows_the_path() {
+        fn check<T: Default>() {
+            let b = WithPath { path: [0u8; DEV_PATH_LEN], payload: T::default() };
+            let base = &b as *const _ as usize;
+            assert_eq!(&b.payload as *const T as usize - base, DEV_PATH_LEN, "{}", std::any::type_name::<T>());
+            assert_eq!(std::mem::size_of::<WithPath<T>>(), DEV_PATH_LEN + std::mem::size_of::<T>());
+        }
+        check::<DevInfo>();
+        check::<sys::ublk_params>();
+        check::<[u64; 16]>();
+        check::<()>();
+        let p = dev_path_bytes(u32::MAX);
+        assert_eq!(&p[..20], b"/dev/ublkc4294967295");
+        assert!(p[20..].iter().all(|&c| c == 0), "NUL-padded: the kernel's kern_path stops at the first NUL");
+    }
+
+    /// `dev_path_len` lands at byte 24 of the command whatever the header.
+    #[test]
+    fn dev_path_len_at_byte_24() {
+        let mut c = sys::ublksrv_ctrl_cmd::default();
+        assert!(c.set_dev_path_len(0x1234));
+        // SAFETY: ublksrv_ctrl_cmd is 32 bytes of plain old data without padding.
+        let bytes = unsafe { std::slice::from_raw_parts(&c as *const _ as *const u8, 32) };
+        assert_eq!(&bytes[24..26], &0x1234u16.to_ne_bytes());
+        assert!(bytes.iter().enumerate().all(|(i, &b)| (24..26).contains(&i) || b == 0));
     }
 }

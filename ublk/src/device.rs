@@ -90,8 +90,14 @@ pub struct DeviceBuilder {
     attrs: u32,
     discard: Option<Discard>,
     data_path: DataPath,
+    unprivileged: bool,
     serving: Serving,
 }
+
+/// How long [`DeviceBuilder::create`] waits, for an unprivileged device, until
+/// the udev rule has given `/dev/ublkcN` to its owner (the kernel creates it
+/// root-owned, mode 0600).
+pub const NODE_WAIT: Duration = Duration::from_secs(10);
 
 /// How this process serves a device: settings the kernel does not keep,
 /// which a [`Device`] takes from its builder, whether created or recovered.
@@ -129,6 +135,7 @@ impl Default for DeviceBuilder {
             attrs: 0,
             discard: None,
             data_path: DataPath::Copy,
+            unprivileged: false,
             serving: Serving::default(),
         }
     }
@@ -220,6 +227,21 @@ impl DeviceBuilder {
         self.serving.data_path = d;
         self
     }
+    /// Creates an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`, Linux
+    /// 6.3+), which an ordinary user may create, serve and delete: the
+    /// kernel records the caller as its owner and checks, for every control
+    /// command, the caller's access to `/dev/ublkcN` (whose path each
+    /// command carries). That node is created root-owned: a udev rule must
+    /// give it (and `/dev/ublkbN`) to the owner, and `create` waits up to
+    /// [`NODE_WAIT`] for it (see `docs/unprivileged.md`). The kernel allows
+    /// such devices neither user copy (so [`DataPath::NoData`] copies) nor
+    /// user recovery (it drops `UBLK_F_USER_RECOVERY`, which `create`
+    /// reports), and makes any device created with CAP_SYS_ADMIN a
+    /// privileged one (also reported: create it as its owner).
+    pub fn unprivileged(mut self) -> Self {
+        self.unprivileged = true;
+        self
+    }
     /// Discard / write-zeroes limits (so the block layer sends them).
     pub fn discard(mut self, d: Option<Discard>) -> Self {
         self.discard = d;
@@ -257,10 +279,18 @@ impl DeviceBuilder {
 
     /// Validates the configuration, then ADD_DEV and SET_PARAMS, and opens
     /// `/dev/ublkcN`. On any error the half-made device is deleted.
-    pub fn create(self) -> Result<Device> {
+    pub fn create(mut self) -> Result<Device> {
         self.validate()?;
         check_flags(self.flags)?;
+        // The flag itself asks for what `unprivileged()` does.
+        if self.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
+            self.flags &= !sys::abi::UBLK_F_UNPRIVILEGED_DEV;
+            self.unprivileged = true;
+        }
         let mut ctrl = Control::open()?;
+        if self.unprivileged {
+            check_unprivileged(&ctrl, self.flags)?;
+        }
         if self.flags != 0 {
             if let Some(f) = ctrl.features() {
                 let missing = self.flags & !f.0;
@@ -279,7 +309,14 @@ impl DeviceBuilder {
         let mut flags = self.flags;
         let user_copy = ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY));
         match self.data_path {
-            DataPath::NoData if user_copy => flags |= sys::abi::UBLK_F_USER_COPY,
+            // The kernel refuses USER_COPY for unprivileged devices: they copy.
+            DataPath::NoData if user_copy && !self.unprivileged => flags |= sys::abi::UBLK_F_USER_COPY,
+            DataPath::UserCopy if self.unprivileged => {
+                return Err(Error::InvalidConfig {
+                    what: "data path",
+                    why: "the kernel refuses UBLK_F_USER_COPY for unprivileged devices (ADD_DEV: -EINVAL); use DataPath::Copy (`--data-path copy`)".into(),
+                })
+            }
             DataPath::UserCopy if user_copy => flags |= sys::abi::UBLK_F_USER_COPY,
             DataPath::UserCopy => {
                 return Err(Error::Unsupported {
@@ -288,6 +325,9 @@ impl DeviceBuilder {
                 })
             }
             _ => {}
+        }
+        if self.unprivileged {
+            flags |= sys::abi::UBLK_F_UNPRIVILEGED_DEV;
         }
         let info = DevInfo {
             nr_hw_queues: self.queues,
@@ -301,6 +341,35 @@ impl DeviceBuilder {
         let info = ctrl.add_dev(&info)?;
         // From here on, Drop deletes the device whatever happens.
         let mut dev = Device::new(ctrl, info, false, self.serving.clone());
+        if self.unprivileged {
+            if info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV == 0 {
+                return Err(Error::InvalidConfig {
+                    what: "unprivileged device",
+                    why: format!(
+                        "the kernel made device {} a privileged device: it clears UBLK_F_UNPRIVILEGED_DEV for a caller with CAP_SYS_ADMIN (uid {}); create unprivileged devices as the user who owns them",
+                        info.dev_id,
+                        crate::ctrl::caller_ids().0
+                    ),
+                });
+            }
+            if let Err(e) = wait_node_access(info.dev_id, NODE_WAIT) {
+                // Without access to the node, even its owner cannot delete it.
+                dev.deleted = true;
+                return Err(e);
+            }
+            let dropped = self.flags & !info.flags;
+            if dropped != 0 {
+                return Err(Error::Unsupported {
+                    feature: "requested UBLK_F_ flags",
+                    why: format!(
+                        "the kernel dropped {} at ADD_DEV for unprivileged device {}: this kernel ({}) offers no user recovery to unprivileged devices (ublk_ctrl_add_dev); drop the option (the device was deleted)",
+                        crate::ctrl::Features(dropped).names().join(","),
+                        info.dev_id,
+                        crate::ctrl::kernel_release()
+                    ),
+                });
+            }
+        }
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
                 feature: "requested UBLK_F_ flags",
@@ -336,6 +405,15 @@ impl DeviceBuilder {
         // A device made elsewhere may use a protocol this library does not speak.
         check_device_flags(info.flags)?;
         let recovery = sys::UBLK_F_USER_RECOVERY;
+        if info.flags & recovery == 0 && info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
+            return Err(Error::InvalidConfig {
+                what: "recover",
+                why: format!(
+                    "device {dev_id} is an unprivileged device, and the kernel ({}) gives those no user recovery (ublk_ctrl_add_dev drops UBLK_F_USER_RECOVERY): its owner can only delete it (DEL_DEV) and create it again",
+                    crate::ctrl::kernel_release()
+                ),
+            });
+        }
         if info.flags & recovery == 0 {
             return Err(Error::InvalidConfig {
                 what: "recover",
@@ -383,13 +461,15 @@ impl DeviceBuilder {
 
 /// The `UBLK_F_*` flags [`DeviceBuilder::flags`] accepts, by kernel name:
 /// those whose protocol the queues and the lifecycle implement (recovery,
-/// user copy without data, resizing, quiesce, safe stop) or that change
+/// unprivileged devices, user copy without data, resizing, quiesce, safe
+/// stop) or that change
 /// nothing the server does (opcode encoding, completion in task context, no
 /// partition scan).
 pub const SUPPORTED_FLAGS: &[&str] = &[
     "UBLK_F_URING_CMD_COMP_IN_TASK",
     "UBLK_F_USER_RECOVERY",
     "UBLK_F_USER_RECOVERY_REISSUE",
+    "UBLK_F_UNPRIVILEGED_DEV",
     "UBLK_F_CMD_IOCTL_ENCODE",
     "UBLK_F_USER_COPY",
     "UBLK_F_USER_RECOVERY_FAIL_IO",
@@ -398,6 +478,60 @@ pub const SUPPORTED_FLAGS: &[&str] = &[
     "UBLK_F_SAFE_STOP_DEV",
     "UBLK_F_NO_AUTO_PART_SCAN",
 ];
+
+/// What an unprivileged device needs before ADD_DEV: a kernel that has them
+/// (6.3+), and no flag the kernel refuses for them.
+fn check_unprivileged(ctrl: &Control, flags: u64) -> Result<()> {
+    if !ctrl.kernel_has_unprivileged() {
+        return Err(Error::Unsupported {
+            feature: "UBLK_F_UNPRIVILEGED_DEV",
+            why: format!(
+                "unprivileged devices need Linux 6.3 or later; this kernel is {}: create the device as root (without unprivileged), or upgrade the kernel",
+                crate::ctrl::kernel_release()
+            ),
+        });
+    }
+    if flags & sys::abi::UBLK_F_USER_COPY != 0 {
+        return Err(Error::InvalidConfig {
+            what: "flags",
+            why: "UBLK_F_USER_COPY is refused by the kernel for unprivileged devices (ADD_DEV: -EINVAL; a user-copy server reaches request pages through /dev/ublkcN); drop it (DataPath::NoData falls back to copying)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Waits (up to `wait`) until this process may read and write
+/// `/dev/ublkcN`, which the udev rule gives to the device's owner; every
+/// control command of an unprivileged device needs that access.
+fn wait_node_access(dev_id: u32, wait: Duration) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let path = format!("/dev/ublkc{dev_id}");
+    let cpath = std::ffi::CString::new(path.clone()).expect("no NUL in the path");
+    let t0 = Instant::now();
+    loop {
+        // SAFETY: a NUL-terminated path that lives across the call.
+        if unsafe { libc::faccessat(libc::AT_FDCWD, cpath.as_ptr(), libc::R_OK | libc::W_OK, libc::AT_EACCESS) } == 0 {
+            return Ok(());
+        }
+        if t0.elapsed() > wait {
+            let (uid, gid) = crate::ctrl::caller_ids();
+            let node = match std::fs::metadata(&path) {
+                Ok(m) => format!("mode {:04o}, owner uid {} gid {}", m.mode() & 0o7777, m.uid(), m.gid()),
+                Err(e) => e.to_string(),
+            };
+            return Err(Error::Access {
+                what: format!(
+                    "{path} ({node}) is still not readable and writable by uid {uid} gid {gid} {} s after ADD_DEV created unprivileged device {dev_id}",
+                    wait.as_secs()
+                ),
+                fix: format!(
+                    "the kernel creates the node root-owned; a udev rule must give it to the device's owner (docs/unprivileged.md: `ublk udev-owner`). Until it does, nobody but root can use or delete device {dev_id}: `ublk del -n {dev_id}` as root"
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 /// Refuses every requested flag outside [`SUPPORTED_FLAGS`]: a flag passed
 /// through unimplemented changes the protocol under the queues (e.g. with
@@ -713,6 +847,7 @@ impl Device {
         // Teardown has a control handle of its own, and the char device is
         // held here: `on_live` borrows the device meanwhile.
         let mut teardown = Control::open()?;
+        teardown.remember(&info);
         let mut char_file = self.char_file.take();
         let char_fd = char_file.as_ref().expect("char device open").as_raw_fd();
         let mut live = Live { quiesced: false, stop_requested: false, recovering: self.recovering, panic: None };

@@ -28,6 +28,28 @@ impl Cmd {
     }
 }
 
+/// Where the owner of a device named in an error comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerSource {
+    /// `owner_uid`/`owner_gid` of the device info, which the kernel records
+    /// at ADD_DEV: the process that created the device.
+    DeviceInfo,
+    /// The owner of `/dev/ublkcN`, which the udev rule sets from the device
+    /// info (the caller may not read the device info itself).
+    CharNode,
+}
+
+/// The owner of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Where it was read.
+    pub source: OwnerSource,
+}
+
 /// Everything that can go wrong, each with its cause and its fix.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -38,6 +60,33 @@ pub enum Error {
     NotPermitted {
         /// What was refused.
         what: String,
+    },
+    /// A node the caller may not open (e.g. `/dev/ublk-control` for an
+    /// ordinary user), with what grants access.
+    Access {
+        /// What was refused, with the node's mode and owner.
+        what: String,
+        /// The udev rule or `chmod` that grants access.
+        fix: String,
+    },
+    /// The kernel refused a command on a device because this caller may not
+    /// control it: someone else's unprivileged device (EACCES: the caller
+    /// lacks access to its `/dev/ublkcN`), a privileged device and a caller
+    /// without CAP_SYS_ADMIN (EPERM), or a path naming another device's node
+    /// (EPERM).
+    NotOwner {
+        /// The command, by its kernel name.
+        cmd: &'static str,
+        /// The device.
+        dev_id: u32,
+        /// EPERM or EACCES.
+        errno: i32,
+        /// Who owns the device, as far as this caller can tell.
+        owner: Option<Owner>,
+        /// Whether it is an unprivileged device (`None`: not known).
+        unprivileged: Option<bool>,
+        /// The caller's effective uid and gid.
+        caller: (u32, u32),
     },
     /// A configuration value the kernel would refuse, caught before asking it.
     InvalidConfig {
@@ -112,6 +161,8 @@ impl Error {
             Error::Kernel { errno, .. } => Some(*errno),
             Error::Os { source, .. } => source.raw_os_error(),
             Error::NotPermitted { .. } => Some(libc::EPERM),
+            Error::Access { .. } => Some(libc::EACCES),
+            Error::NotOwner { errno, .. } => Some(*errno),
             Error::NoDriver => Some(libc::ENOENT),
             Error::DeviceExists { .. } => Some(libc::EEXIST),
             Error::NoDevice { .. } => Some(libc::ENODEV),
@@ -154,6 +205,39 @@ impl fmt::Display for Error {
                 f,
                 "{what}: not permitted (run as root / with CAP_SYS_ADMIN, or on Linux 6.3+ create the device with UBLK_F_UNPRIVILEGED_DEV and udev rules granting access)"
             ),
+            Error::Access { what, fix } => write!(f, "{what}: permission denied; {fix}"),
+            Error::NotOwner { cmd, dev_id, errno, owner, unprivileged, caller } => {
+                write!(f, "control command {cmd} for device {dev_id} refused (-{}): ", errno_name(*errno))?;
+                let who = match owner {
+                    Some(o) => {
+                        let from = match o.source {
+                            OwnerSource::DeviceInfo => "its device info",
+                            OwnerSource::CharNode => "the owner of its /dev/ublkc node, set from the device info by the udev rule",
+                        };
+                        format!("uid {} gid {} ({from})", o.uid, o.gid)
+                    }
+                    None => "another user".to_string(),
+                };
+                match unprivileged {
+                    Some(false) => write!(
+                        f,
+                        "device {dev_id} is a privileged device (created by root, without UBLK_F_UNPRIVILEGED_DEV), which only CAP_SYS_ADMIN may control; this process runs as uid {} gid {}",
+                        caller.0, caller.1
+                    ),
+                    Some(true) => write!(
+                        f,
+                        "device {dev_id} is an unprivileged device owned by {who}, and this process (uid {} gid {}) lacks {} access to /dev/ublkc{dev_id}, which the kernel checks for every command; only its owner (or root) may control it",
+                        caller.0,
+                        caller.1,
+                        if *cmd == "GET_DEV_INFO2" || *cmd == "GET_PARAMS" || *cmd == "GET_QUEUE_AFFINITY" { "read" } else { "read and write" }
+                    ),
+                    None => write!(
+                        f,
+                        "device {dev_id} (/dev/ublkc{dev_id} owned by {who}) is a privileged device, which only CAP_SYS_ADMIN may control, or /dev/ublkc{dev_id} is not the node of device {dev_id} (the kernel compares the node's device number); this process runs as uid {} gid {}",
+                        caller.0, caller.1
+                    ),
+                }
+            }
             Error::InvalidConfig { what, why } => write!(f, "invalid {what}: {why}"),
             Error::Unsupported { feature, why } => write!(f, "{feature} is not supported: {why}"),
             Error::DeviceExists { dev_id } => write!(

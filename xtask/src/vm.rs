@@ -236,8 +236,13 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
     copy_exec(&busybox, &root.join("bin/busybox"), false)?;
     std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
     write_file(&root.join("init"), INIT, 0o755)?;
-    write_file(&root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
-    write_file(&root.join("etc/group"), "root:x:0:\ndisk:x:6:\n", 0o644)?;
+    // Two ordinary users for the unprivileged-device tests (tests/tests/unpriv.rs).
+    write_file(
+        &root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nublka:x:1000:1000:ublk user A:/tmp:/bin/sh\nublkb:x:1001:1001:ublk user B:/tmp:/bin/sh\n",
+        0o644,
+    )?;
+    write_file(&root.join("etc/group"), "root:x:0:\ndisk:x:6:\nublka:x:1000:\nublkb:x:1001:\n", 0o644)?;
     if Path::new("/etc/mke2fs.conf").exists() {
         std::fs::copy("/etc/mke2fs.conf", root.join("etc/mke2fs.conf"))?;
     }

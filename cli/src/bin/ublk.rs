@@ -7,6 +7,11 @@
 //! * `ublk list`, `ublk del -n N | --all`, `ublk features`.
 //! * `ublk recover -n N`: takes over a `--recovery` device whose daemon died
 //!   and serves it again with the configuration saved in `/run/ublk/N.json`.
+//! * `ublk add --unprivileged ...` (Linux 6.3+): as an ordinary user, an
+//!   unprivileged device, which only its owner (and root) may control; the
+//!   user's state is kept in `$XDG_RUNTIME_DIR/ublk`. `ublk udev-owner
+//!   NAME` is the program the udev rule runs to give a device's nodes to its
+//!   owner (docs/unprivileged.md).
 //!
 //! Errors are one line, `ublk: error: ...`, with exit code 1.
 
@@ -25,7 +30,7 @@ use ublk::{
     sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget,
     RamDisk, StopHandle, Stripe, Target,
 };
-use ublk_cli::config::{pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, StripeConfig};
+use ublk_cli::config::{ensure_run_dir, pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, StripeConfig};
 use ublk_cli::{parse_size, SignalStop};
 
 /// Environment of a detached daemon: the fd to report readiness on, and its log.
@@ -73,6 +78,13 @@ enum Cmd {
         /// Serve it from a background daemon; print the id once it is live.
         #[arg(long)]
         detach: bool,
+    },
+    /// For the udev rule: print UBLK_OWNER_UID=, UBLK_OWNER_GID= and
+    /// UBLK_DEV_ID= of an unprivileged device's owner (nothing for a
+    /// privileged device), given the kernel's name of one of its nodes.
+    UdevOwner {
+        /// `ublkcN` or `ublkbN` (udev's %k).
+        name: String,
     },
 }
 
@@ -158,6 +170,12 @@ struct AddArgs {
     /// thread) instead of the sync one; loop is always async.
     #[arg(long = "async")]
     async_: bool,
+    /// An unprivileged device (Linux 6.3+), which an ordinary user may
+    /// create and which only its owner (and root) may control; needs the
+    /// udev rules of docs/unprivileged.md. Kernels up to 7.3 give such
+    /// devices no --recovery (refused with the kernel's answer).
+    #[arg(long)]
+    unprivileged: bool,
 }
 
 fn parse_data_path(s: &str) -> std::result::Result<DataPath, String> {
@@ -209,6 +227,7 @@ fn main() -> ExitCode {
         Cmd::List { json } => cmd_list(json),
         Cmd::Del { id, all } => cmd_del(id, all),
         Cmd::Features => cmd_features(),
+        Cmd::UdevOwner { name } => cmd_udev_owner(&name),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,8 +260,8 @@ impl Ready {
     }
 
     fn live(&mut self, id: u32) {
-        if let Some(log) = self.log.take() {
-            let _ = std::fs::rename(&log, run_dir().join(format!("{id}.log")));
+        if let (Some(log), Ok(dir)) = (self.log.take(), run_dir()) {
+            let _ = std::fs::rename(&log, dir.join(format!("{id}.log")));
         }
         if let Some(mut p) = self.pipe.take() {
             let _ = writeln!(p, "live {id}");
@@ -262,8 +281,7 @@ impl Ready {
 fn detach() -> Result<()> {
     let exe = std::env::current_exe().context("finding this executable to start the daemon")?;
     let args: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--detach").collect();
-    let dir = run_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {} (run as root)", dir.display()))?;
+    let dir = ensure_run_dir().map_err(|e| anyhow!(e))?;
     let log_path = dir.join(format!("daemon.{}.log", std::process::id()));
     let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let log2 = log.try_clone().context("duplicating the log fd")?;
@@ -353,6 +371,8 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
 
 fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
+    // With --unprivileged, whether the kernel keeps --recovery is its
+    // answer to ADD_DEV (up to 7.3 it drops it: the library says so).
     let flags = recovery_flags(&a)?;
     if !matches!(a.target, Kind::Loop | Kind::Stripe) && (!a.file.is_empty() || a.direct) {
         bail!("--file and --direct are for -t loop and -t stripe only; drop them or use -t loop");
@@ -364,8 +384,8 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
     }
     let builder = |size: u64, discard: Option<Discard>| {
-        DeviceBuilder::new()
-            .queues(a.queues)
+        let b = if a.unprivileged { DeviceBuilder::new().unprivileged() } else { DeviceBuilder::new() };
+        b.queues(a.queues)
             .depth(a.depth)
             .size(size)
             .block_size(a.block_size)
@@ -407,6 +427,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let size = a.size.unwrap_or(1 << 30);
             // A null target never touches data: by default USER_COPY where
             // the kernel has it, and no buffers.
+            state_dir()?;
             let dev = builder(size, None).data_path(data_path).create()?;
             if a.async_ {
                 serve(dev, &AsyncT(&AsyncNullTarget), cfg(size, None), &signals, ready)
@@ -418,6 +439,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let size = a.size.unwrap_or(256 << 20);
             ublk::Params::new(size, a.block_size, 512 << 10)?;
             let rd = RamDisk::new(size)?;
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             serve(dev, &SyncT(&rd), cfg(size, None), &signals, ready)
         }
@@ -441,6 +463,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             if size == 0 {
                 bail!("backing file {} is smaller than one {bs}-byte block; grow it (e.g. truncate -s 1G FILE)", file.display());
             }
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             serve(dev, &AsyncT(&target), cfg(size, Some(file)), &signals, ready)
         }
@@ -460,6 +483,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 Some(s) => s,
                 None => target.size(),
             };
+            state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             let cfg = DeviceConfig { stripe: Some(StripeConfig { legs, chunk }), ..cfg(size, None) };
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
@@ -472,6 +496,12 @@ fn open_stripe(files: &[PathBuf], chunk: u32, direct: bool) -> Result<(Stripe, V
     let target = Stripe::open(files, chunk, &LoopOptions { direct, read_only: false })?;
     let abs = files.iter().map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())).collect();
     Ok((target, abs))
+}
+
+/// Where the device's state will go, checked after the target (a bad
+/// backing file or size is named first) and before there is a device.
+fn state_dir() -> Result<()> {
+    ensure_run_dir().map(drop).map_err(|e| anyhow!(e))
 }
 
 /// Opens a loop target; returns it with the absolute path of its file.
@@ -558,6 +588,11 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
     let mut ctrl = Control::open()?;
     let info = dev_info(&mut ctrl, id)?;
+    if info.flags & sys::UBLK_F_USER_RECOVERY == 0 && info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
+        bail!(
+            "device {id} is an unprivileged device, and the kernel gives those no user recovery (it drops UBLK_F_USER_RECOVERY at ADD_DEV), so no daemon can take it over; delete it with `ublk del -n {id}` and create it again"
+        );
+    }
     if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
         bail!(
             "device {id} was created without --recovery (UBLK_F_USER_RECOVERY), so no daemon can take it over; delete it with `ublk del -n {id}` and create it again with --recovery"
@@ -576,7 +611,7 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
     let cfg = cfg.ok_or_else(|| {
         anyhow!(
             "no saved configuration for device {id} ({}): `ublk recover` takes over only devices made by `ublk add`",
-            DeviceConfig::path(id).display()
+            DeviceConfig::path(id).map(|p| p.display().to_string()).unwrap_or_else(|e| e)
         )
     })?;
     drop(ctrl);
@@ -638,17 +673,36 @@ fn cmd_list(json: bool) -> Result<()> {
     if !ids.is_empty() {
         let mut ctrl = Control::open()?;
         for id in ids {
-            let Ok(info) = ctrl.get_dev_info(id) else { continue };
+            let info = match ctrl.get_dev_info(id) {
+                Ok(info) => info,
+                // Someone else's device: listed with what the caller may know.
+                Err(ublk::Error::NotOwner { owner, unprivileged, .. }) => {
+                    rows.push(serde_json::json!({
+                        "id": id,
+                        "access": false,
+                        "unprivileged": unprivileged,
+                        "owner_uid": owner.map(|o| o.uid),
+                        "owner_gid": owner.map(|o| o.gid),
+                    }));
+                    continue;
+                }
+                Err(_) => continue,
+            };
             let size = ctrl.get_params(id).map(|p| p.basic.dev_sectors << 9).ok();
             let cfg = DeviceConfig::load(id).ok().flatten();
             let pid = info.ublksrv_pid;
+            let owner = info.owner();
             rows.push(serde_json::json!({
                 "id": id,
+                "access": true,
                 "state": ublk::ctrl::state_name(info.state),
                 "queues": info.nr_hw_queues,
                 "depth": info.queue_depth,
                 "size": size.or(cfg.as_ref().map(|c| c.size)),
                 "flags": ublk::Features(info.flags).names(),
+                "unprivileged": info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0,
+                "owner_uid": owner.map(|o| o.0),
+                "owner_gid": owner.map(|o| o.1),
                 "pid": pid,
                 "daemon_alive": pid > 0 && daemon_alive(pid as u32, id, cfg.as_ref()),
                 "target": cfg.as_ref().map(|c| c.target.clone()),
@@ -660,13 +714,28 @@ fn cmd_list(json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<8} {:<40} FILE", "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "PID", "TARGET", "FLAGS");
+    println!(
+        "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<40} FILE",
+        "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "PID", "OWNER", "TARGET", "FLAGS"
+    );
     for r in rows {
         let s = |k: &str| match &r[k] {
             serde_json::Value::Null => "-".to_string(),
             serde_json::Value::String(s) => s.clone(),
             v => v.to_string(),
         };
+        let owner = match (r["owner_uid"].as_u64(), r["owner_gid"].as_u64()) {
+            (Some(u), Some(g)) => format!("{u}:{g}"),
+            _ => "-".to_string(),
+        };
+        if r["access"] == false {
+            let what = match r["unprivileged"].as_bool() {
+                Some(true) => "unprivileged device of another user",
+                _ => "privileged device (root only)",
+            };
+            println!("{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {what}", s("id"), "no-access", "-", "-", "-", "-", owner, "-");
+            continue;
+        }
         let flags: Vec<String> = r["flags"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_str()).map(|n| n.trim_start_matches("UBLK_F_").to_string()).collect())
@@ -678,18 +747,44 @@ fn cmd_list(json: bool) -> Result<()> {
             _ => format!("{}(dead)", s("pid")),
         };
         println!(
-            "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<8} {:<40} {}",
+            "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<40} {}",
             s("id"),
             s("state"),
             s("queues"),
             s("depth"),
             s("size"),
             pid,
+            owner,
             s("target"),
             if flags.is_empty() { "-".to_string() } else { flags.join(",") },
             s("file")
         );
     }
+    Ok(())
+}
+
+/// `ublk udev-owner ublkcN|ublkbN`: what the udev rule needs to give an
+/// unprivileged device's nodes to its owner, as udev's IMPORT{program}
+/// reads it (KEY=value lines). A privileged device prints nothing: its
+/// nodes stay as the kernel and the other rules make them.
+fn cmd_udev_owner(name: &str) -> Result<()> {
+    let id: u32 = name
+        .strip_prefix("ublkc")
+        .or_else(|| name.strip_prefix("ublkb"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("{name:?} is not the name of a ublk node (ublkcN or ublkbN; udev passes %k)"))?;
+    let mut ctrl = Control::open()?;
+    let info = ctrl.get_dev_info(id).map_err(|e| match e {
+        ublk::Error::NoDevice { .. } => no_device(id),
+        e => e.into(),
+    })?;
+    if info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = info.owner().ok_or_else(|| anyhow!("device {id}: no owner in its device info"))?;
+    println!("UBLK_OWNER_UID={uid}");
+    println!("UBLK_OWNER_GID={gid}");
+    println!("UBLK_DEV_ID={id}");
     Ok(())
 }
 
@@ -704,7 +799,15 @@ fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
     }
     let mut ctrl = Control::open()?;
     for id in ids {
-        let info = dev_info(&mut ctrl, id)?;
+        let info = match dev_info(&mut ctrl, id) {
+            Ok(info) => info,
+            // --all deletes what the caller may delete and names the rest.
+            Err(e) if all && matches!(e.downcast_ref::<ublk::Error>(), Some(ublk::Error::NotOwner { .. })) => {
+                eprintln!("ublk: note: skipping device {id}: {e}");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         del_one(&mut ctrl, id, &info)?;
         println!("deleted device {id}");
     }
@@ -766,7 +869,9 @@ fn del_one(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> Result<()> {
         }
     }
     DeviceConfig::remove(id);
-    let _ = std::fs::remove_file(run_dir().join(format!("{id}.log")));
+    if let Ok(dir) = run_dir() {
+        let _ = std::fs::remove_file(dir.join(format!("{id}.log")));
+    }
     Ok(())
 }
 
