@@ -1,6 +1,6 @@
 //! `ublk`: create, list, delete and recover ublk block devices.
 //!
-//! * `ublk add -t null|ramdisk|loop|stripe ...`: creates a device and serves it in
+//! * `ublk add -t null|ramdisk|loop|stripe|nbd ...`: creates a device and serves it in
 //!   the foreground (the block device path is the first line on stdout; the
 //!   per-queue counts follow at exit) until SIGINT/SIGTERM, or with
 //!   `--detach` in a background daemon (the id is printed once it is live).
@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use ublk::{
-    sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, NullTarget,
-    RamDisk, StopHandle, Stripe, Target,
+    sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, Nbd,
+    NbdOptions, NullTarget, RamDisk, StopHandle, Stripe, Target,
 };
 use ublk_cli::config::{ensure_run_dir, pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, StripeConfig};
 use ublk_cli::{parse_size, SignalStop};
@@ -98,6 +98,8 @@ enum Kind {
     Loop,
     /// RAID-0 over 2 or more files or block devices (--file A --file B ..., --chunk).
     Stripe,
+    /// An export of an NBD server (--host H [--port P] | --unix PATH).
+    Nbd,
 }
 
 impl Kind {
@@ -107,6 +109,7 @@ impl Kind {
             Kind::Ramdisk => "ramdisk",
             Kind::Loop => "loop",
             Kind::Stripe => "stripe",
+            Kind::Nbd => "nbd",
         }
     }
 }
@@ -166,6 +169,22 @@ struct AddArgs {
     /// none for null (user copy where the kernel has it), copy otherwise.
     #[arg(long, value_parser = parse_data_path)]
     data_path: Option<DataPath>,
+    /// NBD server host (name or address), for -t nbd.
+    #[arg(long, conflicts_with = "unix")]
+    host: Option<String>,
+    /// NBD server TCP port, for -t nbd with --host.
+    #[arg(long, default_value_t = 10809)]
+    port: u16,
+    /// NBD server unix socket, for -t nbd.
+    #[arg(long)]
+    unix: Option<PathBuf>,
+    /// NBD export name (default: the server's default export).
+    #[arg(long, default_value = "")]
+    export: String,
+    /// NBD connections, one per queue (default: --queues); more than one
+    /// needs a server that allows it (NBD_FLAG_CAN_MULTI_CONN).
+    #[arg(long)]
+    connections: Option<u16>,
     /// Serve a null device with the async target (futures on the queue
     /// thread) instead of the sync one; loop is always async.
     #[arg(long = "async")]
@@ -380,6 +399,12 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     if a.target != Kind::Stripe && a.chunk.is_some() {
         bail!("--chunk is for -t stripe only; drop it or use -t stripe");
     }
+    if a.target != Kind::Nbd && (a.host.is_some() || a.unix.is_some() || a.connections.is_some() || !a.export.is_empty()) {
+        bail!("--host, --unix, --export and --connections are for -t nbd only; drop them or use -t nbd");
+    }
+    if a.target == Kind::Nbd && flags != 0 {
+        bail!("--recovery is not supported with -t nbd yet; drop it");
+    }
     if a.target == Kind::Ramdisk && flags != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
     }
@@ -487,6 +512,43 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             let cfg = DeviceConfig { stripe: Some(StripeConfig { legs, chunk }), ..cfg(size, None) };
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
+        }
+        Kind::Nbd => {
+            let mut opts = match (&a.host, &a.unix) {
+                (Some(h), None) => NbdOptions::tcp(h, a.port),
+                (None, Some(p)) => NbdOptions::unix(p),
+                _ => bail!("-t nbd needs the server: --host H [--port P], or --unix PATH"),
+            };
+            if a.size.is_some() {
+                bail!("--size is not for -t nbd: the device has the export's size");
+            }
+            let connections = match a.connections {
+                Some(c) if a.queues != 1 && a.queues != c => {
+                    bail!("--connections {c} and --queues {}: each queue has its own connection; give one of them", a.queues)
+                }
+                Some(c) => c,
+                None => a.queues,
+            };
+            opts = opts.export(&a.export).connections(connections);
+            // Connects and negotiates before any device exists: a server
+            // that is unreachable or refuses leaves nothing behind.
+            let nbd = Nbd::connect(&opts)?;
+            let size = nbd.size();
+            let dev = nbd
+                .builder(a.block_size)?
+                .depth(a.depth)
+                .id(a.id)
+                .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
+                .placement(a.placement.into())
+                .data_path(data_path)
+                .create()?;
+            let mut c = cfg(size, None);
+            c.queues = connections;
+            let r = serve(dev, &AsyncT(&nbd), c, &signals, ready);
+            if let Some(why) = nbd.failure() {
+                eprintln!("ublk: the NBD connection failed: {why}");
+            }
+            r
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Ready-made targets: [`NullTarget`](crate::NullTarget) (in `target`),
-//! [`RamDisk`], [`LoopTarget`] and [`Stripe`].
+//! [`RamDisk`], [`LoopTarget`], [`Stripe`] and [`Nbd`].
 
 mod loop_file;
+pub mod nbd;
 mod ramdisk;
 pub mod stripe;
 
 pub use loop_file::{LoopOptions, LoopTarget};
+pub use nbd::{Nbd, NbdAddr, NbdOptions};
 pub use ramdisk::RamDisk;
 pub use stripe::{Stripe, StripeLayout};
