@@ -45,6 +45,9 @@ const HOST_TOOLS: &[&str] = &[
     "timeout",
     "nproc",
     "seq",
+    // NBD servers for the NBD target's tests (qemu-utils, nbd-server).
+    "qemu-nbd",
+    "nbd-server",
 ];
 
 /// Modules loaded in the guest (with their dependencies), in this order.

@@ -137,6 +137,10 @@ fn handshake_error(addr: &NbdAddr, e: HandshakeError, timeout: Duration) -> Erro
             format!("NBD handshake with {addr}: the server did not answer within {} s", timeout.as_secs_f32()),
             io::Error::from(io::ErrorKind::TimedOut),
         ),
+        HandshakeError::Io(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => Error::os(
+            format!("NBD handshake with {addr}"),
+            io::Error::new(e.kind(), "the server closed the connection during the handshake"),
+        ),
         HandshakeError::Io(e) => Error::os(format!("NBD handshake with {addr}"), e),
         HandshakeError::Closed(during) => Error::os(
             format!("NBD handshake with {addr}"),
