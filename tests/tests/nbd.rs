@@ -18,9 +18,7 @@ fn lo_up() {
 }
 
 fn have(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists())).unwrap_or(false)
 }
 
 /// Waits (up to 20 s) until something accepts connections at `addr`.
@@ -340,8 +338,10 @@ driver_test! {
 
 /// A direct 4 KiB read of `dev` at `off`, within 20 s: Ok or the error text.
 fn read_at(dev: &str, off: u64) -> Result<(), String> {
-    let (st, _, err) =
-        run("timeout", &["20", "dd", &format!("if={dev}"), "of=/dev/null", "bs=4k", "count=1", &format!("skip={}", off / 4096), "iflag=direct"]);
+    let (st, _, err) = run(
+        "timeout",
+        &["20", "dd", &format!("if={dev}"), "of=/dev/null", "bs=4k", "count=1", &format!("skip={}", off / 4096), "iflag=direct"],
+    );
     if st.success() {
         Ok(())
     } else {
@@ -364,9 +364,17 @@ driver_test! {
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(read_at(&dev, 0), Ok(()), "{mode}: a read outside the trigger window");
             let t0 = Instant::now();
-            let e = read_at(&dev, 1 << 20).expect_err(mode);
-            assert!(e.contains("Input/output error"), "{mode}: {e}");
-            assert!(t0.elapsed() < Duration::from_secs(10), "{mode}: the failing read took {:?}", t0.elapsed());
+            let r = read_at(&dev, 1 << 20);
+            if mode == "oversized-read" {
+                // The read's own 4 KiB arrive whole (a simple reply's length
+                // is the request's); the surplus is then read as the next
+                // reply header, whose magic is wrong.
+                assert_eq!(r, Ok(()), "{mode}");
+            } else {
+                let e = r.expect_err(mode);
+                assert!(e.contains("Input/output error"), "{mode}: {e}");
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{mode}: the read took {:?}", t0.elapsed());
             let e = read_at(&dev, 8 << 20).expect_err(mode);
             assert!(e.contains("Input/output error"), "{mode}: a read after the connection closed: {e}");
             assert!(d.child.try_wait().unwrap().is_none(), "{mode}: the daemon died");

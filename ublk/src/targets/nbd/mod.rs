@@ -693,7 +693,10 @@ impl QueueTarget for NbdQueue<'_> {
         let t = &self.tags[usize::from(tag)];
         t.cmd.set(cmd);
         t.flags.set(cflags);
-        t.offset.set(req.offset());
+        // A FLUSH names no range (the block layer's flush requests carry
+        // sector -1, which a server checks against the export's size).
+        let (offset, len32) = if cmd == CMD_FLUSH { (0, 0) } else { (req.offset(), len32) };
+        t.offset.set(offset);
         t.len.set(len32);
         t.data.set(if cmd == CMD_WRITE { io.data().as_ptr() } else { std::ptr::null() });
         t.gen.set(t.gen.get().wrapping_add(1));
