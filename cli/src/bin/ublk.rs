@@ -145,7 +145,9 @@ struct AddArgs {
     #[arg(long)]
     id: Option<u32>,
     /// User recovery: if the daemon dies the device waits, queued I/O held,
-    /// for `ublk recover -n N` (UBLK_F_USER_RECOVERY).
+    /// for `ublk recover -n N` (UBLK_F_USER_RECOVERY). For -t nbd: a lost
+    /// connection is made again (with backoff) and the I/O in flight
+    /// re-issued, I/O waiting meanwhile.
     #[arg(long)]
     recovery: bool,
     /// With recovery, re-issue the I/O in flight when the daemon died (implies --recovery).
@@ -392,7 +394,9 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
     // With --unprivileged, whether the kernel keeps --recovery is its
     // answer to ADD_DEV (up to 7.3 it drops it: the library says so).
-    let flags = recovery_flags(&a)?;
+    // For -t nbd, --recovery is about the connection (reconnect and
+    // re-issue), not the daemon: the device gets no UBLK_F_USER_RECOVERY.
+    let flags = if a.target == Kind::Nbd { 0 } else { recovery_flags(&a)? };
     if !matches!(a.target, Kind::Loop | Kind::Stripe) && (!a.file.is_empty() || a.direct) {
         bail!("--file and --direct are for -t loop and -t stripe only; drop them or use -t loop");
     }
@@ -402,8 +406,8 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     if a.target != Kind::Nbd && (a.host.is_some() || a.unix.is_some() || a.connections.is_some() || !a.export.is_empty()) {
         bail!("--host, --unix, --export and --connections are for -t nbd only; drop them or use -t nbd");
     }
-    if a.target == Kind::Nbd && flags != 0 {
-        bail!("--recovery is not supported with -t nbd yet; drop it");
+    if a.target == Kind::Nbd && (a.recovery_reissue || a.recovery_fail_io) {
+        bail!("--recovery-reissue and --recovery-fail-io are not for -t nbd; --recovery reconnects to the server and re-issues what was in flight");
     }
     if a.target == Kind::Ramdisk && flags != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
@@ -529,7 +533,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 Some(c) => c,
                 None => a.queues,
             };
-            opts = opts.export(&a.export).connections(connections);
+            opts = opts.export(&a.export).connections(connections).reconnect(a.recovery);
             // Connects and negotiates before any device exists: a server
             // that is unreachable or refuses leaves nothing behind.
             let nbd = Nbd::connect(&opts)?;
@@ -547,6 +551,9 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let r = serve(dev, &AsyncT(&nbd), c, &signals, ready);
             if let Some(why) = nbd.failure() {
                 eprintln!("ublk: the NBD connection failed: {why}");
+            }
+            if nbd.reconnects() > 0 {
+                eprintln!("ublk: NBD connections made again after a loss: {}", nbd.reconnects());
             }
             r
         }

@@ -34,10 +34,11 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -90,6 +91,11 @@ pub struct NbdOptions {
     pub connections: u16,
     /// Time limit for connecting and for each step of the handshake.
     pub timeout: Duration,
+    /// On a lost connection (the server gone, a reset, an end of stream),
+    /// reconnect with backoff and re-issue the requests in flight, which
+    /// wait meanwhile, instead of failing them with EIO. A reply that
+    /// breaks the protocol still ends the connection for good.
+    pub reconnect: bool,
 }
 
 impl NbdOptions {
@@ -104,7 +110,7 @@ impl NbdOptions {
     }
 
     fn new(addr: NbdAddr) -> NbdOptions {
-        NbdOptions { addr, export: String::new(), connections: 1, timeout: Duration::from_secs(10) }
+        NbdOptions { addr, export: String::new(), connections: 1, timeout: Duration::from_secs(10), reconnect: false }
     }
 
     /// Names the export.
@@ -118,6 +124,12 @@ impl NbdOptions {
         self.connections = n;
         self
     }
+
+    /// Reconnects after a lost connection (see [`NbdOptions::reconnect`]).
+    pub fn reconnect(mut self, on: bool) -> NbdOptions {
+        self.reconnect = on;
+        self
+    }
 }
 
 /// An NBD export as a ublk target. See the [module docs](self).
@@ -129,6 +141,8 @@ pub struct Nbd {
     conns: Mutex<Vec<Option<OwnedFd>>>,
     /// Why a connection was closed, the first time one was.
     failure: Mutex<Option<String>>,
+    /// Connections made again after one was lost.
+    reconnects: AtomicU64,
 }
 
 fn handshake_error(addr: &NbdAddr, e: HandshakeError, timeout: Duration) -> Error {
@@ -225,7 +239,7 @@ impl Nbd {
             }
             conns.push(Some(fd));
         }
-        Ok(Nbd { opts: opts.clone(), info, conns: Mutex::new(conns), failure: Mutex::new(None) })
+        Ok(Nbd { opts: opts.clone(), info, conns: Mutex::new(conns), failure: Mutex::new(None), reconnects: AtomicU64::new(0) })
     }
 
     /// What the server said of the export.
@@ -247,6 +261,12 @@ impl Nbd {
     /// the first time one was; `None` while all is well.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How many times a lost connection was made again
+    /// ([`NbdOptions::reconnect`]).
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// A builder for a device that fits the export: one queue per
@@ -414,7 +434,10 @@ struct SendBuf {
 /// One queue's connection. See the [module docs](self).
 pub struct NbdQueue<'a> {
     nbd: &'a Nbd,
-    sock: OwnedFd,
+    /// The connection; replaced only when no operation uses it (see
+    /// `reconnect`).
+    sock: RefCell<OwnedFd>,
+    sock_fd: Cell<RawFd>,
     q_id: u16,
     tags: Box<[Tag]>,
     /// Tags whose requests wait for the writer, in order.
@@ -425,6 +448,10 @@ pub struct NbdQueue<'a> {
     hold: Cell<bool>,
     /// The connection is closed: everything fails with EIO.
     dead: Cell<bool>,
+    /// The connection is lost and being made again: requests wait.
+    down: Cell<bool>,
+    /// The writer has a `sendmsg` in flight.
+    sending: Cell<bool>,
     /// A send is in flight or ended part-way: the stream may end inside a
     /// request, so no NBD_CMD_DISC can follow.
     torn: Cell<bool>,
@@ -453,15 +480,26 @@ impl<'a> NbdQueue<'a> {
             .collect();
         NbdQueue {
             nbd,
-            sock,
+            sock_fd: Cell::new(sock.as_raw_fd()),
+            sock: RefCell::new(sock),
             q_id: q.q_id,
             tags,
             sendq: RefCell::new(VecDeque::with_capacity(usize::from(q.depth) + 1)),
             bg: RefCell::new(None),
             hold: Cell::new(false),
             dead: Cell::new(false),
+            down: Cell::new(false),
+            sending: Cell::new(false),
             torn: Cell::new(false),
         }
+    }
+
+    /// The connection's socket.
+    fn sock(&self) -> BorrowedFd<'_> {
+        // SAFETY: `sock_fd` is the descriptor `sock` owns, which stays open
+        // while `self` lives; it is replaced (and the old one closed) only
+        // once no operation on it is pending or about to be pushed.
+        unsafe { BorrowedFd::borrow_raw(self.sock_fd.get()) }
     }
 
     fn cookie(&self, tag: u16) -> u64 {
@@ -499,10 +537,89 @@ impl<'a> NbdQueue<'a> {
         // Ends operations on the socket (the reader's recv, a payload's,
         // the writer's send) at once; the descriptor stays ours until drop.
         // SAFETY: shutdown(2) on our own socket.
-        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_RDWR) };
         for t in self.tags.iter() {
             t.wake();
         }
+        self.wake_bg();
+    }
+
+    /// The connection is lost (not broken by the server's protocol): with
+    /// [`NbdOptions::reconnect`], requests wait while the reader makes it
+    /// again; else as [`NbdQueue::fail`].
+    fn lose(&self, why: impl FnOnce() -> String) {
+        if !self.nbd.opts.reconnect {
+            return self.fail(why);
+        }
+        if self.dead.get() || self.down.replace(true) {
+            return;
+        }
+        // SAFETY: shutdown(2) on our own socket: pending operations on it end.
+        unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_RDWR) };
+        for t in self.tags.iter() {
+            t.wake();
+        }
+        self.wake_bg();
+    }
+
+    /// Makes the lost connection again (blocking connect and handshake,
+    /// retried with backoff from 100 ms to 5 s) once nothing uses the old
+    /// one, then re-issues every request that has no reply yet.
+    async fn reconnect(&self, ring: Ring<'_>) {
+        poll_fn(|cx| {
+            if (self.hold.get() || self.sending.get()) && !self.dead.get() {
+                self.park_bg(cx);
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let mut opts = self.nbd.opts.clone();
+        opts.timeout = opts.timeout.min(Duration::from_secs(2));
+        let mut delay = Duration::from_millis(100);
+        while !self.dead.get() {
+            match connect_one(&opts) {
+                Ok((fd, info)) if (info.size, info.flags) == (self.nbd.info.size, self.nbd.info.flags) => {
+                    // Nothing uses the old socket (waited for above; the
+                    // reader is here): closing it is safe.
+                    self.sock_fd.set(fd.as_raw_fd());
+                    *self.sock.borrow_mut() = fd;
+                    break;
+                }
+                Ok((_, info)) => {
+                    let i = &self.nbd.info;
+                    self.fail(|| {
+                        format!(
+                            "the export changed while reconnecting (size {} -> {}, flags {:#x} -> {:#x})",
+                            i.size, info.size, i.flags, info.flags
+                        )
+                    });
+                    return;
+                }
+                Err(_) => {
+                    let _ = ring.sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        if self.dead.get() {
+            return;
+        }
+        self.torn.set(false);
+        // Every request without a reply goes out again, with a new cookie.
+        let mut q = self.sendq.borrow_mut();
+        q.clear();
+        for (tag, t) in self.tags.iter().enumerate() {
+            if t.st.get() == St::Waiting {
+                t.gen.set(t.gen.get().wrapping_add(1));
+                t.sent.set(false);
+                q.push_back(tag as u16);
+            }
+        }
+        drop(q);
+        self.down.set(false);
+        self.nbd.reconnects.fetch_add(1, Ordering::Relaxed);
         self.wake_bg();
     }
 
@@ -511,21 +628,25 @@ impl<'a> NbdQueue<'a> {
     async fn reader(&self, ring: Ring<'_>) {
         let mut hdr: Box<[u8]> = vec![0u8; REPLY_LEN].into_boxed_slice();
         while !self.dead.get() {
-            let (res, h) = ring.recv(&self.sock, hdr, libc::MSG_WAITALL).await;
+            if self.down.get() {
+                self.reconnect(ring).await;
+                continue;
+            }
+            let (res, h) = ring.recv(self.sock(), hdr, libc::MSG_WAITALL).await;
             hdr = h;
             match res {
                 Ok(n) if n as usize == REPLY_LEN => {}
                 Ok(0) => {
-                    self.fail(|| "the server closed the connection".into());
-                    break;
+                    self.lose(|| "the server closed the connection".into());
+                    continue;
                 }
                 Ok(n) => {
-                    self.fail(|| format!("short reply: {n} of 16 header bytes, then the connection ended"));
-                    break;
+                    self.lose(|| format!("short reply: {n} of 16 header bytes, then the connection ended"));
+                    continue;
                 }
                 Err(e) => {
-                    self.fail(|| format!("receiving a reply: {e}"));
-                    break;
+                    self.lose(|| format!("receiving a reply: {e}"));
+                    continue;
                 }
             }
             let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
@@ -549,6 +670,8 @@ impl<'a> NbdQueue<'a> {
                 t.wake();
                 poll_fn(|cx| {
                     if self.hold.get() && !self.dead.get() {
+                        // (A lost connection ends the payload's receive,
+                        // which releases the hold.)
                         self.park_bg(cx);
                         Poll::Pending
                     } else {
@@ -577,7 +700,7 @@ impl<'a> NbdQueue<'a> {
         });
         loop {
             poll_fn(|cx| {
-                if self.sendq.borrow().is_empty() {
+                if self.sendq.borrow().is_empty() || (self.down.get() && !self.dead.get()) {
                     self.park_bg(cx);
                     Poll::Pending
                 } else {
@@ -609,14 +732,15 @@ impl<'a> NbdQueue<'a> {
                     }
                 }
                 let mut first = 0usize;
-                while total > 0 && !self.dead.get() {
+                while total > 0 && !self.dead.get() && !self.down.get() {
                     let b = &mut *buf;
                     b.msg.msg_iov = b.iov[first..].as_mut_ptr();
                     b.msg.msg_iovlen = b.iov.len() - first;
-                    let sqe = opcode::SendMsg::new(types::Fd(self.sock.as_raw_fd()), &b.msg)
+                    let sqe = opcode::SendMsg::new(types::Fd(self.sock_fd.get()), &b.msg)
                         .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
                         .build();
                     self.torn.set(true);
+                    self.sending.set(true);
                     // SAFETY: the msghdr, the iovecs and the headers are in
                     // `buf`, owned by the operation (heap memory, stable when
                     // the Box moves) until it is over. The WRITE payloads are
@@ -627,8 +751,9 @@ impl<'a> NbdQueue<'a> {
                     // plain SENDMSG: one completion, no links.
                     let (res, back) = unsafe { ring.raw(sqe, buf) }.await;
                     buf = back;
+                    self.sending.set(false);
                     match res {
-                        Ok(0) => self.fail(|| "the connection accepts no more data".into()),
+                        Ok(0) => self.lose(|| "the connection accepts no more data".into()),
                         Ok(n) => {
                             let mut n = n as usize;
                             total -= n.min(total);
@@ -651,7 +776,7 @@ impl<'a> NbdQueue<'a> {
                                 self.torn.set(false);
                             }
                         }
-                        Err(e) => self.fail(|| format!("sending requests: {e}")),
+                        Err(e) => self.lose(|| format!("sending requests: {e}")),
                     }
                 }
             }
@@ -660,6 +785,8 @@ impl<'a> NbdQueue<'a> {
                 t.sent.set(true);
                 t.wake();
             }
+            // A reconnect may wait for this send to be over.
+            self.wake_bg();
         }
     }
 }
@@ -705,35 +832,40 @@ impl QueueTarget for NbdQueue<'_> {
         self.sendq.borrow_mut().push_back(tag);
         self.wake_bg();
 
-        let st = poll_fn(|cx| match t.st.get() {
-            St::Waiting if !self.dead.get() => {
-                t.park(cx);
-                Poll::Pending
-            }
-            s => Poll::Ready(s),
-        })
-        .await;
-        let answer = match st {
-            St::Replied(0) => Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
-            St::Replied(e) => Err(Errno::new(errno(e))),
-            St::Payload => {
-                let got = io.recv_data(&self.sock, 0..len, libc::MSG_WAITALL).await;
-                let ok = matches!(got, Ok(n) if n == len32);
-                if !ok {
-                    self.fail(|| match got {
-                        Ok(n) => format!("READ reply payload ended after {n} of {len} bytes"),
-                        Err(e) => format!("receiving a READ payload: {e}"),
-                    });
+        let answer = loop {
+            let st = poll_fn(|cx| match t.st.get() {
+                St::Waiting if !self.dead.get() => {
+                    t.park(cx);
+                    Poll::Pending
                 }
-                self.hold.set(false);
-                self.wake_bg();
-                if ok {
-                    Ok(len32)
-                } else {
-                    Err(Errno::EIO)
+                s => Poll::Ready(s),
+            })
+            .await;
+            match st {
+                St::Replied(0) => break Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
+                St::Replied(e) => break Err(Errno::new(errno(e))),
+                St::Payload => {
+                    let got = io.recv_data(self.sock(), 0..len, libc::MSG_WAITALL).await;
+                    let ok = matches!(got, Ok(n) if n == len32);
+                    if !ok {
+                        self.lose(|| match got {
+                            Ok(n) => format!("READ reply payload ended after {n} of {len} bytes"),
+                            Err(e) => format!("receiving a READ payload: {e}"),
+                        });
+                    }
+                    self.hold.set(false);
+                    self.wake_bg();
+                    if ok {
+                        break Ok(len32);
+                    }
+                    if self.dead.get() {
+                        break Err(Errno::EIO);
+                    }
+                    // Lost with the connection: re-issued on the next one.
+                    t.st.set(St::Waiting);
                 }
+                St::Waiting | St::Idle => break Err(Errno::EIO),
             }
-            St::Waiting | St::Idle => Err(Errno::EIO),
         };
         // The request's data may be answered (and its buffer reused) only
         // once the writer is done with it.
@@ -767,14 +899,14 @@ impl Drop for NbdQueue<'_> {
     fn drop(&mut self) {
         // A clean end: tell the server (NBD_CMD_DISC), unless the stream may
         // end inside a request or the connection is already gone.
-        if !self.dead.get() && !self.torn.get() {
+        if !self.dead.get() && !self.down.get() && !self.torn.get() {
             let mut h = [0u8; REQUEST_LEN];
             request(&mut h, 0, CMD_DISC, u64::MAX, 0, 0);
             // SAFETY: send(2) of a local buffer on our own socket; never
             // blocks (MSG_DONTWAIT), never raises SIGPIPE.
-            unsafe { libc::send(self.sock.as_raw_fd(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            unsafe { libc::send(self.sock_fd.get(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             // SAFETY: shutdown(2) on our own socket.
-            unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_WR) };
+            unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_WR) };
         }
     }
 }
