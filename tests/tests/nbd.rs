@@ -26,7 +26,10 @@ fn wait_listening(addr: &Addr) {
     let t0 = Instant::now();
     loop {
         let ok = match addr {
-            Addr::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+            // Read from /proc, not probed with a connection: nbd-server
+            // negotiates in its listening process, which a probe that
+            // hangs up at once can upset.
+            Addr::Tcp(port) => tcp_listening(*port),
             Addr::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
         };
         if ok {
@@ -35,6 +38,15 @@ fn wait_listening(addr: &Addr) {
         assert!(t0.elapsed() < Duration::from_secs(20), "nothing listens at {addr:?} after 20 s");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether something listens on TCP `port` (from /proc/net/tcp).
+fn tcp_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").unwrap_or_default().lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+    })
 }
 
 #[derive(Debug, Clone)]
