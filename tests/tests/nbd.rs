@@ -104,6 +104,25 @@ impl Server {
         let st = Command::new("nbd-server").arg("-C").arg(&conf).arg("-p").arg(&pid_file).status().expect("spawn nbd-server");
         assert!(st.success(), "nbd-server failed to start: {st}");
         wait_listening(&Addr::Tcp(port));
+        // Ready once it greets: in the VM, nbd-server's first connection
+        // after it starts is held for seconds and then reset (seen on every
+        // fresh boot), later ones are answered at once.
+        let t0 = Instant::now();
+        loop {
+            use std::io::Read;
+            let mut greeting = [0u8; 8];
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    s.read_exact(&mut greeting)
+                })
+                .is_ok();
+            if ok && &greeting == b"NBDMAGIC" {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(90), "nbd-server on port {port} does not greet within 90 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
         Server { child: None, pid_file: Some(pid_file) }
     }
 
