@@ -171,14 +171,6 @@ pub fn nbd_dev(addr: &Addr, extra: &[&str]) -> Daemon {
     Daemon::start("ublk", &args)
 }
 
-pub fn fio_ok(args: &[&str]) -> String {
-    let out = run_ok("fio", args);
-    for l in out.lines().filter(|l| l.contains("err=")) {
-        assert!(l.contains("err= 0"), "fio {args:?} reported an error: {l}\n{out}");
-    }
-    out
-}
-
 /// fio randrw with mixed block sizes, crc32c verify of everything written,
 /// 2 jobs at depth 64 on their own halves of `span`, one per CPU.
 pub fn fio_verify(dev: &str, span: u64) {
