@@ -126,14 +126,17 @@ pub trait QueueTarget {
     /// Handles one request. The future runs on the queue's thread; it may
     /// await any number of operations and completions. `io` is the
     /// request: its fields, its data, and the queue's ring.
-    fn handle<'a>(&'a self, io: Io<'a>) -> impl Future<Output = IoResult> + 'a;
+    ///
+    /// The future borrows `self` and `io` (it captures both lifetimes);
+    /// `async fn handle(&self, io: Io<'_>) -> IoResult` implements it.
+    fn handle(&self, io: Io<'_>) -> impl Future<Output = IoResult>;
 
     /// A task the queue runs beside its requests, from before the first
     /// request until the queue stops (e.g. the reader of a connection whose
     /// replies complete requests in any order). Its operations are not
     /// tied to a request; at stop they are cancelled and reaped, then the
     /// task is dropped. By default there is none.
-    fn run<'a>(&'a self, ring: Ring<'a>) -> impl Future<Output = ()> + 'a {
+    fn run(&self, ring: Ring<'_>) -> impl Future<Output = ()> {
         let _ = ring;
         std::future::pending()
     }

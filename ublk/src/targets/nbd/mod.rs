@@ -882,7 +882,7 @@ impl QueueTarget for NbdQueue<'_> {
         answer
     }
 
-    async fn run<'b>(&'b self, ring: Ring<'b>) {
+    async fn run(&self, ring: Ring<'_>) {
         let mut reader = pin!(self.reader(ring));
         let mut writer = pin!(self.writer(ring));
         // Both run until the queue stops (neither completes).
