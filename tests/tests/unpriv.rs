@@ -198,7 +198,8 @@ fn root_info(id: u32) -> ublk::DevInfo {
 }
 
 /// fio as A: 4k random writes with crc32c verify over 16 MiB, rate-limited
-/// so that the write phase lasts several seconds.
+/// (about 40 s of writes, then as long verifying) so that it outlasts B's
+/// attempts even on a busy host.
 fn spawn_fio_as_a(dev: &str, log: &Path) -> Child {
     let args = [
         "--name=unpriv",
@@ -213,7 +214,7 @@ fn spawn_fio_as_a(dev: &str, log: &Path) -> Child {
         "--verify_fatal=1",
         "--do_verify=1",
         "--verify_state_save=0",
-        "--rate_iops=400",
+        "--rate_iops=100",
     ];
     let mut c = as_user(A, Path::new("fio"), &args);
     c.stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit());
