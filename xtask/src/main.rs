@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Per-kernel time limit in seconds
-        #[arg(long, default_value_t = 900)]
+        #[arg(long, default_value_t = 1800)]
         timeout: u64,
         /// Time limit per test executable inside the guest (0 = none)
         #[arg(long, default_value_t = 300)]
@@ -153,7 +153,7 @@ enum Cmd {
     /// Everything: fmt, headers, host tests, clippy, docs, kernels, test-vm, demo.
     Ci {
         /// Per-kernel time limit for test-vm
-        #[arg(long, default_value_t = 900)]
+        #[arg(long, default_value_t = 1800)]
         timeout: u64,
     },
 }
