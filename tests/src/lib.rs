@@ -383,6 +383,47 @@ pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -
 }
 
 /// Runs fio and asserts it succeeded and every job reports `err= 0`; returns its output.
+/// fio with crc32c verify of everything it wrote: 2 jobs, each on its own
+/// half of `span` bytes of `dev`, pinned one per CPU so both queues serve.
+/// `workload` is what differs between callers (`--rw`, block sizes,
+/// `--iodepth`). Asserts fio saw no error; prints and returns its output's
+/// IOPS line.
+pub fn fio_verify_halves(name: &str, dev: &str, span: u64, workload: &[&str]) -> String {
+    let half = (span / 2).to_string();
+    let cpus = format!("0-{}", nproc() - 1);
+    let name = format!("--name={name}");
+    let mut args = vec![name.as_str(), "--filename", dev];
+    args.extend_from_slice(workload);
+    args.extend_from_slice(&[
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--numjobs=2",
+        "--size",
+        &half,
+        "--offset_increment",
+        &half,
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--cpus_allowed",
+        &cpus,
+        "--cpus_allowed_policy=split",
+        "--group_reporting",
+    ]);
+    let out = fio_ok(&args);
+    let line = out.lines().find(|l| l.contains("IOPS=")).unwrap_or("").trim().to_string();
+    eprintln!("fio verify {dev} {workload:?}: {line}");
+    out
+}
+
+/// `len` bytes of the file `p` from `off`.
+pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut v = vec![0u8; len];
+    std::fs::File::open(p).unwrap().read_exact_at(&mut v, off).unwrap();
+    v
+}
+
 pub fn fio_ok(args: &[&str]) -> String {
     let out = run_ok("fio", args);
     for l in out.lines().filter(|l| l.contains("err=")) {

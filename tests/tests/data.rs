@@ -12,15 +12,6 @@ use std::time::Duration;
 
 use ublk_tests::*;
 
-fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(p).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut v = vec![0u8; len];
-    f.read_exact(&mut v).unwrap();
-    v
-}
-
 fn sha256(p: &Path) -> String {
     run_ok("sha256sum", &[p.to_str().unwrap()]).split_whitespace().next().unwrap_or("").to_string()
 }
@@ -60,38 +51,6 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(&self.img);
     }
-}
-
-/// fio randwrite then verify (crc32c), 2 jobs on their own halves of `span`
-/// bytes, one per CPU so both queues serve.
-fn fio_verify(dev: &str, bs: &str, span: u64) {
-    let half = format!("{}", span / 2);
-    let cpus = format!("0-{}", nproc() - 1);
-    let out = fio_ok(&[
-        "--name=verify",
-        "--filename",
-        dev,
-        "--rw=randwrite",
-        "--bs",
-        bs,
-        "--ioengine=io_uring",
-        "--iodepth=32",
-        "--direct=1",
-        "--numjobs=2",
-        "--size",
-        &half,
-        "--offset_increment",
-        &half,
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--cpus_allowed",
-        &cpus,
-        "--cpus_allowed_policy=split",
-        "--group_reporting",
-    ]);
-    let line = out.lines().find(|l| l.contains("IOPS=")).unwrap_or("");
-    eprintln!("fio verify {dev} bs={bs}: {}", line.trim());
 }
 
 driver_test! {
@@ -156,6 +115,12 @@ driver_test! {
 }
 
 /// The files the ext4 test writes: (relative path, contents).
+/// fio randwrite then verify (crc32c) of `bs` blocks at depth 32.
+fn fio_verify(dev: &str, bs: &str, span: u64) {
+    let bs = format!("--bs={bs}");
+    fio_verify_halves("verify", dev, span, &["--rw=randwrite", &bs, "--iodepth=32"]);
+}
+
 fn tree() -> Vec<(String, Vec<u8>)> {
     let mut v = vec![];
     for d in 0..4 {

@@ -1,51 +1,13 @@
 //! `--data-path copy|user-copy` through the CLI on every kernel (its own
 //! test binary: the VM gives each one a time budget).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ublk_tests::*;
 
-fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut v = vec![0u8; len];
-    std::fs::File::open(p).unwrap().read_exact_at(&mut v, off).unwrap();
-    v
-}
-
-fn fio_ok(args: &[&str]) -> String {
-    let out = run_ok("fio", args);
-    for l in out.lines().filter(|l| l.contains("err=")) {
-        assert!(l.contains("err= 0"), "fio {args:?} reported an error: {l}\n{out}");
-    }
-    out
-}
-
 fn fio_verify(dev: &str, bs: &str, span: u64) {
-    let half = format!("{}", span / 2);
-    let cpus = format!("0-{}", nproc() - 1);
-    let _ = fio_ok(&[
-        "--name=verify",
-        "--filename",
-        dev,
-        "--rw=randwrite",
-        "--bs",
-        bs,
-        "--ioengine=io_uring",
-        "--iodepth=32",
-        "--direct=1",
-        "--numjobs=2",
-        "--size",
-        &half,
-        "--offset_increment",
-        &half,
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--cpus_allowed",
-        &cpus,
-        "--cpus_allowed_policy=split",
-        "--group_reporting",
-    ]);
+    let bs = format!("--bs={bs}");
+    fio_verify_halves("verify", dev, span, &["--rw=randwrite", &bs, "--iodepth=32"]);
 }
 
 driver_test! {

@@ -174,32 +174,7 @@ pub fn nbd_dev(addr: &Addr, extra: &[&str]) -> Daemon {
 /// fio randrw with mixed block sizes, crc32c verify of everything written,
 /// 2 jobs at depth 64 on their own halves of `span`, one per CPU.
 pub fn fio_verify(dev: &str, span: u64) {
-    let half = format!("{}", span / 2);
-    let cpus = format!("0-{}", nproc() - 1);
-    let out = fio_ok(&[
-        "--name=nbd-verify",
-        "--filename",
-        dev,
-        "--rw=randrw",
-        "--bssplit=4k/40:16k/20:64k/20:128k/20",
-        "--ioengine=io_uring",
-        "--iodepth=64",
-        "--direct=1",
-        "--numjobs=2",
-        "--size",
-        &half,
-        "--offset_increment",
-        &half,
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--cpus_allowed",
-        &cpus,
-        "--cpus_allowed_policy=split",
-        "--group_reporting",
-    ]);
-    let line = out.lines().find(|l| l.contains("IOPS=")).unwrap_or("");
-    eprintln!("fio verify {dev}: {}", line.trim());
+    fio_verify_halves("nbd-verify", dev, span, &["--rw=randrw", "--bssplit=4k/40:16k/20:64k/20:128k/20", "--iodepth=64"]);
 }
 
 pub fn cmp_ok(a: &str, b: &str, bytes: u64) {
