@@ -94,9 +94,28 @@ driver_test! {
     /// verify-only pass on the device and then on the backing file itself
     /// finds every block.
     fn recovery_sigkill_during_fio_reissue_loses_nothing() {
+        // The default data path (zero copy with the kernel's registration
+        // where it has it), and zero copy with the queue's own registration.
+        let mut paths = vec![None];
+        if ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY)) {
+            paths.push(Some("zero-copy"));
+        }
+        for dp in paths {
+            eprintln!("data path: {}", dp.unwrap_or("default"));
+            sigkill_during_fio_reissue(dp);
+        }
+    }
+}
+
+fn sigkill_during_fio_reissue(data_path: Option<&str>) {
+    {
         let backing = PathBuf::from("/tmp/recovery-reissue.img");
         sparse_file(&backing, 64 << 20);
-        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"]);
+        let mut args = vec!["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"];
+        if let Some(dp) = data_path {
+            args.extend(["--data-path", dp]);
+        }
+        let d = Daemon::start("ublk", &args);
         let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
@@ -129,7 +148,10 @@ driver_test! {
         eprintln!("recovered daemon: {qout}");
         assert_no_devices();
         // ...and straight from the backing file, with no ublk in between.
-        let out = run_ok("fio", &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
+        let out = run_ok(
+            "fio",
+            &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         assert_verified_all(&out, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);

@@ -126,8 +126,9 @@ enum Cmd {
         /// ublk-null+copy (--data-copy), ublk-null+async (the async null
         /// target), ublk-null+affinity / +away / +unpinned (--placement),
         /// ublk-null+pollN (--busy-poll-us N), +twin (the same again, for the
-        /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy and
-        /// ublk-loop+user-copy: the loop target over a tmpfs file.
+        /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy,
+        /// ublk-loop+user-copy, ublk-loop+zero-copy and ublk-loop+auto-buf-reg:
+        /// the loop target over a tmpfs file on that data path.
         #[arg(long)]
         targets: Option<String>,
         /// Only jobs whose name contains one of these (space-separated), e.g. "qd64"

@@ -97,6 +97,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
                 ublk::DataPath::NoData => "not copied (USER_COPY)",
                 ublk::DataPath::Copy => "copied",
                 ublk::DataPath::UserCopy => "copied by the daemon (USER_COPY)",
+                ublk::DataPath::ZeroCopy | ublk::DataPath::AutoBufReg => "left in the kernel (zero copy)",
             }
         );
         signals.arm(stop);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Queue, CANCEL, NOTIFY, WAKE};
+use super::{Queue, BUF_REG, BUF_UNREG, CANCEL, NOTIFY, WAKE};
 use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
 use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget, Ring};
 use crate::error::{Error, Result};
@@ -19,12 +19,18 @@ impl Queue {
     /// makes the target's object for this queue (on this thread), then runs
     /// each request's future on this thread. See [`crate::aio`].
     pub fn serve_async<T: AsyncTarget + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        self.check_data(target.needs_data())?;
+        self.check_data(target.needs_data(), target.zero_copy())?;
         self.serve_async_notify(target, &|| {})
     }
 
     pub(crate) fn serve_async_notify<T: AsyncTarget + ?Sized>(&mut self, target: &T, on_panic: &dyn Fn()) -> Result<QueueStats> {
-        let ctx = QueueContext { dev_id: self.dev_id, q_id: self.q_id, depth: self.depth, user_copy: super::user_copy_dev(self) };
+        let ctx = QueueContext {
+            dev_id: self.dev_id,
+            q_id: self.q_id,
+            depth: self.depth,
+            user_copy: super::user_copy_dev(self),
+            zero_copy: self.zc != super::ZeroCopy::Off,
+        };
         let qt = match target.queue(&ctx) {
             Ok(qt) => qt,
             Err(e) => {
@@ -104,12 +110,29 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
                 }
                 CANCEL | OP_CANCEL => {}
                 ud if ud & ASYNC_OP != 0 => q.op_completed(ud, res),
+                ud if ud & BUF_REG != 0 => {
+                    // The queue's own registration of a request's pages
+                    // (zero copy): its future runs once they are in the ring.
+                    let tag = ud as u16;
+                    if q.registered(tag, res) {
+                        r.ready.set(tag);
+                    } else {
+                        // Never polled: it started nothing.
+                        futs[usize::from(tag)] = None;
+                        q.answer(tag, -libc::EIO);
+                    }
+                }
+                ud if ud & BUF_UNREG != 0 => q.unreg_failed(res),
                 ud => {
                     if let Some(req) = q.on_command(ud as u16, res)? {
                         let (buf, size) = q.buf_raw(req.tag);
-                        let io = Io::new(r, req, buf, size, super::user_copy_dev(q));
+                        let io = Io::new(r, req, buf, size, super::user_copy_dev(q), q.fixed_index(&req));
                         futs[usize::from(req.tag)] = Some(start(io));
-                        r.ready.set(req.tag);
+                        if q.needs_own_reg(&req) {
+                            q.register_buf(&req);
+                        } else {
+                            r.ready.set(req.tag);
+                        }
                     }
                 }
             }

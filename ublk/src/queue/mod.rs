@@ -29,7 +29,7 @@ use crate::placement::Follower;
 pub use crate::stats::QueueStats;
 use crate::target::{settle, Op, Request, Target};
 pub(crate) use ring::EventFd;
-use ring::{build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, FETCH_REQ};
+use ring::{buf_reg_sqe, build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, FETCH_REQ};
 
 /// How long a queue thread polls its ring for the next request before it
 /// sleeps, by default. Under the test VMs' emulation a request's round trip
@@ -41,12 +41,17 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
 /// user_data of the teardown wake-up poll; tags use 0..depth.
-const WAKE: u64 = u64::MAX;
+pub(crate) const WAKE: u64 = u64::MAX;
 /// user_data of the cancellation of target operations at teardown.
 const CANCEL: u64 = u64::MAX - 1;
 /// user_data of the poll on the queue's own eventfd, which wakers on other
 /// threads write.
 const NOTIFY: u64 = u64::MAX - 3;
+/// user_data bit of a request buffer registration (`UBLK_U_IO_REGISTER_IO_BUF`,
+/// `UNREGISTER`); the low 16 bits are the tag.
+pub(crate) const BUF_REG: u64 = 1 << 34;
+/// user_data bit of an unregistration (only its failure completes).
+pub(crate) const BUF_UNREG: u64 = 1 << 35;
 /// How long a queue waits for its target's operations to end after
 /// cancelling them before it gives up and leaks their memory.
 const END_OPS_LIMIT: Duration = Duration::from_secs(30);
@@ -57,6 +62,33 @@ const END_OPS_LIMIT: Duration = Duration::from_secs(30);
 /// UBLK_TAG_OFF)`, plus the byte offset within the request).
 pub fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
     u64::from(sys::UBLKSRV_IO_BUF_OFFSET) + ((u64::from(q_id) << sys::abi::UBLK_QID_OFF) | (u64::from(tag) << sys::abi::UBLK_TAG_OFF))
+}
+
+/// How a zero-copy queue gets each request's pages into its ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroCopy {
+    /// Not zero copy.
+    Off,
+    /// `UBLK_F_SUPPORT_ZERO_COPY`: the queue registers each READ/WRITE's
+    /// pages at index `tag` and unregisters them at its commit.
+    Explicit,
+    /// `UBLK_F_AUTO_BUF_REG`: the kernel registers them at index `tag`
+    /// before delivering the request and unregisters them at the commit; a
+    /// request it could not register (`UBLK_IO_F_NEED_REG_BUF`) the queue
+    /// registers at `depth + tag`.
+    Auto,
+}
+
+impl ZeroCopy {
+    pub(crate) fn of(info: &DevInfo) -> ZeroCopy {
+        if info.flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
+            ZeroCopy::Auto
+        } else if info.flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 {
+            ZeroCopy::Explicit
+        } else {
+            ZeroCopy::Off
+        }
+    }
 }
 
 /// One queue, bound to the thread that created it.
@@ -78,6 +110,14 @@ pub struct Queue {
     char_dup: Option<OwnedFd>,
     /// The device was created with `UBLK_F_USER_COPY`.
     user_copy: bool,
+    /// How requests' pages reach the ring under zero copy.
+    zc: ZeroCopy,
+    /// Per tag: the queue registered the request's pages itself (zero
+    /// copy), at this fixed-buffer index; unregistered before its commit.
+    own_reg: Vec<Option<u16>>,
+    /// A page of ours registered at some tags' fixed-buffer indexes (the
+    /// test hook [`Queue::occupy_auto_indexes`]); kept while the ring lives.
+    occupier: Option<Box<[u8]>>,
     wake: Option<RawFd>,
     /// Tags with a command outstanding in the kernel (FETCH or COMMIT_AND_FETCH).
     live_tags: u16,
@@ -131,7 +171,11 @@ impl Queue {
     ) -> Result<Self> {
         let char_fd = char_fd.as_raw_fd();
         verify_device(char_fd, info)?;
-        let bufs = if user_copy(info) { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?)) };
+        let bufs = if user_copy(info) || ZeroCopy::of(info) != ZeroCopy::Off {
+            None
+        } else {
+            Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?))
+        };
         let files: Vec<RawFd> = target_files.iter().map(|f| f.as_raw_fd()).collect();
         Self::with_bufs(char_fd, info, q_id, encoding, wake.map(|w| w.as_raw_fd()), &files, bufs, false)
     }
@@ -173,6 +217,15 @@ impl Queue {
         let mut files = vec![char_fd];
         files.extend_from_slice(target_files);
         ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        let zc = ZeroCopy::of(info);
+        if zc != ZeroCopy::Off {
+            // The table the requests' pages are registered in: index `tag`
+            // (the kernel's, or ours), and `depth + tag` for ours when the
+            // kernel's automatic registration failed.
+            ring.submitter()
+                .register_buffers_sparse(2 * u32::from(depth))
+                .map_err(|e| Error::os("registering the zero-copy buffer table with the queue's ring", e))?;
+        }
         let char_dup = if user_copy(info) && bufs.is_some() {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open;
             // the result is checked and owned.
@@ -198,6 +251,9 @@ impl Queue {
             bufs_kept,
             char_dup,
             user_copy: user_copy(info),
+            zc,
+            own_reg: vec![None; usize::from(depth)],
+            occupier: None,
             wake,
             live_tags: 0,
             held: vec![false; usize::from(depth)],
@@ -238,7 +294,86 @@ impl Queue {
     }
 
     fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
-        io_sqe(op, self.encoding, self.q_id, tag, result, self.buf_addr(tag))
+        // Under AUTO_BUF_REG, the kernel registers the next request's pages
+        // at index `tag`; one it cannot register is delivered anyway, with
+        // UBLK_IO_F_NEED_REG_BUF (the fallback).
+        let sqe_addr = match self.zc {
+            ZeroCopy::Auto => sys::abi::auto_buf_reg_sqe_addr(tag, sys::abi::UBLK_AUTO_BUF_REG_FALLBACK),
+            _ => 0,
+        };
+        io_sqe(op, self.encoding, self.q_id, tag, result, self.buf_addr(tag), sqe_addr)
+    }
+
+    /// The fixed-buffer index of the tag's request pages under zero copy,
+    /// if the target's operations can reach them: `None` when not zero
+    /// copy, or for a request without data.
+    pub(crate) fn fixed_index(&self, req: &Request) -> Option<u16> {
+        if !matches!(req.op, Op::Read | Op::Write) {
+            return None;
+        }
+        match self.zc {
+            ZeroCopy::Off => None,
+            ZeroCopy::Explicit => Some(req.tag),
+            ZeroCopy::Auto if req.flags & (sys::abi::UBLK_IO_F_NEED_REG_BUF) != 0 => Some(self.depth + req.tag),
+            ZeroCopy::Auto => Some(req.tag),
+        }
+    }
+
+    /// Whether the queue must register the request's pages itself before
+    /// the target's operations use them.
+    pub(crate) fn needs_own_reg(&self, req: &Request) -> bool {
+        match self.zc {
+            ZeroCopy::Explicit => matches!(req.op, Op::Read | Op::Write),
+            ZeroCopy::Auto => matches!(req.op, Op::Read | Op::Write) && req.flags & (sys::abi::UBLK_IO_F_NEED_REG_BUF) != 0,
+            ZeroCopy::Off => false,
+        }
+    }
+
+    /// Pushes the registration of the request's pages at its fixed index.
+    /// Its completion (user_data `BUF_REG | tag`) says whether it worked;
+    /// the target's operations must wait for it.
+    pub(crate) fn register_buf(&mut self, req: &Request) {
+        let index = self.fixed_index(req).expect("a request with data under zero copy");
+        let sqe = buf_reg_sqe(true, self.q_id, req.tag, index, BUF_REG | u64::from(req.tag));
+        self.own_reg[usize::from(req.tag)] = Some(index);
+        self.stats.buf_regs += 1;
+        self.push(&sqe);
+    }
+
+    /// UNREGISTER_IO_BUF failed (its successes complete silently). Nothing
+    /// to undo: counted, as the kernel broke its own protocol.
+    pub(crate) fn unreg_failed(&mut self, res: i32) {
+        self.stats.invalid += u64::from(res < 0);
+    }
+
+    /// Test hook for the AUTO_BUF_REG fallback: puts a page of the queue's
+    /// own at the fixed-buffer index of every `every`th tag, so the
+    /// kernel's automatic registration of those tags' requests fails
+    /// (-EBUSY) and it delivers them with `UBLK_IO_F_NEED_REG_BUF`.
+    pub(crate) fn occupy_auto_indexes(&mut self, every: u16) -> Result<()> {
+        if self.zc != ZeroCopy::Auto || every == 0 {
+            return Ok(());
+        }
+        let page = vec![0u8; 4096].into_boxed_slice();
+        for tag in (0..self.depth).step_by(usize::from(every)) {
+            let iov = libc::iovec { iov_base: page.as_ptr() as *mut libc::c_void, iov_len: page.len() };
+            // SAFETY: the page lives in `self.occupier` as long as the ring
+            // (the kernel pins it while registered anyway); nothing of ours
+            // reads or writes it through the ring.
+            unsafe { self.reactor.ring.borrow().submitter().register_buffers_update(u32::from(tag), &[iov], None) }
+                .map_err(|e| Error::os("occupying a fixed-buffer index (test hook)", e))?;
+        }
+        self.occupier = Some(page);
+        Ok(())
+    }
+
+    /// The registration of the tag's pages completed with `res`: whether it
+    /// worked. A failed one is not unregistered.
+    pub(crate) fn registered(&mut self, tag: u16, res: i32) -> bool {
+        if res < 0 {
+            self.own_reg[usize::from(tag)] = None;
+        }
+        res >= 0
     }
 
     fn push(&self, sqe: &squeue::Entry) {
@@ -315,11 +450,20 @@ impl Queue {
     /// on a queue without buffers (a device created with `UBLK_F_USER_COPY`
     /// through [`Queue::new`]).
     pub fn serve<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        self.check_data(target.needs_data())?;
+        self.check_data(target.needs_data(), false)?;
         self.serve_notify(target, &|| {})
     }
 
-    fn check_data(&self, needs_data: bool) -> Result<()> {
+    fn check_data(&self, needs_data: bool, zero_copy: bool) -> Result<()> {
+        if self.zc != ZeroCopy::Off && needs_data && !zero_copy {
+            return Err(Error::InvalidConfig {
+                what: "data path",
+                why: "the device was created for zero copy (DataPath::ZeroCopy or AutoBufReg): request data stays in the kernel, reached only by an async target's Io::read_at/write_at, but this target reads or writes request data itself; create the device with DataPath::Copy or DataPath::UserCopy, or declare AsyncTarget::zero_copy if the target only uses read_at/write_at".into(),
+            });
+        }
+        if self.zc != ZeroCopy::Off {
+            return Ok(());
+        }
         if self.bufs.is_none() && needs_data {
             return Err(Error::InvalidConfig {
                 what: "data path",
@@ -385,6 +529,7 @@ impl Queue {
                     }
                     CANCEL | OP_CANCEL => {}
                     ud if ud & ASYNC_OP != 0 => self.op_completed(ud, res),
+                    ud if ud & BUF_UNREG != 0 => self.unreg_failed(res),
                     ud => {
                         if let Some(req) = self.on_command(ud as u16, res)? {
                             let result = self.handle_sync(target, &req);
@@ -498,6 +643,10 @@ impl Queue {
                     ud if ud & ASYNC_OP != 0 => {
                         self.reactor.complete(ud as u32, cqe.result());
                     }
+                    ud if ud & BUF_REG != 0 => {
+                        self.registered(ud as u16, cqe.result());
+                    }
+                    ud if ud & BUF_UNREG != 0 => self.unreg_failed(cqe.result()),
                     ud => {
                         // A request delivered meanwhile is held too.
                         self.live_tags = self.live_tags.saturating_sub(1);
@@ -555,6 +704,13 @@ impl Queue {
     /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
     fn commit(&mut self, tag: u16, result: i32) {
         self.held[usize::from(tag)] = false;
+        if let Some(index) = self.own_reg[usize::from(tag)].take() {
+            // The ring issues SQEs in order and UNREGISTER_IO_BUF completes
+            // at once: the pages are out of the table before the commit
+            // completes the request. (Its completion is skipped on success.)
+            let sqe = buf_reg_sqe(false, self.q_id, tag, index, BUF_UNREG | u64::from(tag));
+            self.push(&sqe);
+        }
         if result < 0 {
             self.stats.errors += 1;
         }
@@ -651,14 +807,20 @@ impl Queue {
             q_id: self.q_id,
             tag,
             op: Op::from_raw(d.op()),
-            flags: d.flags(),
+            // The UBLK_IO_F_* flags sit at their own bits of op_flags (FUA is
+            // bit 13), as the kernel sets them: not shifted, as the header's
+            // `ublksrv_get_flags` (op_flags >> 8) would suggest.
+            flags: d.op_flags & !0xff,
             start_sector: d.start_sector,
             nr_sectors: d.nr_sectors(),
         };
         let s = &mut self.stats;
         match req.op {
             Op::Read => s.reads += 1,
-            Op::Write => s.writes += 1,
+            Op::Write => {
+                s.writes += 1;
+                s.fua_writes += u64::from(req.fua());
+            }
             Op::Flush => s.flushes += 1,
             Op::Discard => s.discards += 1,
             Op::WriteZeroes => s.write_zeroes += 1,
