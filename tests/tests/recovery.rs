@@ -96,25 +96,29 @@ driver_test! {
     fn recovery_sigkill_during_fio_reissue_loses_nothing() {
         // The default data path (zero copy with the kernel's registration
         // where it has it), and zero copy with the queue's own registration.
-        let mut paths = vec![None];
-        if ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY)) {
-            paths.push(Some("zero-copy"));
+        // And batched commands (UBLK_F_BATCH_IO) where the kernel has them.
+        let f = ublk::Control::open().unwrap().features();
+        let has = |flag| f.is_some_and(|f| f.contains(flag));
+        let mut variants: Vec<&[&str]> = vec![&[]];
+        if has(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
+            variants.push(&["--data-path", "zero-copy"]);
         }
-        for dp in paths {
-            eprintln!("data path: {}", dp.unwrap_or("default"));
-            sigkill_during_fio_reissue(dp);
+        if has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+            variants.push(&["--batch"]);
+        }
+        for extra in variants {
+            eprintln!("variant: {extra:?}");
+            sigkill_during_fio_reissue(extra);
         }
     }
 }
 
-fn sigkill_during_fio_reissue(data_path: Option<&str>) {
+fn sigkill_during_fio_reissue(extra: &[&str]) {
     {
         let backing = PathBuf::from("/tmp/recovery-reissue.img");
         sparse_file(&backing, 64 << 20);
         let mut args = vec!["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"];
-        if let Some(dp) = data_path {
-            args.extend(["--data-path", dp]);
-        }
+        args.extend_from_slice(extra);
         let d = Daemon::start("ublk", &args);
         let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();

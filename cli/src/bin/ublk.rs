@@ -195,6 +195,11 @@ struct AddArgs {
     /// thread) instead of the sync one; loop is always async.
     #[arg(long = "async")]
     async_: bool,
+    /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+): one multishot fetch
+    /// delivers many requests per completion and one command commits many
+    /// answers.
+    #[arg(long)]
+    batch: bool,
     /// An unprivileged device (Linux 6.3+), which an ordinary user may
     /// create and which only its owner (and root) may control; needs the
     /// udev rules of docs/unprivileged.md. Kernels up to 7.3 give such
@@ -437,6 +442,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .discard(discard)
             .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
             .placement(a.placement.into())
+            .batch_io(a.batch)
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
         id: 0,
@@ -473,8 +479,12 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             a.target.name()
         ),
         DataPathArg::Is(d) => d,
+        // Unprivileged devices get neither user copy nor zero copy from the
+        // kernel; a kernel (or a caller) that cannot say what it offers
+        // gets the path every kernel has.
+        DataPathArg::Auto if a.unprivileged => DataPath::best(None, a.target != Kind::Null, false),
         DataPathArg::Auto => {
-            let features = Control::open()?.features();
+            let features = Control::open().ok().and_then(|c| c.features());
             DataPath::best(features, a.target != Kind::Null, zero_copy_target)
         }
     };
@@ -573,6 +583,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
                 .placement(a.placement.into())
                 .data_path(data_path)
+                .batch_io(a.batch)
                 .create()?;
             let mut c = cfg(size, None);
             c.queues = connections;

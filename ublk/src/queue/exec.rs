@@ -6,12 +6,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Queue, BUF_REG, BUF_UNREG, CANCEL, NOTIFY, WAKE};
+use super::{Queue, BATCH_CMD, BATCH_FETCH, BUF_REG, BUF_UNREG, CANCEL, NOTIFY, WAKE};
 use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
 use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget, Ring};
 use crate::error::{Error, Result};
 use crate::queue::ring::drain_eventfd;
 use crate::queue::QueueStats;
+use crate::target::Request;
 use crate::target::{settle, IoResult};
 
 impl Queue {
@@ -86,6 +87,7 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
         r.ready.set_awake(false);
         if r.ready.any() {
             r.ready.set_awake(true);
+            q.flush_batch();
             let n = r.ring.borrow_mut().submission().len() as u32;
             match q.enter_nowait(n) {
                 Ok(()) => {}
@@ -123,16 +125,19 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
                     }
                 }
                 ud if ud & BUF_UNREG != 0 => q.unreg_failed(res),
+                ud if ud & BATCH_FETCH != 0 => {
+                    let tags = q.batch_fetched(res, cqe.flags())?;
+                    for &tag in &tags {
+                        if let Some(req) = q.on_command(tag, ublk_sys::UBLK_IO_RES_OK as i32)? {
+                            start_request(q, r, futs, start, req);
+                        }
+                    }
+                    q.batch_tags_done(tags);
+                }
+                ud if ud & BATCH_CMD != 0 => q.batch_cmd_done(ud, res)?,
                 ud => {
                     if let Some(req) = q.on_command(ud as u16, res)? {
-                        let (buf, size) = q.buf_raw(req.tag);
-                        let io = Io::new(r, req, buf, size, super::user_copy_dev(q), q.fixed_index(&req));
-                        futs[usize::from(req.tag)] = Some(start(io));
-                        if q.needs_own_reg(&req) {
-                            q.register_buf(&req);
-                        } else {
-                            r.ready.set(req.tag);
-                        }
+                        start_request(q, r, futs, start, req);
                     }
                 }
             }
@@ -170,4 +175,23 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
         q.follow();
     }
     Ok(q.stats)
+}
+
+/// Puts a delivered request's future in its tag's slot, ready to be polled
+/// (under zero copy with the queue's own registration: once that is done).
+fn start_request<'r, F: Future<Output = IoResult> + 'r>(
+    q: &mut Queue,
+    r: &'r Reactor,
+    futs: &mut [Option<F>],
+    start: &impl Fn(Io<'r>) -> F,
+    req: Request,
+) {
+    let (buf, size) = q.buf_raw(req.tag);
+    let io = Io::new(r, req, buf, size, super::user_copy_dev(q), q.fixed_index(&req));
+    futs[usize::from(req.tag)] = Some(start(io));
+    if q.needs_own_reg(&req) {
+        q.register_buf(&req);
+    } else {
+        r.ready.set(req.tag);
+    }
 }

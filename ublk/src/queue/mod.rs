@@ -7,6 +7,7 @@
 //! `!Send` and `!Sync`: it is created on the thread that will serve it and
 //! cannot leave it, so "FETCH from another thread" cannot be written.
 
+mod batch;
 mod exec;
 mod ring;
 
@@ -28,8 +29,11 @@ use crate::error::{hints, Cmd, Error, Result};
 use crate::placement::Follower;
 pub use crate::stats::QueueStats;
 use crate::target::{settle, Op, Request, Target};
+use batch::{Batch, Fetched, BATCH_CMD, BATCH_FETCH};
 pub(crate) use ring::EventFd;
-use ring::{buf_reg_sqe, build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, FETCH_REQ};
+use ring::{
+    buf_reg_sqe, build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, COMMIT_IO_CMDS, FETCH_IO_CMDS, FETCH_REQ, PREP_IO_CMDS,
+};
 
 /// How long a queue thread polls its ring for the next request before it
 /// sleeps, by default. Under the test VMs' emulation a request's round trip
@@ -115,6 +119,8 @@ pub struct Queue {
     /// Per tag: the queue registered the request's pages itself (zero
     /// copy), at this fixed-buffer index; unregistered before its commit.
     own_reg: Vec<Option<u16>>,
+    /// `UBLK_F_BATCH_IO`: commands in batches (see `batch.rs`).
+    batch: Option<Batch>,
     /// A page of ours registered at some tags' fixed-buffer indexes (the
     /// test hook [`Queue::occupy_auto_indexes`]); kept while the ring lives.
     occupier: Option<Box<[u8]>>,
@@ -238,6 +244,13 @@ impl Queue {
         } else {
             None
         };
+        let batch = if info.flags & sys::abi::UBLK_F_BATCH_IO != 0 {
+            // Elements carry the tag's buffer only where the kernel copies.
+            let copy = !user_copy(info) && zc == ZeroCopy::Off;
+            Some(Batch::new(&ring.submitter(), q_id, depth, copy)?)
+        } else {
+            None
+        };
         let notify = EventFd::new()?;
         let blank = Request { q_id, tag: 0, op: Op::Other(0xff), flags: 0, start_sector: 0, nr_sectors: 0 };
         Ok(Queue {
@@ -254,6 +267,7 @@ impl Queue {
             zc,
             own_reg: vec![None; usize::from(depth)],
             occupier: None,
+            batch,
             wake,
             live_tags: 0,
             held: vec![false; usize::from(depth)],
@@ -382,8 +396,64 @@ impl Queue {
         self.reactor.push(sqe);
     }
 
-    fn submit(&self) -> std::io::Result<usize> {
+    fn submit(&mut self) -> std::io::Result<usize> {
+        self.flush_batch();
         self.reactor.ring.borrow_mut().submit()
+    }
+
+    /// Under BATCH_IO, queues this turn's commits as one COMMIT_IO_CMDS.
+    /// Called before anything is submitted.
+    fn flush_batch(&mut self) {
+        if let Some(sqe) = self.batch.as_mut().and_then(Batch::flush) {
+            self.reactor.push(&sqe);
+        }
+    }
+
+    /// A completion of the batch fetch: the tags it delivered (the batch's
+    /// own vector, to hand back with [`Queue::batch_tags_done`]). Arms the
+    /// fetch again if it ended for lack of buffers.
+    fn batch_fetched(&mut self, res: i32, flags: u32) -> Result<Vec<u16>> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        match b.fetched(res, flags) {
+            Fetched::Tags { rearm } => {
+                if rearm {
+                    let sqe = b.fetch_sqe();
+                    self.reactor.push(&sqe);
+                }
+                Ok(std::mem::take(&mut b.tags))
+            }
+            Fetched::Stopped => {
+                // The device stops: nothing more comes; what the queue holds
+                // is committed by `drain`.
+                b.fetch_armed = false;
+                self.live_tags = 0;
+                Ok(Vec::new())
+            }
+            Fetched::Failed(res) => {
+                b.fetch_armed = false;
+                Err(self.io_error(FETCH_IO_CMDS, 0, res))
+            }
+        }
+    }
+
+    fn batch_tags_done(&mut self, tags: Vec<u16>) {
+        if let Some(b) = &mut self.batch {
+            if tags.capacity() > 0 {
+                b.tags = tags;
+            }
+        }
+    }
+
+    /// A PREP_IO_CMDS or COMMIT_IO_CMDS completed. A refusal is the queue's
+    /// end, except once the device is stopping (the driver then refuses
+    /// commits, and nothing waits for them).
+    fn batch_cmd_done(&mut self, ud: u64, res: i32) -> Result<()> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        let (commit, r) = b.cmd_done(ud, res);
+        match r {
+            Err(e) if !self.woken && self.live_tags > 0 => Err(self.io_error(if commit { COMMIT_IO_CMDS } else { PREP_IO_CMDS }, 0, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Arms the poll on the queue's own eventfd (written by wakers on other
@@ -397,6 +467,9 @@ impl Queue {
     /// reports the kernel's refusal, if any. START_DEV can complete only
     /// after every queue did this.
     pub fn fetch_all(&mut self) -> Result<()> {
+        if self.batch.is_some() {
+            return self.prep_and_fetch();
+        }
         for tag in 0..self.depth {
             let sqe = self.io_sqe(FETCH_REQ, tag, -1);
             self.push(&sqe);
@@ -421,6 +494,45 @@ impl Queue {
         }
         if let Some((tag, res)) = refused {
             return Err(self.io_error(FETCH_REQ, tag, res));
+        }
+        Ok(())
+    }
+
+    /// [`Queue::fetch_all`] under BATCH_IO: one PREP_IO_CMDS naming every
+    /// tag (with its buffer in copy mode, its registration index under
+    /// AUTO_BUF_REG), then the multishot FETCH_IO_CMDS, submitted together
+    /// (the ring issues them in order).
+    fn prep_and_fetch(&mut self) -> Result<()> {
+        let addrs: Vec<u64> = (0..self.depth).map(|t| self.buf_addr(t)).collect();
+        let auto = self.zc == ZeroCopy::Auto;
+        let b = self.batch.as_mut().expect("a batch queue");
+        let prep = b.prep_sqe(|t| addrs[usize::from(t)], |t| if auto { t } else { 0 });
+        let fetch = b.fetch_sqe();
+        b.fetch_armed = true;
+        self.push(&prep);
+        self.push(&fetch);
+        if let Some(fd) = self.wake {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
+            self.push(&poll);
+        }
+        self.arm_notify();
+        self.submit().map_err(|e| Error::os("submitting PREP_IO_CMDS and FETCH_IO_CMDS", e))?;
+        self.live_tags = self.depth;
+        // Nothing is delivered before START_DEV; a completion here is a
+        // refusal, or PREP's success.
+        while let Some(cqe) = self.next_cqe() {
+            match cqe.user_data() {
+                WAKE => self.woken = true,
+                NOTIFY => self.arm_notify(),
+                ud if ud & BATCH_CMD != 0 => {
+                    let (_, r) = self.batch.as_mut().expect("a batch queue").cmd_done(ud, cqe.result());
+                    if let Err(e) = r {
+                        return Err(self.io_error(PREP_IO_CMDS, 0, e));
+                    }
+                }
+                ud if ud & BATCH_FETCH != 0 && cqe.result() < 0 => return Err(self.io_error(FETCH_IO_CMDS, 0, cqe.result())),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -530,6 +642,17 @@ impl Queue {
                     CANCEL | OP_CANCEL => {}
                     ud if ud & ASYNC_OP != 0 => self.op_completed(ud, res),
                     ud if ud & BUF_UNREG != 0 => self.unreg_failed(res),
+                    ud if ud & BATCH_FETCH != 0 => {
+                        let tags = self.batch_fetched(res, cqe.flags())?;
+                        for &tag in &tags {
+                            if let Some(req) = self.on_command(tag, sys::UBLK_IO_RES_OK as i32)? {
+                                let result = self.handle_sync(target, &req);
+                                self.answer(req.tag, result);
+                            }
+                        }
+                        self.batch_tags_done(tags);
+                    }
+                    ud if ud & BATCH_CMD != 0 => self.batch_cmd_done(ud, res)?,
                     ud => {
                         if let Some(req) = self.on_command(ud as u16, res)? {
                             let result = self.handle_sync(target, &req);
@@ -623,6 +746,7 @@ impl Queue {
                 self.reactor.cancel_all(CANCEL);
                 last_cancel = Some(Instant::now());
             }
+            self.flush_batch();
             let ts = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let waited = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args).map_err(|e| e.raw_os_error());
@@ -647,6 +771,19 @@ impl Queue {
                         self.registered(ud as u16, cqe.result());
                     }
                     ud if ud & BUF_UNREG != 0 => self.unreg_failed(cqe.result()),
+                    ud if ud & BATCH_FETCH != 0 => {
+                        // Requests delivered meanwhile are held too.
+                        if let Ok(tags) = self.batch_fetched(cqe.result(), cqe.flags()) {
+                            for &tag in &tags {
+                                self.live_tags = self.live_tags.saturating_sub(1);
+                                self.held[usize::from(tag)] = true;
+                            }
+                            self.batch_tags_done(tags);
+                        }
+                    }
+                    ud if ud & BATCH_CMD != 0 => {
+                        let _ = self.batch.as_mut().map(|b| b.cmd_done(ud, cqe.result()));
+                    }
                     ud => {
                         // A request delivered meanwhile is held too.
                         self.live_tags = self.live_tags.saturating_sub(1);
@@ -654,6 +791,55 @@ impl Queue {
                             self.held[usize::from(ud as u16)] = true;
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Under BATCH_IO, before the queue's memory goes: cancels the multishot
+    /// fetch (the one writer of the provided buffers) and reaps it and the
+    /// PREP/COMMIT commands in flight (whose element arrays the kernel may
+    /// still read). Whether all of it ended within a second.
+    fn end_batch(&mut self) -> bool {
+        let t0 = Instant::now();
+        let mut cancelled = false;
+        loop {
+            let Some(b) = &self.batch else { return true };
+            if !b.fetch_armed && b.cmds_in_flight() == 0 {
+                return true;
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                return false;
+            }
+            if b.fetch_armed && !cancelled {
+                let cancel = opcode::AsyncCancel::new(BATCH_FETCH).build().user_data(CANCEL);
+                self.push(&cancel);
+                cancelled = true;
+            }
+            self.flush_batch();
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args) {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EAGAIN) | Some(libc::EBUSY)) {
+                    return false;
+                }
+            }
+            while let Some(cqe) = self.next_cqe() {
+                let Some(b) = self.batch.as_mut() else { return true };
+                match cqe.user_data() {
+                    ud if ud & BATCH_FETCH != 0 && ud < CANCEL => {
+                        // Tags delivered now are not served: the device is
+                        // going away, and the kernel fails what its server
+                        // leaves when the ring closes.
+                        let _ = b.fetched(cqe.result(), cqe.flags());
+                        if !batch::more(cqe.flags()) {
+                            b.fetch_armed = false;
+                        }
+                    }
+                    ud if ud & BATCH_CMD != 0 && ud < CANCEL => {
+                        let _ = b.cmd_done(ud, cqe.result());
+                    }
+                    _ => {}
                 }
             }
         }
@@ -714,8 +900,14 @@ impl Queue {
         if result < 0 {
             self.stats.errors += 1;
         }
-        let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
-        self.push(&sqe);
+        let addr = self.buf_addr(tag);
+        let index = if self.zc == ZeroCopy::Auto { tag } else { 0 };
+        if let Some(b) = &mut self.batch {
+            b.commit(tag, index, result, addr);
+        } else {
+            let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+            self.push(&sqe);
+        }
         self.live_tags += 1;
     }
 
@@ -738,6 +930,7 @@ impl Queue {
             self.stats.polled += 1;
             return Ok(());
         }
+        self.flush_batch();
         self.stats.enters += 1;
         self.stats.waits += 1;
         self.reactor.ring.borrow_mut().submit_and_wait(1)?;
@@ -747,6 +940,7 @@ impl Queue {
     /// Submits, then polls for completions for up to `busy_poll`; whether
     /// any arrived.
     fn poll(&mut self) -> std::io::Result<bool> {
+        self.flush_batch();
         let n = self.reactor.ring.borrow_mut().submission().len() as u32;
         self.enter_nowait(n)?;
         let t0 = Instant::now();
@@ -923,6 +1117,11 @@ impl Drop for Queue {
         // After a panic that unwound through `serve`, or a queue never
         // served: end what is in flight before the ring and buffers go.
         self.drain();
+        if !self.end_batch() {
+            // The kernel may still write the fetch's buffers or read a
+            // command's elements: leak them (a few pages) with the ring.
+            std::mem::forget(self.batch.take());
+        }
         // Closing the ring ends its operations only asynchronously, and the
         // kernel may still copy into a tag's buffer while that tag's command
         // is outstanding. Buffers that nobody else keeps are unmapped only
