@@ -94,7 +94,7 @@ impl DataPath {
     /// [`DataPath::AutoBufReg`], else [`DataPath::ZeroCopy`], else
     /// [`DataPath::UserCopy`], else [`DataPath::Copy`] for a target that
     /// moves data only with `read_at`/`write_at`
-    /// ([`AsyncTarget::zero_copy`](crate::aio::AsyncTarget::zero_copy));
+    /// ([`AsyncTarget::zero_copy`]);
     /// [`DataPath::Copy`] for any other target, and [`DataPath::NoData`]
     /// for one that needs no data. `features` is what the kernel offers
     /// ([`Control::features`](crate::Control::features); `None` before 6.5).
