@@ -127,7 +127,11 @@ enum Cmd {
         /// target), ublk-null+affinity / +away / +unpinned (--placement),
         /// ublk-null+pollN (--busy-poll-us N), +twin (the same again, for the
         /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy and
-        /// ublk-loop+user-copy: the loop target over a tmpfs file.
+        /// ublk-loop+user-copy: the loop target over a tmpfs file. nbd:
+        /// ublk-nbd (ours) and nbd.ko (the kernel's client, by nbd-client;
+        /// 6.12 and newest) against one qemu-nbd export over loopback TCP,
+        /// Q of QxJ connections; ublk-nbd+simple: ours without structured
+        /// replies. E.g. --targets nbd --jobs "qd64 128k" --configs "1x1 2x2"
         #[arg(long)]
         targets: Option<String>,
         /// Only jobs whose name contains one of these (space-separated), e.g. "qd64"
