@@ -17,7 +17,9 @@
 # NBD (`--targets nbd` is ublk-nbd and nbd.ko): qemu-nbd exports a 256 MiB
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
 # target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
-# ublk-nbd+simple the same with --simple-replies, and nbd.ko the kernel's
+# ublk-nbd+simple the same with --simple-replies, ublk-nbd+bin:NAME with
+# the CLI binary NAME (another build, put in the guest by
+# UBLK_VM_EXTRA_BINS=/path/NAME), and nbd.ko the kernel's
 # nbd client configured by nbd-client with the same number of connections.
 # Q of a QxJ configuration is the number of connections.
 RUNS=${BENCH_RUNS:-5}
@@ -111,9 +113,9 @@ nbd_server_start() {
         dd if=/dev/zero of=$NBD_IMG bs=1M count=256 status=none || return 1
     fi
     qemu-nbd -f raw -x disk -t -e 4 --cache=writeback -b 127.0.0.1 -p 10809 $NBD_IMG > /tmp/bench-nbd-srv 2>&1 & NBD_SRV=$!
-    # listening once /proc/net/tcp has 127.0.0.1:10809 (0x2A41) in state 0A
-    i=0; while ! grep -q ':2A41 00000000:0000 0A' /proc/net/tcp && [ $i -lt 400 ]; do sleep 0.05; i=$((i + 1)); done
-    grep -q ':2A41 00000000:0000 0A' /proc/net/tcp || { echo "bench: qemu-nbd does not listen"; cat /tmp/bench-nbd-srv; return 1; }
+    # listening once /proc/net/tcp has 127.0.0.1:10809 (0x2A39) in state 0A
+    i=0; while ! grep -q ':2A39 00000000:0000 0A' /proc/net/tcp && [ $i -lt 400 ]; do sleep 0.05; i=$((i + 1)); done
+    grep -q ':2A39 00000000:0000 0A' /proc/net/tcp || { echo "bench: qemu-nbd does not listen"; cat /tmp/bench-nbd-srv; return 1; }
 }
 
 start_nbd() { # target connections -> DEV, PID
@@ -122,7 +124,11 @@ start_nbd() { # target connections -> DEV, PID
     ublk-nbd*)
         extra=
         case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
-        ublk add -t nbd --host 127.0.0.1 --port 10809 --export disk --queues "$2" --depth 128 $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.
+        # an older commit's, measured in the same boot.
+        bin=ublk
+        case $1 in *+bin:*) bin=$(echo "$1" | sed 's/.*+bin:\([^+]*\).*/\1/') ;; esac
+        $bin add -t nbd --host 127.0.0.1 --port 10809 --export disk --queues "$2" --depth 128 $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
     nbd.ko)
         [ -n "$NBD_KO" ] || { echo "bench: this kernel has no nbd.ko"; return 1; }
