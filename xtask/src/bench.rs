@@ -272,7 +272,12 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             let m = median(&r.iops);
             let (lo, hi) = min_max(&r.iops);
             let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
-            format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+            // Below 10k (an NBD export in TCG) in plain IOPS, not 0.2k.
+            if m < 10_000.0 {
+                format!("{m:.0} ±{:.0}%", spread / 2.0)
+            } else {
+                format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+            }
         },
     );
     println!();
