@@ -361,7 +361,8 @@ pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
         util::LOG_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
         log!("bench-table: wrote {}", out.display());
     }
-    let k = |x: f64| format!("{:.1}k", x / 1000.0);
+    let small = records.iter().all(|r| median(&r.iops) < 10_000.0);
+    let k = |x: f64| if small { format!("{x:.0}") } else { format!("{:.1}k", x / 1000.0) };
     let (targets, rows) = summary(
         &records,
         |q, fj| format!("{q} / {fj}"),
