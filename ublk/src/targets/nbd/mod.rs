@@ -489,7 +489,8 @@ impl Tag {
 
     /// A content chunk of the reply covers `n` bytes of the export at
     /// `offset`: where that is in the request's data, if it lies inside the
-    /// request and overlaps no earlier chunk (recorded as covered then).
+    /// request, overlaps no earlier chunk and leaves the covered part in at
+    /// most [`MAX_PIECES`] separate ranges (recorded as covered then).
     fn claim(&self, offset: u64, n: u32) -> Option<usize> {
         let rel = offset.checked_sub(self.offset.get())?;
         let end = rel.checked_add(u64::from(n))?;
@@ -510,6 +511,7 @@ impl Tag {
             }
             (true, false) => c[i - 1].1 = b,
             (false, true) => c[i].0 = a,
+            (false, false) if c.len() >= MAX_PIECES => return None,
             (false, false) => c.insert(i, (a, b)),
         }
         Some(a as usize)
@@ -520,6 +522,12 @@ impl Tag {
         *self.covered.borrow() == [(0, self.len.get())]
     }
 }
+
+/// The most separate ranges a READ's chunks may leave covered at a time:
+/// a server's chunks in order (or each next to an earlier one) leave one;
+/// more than this many gaps is a server that makes the client work (each
+/// chunk costs a walk over the ranges), so the connection is closed.
+const MAX_PIECES: usize = 1024;
 
 /// The reader's receive buffer: replies are received in bulk, as much as
 /// the connection holds (up to [`RECV_MAX`] a time), and taken apart here.
@@ -1028,7 +1036,7 @@ impl<'a> NbdQueue<'a> {
                 rx.consume(8);
                 let Some(rel) = t.claim(at, n) else {
                     return self
-                        .fail(|| format!("data chunk of {n} bytes at {at}: outside the READ of {len} at {off}, or over an earlier chunk"));
+                        .fail(|| format!("data chunk of {n} bytes at {at}: outside the READ of {len} at {off}, over an earlier chunk, or in too many pieces"));
                 };
                 self.count(|s| s.data_chunks += 1);
                 if !self.payload(ring, rx, tag, rel, n as usize).await {
@@ -1043,7 +1051,7 @@ impl<'a> NbdQueue<'a> {
                 rx.consume(12);
                 let Some(rel) = t.claim(at, n) else {
                     return self
-                        .fail(|| format!("hole chunk of {n} bytes at {at}: outside the READ of {len} at {off}, or over an earlier chunk"));
+                        .fail(|| format!("hole chunk of {n} bytes at {at}: outside the READ of {len} at {off}, over an earlier chunk, or in too many pieces"));
                 };
                 self.count(|s| s.hole_chunks += 1);
                 // SAFETY: as in `payload`: inside the waiting READ's buffer
@@ -1395,5 +1403,19 @@ mod tests {
         assert_eq!(t.claim(8192 + 1024, 3072), Some(5120));
         assert!(t.covered_all());
         assert_eq!(t.claim(4096, 1), None, "everything is covered");
+    }
+
+    #[test]
+    fn a_reply_in_too_many_separate_pieces_is_refused() {
+        let t = tag(0, 1 << 20);
+        // every other 512-byte block: 1024 separate ranges, then no more
+        for k in 0..MAX_PIECES as u64 {
+            assert_eq!(t.claim(k * 1024, 512), Some(k as usize * 1024));
+        }
+        assert_eq!(t.covered.borrow().len(), MAX_PIECES);
+        assert_eq!(t.claim((1 << 20) - 256, 256), None, "a 1025th separate range");
+        // filling a gap merges (no new range) and is fine
+        assert_eq!(t.claim(512, 512), Some(512));
+        assert_eq!(t.covered.borrow().len(), MAX_PIECES - 1);
     }
 }
