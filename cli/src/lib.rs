@@ -60,21 +60,24 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
     for s in stats {
         println!(
-            "queue {}: requests={} reads={} writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} bytes={} enters={} waits={} polled={} moves={}",
+            "queue {}: requests={} reads={} writes={} fua_writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} invalid={} bytes={} enters={} waits={} polled={} moves={} buf_regs={}",
             s.q_id,
             s.requests(),
             s.reads,
             s.writes,
+            s.fua_writes,
             s.flushes,
             s.discards,
             s.write_zeroes,
             s.unsupported,
             s.errors,
+            s.invalid,
             s.bytes,
             s.enters,
             s.waits,
             s.polled,
-            s.moves
+            s.moves,
+            s.buf_regs
         );
     }
 }

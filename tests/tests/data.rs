@@ -286,7 +286,10 @@ driver_test! {
         let want: Vec<String> = ublk::Features(info_flags).names().iter().map(|n| n.trim_start_matches("UBLK_F_").to_string()).collect();
         let want = if want.is_empty() { "-".to_string() } else { want.join(",") };
         let cols: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cols.get(8).copied(), Some(want.as_str()), "FLAGS column (the kernel's flags {info_flags:#x}) of: {line}");
+        assert_eq!(cols.get(9).copied(), Some(want.as_str()), "FLAGS column (the kernel's flags {info_flags:#x}) of: {line}");
+        // DATA: loop's default, the fastest data path the kernel offers.
+        let best = ublk::DataPath::best(ctrl.features(), true, true);
+        assert_eq!(cols.get(8).copied(), Some(best.name()), "DATA column of: {line}");
         assert_eq!(cols.get(6).copied(), Some("0:0"), "OWNER column of a device root made: {line}");
         let ioctl = ctrl.encoding() == ublk::Encoding::Ioctl;
         assert_eq!(line.contains("CMD_IOCTL_ENCODE"), ioctl, "kernel {} (opcodes {:?}), list line: {line}", kernel_release(), ctrl.encoding());

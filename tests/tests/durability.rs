@@ -234,6 +234,11 @@ driver_test! {
         assert_eq!(wc.trim(), "write back", "the loop device must declare a volatile write cache");
         let fua = std::fs::read_to_string(format!("/sys/block/{name}/queue/fua")).unwrap_or_default();
         eprintln!("write_cache: {}, fua: {}", wc.trim(), fua.trim());
+        assert_eq!(fua.trim(), "1", "the loop device must declare FUA (it honours it)");
+        // O_DSYNC direct writes go down as FUA writes, which the target must
+        // see flagged (and make durable with RWF_DSYNC).
+        let dev = d.dev.to_str().unwrap();
+        run_ok("dd", &["if=/dev/zero", &format!("of={dev}"), "bs=4k", "count=4", "oflag=direct,dsync", "status=none"]);
         {
             let m = Mounted::ext4(&d.dev, "/tmp/ublk-dur-flush-mnt");
             let mut f = File::create(m.0.join("file")).unwrap();
@@ -243,6 +248,9 @@ driver_test! {
         }
         let (st, out) = d.terminate();
         assert!(st.success(), "daemon exit {st}");
+        let fua_writes = queue_sum(&out, "fua_writes");
+        eprintln!("FUA writes served: {fua_writes}");
+        assert!(fua_writes >= 4, "the 4 O_DSYNC writes did not reach the target as FUA writes:\n{out}");
         let flushes = queue_sum(&out, "flushes");
         eprintln!("flushes served: {flushes}");
         assert!(flushes > 0, "no FLUSH reached the loop target after fsync and sync:\n{out}");

@@ -94,9 +94,32 @@ driver_test! {
     /// verify-only pass on the device and then on the backing file itself
     /// finds every block.
     fn recovery_sigkill_during_fio_reissue_loses_nothing() {
+        // The default data path (zero copy with the kernel's registration
+        // where it has it), and zero copy with the queue's own registration.
+        // And batched commands (UBLK_F_BATCH_IO) where the kernel has them.
+        let f = ublk::Control::open().unwrap().features();
+        let has = |flag| f.is_some_and(|f| f.contains(flag));
+        let mut variants: Vec<&[&str]> = vec![&[]];
+        if has(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
+            variants.push(&["--data-path", "zero-copy"]);
+        }
+        if has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+            variants.push(&["--batch"]);
+        }
+        for extra in variants {
+            eprintln!("variant: {extra:?}");
+            sigkill_during_fio_reissue(extra);
+        }
+    }
+}
+
+fn sigkill_during_fio_reissue(extra: &[&str]) {
+    {
         let backing = PathBuf::from("/tmp/recovery-reissue.img");
         sparse_file(&backing, 64 << 20);
-        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"]);
+        let mut args = vec!["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--recovery-reissue"];
+        args.extend_from_slice(extra);
+        let d = Daemon::start("ublk", &args);
         let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
@@ -129,7 +152,10 @@ driver_test! {
         eprintln!("recovered daemon: {qout}");
         assert_no_devices();
         // ...and straight from the backing file, with no ublk in between.
-        let out = run_ok("fio", &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
+        let out = run_ok(
+            "fio",
+            &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         assert_verified_all(&out, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);

@@ -37,6 +37,11 @@ const fn iowr(nr: u32) -> u32 {
     ioc_ctrl(IOC_READ | IOC_WRITE, nr)
 }
 
+/// `_IOWR('u', nr, struct ublksrv_io_cmd)`: an I/O command on `/dev/ublkcN`.
+const fn iowr_io(nr: u32) -> u32 {
+    ((IOC_READ | IOC_WRITE) << 30) | ((core::mem::size_of::<crate::ublksrv_io_cmd>() as u32) << 16) | ((b'u' as u32) << 8) | nr
+}
+
 /// `UBLK_CMD_GET_DEV_INFO2` (6.3): the legacy number.
 pub const UBLK_CMD_GET_DEV_INFO2: u32 = 0x12;
 /// `UBLK_U_CMD_GET_DEV_INFO2` (6.4).
@@ -95,6 +100,32 @@ pub const UBLK_F_SHMEM_ZC: u64 = 1 << 19;
 /// See [`TABLE`].
 pub const UBLK_F_IO_DESC_SIZE: u64 = 1 << 20;
 
+/// `UBLK_U_IO_REGISTER_IO_BUF` (6.15): registers a request's pages as a
+/// fixed buffer of the ring the command is sent on, at the index in the
+/// command's `addr` (zero copy, `UBLK_F_SUPPORT_ZERO_COPY`).
+pub const UBLK_U_IO_REGISTER_IO_BUF: u32 = iowr_io(0x23);
+/// `UBLK_U_IO_UNREGISTER_IO_BUF` (6.15): drops that registration.
+pub const UBLK_U_IO_UNREGISTER_IO_BUF: u32 = iowr_io(0x24);
+
+/// `UBLK_IO_F_NEED_REG_BUF` (6.16): in a descriptor's `op_flags`, the
+/// kernel could not register the request's buffer itself
+/// (`UBLK_F_AUTO_BUF_REG` with [`UBLK_AUTO_BUF_REG_FALLBACK`]): the server
+/// registers it.
+pub const UBLK_IO_F_NEED_REG_BUF: u32 = 1 << 17;
+
+/// `UBLK_AUTO_BUF_REG_FALLBACK` (6.16): in `ublk_auto_buf_reg.flags`, deliver
+/// a request whose automatic registration failed (with
+/// [`UBLK_IO_F_NEED_REG_BUF`]) instead of failing it.
+pub const UBLK_AUTO_BUF_REG_FALLBACK: u8 = 1;
+
+/// `sqe->addr` of FETCH/COMMIT under `UBLK_F_AUTO_BUF_REG` (6.16): buffer
+/// `index` in bits 0-15, `flags` in 16-23, the rest zero (the header's
+/// `ublk_auto_buf_reg_to_sqe_addr`; the kernel refuses non-zero reserved
+/// bits).
+pub const fn auto_buf_reg_sqe_addr(index: u16, flags: u8) -> u64 {
+    index as u64 | (flags as u64) << 16
+}
+
 /// `UBLK_TAG_OFF` (6.5): under `UBLK_F_USER_COPY`, the tag's bit offset in
 /// a request's position in `/dev/ublkcN` (above `UBLKSRV_IO_BUF_OFFSET`).
 pub const UBLK_TAG_OFF: u64 = 25;
@@ -142,6 +173,10 @@ pub const TABLE: &[Row] = &[
     ("UBLK_F_SHMEM_ZC", UBLK_F_SHMEM_ZC, (7, 1)),
     ("UBLK_F_IO_DESC_SIZE", UBLK_F_IO_DESC_SIZE, (7, 3)),
     ("UBLK_S_DEV_FAIL_IO", UBLK_S_DEV_FAIL_IO as u64, (6, 13)),
+    ("UBLK_U_IO_REGISTER_IO_BUF", UBLK_U_IO_REGISTER_IO_BUF as u64, (6, 15)),
+    ("UBLK_U_IO_UNREGISTER_IO_BUF", UBLK_U_IO_UNREGISTER_IO_BUF as u64, (6, 15)),
+    ("UBLK_IO_F_NEED_REG_BUF", UBLK_IO_F_NEED_REG_BUF as u64, (6, 16)),
+    ("UBLK_AUTO_BUF_REG_FALLBACK", UBLK_AUTO_BUF_REG_FALLBACK as u64, (6, 16)),
     ("UBLK_TAG_OFF", UBLK_TAG_OFF, (6, 5)),
     ("UBLK_QID_OFF", UBLK_QID_OFF, (6, 5)),
 ];

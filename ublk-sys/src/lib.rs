@@ -75,7 +75,10 @@ impl ublksrv_io_desc {
         (self.op_flags & 0xff) as u8
     }
 
-    /// The request's flags (`UBLK_IO_F_*`): the header's `ublksrv_get_flags`.
+    /// `op_flags >> 8`: the header's `ublksrv_get_flags`. Beware: the
+    /// kernel sets the `UBLK_IO_F_*` flags at their own bits of `op_flags`
+    /// (`UBLK_IO_F_FUA` is `1 << 13` there), so test `op_flags &
+    /// UBLK_IO_F_FUA`, not `flags() & UBLK_IO_F_FUA` (always 0 for FUA).
     #[inline]
     pub const fn flags(&self) -> u32 {
         self.op_flags >> 8

@@ -162,6 +162,11 @@ fn auto_buf_reg_packing_matches_c() {
         assert_eq!(std::format!("{c:?}"), std::format!("{r:?}"));
         let back = unsafe { ublk_sys_probe_auto_buf_reg_to_sqe_addr(&c) };
         assert_eq!(back, crate::auto_buf_reg_to_sqe_addr(&r));
+        // The header-independent packing the library uses (reserved bits 0).
+        let z = ublk_auto_buf_reg { index: x as u16, flags: (x >> 16) as u8, reserved0: 0, reserved1: 0 };
+        // SAFETY: as above.
+        let c = unsafe { ublk_sys_probe_auto_buf_reg_to_sqe_addr(&z) };
+        assert_eq!(c, crate::abi::auto_buf_reg_sqe_addr(z.index, z.flags));
     }
 }
 

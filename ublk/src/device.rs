@@ -52,15 +52,66 @@ pub enum DataPath {
     /// [async target](crate::aio) with [`Io::char_dev`](crate::aio::Io::char_dev)).
     /// Refused on kernels without it.
     UserCopy,
+    /// Zero copy with `UBLK_F_SUPPORT_ZERO_COPY` (6.15+): no byte is copied.
+    /// The queue registers each READ/WRITE request's own pages in its ring
+    /// as a fixed buffer (`UBLK_U_IO_REGISTER_IO_BUF`) before the target's
+    /// operations, and unregisters them at the commit; the target's
+    /// [`Io::read_at`](crate::aio::Io::read_at) and
+    /// [`Io::write_at`](crate::aio::Io::write_at) become READ_FIXED and
+    /// WRITE_FIXED on them. Only for [async targets that move data only
+    /// that way](crate::aio::AsyncTarget::zero_copy) (or need none);
+    /// refused on kernels without it.
+    ZeroCopy,
+    /// Zero copy with `UBLK_F_AUTO_BUF_REG` (6.16+): as [`DataPath::ZeroCopy`],
+    /// but the kernel registers each request's pages itself before
+    /// delivering it (at the index the FETCH/COMMIT names) and unregisters
+    /// them at the commit: no command per request. A request whose
+    /// automatic registration fails is delivered anyway
+    /// (`UBLK_AUTO_BUF_REG_FALLBACK`) and the queue registers it itself.
+    AutoBufReg,
 }
 
 impl DataPath {
-    /// The name used on the command line: `copy`, `user-copy`, `none`.
+    /// The name used on the command line: `copy`, `user-copy`, `none`,
+    /// `zero-copy`, `auto-buf-reg`.
     pub fn name(self) -> &'static str {
         match self {
             DataPath::Copy => "copy",
             DataPath::UserCopy => "user-copy",
             DataPath::NoData => "none",
+            DataPath::ZeroCopy => "zero-copy",
+            DataPath::AutoBufReg => "auto-buf-reg",
+        }
+    }
+
+    /// Whether the request's pages stay in the kernel, reached by the
+    /// target's operations as a fixed buffer of the queue's ring.
+    pub fn is_zero_copy(self) -> bool {
+        matches!(self, DataPath::ZeroCopy | DataPath::AutoBufReg)
+    }
+
+    /// The fastest data path the running kernel offers for a target:
+    /// [`DataPath::AutoBufReg`], else [`DataPath::ZeroCopy`], else
+    /// [`DataPath::UserCopy`], else [`DataPath::Copy`] for a target that
+    /// moves data only with `read_at`/`write_at`
+    /// ([`AsyncTarget::zero_copy`](crate::aio::AsyncTarget::zero_copy));
+    /// [`DataPath::Copy`] for any other target, and [`DataPath::NoData`]
+    /// for one that needs no data. `features` is what the kernel offers
+    /// ([`Control::features`](crate::Control::features); `None` before 6.5).
+    pub fn best(features: Option<crate::ctrl::Features>, needs_data: bool, zero_copy: bool) -> DataPath {
+        let has = |f: u64| features.is_some_and(|x| x.contains(f));
+        if !needs_data {
+            DataPath::NoData
+        } else if !zero_copy {
+            DataPath::Copy
+        } else if has(sys::abi::UBLK_F_AUTO_BUF_REG) {
+            DataPath::AutoBufReg
+        } else if has(sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
+            DataPath::ZeroCopy
+        } else if has(sys::abi::UBLK_F_USER_COPY) {
+            DataPath::UserCopy
+        } else {
+            DataPath::Copy
         }
     }
 }
@@ -72,7 +123,9 @@ impl std::str::FromStr for DataPath {
             "copy" => Ok(DataPath::Copy),
             "user-copy" => Ok(DataPath::UserCopy),
             "none" => Ok(DataPath::NoData),
-            _ => Err(format!("unknown data path {s:?}: use copy, user-copy or none")),
+            "zero-copy" => Ok(DataPath::ZeroCopy),
+            "auto-buf-reg" => Ok(DataPath::AutoBufReg),
+            _ => Err(format!("unknown data path {s:?}: use copy, user-copy, zero-copy, auto-buf-reg or none")),
         }
     }
 }
@@ -91,6 +144,7 @@ pub struct DeviceBuilder {
     discard: Option<Discard>,
     data_path: DataPath,
     unprivileged: bool,
+    batch_io: bool,
     serving: Serving,
 }
 
@@ -108,6 +162,8 @@ struct Serving {
     io_scheduler: Option<String>,
     stop_grace: Duration,
     data_path: DataPath,
+    /// Test hook, see [`DeviceBuilder::occupy_auto_buf_indexes`].
+    occupy_every: u16,
 }
 
 impl Default for Serving {
@@ -118,6 +174,7 @@ impl Default for Serving {
             io_scheduler: None,
             stop_grace: STOP_GRACE,
             data_path: DataPath::Copy,
+            occupy_every: 0,
         }
     }
 }
@@ -136,6 +193,7 @@ impl Default for DeviceBuilder {
             discard: None,
             data_path: DataPath::Copy,
             unprivileged: false,
+            batch_io: false,
             serving: Serving::default(),
         }
     }
@@ -225,6 +283,25 @@ impl DeviceBuilder {
     pub fn data_path(mut self, d: DataPath) -> Self {
         self.data_path = d;
         self.serving.data_path = d;
+        self
+    }
+    /// Batched commands (`UBLK_F_BATCH_IO`, Linux 7.0+): each queue sends
+    /// one PREP_IO_CMDS for all its tags, keeps one multishot
+    /// FETCH_IO_CMDS armed (each completion delivers up to 128 requests)
+    /// and commits all the answers of a turn with one COMMIT_IO_CMDS,
+    /// instead of one command and one completion per request. Works with
+    /// every [`DataPath`]. Refused on kernels without it.
+    pub fn batch_io(mut self, on: bool) -> Self {
+        self.batch_io = on;
+        self
+    }
+    /// Test hook for [`DataPath::AutoBufReg`]'s fallback: each queue puts a
+    /// page of its own at the fixed-buffer index of every `every`th tag, so
+    /// that the kernel cannot register those tags' requests itself and the
+    /// queue must (counted in [`QueueStats::buf_regs`]). Not for production.
+    #[doc(hidden)]
+    pub fn occupy_auto_buf_indexes(mut self, every: u16) -> Self {
+        self.serving.occupy_every = every;
         self
     }
     /// Creates an unprivileged device (`UBLK_F_UNPRIVILEGED_DEV`, Linux
@@ -324,10 +401,52 @@ impl DeviceBuilder {
                     why: "the running kernel does not offer user copy (Linux 6.5+); use DataPath::Copy (`--data-path copy`)".into(),
                 })
             }
+            DataPath::ZeroCopy | DataPath::AutoBufReg if self.unprivileged => {
+                return Err(Error::InvalidConfig {
+                    what: "data path",
+                    why: "the kernel refuses zero copy for unprivileged devices (ADD_DEV: -EINVAL); use DataPath::Copy (`--data-path copy`)".into(),
+                })
+            }
+            DataPath::ZeroCopy => {
+                if !ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_SUPPORT_ZERO_COPY)) {
+                    return Err(Error::Unsupported {
+                        feature: "UBLK_F_SUPPORT_ZERO_COPY",
+                        why: "the running kernel does not offer zero copy (Linux 6.15+; 6.1-6.14 accept the flag but clear it); use DataPath::UserCopy or DataPath::Copy (`--data-path user-copy|copy`)".into(),
+                    });
+                }
+                flags |= sys::abi::UBLK_F_SUPPORT_ZERO_COPY;
+            }
+            DataPath::AutoBufReg => {
+                let f = ctrl.features().unwrap_or(crate::ctrl::Features(0));
+                if !f.contains(sys::abi::UBLK_F_AUTO_BUF_REG) {
+                    return Err(Error::Unsupported {
+                        feature: "UBLK_F_AUTO_BUF_REG",
+                        why: "the running kernel does not register request buffers itself (Linux 6.16+); use DataPath::ZeroCopy, UserCopy or Copy (`--data-path zero-copy|user-copy|copy`), or let DataPath::best choose".into(),
+                    });
+                }
+                flags |= sys::abi::UBLK_F_AUTO_BUF_REG;
+                // For the fallback: a request the kernel could not register
+                // is registered by the queue (UBLK_U_IO_REGISTER_IO_BUF).
+                if f.contains(sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
+                    flags |= sys::abi::UBLK_F_SUPPORT_ZERO_COPY;
+                }
+            }
             _ => {}
         }
         if self.unprivileged {
             flags |= sys::abi::UBLK_F_UNPRIVILEGED_DEV;
+        }
+        if self.batch_io {
+            if !ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_BATCH_IO)) {
+                return Err(Error::Unsupported {
+                    feature: "UBLK_F_BATCH_IO",
+                    why: format!(
+                        "batched commands need Linux 7.0 or later; this kernel is {}: drop batch_io (`--batch`)",
+                        crate::ctrl::kernel_release()
+                    ),
+                });
+            }
+            flags |= sys::abi::UBLK_F_BATCH_IO;
         }
         let info = DevInfo {
             nr_hw_queues: self.queues,
@@ -545,10 +664,15 @@ fn check_flags(flags: u64) -> Result<()> {
 /// thread per queue satisfies; safe stop), next to those the library asks for.
 const KERNEL_SET_FLAGS: &[&str] = &["UBLK_F_PER_IO_DAEMON", "UBLK_F_BUF_REG_OFF_DAEMON"];
 
+/// Flags that [`DeviceBuilder::data_path`] and [`DeviceBuilder::batch_io`]
+/// ask for, which a device taken over may have.
+const DATA_PATH_FLAGS: &[&str] = &["UBLK_F_SUPPORT_ZERO_COPY", "UBLK_F_AUTO_BUF_REG", "UBLK_F_BATCH_IO"];
+
 /// Refuses a device made elsewhere whose flags the library cannot serve.
 fn check_device_flags(flags: u64) -> Result<()> {
     let mut allowed = SUPPORTED_FLAGS.to_vec();
     allowed.extend_from_slice(KERNEL_SET_FLAGS);
+    allowed.extend_from_slice(DATA_PATH_FLAGS);
     check_flags_in(flags, &allowed)
 }
 
@@ -640,6 +764,7 @@ pub struct Device {
 /// What a device's queue threads serve: a [`Target`] or an [`AsyncTarget`].
 trait Serve: Sync {
     fn needs_data(&self) -> bool;
+    fn zero_copy(&self) -> bool;
     fn write_cache(&self) -> WriteCache;
     fn files(&self) -> Vec<std::os::fd::RawFd>;
     fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats>;
@@ -651,6 +776,9 @@ struct Async_<'a, T>(&'a T);
 impl<T: Target> Serve for Sync_<'_, T> {
     fn needs_data(&self) -> bool {
         self.0.needs_data()
+    }
+    fn zero_copy(&self) -> bool {
+        false
     }
     fn write_cache(&self) -> WriteCache {
         self.0.write_cache()
@@ -666,6 +794,9 @@ impl<T: Target> Serve for Sync_<'_, T> {
 impl<T: AsyncTarget> Serve for Async_<'_, T> {
     fn needs_data(&self) -> bool {
         self.0.needs_data()
+    }
+    fn zero_copy(&self) -> bool {
+        self.0.zero_copy()
     }
     fn write_cache(&self) -> WriteCache {
         self.0.write_cache()
@@ -756,11 +887,17 @@ impl Device {
     pub fn control(&mut self) -> &mut Control {
         &mut self.ctrl
     }
-    /// The data path the device got: [`DataPath::Copy`] unless it was
+    /// The data path the device got: [`DataPath::AutoBufReg`] or
+    /// [`DataPath::ZeroCopy`] if it was created with `UBLK_F_AUTO_BUF_REG`
+    /// or `UBLK_F_SUPPORT_ZERO_COPY`; else [`DataPath::Copy`] unless it was
     /// created with `UBLK_F_USER_COPY`, then [`DataPath::NoData`] if that
     /// was asked for, else [`DataPath::UserCopy`].
     pub fn data_path(&self) -> DataPath {
-        if !crate::queue::user_copy(&self.info) {
+        if self.info.flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
+            DataPath::AutoBufReg
+        } else if self.info.flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 {
+            DataPath::ZeroCopy
+        } else if !crate::queue::user_copy(&self.info) {
             DataPath::Copy
         } else if self.serving.data_path == DataPath::NoData {
             DataPath::NoData
@@ -822,6 +959,12 @@ impl Device {
                 why: "the device was created with UBLK_F_USER_COPY (DataPath::NoData), so the kernel hands the server no data, but this target reads or writes request data; create the device with DataPath::Copy or DataPath::UserCopy".into(),
             });
         }
+        if self.data_path().is_zero_copy() && target.needs_data() && !target.zero_copy() {
+            return Err(Error::InvalidConfig {
+                what: "data path",
+                why: format!("the device was created for zero copy ({}): request data stays in the kernel, reached only by an async target's Io::read_at/write_at, but this target reads or writes request data itself; create the device with DataPath::Copy or DataPath::UserCopy", self.data_path().name()),
+            });
+        }
         self.apply_write_cache(target.write_cache())?;
         let (tx, rx) = mpsc::channel::<Event>();
         let wake = EventFd::new()?;
@@ -833,12 +976,14 @@ impl Device {
         let served = placement::counters(nq);
         let busy_poll = self.serving.busy_poll;
         let stop_grace = self.serving.stop_grace;
+        let occupy_every = self.serving.occupy_every;
         // The tags' buffers live here, not in the queue threads: after a
         // queue dies, the others' parked FETCHes may still name their
         // buffers until the device is deleted.
         let mut bufs = Vec::new();
         for q in 0..nq {
-            bufs.push(if crate::queue::user_copy(&info) && !target.needs_data() {
+            let zero_copy = info.flags & (sys::abi::UBLK_F_AUTO_BUF_REG | sys::abi::UBLK_F_SUPPORT_ZERO_COPY) != 0;
+            bufs.push(if zero_copy || (crate::queue::user_copy(&info) && !target.needs_data()) {
                 None
             } else {
                 Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?))
@@ -875,6 +1020,11 @@ impl Device {
                     };
                     queue.set_busy_poll(busy_poll);
                     queue.set_follower(follower);
+                    if let Err(e) = queue.occupy_auto_indexes(occupy_every) {
+                        guard.sent = true;
+                        let _ = tx.send(Event::Failed(e));
+                        return;
+                    }
                     if let Err(e) = queue.fetch_all() {
                         guard.sent = true;
                         let _ = tx.send(Event::Failed(e));

@@ -9,6 +9,9 @@ pub struct QueueStats {
     pub reads: u64,
     /// WRITE requests.
     pub writes: u64,
+    /// Of the WRITE requests, those with `UBLK_IO_F_FUA` (durable when
+    /// answered).
+    pub fua_writes: u64,
     /// FLUSH requests.
     pub flushes: u64,
     /// DISCARD requests.
@@ -35,6 +38,11 @@ pub struct QueueStats {
     pub polled: u64,
     /// Moves of the thread between home and away ([`crate::Placement::Auto`]).
     pub moves: u64,
+    /// Request buffers the queue registered itself under zero copy: every
+    /// READ/WRITE with [`DataPath::ZeroCopy`](crate::DataPath::ZeroCopy),
+    /// and those whose automatic registration failed with
+    /// [`DataPath::AutoBufReg`](crate::DataPath::AutoBufReg).
+    pub buf_regs: u64,
 }
 
 impl QueueStats {

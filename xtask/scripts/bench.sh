@@ -10,7 +10,8 @@
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
 # ublk-null+copy runs ublk-null --data-copy; ublk-null+async its async null
 # target; ublk-null+affinity, +away and +unpinned choose its --placement;
-# ublk-null+pollN its --busy-poll-us. ublk-loop+copy and ublk-loop+user-copy
+# ublk-null+pollN its --busy-poll-us, ublk-null+batch --batch (batched
+# commands, 7.0+). ublk-loop+copy, +user-copy, +zero-copy and +auto-buf-reg
 # run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
 # (filled once, so reads find pages, not holes). A +twin suffix changes
 # nothing: a second column of the same target shows the run-to-run noise.
@@ -37,6 +38,7 @@ all_jobs() {
     echo "randread-4k-qd64 --rw=randread --bs=4k --iodepth=64"
     echo "randwrite-4k-qd64 --rw=randwrite --bs=4k --iodepth=64"
     echo "read-128k-qd16 --rw=read --bs=128k --iodepth=16"
+    echo "write-128k-qd16 --rw=write --bs=128k --iodepth=16"
 }
 
 jobs() {
@@ -79,6 +81,7 @@ start_target() { # target queues -> sets DEV, PID
         extra=
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
         case $t in *+async*) extra="$extra --async" ;; esac
+        case $t in *+batch*) extra="$extra --batch" ;; esac
         case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; *+away*) extra="$extra --placement away" ;; esac
         poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"

@@ -35,6 +35,14 @@ cd /tmp
 sh /opt/ublk/payload.sh
 rc=$?
 echo "xtask-guest: payload exit status $rc"
+# Kernel warnings the run caused (WARN_ON is below the console's loglevel):
+# reported, not judged here.
+warn=$(dmesg | grep -E "WARNING:|UBSAN|BUG:|Oops|general protection|hung_task|blocked for more than" | head -40)
+if [ -n "$warn" ]; then
+    echo "$warn" | sed 's/^/xtask-guest: kernel warning: /'
+else
+    echo "xtask-guest: no kernel warnings in dmesg"
+fi
 status "UBLK_VM_EXIT=$rc"
 sync
 poweroff -f

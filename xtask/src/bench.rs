@@ -117,10 +117,13 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
 
 /// Ratios of IOPS between variants, as columns after ours/null_blk and
 /// ours/libublk: (heading, numerator, denominator), where both ran.
-const EXTRA_RATIOS: [(&str, &str, &str); 5] = [
+const EXTRA_RATIOS: [(&str, &str, &str); 8] = [
     ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
     ("async / sync null", "ublk-null+async", "ublk-null"),
+    ("batch / ublk-null", "ublk-null+batch", "ublk-null"),
     ("loop user-copy / copy", "ublk-loop+user-copy", "ublk-loop+copy"),
+    ("loop zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),
+    ("loop auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
     ("nbd: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
     ("nbd: simple / structured", "ublk-nbd+simple", "ublk-nbd"),
 ];

@@ -50,8 +50,10 @@ enum Cmd {
         /// Per-kernel time limit in seconds
         #[arg(long, default_value_t = 1800)]
         timeout: u64,
-        /// Time limit per test executable inside the guest (0 = none)
-        #[arg(long, default_value_t = 300)]
+        /// Time limit per test executable inside the guest (0 = none): a
+        /// hang's backstop; the biggest binaries (data, recovery) take 2-5
+        /// minutes under TCG when the host is busy
+        #[arg(long, default_value_t = 600)]
         exe_timeout: u64,
         /// Extra libtest arguments (e.g. a test name filter)
         #[arg(last = true)]
@@ -125,10 +127,11 @@ enum Cmd {
         /// ublk-loop+copy ublk-loop+user-copy). Variants of ours:
         /// ublk-null+copy (--data-copy), ublk-null+async (the async null
         /// target), ublk-null+affinity / +away / +unpinned (--placement),
-        /// ublk-null+pollN (--busy-poll-us N), +twin (the same again, for the
-        /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy and
-        /// ublk-loop+user-copy: the loop target over a tmpfs file. nbd:
-        /// ublk-nbd (ours) and nbd.ko (the kernel's client, by nbd-client;
+        /// ublk-null+pollN (--busy-poll-us N), +batch (--batch, 7.0+), +twin (the same again, for the
+        /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy,
+        /// ublk-loop+user-copy, ublk-loop+zero-copy and ublk-loop+auto-buf-reg:
+        /// the loop target over a tmpfs file on that data path.
+        /// nbd: ublk-nbd (ours) and nbd.ko (the kernel's client, by nbd-client;
         /// 6.12 and newest) against one qemu-nbd export over loopback TCP,
         /// Q of QxJ connections; ublk-nbd+simple: ours without structured
         /// replies. E.g. --targets nbd --jobs "qd64 128k" --configs "1x1 2x2"
@@ -392,7 +395,7 @@ fn ci(timeout: u64) -> Result<()> {
         ("cargo package + publish --dry-run", Box::new(package::check)),
         ("rust-version (MSRV) builds", Box::new(package::msrv)),
         ("kernels --kernel all", Box::new(|| kernels::cmd_kernels("all"))),
-        ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 300, &[]))),
+        ("test-vm --kernel all", Box::new(move || test_vm("all", timeout, 600, &[]))),
         ("old-header (6.1-header build on 6.12 and newest)", Box::new(|| old_header(600))),
         ("dependent crate runs the doc example (newest)", Box::new(|| dependent::run(600))),
         ("demo", Box::new(|| demo("6.12", 600, false))),

@@ -43,6 +43,9 @@ struct Args {
     /// where it could skip that (UBLK_F_USER_COPY, 6.5+): for comparison.
     #[arg(long)]
     data_copy: bool,
+    /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+).
+    #[arg(long)]
+    batch: bool,
     /// Serve with the async null target (each request a future on the
     /// queue's thread) instead of the sync one: for comparison.
     #[arg(long = "async")]
@@ -77,6 +80,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
         .io_scheduler(Some(args.scheduler.as_str()).filter(|s| *s != "kernel"))
         .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })
+        .batch_io(args.batch)
         .create()?;
     let info = *dev.info();
     if info.nr_hw_queues != args.queues {
@@ -97,6 +101,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
                 ublk::DataPath::NoData => "not copied (USER_COPY)",
                 ublk::DataPath::Copy => "copied",
                 ublk::DataPath::UserCopy => "copied by the daemon (USER_COPY)",
+                ublk::DataPath::ZeroCopy | ublk::DataPath::AutoBufReg => "left in the kernel (zero copy)",
             }
         );
         signals.arm(stop);

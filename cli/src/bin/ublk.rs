@@ -167,10 +167,14 @@ struct AddArgs {
     placement: ublk_cli::PlacementArg,
     /// How request data reaches the daemon: copy (the kernel copies into
     /// per-tag buffers), user-copy (the daemon copies with pread/pwrite on
-    /// /dev/ublkcN; Linux 6.5+) or none (no data; null only). Default:
-    /// none for null (user copy where the kernel has it), copy otherwise.
+    /// /dev/ublkcN; Linux 6.5+), zero-copy (the target's reads and writes
+    /// use the request's own pages, registered per request; 6.15+),
+    /// auto-buf-reg (zero copy, the kernel registering them; 6.16+), none
+    /// (no data; null only), or auto: the fastest the kernel offers for the
+    /// target (the default: zero copy where the kernel has it for loop and
+    /// stripe, copy for ramdisk and nbd, none for null).
     #[arg(long, value_parser = parse_data_path)]
-    data_path: Option<DataPath>,
+    data_path: Option<DataPathArg>,
     /// NBD server host (name or address), for -t nbd.
     #[arg(long, conflicts_with = "unix")]
     host: Option<String>,
@@ -195,6 +199,11 @@ struct AddArgs {
     /// thread) instead of the sync one; loop is always async.
     #[arg(long = "async")]
     async_: bool,
+    /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+): one multishot fetch
+    /// delivers many requests per completion and one command commits many
+    /// answers.
+    #[arg(long)]
+    batch: bool,
     /// An unprivileged device (Linux 6.3+), which an ordinary user may
     /// create and which only its owner (and root) may control; needs the
     /// udev rules of docs/unprivileged.md. Kernels up to 7.3 give such
@@ -203,8 +212,18 @@ struct AddArgs {
     unprivileged: bool,
 }
 
-fn parse_data_path(s: &str) -> std::result::Result<DataPath, String> {
-    s.parse()
+/// `--data-path`: a data path, or the best for the target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DataPathArg {
+    Auto,
+    Is(DataPath),
+}
+
+fn parse_data_path(s: &str) -> std::result::Result<DataPathArg, String> {
+    if s == "auto" {
+        return Ok(DataPathArg::Auto);
+    }
+    s.parse().map(DataPathArg::Is).map_err(|e: String| e.replace("or none", "none or auto"))
 }
 
 /// A target the CLI serves: sync or async.
@@ -418,7 +437,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     {
         bail!("--host, --unix, --export, --connections and --simple-replies are for -t nbd only; drop them or use -t nbd");
     }
-    if a.target == Kind::Nbd && a.data_path == Some(DataPath::UserCopy) {
+    if a.target == Kind::Nbd && a.data_path == Some(DataPathArg::Is(DataPath::UserCopy)) {
         bail!("--data-path user-copy is not for -t nbd: the NBD target sends and receives data in the queue's buffers; use copy (the default)");
     }
     if a.target == Kind::Nbd && (a.recovery_reissue || a.recovery_fail_io) {
@@ -438,6 +457,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .discard(discard)
             .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
             .placement(a.placement.into())
+            .batch_io(a.batch)
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
         id: 0,
@@ -454,7 +474,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         pid_start: None,
         placement: a.placement,
         busy_poll_us: a.busy_poll_us,
-        data_path: a.data_path.map(|d| d.name().to_string()),
+        data_path: None,
         async_target: a.async_,
         stripe: None,
         nbd: None,
@@ -462,10 +482,28 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     if a.async_ && a.target != Kind::Null {
         bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
     }
-    if a.data_path == Some(DataPath::NoData) && a.target != Kind::Null {
+    if a.data_path == Some(DataPathArg::Is(DataPath::NoData)) && a.target != Kind::Null {
         bail!("--data-path none is for -t null: a {} device reads and writes data; use copy or user-copy", a.target.name());
     }
-    let data_path = a.data_path.unwrap_or(if a.target == Kind::Null { DataPath::NoData } else { DataPath::Copy });
+    // Targets whose data moves only with Io::read_at/write_at (see
+    // AsyncTarget::zero_copy) can leave it in the kernel.
+    let zero_copy_target = matches!(a.target, Kind::Loop | Kind::Stripe);
+    let data_path = match a.data_path.unwrap_or(DataPathArg::Auto) {
+        DataPathArg::Is(d) if d.is_zero_copy() && !zero_copy_target && a.target != Kind::Null => bail!(
+            "--data-path {} is for -t loop and -t stripe (and null): a {} target reads and writes request data in its own memory; use copy or user-copy",
+            d.name(),
+            a.target.name()
+        ),
+        DataPathArg::Is(d) => d,
+        // Unprivileged devices get neither user copy nor zero copy from the
+        // kernel; a kernel (or a caller) that cannot say what it offers
+        // gets the path every kernel has.
+        DataPathArg::Auto if a.unprivileged => DataPath::best(None, a.target != Kind::Null, false),
+        DataPathArg::Auto => {
+            let features = Control::open().ok().and_then(|c| c.features());
+            DataPath::best(features, a.target != Kind::Null, zero_copy_target)
+        }
+    };
     // The target first: a bad backing file or size must not create a device.
     match a.target {
         Kind::Null => {
@@ -565,6 +603,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
                 .placement(a.placement.into())
                 .data_path(data_path)
+                .batch_io(a.batch)
                 .create()?;
             let c = DeviceConfig { queues: connections, nbd: Some(n), ..cfg(size, None) };
             serve_nbd(dev, &nbd, c, &signals, ready)
@@ -666,6 +705,7 @@ fn serve<T: CliTarget>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: 
         );
     }
     let data_path = dev.data_path();
+    cfg.data_path = Some(data_path.name().to_string());
     let res = target.run(dev, |dev, stop| {
         if let Err(e) = cfg.save() {
             eprintln!("ublk: warning: could not save the device configuration ({e}); `ublk list` and `ublk recover` will not know it");
@@ -853,6 +893,7 @@ fn cmd_list(json: bool) -> Result<()> {
                 "pid": pid,
                 "daemon_alive": pid > 0 && daemon_alive(pid as u32, id, cfg.as_ref()),
                 "target": cfg.as_ref().map(|c| c.target.clone()),
+                "data_path": data_path_of(info.flags, cfg.as_ref()),
                 "file": cfg.as_ref().and_then(|c| c.file.clone().or(c.stripe.as_ref().map(StripeConfig::files)).or(c.nbd.as_ref().map(NbdConfig::server))),
             }));
         }
@@ -862,8 +903,8 @@ fn cmd_list(json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<40} FILE",
-        "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "PID", "OWNER", "TARGET", "FLAGS"
+        "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<12} {:<40} FILE",
+        "ID", "STATE", "QUEUES", "DEPTH", "SIZE", "PID", "OWNER", "TARGET", "DATA", "FLAGS"
     );
     for r in rows {
         let s = |k: &str| match &r[k] {
@@ -880,7 +921,18 @@ fn cmd_list(json: bool) -> Result<()> {
                 Some(true) => "unprivileged device of another user",
                 _ => "privileged device (root only)",
             };
-            println!("{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {what}", s("id"), "no-access", "-", "-", "-", "-", owner, "-");
+            println!(
+                "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<12} {what}",
+                s("id"),
+                "no-access",
+                "-",
+                "-",
+                "-",
+                "-",
+                owner,
+                "-",
+                "-"
+            );
             continue;
         }
         let flags: Vec<String> = r["flags"]
@@ -894,7 +946,7 @@ fn cmd_list(json: bool) -> Result<()> {
             _ => format!("{}(dead)", s("pid")),
         };
         println!(
-            "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<40} {}",
+            "{:<4} {:<9} {:>6} {:>5} {:>12} {:>8} {:<11} {:<8} {:<12} {:<40} {}",
             s("id"),
             s("state"),
             s("queues"),
@@ -903,6 +955,7 @@ fn cmd_list(json: bool) -> Result<()> {
             pid,
             owner,
             s("target"),
+            s("data_path"),
             if flags.is_empty() { "-".to_string() } else { flags.join(",") },
             s("file")
         );
@@ -1082,4 +1135,24 @@ fn cmd_features() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The data path of a device with these (kernel) flags: what the kernel
+/// negotiated, and, under USER_COPY, whether the daemon moves data at all
+/// (as `ublk add` saved it).
+fn data_path_of(flags: u64, cfg: Option<&DeviceConfig>) -> &'static str {
+    if flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
+        DataPath::AutoBufReg.name()
+    } else if flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 {
+        DataPath::ZeroCopy.name()
+    } else if flags & sys::abi::UBLK_F_USER_COPY != 0 {
+        match cfg.and_then(|c| c.data_path.as_deref()) {
+            Some("none") => DataPath::NoData.name(),
+            Some(_) => DataPath::UserCopy.name(),
+            None if cfg.is_some_and(|c| c.target == "null") => DataPath::NoData.name(),
+            None => DataPath::UserCopy.name(),
+        }
+    } else {
+        DataPath::Copy.name()
+    }
 }

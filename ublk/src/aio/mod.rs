@@ -87,6 +87,9 @@ pub struct QueueContext {
     pub depth: u16,
     /// Whether the device was created with `UBLK_F_USER_COPY`.
     pub user_copy: bool,
+    /// Whether request data stays in the kernel, reached by
+    /// [`Io::read_at`]/[`Io::write_at`] as a fixed buffer (zero copy).
+    pub zero_copy: bool,
 }
 
 /// A target whose requests are futures. Shared by every queue (`Sync`); each
@@ -104,6 +107,18 @@ pub trait AsyncTarget: Send + Sync {
     /// [`Target::needs_data`](crate::Target::needs_data).
     fn needs_data(&self) -> bool {
         true
+    }
+
+    /// Whether the target moves request data only with [`Io::read_at`] and
+    /// [`Io::write_at`] (never [`Io::data`], [`Io::data_mut`],
+    /// [`Io::send_data`] or [`Io::recv_data`]), so that the request's pages
+    /// can stay in the kernel: such a target may serve a device created
+    /// with [`DataPath::ZeroCopy`](crate::DataPath::ZeroCopy) or
+    /// [`DataPath::AutoBufReg`](crate::DataPath::AutoBufReg), where those
+    /// two become READ_FIXED/WRITE_FIXED on the request's registered pages.
+    /// Default `false`: such devices refuse the target.
+    fn zero_copy(&self) -> bool {
+        false
     }
 
     /// Whether written data sits in a volatile cache until a FLUSH; as
@@ -150,6 +165,9 @@ pub struct Io<'r> {
     /// The tag's buffer (null without one) and its size.
     buf: *mut u8,
     user_copy: bool,
+    /// Under zero copy: the fixed-buffer index of the request's pages in
+    /// the queue's ring (READ and WRITE only).
+    fixed: Option<u16>,
     _thread_bound: PhantomData<*mut ()>,
 }
 
@@ -160,9 +178,9 @@ impl std::fmt::Debug for Io<'_> {
 }
 
 impl<'r> Io<'r> {
-    pub(crate) fn new(r: &'r Reactor, req: Request, buf: *mut u8, buf_size: usize, user_copy: bool) -> Self {
+    pub(crate) fn new(r: &'r Reactor, req: Request, buf: *mut u8, buf_size: usize, user_copy: bool, fixed: Option<u16>) -> Self {
         debug_assert!(buf.is_null() || !matches!(req.op, crate::Op::Read | crate::Op::Write) || req.len() <= buf_size);
-        Io { r, req, buf, user_copy, _thread_bound: PhantomData }
+        Io { r, req, buf, user_copy, fixed, _thread_bound: PhantomData }
     }
 
     /// The request.
@@ -188,9 +206,17 @@ impl<'r> Io<'r> {
     /// Bytes of request data: `len()` for READ and WRITE, else 0.
     fn data_len(&self) -> usize {
         match self.req.op {
-            crate::Op::Read | crate::Op::Write if !self.buf.is_null() => self.req.len(),
+            crate::Op::Read | crate::Op::Write if !self.buf.is_null() || self.fixed.is_some() => self.req.len(),
             _ => 0,
         }
+    }
+
+    /// Under zero copy, the request's pages are not in this process.
+    fn no_slices(&self, what: &str) {
+        assert!(
+            self.fixed.is_none(),
+            "Io::{what} under zero copy: the request's data stays in the kernel; use Io::read_at/write_at, or create the device with DataPath::Copy or UserCopy (and do not declare AsyncTarget::zero_copy)"
+        );
     }
 
     /// The request's data: a WRITE's bytes, or the buffer a READ fills.
@@ -198,8 +224,10 @@ impl<'r> Io<'r> {
     ///
     /// # Panics
     /// While an operation that writes into the data ([`Io::read_at`]) is in
-    /// flight, even one whose future was dropped.
+    /// flight, even one whose future was dropped; and under zero copy
+    /// ([`AsyncTarget::zero_copy`]), where the data is not in this process.
     pub fn data(&self) -> &[u8] {
+        self.no_slices("data");
         let t = &self.r.tags[usize::from(self.req.tag)];
         assert!(t.data_writes.get() == 0, "request data read while an operation is writing it");
         let n = self.data_len();
@@ -218,8 +246,9 @@ impl<'r> Io<'r> {
     ///
     /// # Panics
     /// While any operation on the data is in flight, even one whose future
-    /// was dropped.
+    /// was dropped; and under zero copy, as [`Io::data`].
     pub fn data_mut(&mut self) -> &mut [u8] {
+        self.no_slices("data_mut");
         let t = &self.r.tags[usize::from(self.req.tag)];
         assert!(t.data_writes.get() == 0 && t.data_reads.get() == 0, "request data borrowed while an operation uses it");
         let n = self.data_len();
@@ -238,6 +267,11 @@ impl<'r> Io<'r> {
             range.start <= range.end && range.end <= n,
             "data range {range:?} outside the request's {n} bytes (no buffer: DataPath::NoData, or not a READ/WRITE)"
         );
+        if self.fixed.is_some() {
+            // A fixed buffer registered by the kernel starts at address 0:
+            // the "address" is the offset into the request's pages.
+            return (range.start as *mut u8, (range.end - range.start) as u32);
+        }
         // SAFETY: inside the tag's buffer (checked above).
         (unsafe { self.buf.add(range.start) }, (range.end - range.start) as u32)
     }
@@ -252,12 +286,17 @@ impl<'r> Io<'r> {
     pub fn read_at<'f>(&mut self, file: impl Into<FileRef<'f>>, range: Range<usize>, offset: u64) -> Plain<'r> {
         let (p, n) = self.data_range(&range);
         let file = file.into();
+        let fixed = self.fixed;
         // SAFETY: the tag's buffer outlives the queue's commands and this
         // request is committed only after the operation is over; `data` and
-        // `data_mut` refuse while it writes there.
+        // `data_mut` refuse while it writes there. Under zero copy the
+        // "buffer" is a range of the request's pages, registered in the
+        // ring until the commit (which waits for this operation), and the
+        // kernel checks the range against them.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, Some(file), (), |_| {
-                ops::on_file!(file, |fd| opcode::Read::new(fd, p, n).offset(offset).build())
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Write, Some(file), (), |_| match fixed {
+                Some(i) => ops::on_file!(file, |fd| opcode::ReadFixed::new(fd, p, n, i).offset(offset).build()),
+                None => ops::on_file!(file, |fd| opcode::Read::new(fd, p, n).offset(offset).build()),
             })
         })
     }
@@ -270,10 +309,14 @@ impl<'r> Io<'r> {
     pub fn write_at<'f>(&self, file: impl Into<FileRef<'f>>, range: Range<usize>, offset: u64, rw_flags: i32) -> Plain<'r> {
         let (p, n) = self.data_range(&range);
         let file = file.into();
+        let fixed = self.fixed;
         // SAFETY: as in `read_at`; the kernel only reads the buffer.
         Plain(unsafe {
-            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, Some(file), (), |_| {
-                ops::on_file!(file, |fd| opcode::Write::new(fd, p, n).offset(offset).rw_flags(rw_flags).build())
+            ops::Op::start(self.r, Some(self.req.tag), DataUse::Read, Some(file), (), |_| match fixed {
+                Some(i) => {
+                    ops::on_file!(file, |fd| opcode::WriteFixed::new(fd, p, n, i).offset(offset).rw_flags(rw_flags).build())
+                }
+                None => ops::on_file!(file, |fd| opcode::Write::new(fd, p, n).offset(offset).rw_flags(rw_flags).build()),
             })
         })
     }
@@ -284,8 +327,10 @@ impl<'r> Io<'r> {
     /// [`Io::read_at`] does.
     ///
     /// # Panics
-    /// If `range` is not inside the request's data.
+    /// If `range` is not inside the request's data, and under zero copy
+    /// (the data is not in this process; see [`AsyncTarget::zero_copy`]).
     pub fn recv_data<'f>(&mut self, sock: impl Into<FileRef<'f>>, range: Range<usize>, flags: i32) -> Plain<'r> {
+        self.no_slices("recv_data");
         let (p, n) = self.data_range(&range);
         let sock = sock.into();
         // SAFETY: as in `read_at`.
@@ -301,8 +346,10 @@ impl<'r> Io<'r> {
     /// sent.
     ///
     /// # Panics
-    /// If `range` is not inside the request's data.
+    /// If `range` is not inside the request's data, and under zero copy
+    /// (the data is not in this process; see [`AsyncTarget::zero_copy`]).
     pub fn send_data<'f>(&self, sock: impl Into<FileRef<'f>>, range: Range<usize>, flags: i32) -> Plain<'r> {
+        self.no_slices("send_data");
         let (p, n) = self.data_range(&range);
         let sock = sock.into();
         // SAFETY: as in `write_at`; the kernel only reads the buffer.

@@ -6,12 +6,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Queue, CANCEL, NOTIFY, WAKE};
+use super::{Queue, BATCH_CMD, BATCH_FETCH, BUF_REG, BUF_UNREG, CANCEL, NOTIFY, WAKE};
 use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
 use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget, Ring};
 use crate::error::{Error, Result};
 use crate::queue::ring::drain_eventfd;
 use crate::queue::QueueStats;
+use crate::target::Request;
 use crate::target::{settle, IoResult};
 
 impl Queue {
@@ -19,12 +20,18 @@ impl Queue {
     /// makes the target's object for this queue (on this thread), then runs
     /// each request's future on this thread. See [`crate::aio`].
     pub fn serve_async<T: AsyncTarget + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        self.check_data(target.needs_data())?;
+        self.check_data(target.needs_data(), target.zero_copy())?;
         self.serve_async_notify(target, &|| {})
     }
 
     pub(crate) fn serve_async_notify<T: AsyncTarget + ?Sized>(&mut self, target: &T, on_panic: &dyn Fn()) -> Result<QueueStats> {
-        let ctx = QueueContext { dev_id: self.dev_id, q_id: self.q_id, depth: self.depth, user_copy: super::user_copy_dev(self) };
+        let ctx = QueueContext {
+            dev_id: self.dev_id,
+            q_id: self.q_id,
+            depth: self.depth,
+            user_copy: super::user_copy_dev(self),
+            zero_copy: self.zc != super::ZeroCopy::Off,
+        };
         let qt = match target.queue(&ctx) {
             Ok(qt) => qt,
             Err(e) => {
@@ -80,6 +87,7 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
         r.ready.set_awake(false);
         if r.ready.any() {
             r.ready.set_awake(true);
+            q.flush_batch();
             let n = r.ring.borrow_mut().submission().len() as u32;
             match q.enter_nowait(n) {
                 Ok(()) => {}
@@ -104,12 +112,32 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
                 }
                 CANCEL | OP_CANCEL => {}
                 ud if ud & ASYNC_OP != 0 => q.op_completed(ud, res),
+                ud if ud & BUF_REG != 0 => {
+                    // The queue's own registration of a request's pages
+                    // (zero copy): its future runs once they are in the ring.
+                    let tag = ud as u16;
+                    if q.registered(tag, res) {
+                        r.ready.set(tag);
+                    } else {
+                        // Never polled: it started nothing.
+                        futs[usize::from(tag)] = None;
+                        q.answer(tag, -libc::EIO);
+                    }
+                }
+                ud if ud & BUF_UNREG != 0 => q.unreg_failed(res),
+                ud if ud & BATCH_FETCH != 0 => {
+                    let tags = q.batch_fetched(res, cqe.flags())?;
+                    for &tag in &tags {
+                        if let Some(req) = q.on_command(tag, ublk_sys::UBLK_IO_RES_OK as i32)? {
+                            start_request(q, r, futs, start, req);
+                        }
+                    }
+                    q.batch_tags_done(tags);
+                }
+                ud if ud & BATCH_CMD != 0 => q.batch_cmd_done(ud, res)?,
                 ud => {
                     if let Some(req) = q.on_command(ud as u16, res)? {
-                        let (buf, size) = q.buf_raw(req.tag);
-                        let io = Io::new(r, req, buf, size, super::user_copy_dev(q));
-                        futs[usize::from(req.tag)] = Some(start(io));
-                        r.ready.set(req.tag);
+                        start_request(q, r, futs, start, req);
                     }
                 }
             }
@@ -147,4 +175,23 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
         q.follow();
     }
     Ok(q.stats)
+}
+
+/// Puts a delivered request's future in its tag's slot, ready to be polled
+/// (under zero copy with the queue's own registration: once that is done).
+fn start_request<'r, F: Future<Output = IoResult> + 'r>(
+    q: &mut Queue,
+    r: &'r Reactor,
+    futs: &mut [Option<F>],
+    start: &impl Fn(Io<'r>) -> F,
+    req: Request,
+) {
+    let (buf, size) = q.buf_raw(req.tag);
+    let io = Io::new(r, req, buf, size, super::user_copy_dev(q), q.fixed_index(&req));
+    futs[usize::from(req.tag)] = Some(start(io));
+    if q.needs_own_reg(&req) {
+        q.register_buf(&req);
+    } else {
+        r.ready.set(req.tag);
+    }
 }

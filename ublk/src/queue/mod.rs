@@ -7,6 +7,7 @@
 //! `!Send` and `!Sync`: it is created on the thread that will serve it and
 //! cannot leave it, so "FETCH from another thread" cannot be written.
 
+mod batch;
 mod exec;
 mod ring;
 
@@ -28,8 +29,11 @@ use crate::error::{hints, Cmd, Error, Result};
 use crate::placement::Follower;
 pub use crate::stats::QueueStats;
 use crate::target::{settle, Op, Request, Target};
+use batch::{Batch, Fetched, BATCH_CMD, BATCH_FETCH};
 pub(crate) use ring::EventFd;
-use ring::{build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, FETCH_REQ};
+use ring::{
+    buf_reg_sqe, build_ring, drain_eventfd, io_sqe, IoOp, COMMIT_AND_FETCH_REQ, COMMIT_IO_CMDS, FETCH_IO_CMDS, FETCH_REQ, PREP_IO_CMDS,
+};
 
 /// How long a queue thread polls its ring for the next request before it
 /// sleeps, by default. Under the test VMs' emulation a request's round trip
@@ -41,12 +45,17 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
 /// user_data of the teardown wake-up poll; tags use 0..depth.
-const WAKE: u64 = u64::MAX;
+pub(crate) const WAKE: u64 = u64::MAX;
 /// user_data of the cancellation of target operations at teardown.
 const CANCEL: u64 = u64::MAX - 1;
 /// user_data of the poll on the queue's own eventfd, which wakers on other
 /// threads write.
 const NOTIFY: u64 = u64::MAX - 3;
+/// user_data bit of a request buffer registration (`UBLK_U_IO_REGISTER_IO_BUF`,
+/// `UNREGISTER`); the low 16 bits are the tag.
+pub(crate) const BUF_REG: u64 = 1 << 34;
+/// user_data bit of an unregistration (only its failure completes).
+pub(crate) const BUF_UNREG: u64 = 1 << 35;
 /// How long a queue waits for its target's operations to end after
 /// cancelling them before it gives up and leaks their memory.
 const END_OPS_LIMIT: Duration = Duration::from_secs(30);
@@ -57,6 +66,33 @@ const END_OPS_LIMIT: Duration = Duration::from_secs(30);
 /// UBLK_TAG_OFF)`, plus the byte offset within the request).
 pub fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
     u64::from(sys::UBLKSRV_IO_BUF_OFFSET) + ((u64::from(q_id) << sys::abi::UBLK_QID_OFF) | (u64::from(tag) << sys::abi::UBLK_TAG_OFF))
+}
+
+/// How a zero-copy queue gets each request's pages into its ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroCopy {
+    /// Not zero copy.
+    Off,
+    /// `UBLK_F_SUPPORT_ZERO_COPY`: the queue registers each READ/WRITE's
+    /// pages at index `tag` and unregisters them at its commit.
+    Explicit,
+    /// `UBLK_F_AUTO_BUF_REG`: the kernel registers them at index `tag`
+    /// before delivering the request and unregisters them at the commit; a
+    /// request it could not register (`UBLK_IO_F_NEED_REG_BUF`) the queue
+    /// registers at `depth + tag`.
+    Auto,
+}
+
+impl ZeroCopy {
+    pub(crate) fn of(info: &DevInfo) -> ZeroCopy {
+        if info.flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
+            ZeroCopy::Auto
+        } else if info.flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 {
+            ZeroCopy::Explicit
+        } else {
+            ZeroCopy::Off
+        }
+    }
 }
 
 /// One queue, bound to the thread that created it.
@@ -78,6 +114,16 @@ pub struct Queue {
     char_dup: Option<OwnedFd>,
     /// The device was created with `UBLK_F_USER_COPY`.
     user_copy: bool,
+    /// How requests' pages reach the ring under zero copy.
+    zc: ZeroCopy,
+    /// Per tag: the queue registered the request's pages itself (zero
+    /// copy), at this fixed-buffer index; unregistered before its commit.
+    own_reg: Vec<Option<u16>>,
+    /// `UBLK_F_BATCH_IO`: commands in batches (see `batch.rs`).
+    batch: Option<Batch>,
+    /// A page of ours registered at some tags' fixed-buffer indexes (the
+    /// test hook [`Queue::occupy_auto_indexes`]); kept while the ring lives.
+    occupier: Option<Box<[u8]>>,
     wake: Option<RawFd>,
     /// Tags with a command outstanding in the kernel (FETCH or COMMIT_AND_FETCH).
     live_tags: u16,
@@ -131,7 +177,11 @@ impl Queue {
     ) -> Result<Self> {
         let char_fd = char_fd.as_raw_fd();
         verify_device(char_fd, info)?;
-        let bufs = if user_copy(info) { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?)) };
+        let bufs = if user_copy(info) || ZeroCopy::of(info) != ZeroCopy::Off {
+            None
+        } else {
+            Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?))
+        };
         let files: Vec<RawFd> = target_files.iter().map(|f| f.as_raw_fd()).collect();
         Self::with_bufs(char_fd, info, q_id, encoding, wake.map(|w| w.as_raw_fd()), &files, bufs, false)
     }
@@ -173,6 +223,15 @@ impl Queue {
         let mut files = vec![char_fd];
         files.extend_from_slice(target_files);
         ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
+        let zc = ZeroCopy::of(info);
+        if zc != ZeroCopy::Off {
+            // The table the requests' pages are registered in: index `tag`
+            // (the kernel's, or ours), and `depth + tag` for ours when the
+            // kernel's automatic registration failed.
+            ring.submitter()
+                .register_buffers_sparse(2 * u32::from(depth))
+                .map_err(|e| Error::os("registering the zero-copy buffer table with the queue's ring", e))?;
+        }
         let char_dup = if user_copy(info) && bufs.is_some() {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open;
             // the result is checked and owned.
@@ -182,6 +241,13 @@ impl Queue {
             }
             // SAFETY: a fresh descriptor we own.
             Some(unsafe { OwnedFd::from_raw_fd(fd) })
+        } else {
+            None
+        };
+        let batch = if info.flags & sys::abi::UBLK_F_BATCH_IO != 0 {
+            // Elements carry the tag's buffer only where the kernel copies.
+            let copy = !user_copy(info) && zc == ZeroCopy::Off;
+            Some(Batch::new(&ring.submitter(), q_id, depth, copy)?)
         } else {
             None
         };
@@ -198,6 +264,10 @@ impl Queue {
             bufs_kept,
             char_dup,
             user_copy: user_copy(info),
+            zc,
+            own_reg: vec![None; usize::from(depth)],
+            occupier: None,
+            batch,
             wake,
             live_tags: 0,
             held: vec![false; usize::from(depth)],
@@ -238,7 +308,86 @@ impl Queue {
     }
 
     fn io_sqe(&self, op: IoOp, tag: u16, result: i32) -> squeue::Entry {
-        io_sqe(op, self.encoding, self.q_id, tag, result, self.buf_addr(tag))
+        // Under AUTO_BUF_REG, the kernel registers the next request's pages
+        // at index `tag`; one it cannot register is delivered anyway, with
+        // UBLK_IO_F_NEED_REG_BUF (the fallback).
+        let sqe_addr = match self.zc {
+            ZeroCopy::Auto => sys::abi::auto_buf_reg_sqe_addr(tag, sys::abi::UBLK_AUTO_BUF_REG_FALLBACK),
+            _ => 0,
+        };
+        io_sqe(op, self.encoding, self.q_id, tag, result, self.buf_addr(tag), sqe_addr)
+    }
+
+    /// The fixed-buffer index of the tag's request pages under zero copy,
+    /// if the target's operations can reach them: `None` when not zero
+    /// copy, or for a request without data.
+    pub(crate) fn fixed_index(&self, req: &Request) -> Option<u16> {
+        if !matches!(req.op, Op::Read | Op::Write) {
+            return None;
+        }
+        match self.zc {
+            ZeroCopy::Off => None,
+            ZeroCopy::Explicit => Some(req.tag),
+            ZeroCopy::Auto if req.flags & (sys::abi::UBLK_IO_F_NEED_REG_BUF) != 0 => Some(self.depth + req.tag),
+            ZeroCopy::Auto => Some(req.tag),
+        }
+    }
+
+    /// Whether the queue must register the request's pages itself before
+    /// the target's operations use them.
+    pub(crate) fn needs_own_reg(&self, req: &Request) -> bool {
+        match self.zc {
+            ZeroCopy::Explicit => matches!(req.op, Op::Read | Op::Write),
+            ZeroCopy::Auto => matches!(req.op, Op::Read | Op::Write) && req.flags & (sys::abi::UBLK_IO_F_NEED_REG_BUF) != 0,
+            ZeroCopy::Off => false,
+        }
+    }
+
+    /// Pushes the registration of the request's pages at its fixed index.
+    /// Its completion (user_data `BUF_REG | tag`) says whether it worked;
+    /// the target's operations must wait for it.
+    pub(crate) fn register_buf(&mut self, req: &Request) {
+        let index = self.fixed_index(req).expect("a request with data under zero copy");
+        let sqe = buf_reg_sqe(true, self.q_id, req.tag, index, BUF_REG | u64::from(req.tag));
+        self.own_reg[usize::from(req.tag)] = Some(index);
+        self.stats.buf_regs += 1;
+        self.push(&sqe);
+    }
+
+    /// UNREGISTER_IO_BUF failed (its successes complete silently). Nothing
+    /// to undo: counted, as the kernel broke its own protocol.
+    pub(crate) fn unreg_failed(&mut self, res: i32) {
+        self.stats.invalid += u64::from(res < 0);
+    }
+
+    /// Test hook for the AUTO_BUF_REG fallback: puts a page of the queue's
+    /// own at the fixed-buffer index of every `every`th tag, so the
+    /// kernel's automatic registration of those tags' requests fails
+    /// (-EBUSY) and it delivers them with `UBLK_IO_F_NEED_REG_BUF`.
+    pub(crate) fn occupy_auto_indexes(&mut self, every: u16) -> Result<()> {
+        if self.zc != ZeroCopy::Auto || every == 0 {
+            return Ok(());
+        }
+        let page = vec![0u8; 4096].into_boxed_slice();
+        for tag in (0..self.depth).step_by(usize::from(every)) {
+            let iov = libc::iovec { iov_base: page.as_ptr() as *mut libc::c_void, iov_len: page.len() };
+            // SAFETY: the page lives in `self.occupier` as long as the ring
+            // (the kernel pins it while registered anyway); nothing of ours
+            // reads or writes it through the ring.
+            unsafe { self.reactor.ring.borrow().submitter().register_buffers_update(u32::from(tag), &[iov], None) }
+                .map_err(|e| Error::os("occupying a fixed-buffer index (test hook)", e))?;
+        }
+        self.occupier = Some(page);
+        Ok(())
+    }
+
+    /// The registration of the tag's pages completed with `res`: whether it
+    /// worked. A failed one is not unregistered.
+    pub(crate) fn registered(&mut self, tag: u16, res: i32) -> bool {
+        if res < 0 {
+            self.own_reg[usize::from(tag)] = None;
+        }
+        res >= 0
     }
 
     fn push(&self, sqe: &squeue::Entry) {
@@ -247,8 +396,64 @@ impl Queue {
         self.reactor.push(sqe);
     }
 
-    fn submit(&self) -> std::io::Result<usize> {
+    fn submit(&mut self) -> std::io::Result<usize> {
+        self.flush_batch();
         self.reactor.ring.borrow_mut().submit()
+    }
+
+    /// Under BATCH_IO, queues this turn's commits as one COMMIT_IO_CMDS.
+    /// Called before anything is submitted.
+    fn flush_batch(&mut self) {
+        if let Some(sqe) = self.batch.as_mut().and_then(Batch::flush) {
+            self.reactor.push(&sqe);
+        }
+    }
+
+    /// A completion of the batch fetch: the tags it delivered (the batch's
+    /// own vector, to hand back with [`Queue::batch_tags_done`]). Arms the
+    /// fetch again if it ended for lack of buffers.
+    fn batch_fetched(&mut self, res: i32, flags: u32) -> Result<Vec<u16>> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        match b.fetched(res, flags) {
+            Fetched::Tags { rearm } => {
+                if rearm {
+                    let sqe = b.fetch_sqe();
+                    self.reactor.push(&sqe);
+                }
+                Ok(std::mem::take(&mut b.tags))
+            }
+            Fetched::Stopped => {
+                // The device stops: nothing more comes; what the queue holds
+                // is committed by `drain`.
+                b.fetch_armed = false;
+                self.live_tags = 0;
+                Ok(Vec::new())
+            }
+            Fetched::Failed(res) => {
+                b.fetch_armed = false;
+                Err(self.io_error(FETCH_IO_CMDS, 0, res))
+            }
+        }
+    }
+
+    fn batch_tags_done(&mut self, tags: Vec<u16>) {
+        if let Some(b) = &mut self.batch {
+            if tags.capacity() > 0 {
+                b.tags = tags;
+            }
+        }
+    }
+
+    /// A PREP_IO_CMDS or COMMIT_IO_CMDS completed. A refusal is the queue's
+    /// end, except once the device is stopping (the driver then refuses
+    /// commits, and nothing waits for them).
+    fn batch_cmd_done(&mut self, ud: u64, res: i32) -> Result<()> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        let (commit, r) = b.cmd_done(ud, res);
+        match r {
+            Err(e) if !self.woken && self.live_tags > 0 => Err(self.io_error(if commit { COMMIT_IO_CMDS } else { PREP_IO_CMDS }, 0, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Arms the poll on the queue's own eventfd (written by wakers on other
@@ -262,6 +467,9 @@ impl Queue {
     /// reports the kernel's refusal, if any. START_DEV can complete only
     /// after every queue did this.
     pub fn fetch_all(&mut self) -> Result<()> {
+        if self.batch.is_some() {
+            return self.prep_and_fetch();
+        }
         for tag in 0..self.depth {
             let sqe = self.io_sqe(FETCH_REQ, tag, -1);
             self.push(&sqe);
@@ -286,6 +494,45 @@ impl Queue {
         }
         if let Some((tag, res)) = refused {
             return Err(self.io_error(FETCH_REQ, tag, res));
+        }
+        Ok(())
+    }
+
+    /// [`Queue::fetch_all`] under BATCH_IO: one PREP_IO_CMDS naming every
+    /// tag (with its buffer in copy mode, its registration index under
+    /// AUTO_BUF_REG), then the multishot FETCH_IO_CMDS, submitted together
+    /// (the ring issues them in order).
+    fn prep_and_fetch(&mut self) -> Result<()> {
+        let addrs: Vec<u64> = (0..self.depth).map(|t| self.buf_addr(t)).collect();
+        let auto = self.zc == ZeroCopy::Auto;
+        let b = self.batch.as_mut().expect("a batch queue");
+        let prep = b.prep_sqe(|t| addrs[usize::from(t)], |t| if auto { t } else { 0 });
+        let fetch = b.fetch_sqe();
+        b.fetch_armed = true;
+        self.push(&prep);
+        self.push(&fetch);
+        if let Some(fd) = self.wake {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
+            self.push(&poll);
+        }
+        self.arm_notify();
+        self.submit().map_err(|e| Error::os("submitting PREP_IO_CMDS and FETCH_IO_CMDS", e))?;
+        self.live_tags = self.depth;
+        // Nothing is delivered before START_DEV; a completion here is a
+        // refusal, or PREP's success.
+        while let Some(cqe) = self.next_cqe() {
+            match cqe.user_data() {
+                WAKE => self.woken = true,
+                NOTIFY => self.arm_notify(),
+                ud if ud & BATCH_CMD != 0 => {
+                    let (_, r) = self.batch.as_mut().expect("a batch queue").cmd_done(ud, cqe.result());
+                    if let Err(e) = r {
+                        return Err(self.io_error(PREP_IO_CMDS, 0, e));
+                    }
+                }
+                ud if ud & BATCH_FETCH != 0 && cqe.result() < 0 => return Err(self.io_error(FETCH_IO_CMDS, 0, cqe.result())),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -315,11 +562,20 @@ impl Queue {
     /// on a queue without buffers (a device created with `UBLK_F_USER_COPY`
     /// through [`Queue::new`]).
     pub fn serve<T: Target + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        self.check_data(target.needs_data())?;
+        self.check_data(target.needs_data(), false)?;
         self.serve_notify(target, &|| {})
     }
 
-    fn check_data(&self, needs_data: bool) -> Result<()> {
+    fn check_data(&self, needs_data: bool, zero_copy: bool) -> Result<()> {
+        if self.zc != ZeroCopy::Off && needs_data && !zero_copy {
+            return Err(Error::InvalidConfig {
+                what: "data path",
+                why: "the device was created for zero copy (DataPath::ZeroCopy or AutoBufReg): request data stays in the kernel, reached only by an async target's Io::read_at/write_at, but this target reads or writes request data itself; create the device with DataPath::Copy or DataPath::UserCopy, or declare AsyncTarget::zero_copy if the target only uses read_at/write_at".into(),
+            });
+        }
+        if self.zc != ZeroCopy::Off {
+            return Ok(());
+        }
         if self.bufs.is_none() && needs_data {
             return Err(Error::InvalidConfig {
                 what: "data path",
@@ -385,6 +641,18 @@ impl Queue {
                     }
                     CANCEL | OP_CANCEL => {}
                     ud if ud & ASYNC_OP != 0 => self.op_completed(ud, res),
+                    ud if ud & BUF_UNREG != 0 => self.unreg_failed(res),
+                    ud if ud & BATCH_FETCH != 0 => {
+                        let tags = self.batch_fetched(res, cqe.flags())?;
+                        for &tag in &tags {
+                            if let Some(req) = self.on_command(tag, sys::UBLK_IO_RES_OK as i32)? {
+                                let result = self.handle_sync(target, &req);
+                                self.answer(req.tag, result);
+                            }
+                        }
+                        self.batch_tags_done(tags);
+                    }
+                    ud if ud & BATCH_CMD != 0 => self.batch_cmd_done(ud, res)?,
                     ud => {
                         if let Some(req) = self.on_command(ud as u16, res)? {
                             let result = self.handle_sync(target, &req);
@@ -478,6 +746,7 @@ impl Queue {
                 self.reactor.cancel_all(CANCEL);
                 last_cancel = Some(Instant::now());
             }
+            self.flush_batch();
             let ts = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
             let waited = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args).map_err(|e| e.raw_os_error());
@@ -498,6 +767,23 @@ impl Queue {
                     ud if ud & ASYNC_OP != 0 => {
                         self.reactor.complete(ud as u32, cqe.result());
                     }
+                    ud if ud & BUF_REG != 0 => {
+                        self.registered(ud as u16, cqe.result());
+                    }
+                    ud if ud & BUF_UNREG != 0 => self.unreg_failed(cqe.result()),
+                    ud if ud & BATCH_FETCH != 0 => {
+                        // Requests delivered meanwhile are held too.
+                        if let Ok(tags) = self.batch_fetched(cqe.result(), cqe.flags()) {
+                            for &tag in &tags {
+                                self.live_tags = self.live_tags.saturating_sub(1);
+                                self.held[usize::from(tag)] = true;
+                            }
+                            self.batch_tags_done(tags);
+                        }
+                    }
+                    ud if ud & BATCH_CMD != 0 => {
+                        let _ = self.batch.as_mut().map(|b| b.cmd_done(ud, cqe.result()));
+                    }
                     ud => {
                         // A request delivered meanwhile is held too.
                         self.live_tags = self.live_tags.saturating_sub(1);
@@ -505,6 +791,55 @@ impl Queue {
                             self.held[usize::from(ud as u16)] = true;
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Under BATCH_IO, before the queue's memory goes: cancels the multishot
+    /// fetch (the one writer of the provided buffers) and reaps it and the
+    /// PREP/COMMIT commands in flight (whose element arrays the kernel may
+    /// still read). Whether all of it ended within a second.
+    fn end_batch(&mut self) -> bool {
+        let t0 = Instant::now();
+        let mut cancelled = false;
+        loop {
+            let Some(b) = &self.batch else { return true };
+            if !b.fetch_armed && b.cmds_in_flight() == 0 {
+                return true;
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                return false;
+            }
+            if b.fetch_armed && !cancelled {
+                let cancel = opcode::AsyncCancel::new(BATCH_FETCH).build().user_data(CANCEL);
+                self.push(&cancel);
+                cancelled = true;
+            }
+            self.flush_batch();
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args) {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EAGAIN) | Some(libc::EBUSY)) {
+                    return false;
+                }
+            }
+            while let Some(cqe) = self.next_cqe() {
+                let Some(b) = self.batch.as_mut() else { return true };
+                match cqe.user_data() {
+                    ud if ud & BATCH_FETCH != 0 && ud < CANCEL => {
+                        // Tags delivered now are not served: the device is
+                        // going away, and the kernel fails what its server
+                        // leaves when the ring closes.
+                        let _ = b.fetched(cqe.result(), cqe.flags());
+                        if !batch::more(cqe.flags()) {
+                            b.fetch_armed = false;
+                        }
+                    }
+                    ud if ud & BATCH_CMD != 0 && ud < CANCEL => {
+                        let _ = b.cmd_done(ud, cqe.result());
+                    }
+                    _ => {}
                 }
             }
         }
@@ -555,11 +890,24 @@ impl Queue {
     /// Queues the tag's COMMIT_AND_FETCH_REQ with `result`.
     fn commit(&mut self, tag: u16, result: i32) {
         self.held[usize::from(tag)] = false;
+        if let Some(index) = self.own_reg[usize::from(tag)].take() {
+            // The ring issues SQEs in order and UNREGISTER_IO_BUF completes
+            // at once: the pages are out of the table before the commit
+            // completes the request. (Its completion is skipped on success.)
+            let sqe = buf_reg_sqe(false, self.q_id, tag, index, BUF_UNREG | u64::from(tag));
+            self.push(&sqe);
+        }
         if result < 0 {
             self.stats.errors += 1;
         }
-        let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
-        self.push(&sqe);
+        let addr = self.buf_addr(tag);
+        let index = if self.zc == ZeroCopy::Auto { tag } else { 0 };
+        if let Some(b) = &mut self.batch {
+            b.commit(tag, index, result, addr);
+        } else {
+            let sqe = self.io_sqe(COMMIT_AND_FETCH_REQ, tag, result);
+            self.push(&sqe);
+        }
         self.live_tags += 1;
     }
 
@@ -582,6 +930,7 @@ impl Queue {
             self.stats.polled += 1;
             return Ok(());
         }
+        self.flush_batch();
         self.stats.enters += 1;
         self.stats.waits += 1;
         self.reactor.ring.borrow_mut().submit_and_wait(1)?;
@@ -591,6 +940,7 @@ impl Queue {
     /// Submits, then polls for completions for up to `busy_poll`; whether
     /// any arrived.
     fn poll(&mut self) -> std::io::Result<bool> {
+        self.flush_batch();
         let n = self.reactor.ring.borrow_mut().submission().len() as u32;
         self.enter_nowait(n)?;
         let t0 = Instant::now();
@@ -651,14 +1001,20 @@ impl Queue {
             q_id: self.q_id,
             tag,
             op: Op::from_raw(d.op()),
-            flags: d.flags(),
+            // The UBLK_IO_F_* flags sit at their own bits of op_flags (FUA is
+            // bit 13), as the kernel sets them: not shifted, as the header's
+            // `ublksrv_get_flags` (op_flags >> 8) would suggest.
+            flags: d.op_flags & !0xff,
             start_sector: d.start_sector,
             nr_sectors: d.nr_sectors(),
         };
         let s = &mut self.stats;
         match req.op {
             Op::Read => s.reads += 1,
-            Op::Write => s.writes += 1,
+            Op::Write => {
+                s.writes += 1;
+                s.fua_writes += u64::from(req.fua());
+            }
             Op::Flush => s.flushes += 1,
             Op::Discard => s.discards += 1,
             Op::WriteZeroes => s.write_zeroes += 1,
@@ -761,6 +1117,11 @@ impl Drop for Queue {
         // After a panic that unwound through `serve`, or a queue never
         // served: end what is in flight before the ring and buffers go.
         self.drain();
+        if !self.end_batch() {
+            // The kernel may still write the fetch's buffers or read a
+            // command's elements: leak them (a few pages) with the ring.
+            std::mem::forget(self.batch.take());
+        }
         // Closing the ring ends its operations only asynchronously, and the
         // kernel may still copy into a tag's buffer while that tag's command
         // is outstanding. Buffers that nobody else keeps are unmapped only

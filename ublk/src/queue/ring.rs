@@ -21,6 +21,14 @@ pub(crate) const FETCH_REQ: IoOp = IoOp { name: "FETCH_REQ", legacy: sys::UBLK_I
 pub(crate) const COMMIT_AND_FETCH_REQ: IoOp =
     IoOp { name: "COMMIT_AND_FETCH_REQ", legacy: sys::UBLK_IO_COMMIT_AND_FETCH_REQ, encoded: sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ };
 
+/// The batch commands (7.0+) exist only ioctl-encoded.
+pub(crate) const PREP_IO_CMDS: IoOp =
+    IoOp { name: "PREP_IO_CMDS", legacy: super::batch::PREP_IO_CMDS, encoded: super::batch::PREP_IO_CMDS };
+pub(crate) const COMMIT_IO_CMDS: IoOp =
+    IoOp { name: "COMMIT_IO_CMDS", legacy: super::batch::COMMIT_IO_CMDS, encoded: super::batch::COMMIT_IO_CMDS };
+pub(crate) const FETCH_IO_CMDS: IoOp =
+    IoOp { name: "FETCH_IO_CMDS", legacy: super::batch::FETCH_IO_CMDS, encoded: super::batch::FETCH_IO_CMDS };
+
 impl IoOp {
     pub(crate) fn opcode(&self, encoding: Encoding) -> u32 {
         match encoding {
@@ -33,9 +41,35 @@ impl IoOp {
 /// The io command SQE: `IORING_OP_URING_CMD` on the registered
 /// `/dev/ublkcN` (fixed file 0), `cmd_op` at byte 8, the 16-byte
 /// `ublksrv_io_cmd` at byte 48; user_data is the tag.
-pub(crate) fn io_sqe(op: IoOp, encoding: Encoding, q_id: u16, tag: u16, result: i32, addr: u64) -> squeue::Entry {
+///
+/// `sqe_addr` is the SQE's own `addr` (bytes 16..24, not the command's):
+/// under `UBLK_F_AUTO_BUF_REG` the packed `ublk_auto_buf_reg` saying where
+/// the kernel registers the request's buffer, else 0.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn io_sqe(op: IoOp, encoding: Encoding, q_id: u16, tag: u16, result: i32, addr: u64, sqe_addr: u64) -> squeue::Entry {
     let cmd = sys::ublksrv_io_cmd::new(q_id, tag, result, addr);
-    opcode::UringCmd16::new(types::Fixed(0), op.opcode(encoding)).cmd(io_cmd_bytes(&cmd)).build().user_data(u64::from(tag))
+    opcode::UringCmd16::new(types::Fixed(0), op.opcode(encoding))
+        .cmd(io_cmd_bytes(&cmd))
+        .addr((sqe_addr != 0).then_some(sqe_addr))
+        .build()
+        .user_data(u64::from(tag))
+}
+
+/// `UBLK_U_IO_REGISTER_IO_BUF` (`register`) or `UBLK_U_IO_UNREGISTER_IO_BUF`
+/// for request `tag` of queue `q_id`: the request's pages become (or stop
+/// being) fixed buffer `index` of the ring this is submitted on. Only the
+/// ioctl encoding exists (6.15+, which always has it). The unregistration's
+/// completion is skipped on success: the ring issues it before the SQEs
+/// that follow it, and it completes at once.
+pub(crate) fn buf_reg_sqe(register: bool, q_id: u16, tag: u16, index: u16, user_data: u64) -> squeue::Entry {
+    let op = if register { sys::abi::UBLK_U_IO_REGISTER_IO_BUF } else { sys::abi::UBLK_U_IO_UNREGISTER_IO_BUF };
+    let cmd = sys::ublksrv_io_cmd::new(q_id, tag, 0, u64::from(index));
+    let sqe = opcode::UringCmd16::new(types::Fixed(0), op).cmd(io_cmd_bytes(&cmd)).build().user_data(user_data);
+    if register {
+        sqe
+    } else {
+        sqe.flags(squeue::Flags::SKIP_SUCCESS)
+    }
 }
 
 /// The 16 bytes of an io command, as they go to SQE bytes 48..64.

@@ -126,6 +126,11 @@ impl AsyncTarget for LoopTarget {
         vec![self.file.as_fd()]
     }
 
+    /// Data moves only with `read_at`/`write_at`.
+    fn zero_copy(&self) -> bool {
+        true
+    }
+
     fn write_cache(&self) -> WriteCache {
         WriteCache::VolatileFua
     }

@@ -267,6 +267,11 @@ impl AsyncTarget for Stripe {
         self.legs.iter().flat_map(|l| l.files()).collect()
     }
 
+    /// Data moves only with `read_at`/`write_at`.
+    fn zero_copy(&self) -> bool {
+        true
+    }
+
     fn write_cache(&self) -> WriteCache {
         WriteCache::VolatileFua
     }

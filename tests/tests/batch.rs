@@ -1,0 +1,98 @@
+//! Batched commands (`--batch`, UBLK_F_BATCH_IO, Linux 7.0+): one
+//! PREP_IO_CMDS per queue, a multishot FETCH_IO_CMDS delivering many
+//! requests per completion, one COMMIT_IO_CMDS per turn. Older kernels
+//! refuse `--batch` clearly and create nothing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ublk_tests::*;
+
+fn kernel_has(flag: u64) -> bool {
+    ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
+}
+
+driver_test! {
+    /// null (sync and async) and loop on every data path the kernel has,
+    /// with --batch: fio (crc32c verify for loop, at 4k and 128k) passes and
+    /// no request fails; on kernels without BATCH_IO the refusal names 7.0.
+    fn batch_null_and_loop_serve_verified_io() {
+        if !kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+            let (st, _, err) = ublk(&["add", "-t", "null", "--batch"]);
+            assert!(!st.success(), "--batch succeeded on {}", kernel_release());
+            assert!(err.contains("BATCH_IO") && err.contains("7.0"), "unclear refusal: {err}");
+            assert_no_devices();
+            skipped("UBLK_F_BATCH_IO needs Linux 7.0+ (refusal checked)");
+            return;
+        }
+        for extra in [&[][..], &["--async"][..]] {
+            let mut args = vec!["add", "-t", "null", "--batch", "--queues", "2", "--depth", "64"];
+            args.extend_from_slice(extra);
+            let d = Daemon::start("ublk", &args);
+            let dev = d.dev.to_str().unwrap().to_string();
+            let cpus = format!("0-{}", nproc() - 1);
+            fio_ok(&["--name=r", "--filename", &dev, "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=64", "--direct=1", "--size=64M", "--numjobs=2", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"]);
+            let (st, out) = d.terminate();
+            assert!(st.success(), "null --batch {extra:?} exited with {st}");
+            assert!(queue_sum(&out, "reads") >= 2 * 16384, "null --batch {extra:?}: reads not all served: {out}");
+            assert_eq!(queue_sum(&out, "errors"), 0, "null --batch {extra:?}: {out}");
+            assert_no_devices();
+        }
+        let mut paths = vec!["copy"];
+        for (dp, flag) in [
+            ("user-copy", ublk::sys::abi::UBLK_F_USER_COPY),
+            ("zero-copy", ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY),
+            ("auto-buf-reg", ublk::sys::abi::UBLK_F_AUTO_BUF_REG),
+        ] {
+            if kernel_has(flag) {
+                paths.push(dp);
+            }
+        }
+        for dp in paths {
+            let backing = PathBuf::from("/tmp/batch-loop.img");
+            sparse_file(&backing, 64 << 20);
+            let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--batch", "--queues", "2", "--depth", "64", "--data-path", dp]);
+            let dev = d.dev.to_str().unwrap().to_string();
+            fio_verify_halves("batch", &dev, 32 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
+            fio_verify_halves("batch", &dev, 64 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
+            let (st, out) = d.terminate();
+            assert!(st.success(), "loop --batch --data-path {dp} exited with {st}");
+            assert_eq!(queue_sum(&out, "errors"), 0, "loop --batch {dp}: {out}");
+            eprintln!("loop --batch {dp}: ok");
+            let _ = std::fs::remove_file(&backing);
+            assert_no_devices();
+        }
+    }
+}
+
+driver_test! {
+    /// `ublk del` while fio runs on a --batch device: fio ends (with errors,
+    /// or done), nothing hangs, the device and its daemon are gone.
+    fn batch_del_under_fio_leaves_nothing() {
+        if !kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+            skipped("UBLK_F_BATCH_IO needs Linux 7.0+");
+            return;
+        }
+        let mut d = Daemon::start("ublk", &["add", "-t", "null", "--batch", "--queues", "2", "--size", "1G"]);
+        let id = d.id().to_string();
+        let dev = d.dev.to_str().unwrap().to_string();
+        let mut fio = std::process::Command::new("fio")
+            .args(["--name=del", "--filename", &dev, "--rw=randrw", "--bs=4k", "--ioengine=io_uring", "--iodepth=64", "--direct=1", "--time_based", "--runtime=60", "--numjobs=2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let t0 = Instant::now();
+        let (st, out, err) = ublk(&["del", "-n", &id]);
+        assert!(st.success(), "ublk del under fio failed: {out} {err}");
+        let fst = wait_timeout(&mut fio, Duration::from_secs(60)).unwrap_or_else(|| {
+            let _ = fio.kill();
+            panic!("fio hung after the device was deleted")
+        });
+        eprintln!("del under fio: fio ended ({fst}) {:?} after del", t0.elapsed());
+        let dst = wait_timeout(&mut d.child, Duration::from_secs(30)).expect("the daemon did not exit after del");
+        eprintln!("daemon exit: {dst}");
+        assert_no_devices();
+    }
+}
