@@ -18,7 +18,8 @@
 # NBD (`--targets nbd` is ublk-nbd and nbd.ko): qemu-nbd exports a 256 MiB
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
 # target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
-# ublk-nbd+simple the same with --simple-replies, ublk-nbd+bin:NAME with
+# ublk-nbd+simple the same with --simple-replies, ublk-nbd+pollN with
+# --busy-poll-us N, ublk-nbd+bin:NAME with
 # the CLI binary NAME (another build, put in the guest by
 # UBLK_VM_EXTRA_BINS=/path/NAME), and nbd.ko the kernel's
 # nbd client configured by nbd-client with the same number of connections.
@@ -127,6 +128,8 @@ start_nbd() { # target connections -> DEV, PID
     ublk-nbd*)
         extra=
         case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
+        poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
+        [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.
         # an older commit's, measured in the same boot.
         bin=ublk
