@@ -113,7 +113,7 @@ fn check_dir(dir: &Path) -> Result<(), String> {
 pub struct DeviceConfig {
     /// Device id (N of /dev/ublkbN).
     pub id: u32,
-    /// `null`, `ramdisk`, `loop` or `stripe`.
+    /// `null`, `ramdisk`, `loop`, `stripe` or `nbd`.
     pub target: String,
     /// Backing file of a loop device (absolute path).
     pub file: Option<PathBuf>,
@@ -156,6 +156,39 @@ pub struct DeviceConfig {
     /// The legs and chunk of a stripe device; absent for other targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe: Option<StripeConfig>,
+    /// An NBD device's server and export; absent for other targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdConfig>,
+}
+
+/// Where an NBD device's export is, as `ublk add -t nbd` was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdConfig {
+    /// TCP host (with `port`), or none for a unix socket.
+    pub host: Option<String>,
+    /// TCP port.
+    pub port: u16,
+    /// Unix socket, or none for TCP.
+    pub unix: Option<PathBuf>,
+    /// Export name (empty: the server's default).
+    pub export: String,
+    /// Connections (one per queue).
+    pub connections: u16,
+    /// `--recovery`: lost connections are made again.
+    pub reconnect: bool,
+    /// `--simple-replies`.
+    pub simple_replies: bool,
+}
+
+impl NbdConfig {
+    /// The server as `ublk list` shows it in the FILE column.
+    pub fn server(&self) -> PathBuf {
+        match (&self.host, &self.unix) {
+            (_, Some(p)) => PathBuf::from(format!("nbd+unix:{}", p.display())),
+            (Some(h), None) => PathBuf::from(format!("nbd:{h}:{}", self.port)),
+            (None, None) => PathBuf::from("nbd:?"),
+        }
+    }
 }
 
 /// A stripe device's legs (absolute paths, in order) and chunk size.
@@ -375,6 +408,7 @@ mod tests {
             data_path: Some("user-copy".into()),
             async_target: false,
             stripe: None,
+            nbd: None,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -419,6 +453,7 @@ mod tests {
             data_path: None,
             async_target: true,
             stripe: None,
+            nbd: None,
         };
         assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();

@@ -14,15 +14,23 @@ use ublk_tests::*;
 
 driver_test! {
     /// fio randrw + crc32c verify (4k..128k, 2 queues = 2 connections, depth
-    /// 64) through qemu-nbd over loopback TCP and over a unix socket, then
-    /// the device reads exactly what the export file holds.
+    /// 64) through qemu-nbd over loopback TCP with structured replies
+    /// (asserted: READs answered in data chunks; the export is sparse, so
+    /// in holes too) and over a unix socket with simple ones
+    /// (--simple-replies), then the device reads exactly what the export
+    /// file holds.
     fn nbd_fio_verify_qemu_nbd_tcp_and_unix() {
         lo_up();
         for (i, addr) in [Addr::Tcp(10810), Addr::Unix("/tmp/qemu-nbd-verify.sock".into())].into_iter().enumerate() {
             let img = PathBuf::from(format!("/tmp/nbd-verify-{i}.img"));
             sparse_file(&img, 32 << 20);
             let _srv = Server::qemu_nbd(&img, &addr, &[]);
-            let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64"]);
+            let structured = i == 0;
+            let mut args = vec!["--export", "disk", "--queues", "2", "--depth", "64"];
+            if !structured {
+                args.push("--simple-replies");
+            }
+            let d = nbd_dev(&addr, &args);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (32u64 << 20).to_string());
             fio_verify(&dev, 16 << 20);
@@ -33,6 +41,16 @@ driver_test! {
             assert_eq!(q.len(), 2, "{out}");
             assert!(q.iter().all(|&(_, r)| r > 0), "both queues (connections) served requests: {q:?}");
             assert_no_devices();
+            let m = nbd_stats(&out);
+            eprintln!("{addr:?}: {m:?}");
+            if structured {
+                assert_eq!(m["replies"], "structured", "qemu-nbd offers structured replies: {m:?}");
+                assert!(stat(&m, "data_chunks") > 0 && stat(&m, "hole_chunks") > 0, "READs answered in data and hole chunks: {m:?}");
+            } else {
+                assert_eq!(m["replies"], "simple", "--simple-replies: {m:?}");
+                assert_eq!(stat(&m, "chunks"), 0, "{m:?}");
+                assert!(stat(&m, "simple_replies") > 0, "{m:?}");
+            }
             let _ = std::fs::remove_file(&img);
         }
     }
@@ -84,9 +102,13 @@ driver_test! {
         let back = PathBuf::from("/tmp/nbd-discard.back");
         run_ok("dd", &[&format!("if={dev}"), &format!("of={}", back.display()), "bs=1M", "count=16", "iflag=direct", "status=none"]);
         let got = std::fs::read(&back).unwrap();
+        // The discarded range is a hole in the file, which qemu-nbd answers
+        // with hole chunks: zeroed here, in buffers that held the pattern.
         assert!(got[..12 << 20].iter().all(|&b| b == 0), "discarded and zeroed 12 MiB do not read as zeros");
         assert!(got[12 << 20..] == pat[12 << 20..], "the 4 MiB left alone changed");
-        stop(d);
+        let m = stop_stats(d);
+        assert_eq!(m["replies"], "structured", "{m:?}");
+        assert!(stat(&m, "hole_chunks") > 0, "holes read as hole chunks: {m:?}");
         for p in [&img, &pat_path, &back] {
             let _ = std::fs::remove_file(p);
         }

@@ -15,9 +15,22 @@
 # run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
 # (filled once, so reads find pages, not holes). A +twin suffix changes
 # nothing: a second column of the same target shows the run-to-run noise.
+# NBD (`--targets nbd` is ublk-nbd and nbd.ko): qemu-nbd exports a 256 MiB
+# file on tmpfs (filled once) over loopback TCP, started afresh for each
+# target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
+# ublk-nbd+simple the same with --simple-replies, ublk-nbd+pollN with
+# --busy-poll-us N, ublk-nbd+bin:NAME with
+# the CLI binary NAME (another build, put in the guest by
+# UBLK_VM_EXTRA_BINS=/path/NAME), and nbd.ko the kernel's
+# nbd client configured by nbd-client with the same number of connections.
+# Q of a QxJ configuration is the number of connections.
 RUNS=${BENCH_RUNS:-5}
 RUNTIME=${BENCH_RUNTIME:-3}
 TARGETS=${BENCH_TARGETS:-"null_blk ublk-null ublk-null+twin ublk-null+async libublk-sync libublk-async ublk-loop+copy ublk-loop+user-copy"}
+# "nbd": ours and the kernel's client.
+TARGETS=$(echo " $TARGETS " | sed 's/ nbd / ublk-nbd nbd.ko /; s/^ //; s/ $//')
+NBD_KO=$(find /lib/modules -name 'nbd.ko' 2>/dev/null | head -1)
+NBD_IMG=/tmp/bench-nbd.img
 CONFIGS=${BENCH_CONFIGS:-"1x1 2x1 2x2"}
 NULLBLK=$(find /lib/modules -name 'null_blk.ko' 2>/dev/null | head -1)
 
@@ -87,18 +100,66 @@ start_target() { # target queues -> sets DEV, PID
     libublk-async)
         libublk-null async "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
+    ublk-nbd* | nbd.ko)
+        start_nbd "$t" "$q" || return 1 ;;
+    *)
+        echo "bench: unknown target $t"; return 1 ;;
     esac
     wait_dev "$DEV" || { echo "bench: $t did not create $DEV"; cat /tmp/bench-err; return 1; }
     sleep 0.5
 }
 
+# qemu-nbd on 127.0.0.1:10809 exporting $NBD_IMG as "disk" (up to 4
+# clients: it then advertises CAN_MULTI_CONN) -> NBD_SRV
+nbd_server_start() {
+    ip link set lo up
+    if [ ! -f $NBD_IMG ]; then
+        dd if=/dev/zero of=$NBD_IMG bs=1M count=256 status=none || return 1
+    fi
+    qemu-nbd -f raw -x disk -t -e 4 --cache=writeback -b 127.0.0.1 -p 10809 $NBD_IMG > /tmp/bench-nbd-srv 2>&1 & NBD_SRV=$!
+    # listening once /proc/net/tcp has 127.0.0.1:10809 (0x2A39) in state 0A
+    i=0; while ! grep -q ':2A39 00000000:0000 0A' /proc/net/tcp && [ $i -lt 400 ]; do sleep 0.05; i=$((i + 1)); done
+    grep -q ':2A39 00000000:0000 0A' /proc/net/tcp || { echo "bench: qemu-nbd does not listen"; cat /tmp/bench-nbd-srv; return 1; }
+}
+
+start_nbd() { # target connections -> DEV, PID
+    nbd_server_start || return 1
+    case $1 in
+    ublk-nbd*)
+        extra=
+        case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
+        poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
+        [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
+        # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.
+        # an older commit's, measured in the same boot.
+        bin=ublk
+        case $1 in *+bin:*) bin=$(echo "$1" | sed 's/.*+bin:\([^+]*\).*/\1/') ;; esac
+        $bin add -t nbd --host 127.0.0.1 --port 10809 --export disk --queues "$2" --depth 128 $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0 ;;
+    nbd.ko)
+        [ -n "$NBD_KO" ] || { echo "bench: this kernel has no nbd.ko"; return 1; }
+        command -v nbd-client > /dev/null || { echo "bench: no nbd-client in the VM (apt-get install nbd-client on the host)"; return 1; }
+        [ -d /sys/module/nbd ] || insmod "$NBD_KO" nbds_max=1 || return 1
+        nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk -C "$2" -b 512 > /tmp/bench-err 2>&1 || { cat /tmp/bench-err; return 1; }
+        NBD_DEV=/dev/nbd0
+        i=0; while [ "$(cat /sys/block/nbd0/size 2>/dev/null)" = 0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+        DEV=/dev/nbd0 ;;
+    esac
+}
+
 stop_target() {
+    if [ -n "$NBD_DEV" ]; then
+        nbd-client -d "$NBD_DEV" > /dev/null 2>&1; NBD_DEV=
+    fi
     if [ -n "$NULLB_CFS" ]; then
         echo 0 > "$NULLB_CFS/power"; rmdir "$NULLB_CFS"; NULLB_CFS=
     fi
     if [ -n "$PID" ]; then
         kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null
         i=0; while [ -e /dev/ublkb0 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+    fi
+    if [ -n "$NBD_SRV" ]; then
+        kill "$NBD_SRV" 2>/dev/null; wait "$NBD_SRV" 2>/dev/null; NBD_SRV=
     fi
 }
 
@@ -117,11 +178,11 @@ for run in $(seq 1 "$RUNS"); do
                 # terse v3: field 8 read IOPS, field 49 write IOPS
                 r=$(echo "$out" | awk -F';' '{print $8 + $49}')
                 echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0} cpu=$cpu"
-                [ "$run" = 1 ] && [ "$t" = null_blk ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
+                [ "$run" = 1 ] && [ "$t" = "${TARGETS%% *}" ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
             done
             stop_target
             # Our per-queue counts (moves: Placement::Auto's home/away moves).
-            case $t in ublk-*) grep "^queue" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
+            case $t in ublk-*) grep "^queue\|^nbd" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
         done
     done
 done

@@ -117,13 +117,15 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
 
 /// Ratios of IOPS between variants, as columns after ours/null_blk and
 /// ours/libublk: (heading, numerator, denominator), where both ran.
-const EXTRA_RATIOS: [(&str, &str, &str); 6] = [
+const EXTRA_RATIOS: [(&str, &str, &str); 8] = [
     ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
     ("async / sync null", "ublk-null+async", "ublk-null"),
     ("batch / ublk-null", "ublk-null+batch", "ublk-null"),
     ("loop user-copy / copy", "ublk-loop+user-copy", "ublk-loop+copy"),
     ("loop zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),
     ("loop auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
+    ("nbd: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
+    ("nbd: simple / structured", "ublk-nbd+simple", "ublk-nbd"),
 ];
 
 fn extra_ratios(targets: &[String]) -> Vec<(&'static str, &'static str, &'static str)> {
@@ -243,7 +245,8 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                 meta.push(format!("{}: {rest}", k.name));
             } else if let Some(rest) = l.split("UBLK_BENCH_CMD ").nth(1) {
                 if let (Some(job), Some(fj), Some(cmd)) = (field(rest, "job"), field(rest, "fio_jobs"), rest.split("cmd=").nth(1)) {
-                    cmds.insert(format!("{job} x{fj}"), cmd.replace("/dev/nullb0", "DEV"));
+                    let cmd = ["/dev/nullb0", "/dev/ublkb0", "/dev/nbd0"].iter().fold(cmd.to_string(), |c, d| c.replace(d, "DEV"));
+                    cmds.insert(format!("{job} x{fj}"), cmd);
                 }
             } else if let Some(rest) = l.split("UBLK_BENCH ").nth(1) {
                 let (Some(t), Some(q), Some(fj), Some(job), Some(iops)) =
@@ -272,7 +275,12 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             let m = median(&r.iops);
             let (lo, hi) = min_max(&r.iops);
             let spread = if m > 0.0 { (hi - lo) / m * 100.0 } else { 0.0 };
-            format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+            // Below 10k (an NBD export in TCG) in plain IOPS, not 0.2k.
+            if m < 10_000.0 {
+                format!("{m:.0} ±{:.0}%", spread / 2.0)
+            } else {
+                format!("{:.1}k ±{:.0}%", m / 1000.0, spread / 2.0)
+            }
         },
     );
     println!();
@@ -286,6 +294,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     println!();
     log!("bench: CPUs busy while fio ran and CPU time per I/O (fio + kernel + server; medians)");
     head.truncate(head.len() - ratios.len());
+    head.extend(cpu_ratios(&targets).iter().map(|(h, _, _)| *h));
     util::print_table(&head, &rows);
     for m in &meta {
         println!("  {m}");
@@ -355,7 +364,8 @@ pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
         util::LOG_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
         log!("bench-table: wrote {}", out.display());
     }
-    let k = |x: f64| format!("{:.1}k", x / 1000.0);
+    let small = records.iter().all(|r| median(&r.iops) < 10_000.0);
+    let k = |x: f64| if small { format!("{x:.0}") } else { format!("{:.1}k", x / 1000.0) };
     let (targets, rows) = summary(
         &records,
         |q, fj| format!("{q} / {fj}"),
@@ -372,6 +382,7 @@ pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
     if records.iter().any(|r| !r.cpu.is_empty()) {
         let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
         head.truncate(head.len() - ratios.len());
+        head.extend(cpu_ratios(&targets).iter().map(|(h, _, _)| h.to_string()));
         println!(
             "\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n"
         );
@@ -389,12 +400,29 @@ fn print_markdown(head: &[String], rows: &[Vec<String>]) {
 }
 
 /// The CPU table: the same rows as [`summary`], each target's busy CPUs and
-/// CPU time per I/O, no ratio columns.
+/// CPU time per I/O, no IOPS ratio columns; the [`CPU_RATIOS`] where both
+/// targets ran.
 fn cpu_summary(records: &[Record], config: impl Fn(u32, u32) -> String) -> (Vec<String>, Vec<Vec<String>>) {
     let (targets, mut rows) = summary(records, config, Record::cpu_cell);
     let n = ratio_heads(&targets).len();
-    for r in &mut rows {
+    let cpu_ratios = cpu_ratios(&targets);
+    for (r, (_, t)) in rows.iter_mut().zip(groups(records)) {
         r.truncate(r.len() - n);
+        for (_, a, b) in &cpu_ratios {
+            let us = |n: &str| t.get(n).and_then(|r| r.cpu_us_per_io());
+            r.push(match (us(a), us(b)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            });
+        }
     }
     (targets, rows)
+}
+
+/// Ratios of CPU time per I/O, as columns of the CPU table: (heading,
+/// numerator, denominator), where both ran.
+const CPU_RATIOS: [(&str, &str, &str); 1] = [("nbd CPU/IO: ours / nbd.ko", "ublk-nbd", "nbd.ko")];
+
+fn cpu_ratios(targets: &[String]) -> Vec<(&'static str, &'static str, &'static str)> {
+    CPU_RATIOS.iter().copied().filter(|(_, a, b)| targets.iter().any(|t| t == a) && targets.iter().any(|t| t == b)).collect()
 }

@@ -131,6 +131,10 @@ enum Cmd {
         /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy,
         /// ublk-loop+user-copy, ublk-loop+zero-copy and ublk-loop+auto-buf-reg:
         /// the loop target over a tmpfs file on that data path.
+        /// nbd: ublk-nbd (ours) and nbd.ko (the kernel's client, by nbd-client;
+        /// 6.12 and newest) against one qemu-nbd export over loopback TCP,
+        /// Q of QxJ connections; ublk-nbd+simple: ours without structured
+        /// replies. E.g. --targets nbd --jobs "qd64 128k" --configs "1x1 2x2"
         #[arg(long)]
         targets: Option<String>,
         /// Only jobs whose name contains one of these (space-separated), e.g. "qd64"

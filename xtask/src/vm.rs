@@ -48,10 +48,17 @@ const HOST_TOOLS: &[&str] = &[
     // NBD servers for the NBD target's tests (qemu-utils, nbd-server).
     "qemu-nbd",
     "nbd-server",
+    // The kernel's NBD client's setup tool, for the bench (nbd-client).
+    "nbd-client",
 ];
 
 /// Modules loaded in the guest (with their dependencies), in this order.
 const MODULES: &[&str] = &["configfs", "ublk_drv", "null_blk", "loop", "ext4"];
+
+/// Modules put in the guest (with their dependencies) where the kernel has
+/// them, but not loaded at boot: the bench loads them itself (nbd.ko, the
+/// kernel's NBD client, which our 6.1 build lacks).
+const EXTRA_MODULES: &[&str] = &["nbd"];
 
 #[derive(Default, Clone)]
 pub struct Payload {
@@ -362,9 +369,17 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
                 warn!("module {m} is neither a module nor built into {}", kernel.version);
             }
         }
+        // Loaded at boot: those in `order` so far (and whatever the extra
+        // ones need besides is only copied).
+        let boot = order.len();
+        for m in EXTRA_MODULES {
+            if deps.contains_key(*m) {
+                visit(m, &deps, &by_path, &mut order);
+            }
+        }
         let rel = moddir.file_name().unwrap().to_string_lossy().into_owned();
         let mut list = String::new();
-        for p in &order {
+        for (i, p) in order.iter().enumerate() {
             let src = moddir.join(p);
             let plain = p.trim_end_matches(".xz").trim_end_matches(".zst").trim_end_matches(".gz").to_string();
             let dst = root.join("lib/modules").join(&rel).join(&plain);
@@ -390,7 +405,9 @@ fn build_kernel_part(kernel: &Kernel, env: &[(String, String)]) -> Result<PathBu
                     std::fs::copy(&src, &dst)?;
                 }
             }
-            list.push_str(&format!("{rel}/{plain}\n"));
+            if i < boot {
+                list.push_str(&format!("{rel}/{plain}\n"));
+            }
         }
         write_file(&root.join("etc/ublk-modules"), &list, 0o644)?;
         log!("modules for {}: {}", kernel.name, order.iter().map(|p| mod_name(p)).collect::<Vec<_>>().join(" "));

@@ -153,5 +153,7 @@ pub fn build_bench() -> Result<Vec<PathBuf>> {
     std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755))?;
     let mut bins = ours;
     bins.push(lib);
+    // E.g. another commit's CLI, for a bench target that names it.
+    bins.extend(extra_bins());
     Ok(bins)
 }

@@ -30,7 +30,7 @@ use ublk::{
     sys, AsyncNullTarget, AsyncTarget, Control, DataPath, Device, DeviceBuilder, Discard, Encoding, LoopOptions, LoopTarget, Nbd,
     NbdOptions, NullTarget, RamDisk, StopHandle, Stripe, Target,
 };
-use ublk_cli::config::{ensure_run_dir, pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, StripeConfig};
+use ublk_cli::config::{ensure_run_dir, pid_alive, process_start_time, run_dir, verify_daemon, DeviceConfig, NbdConfig, StripeConfig};
 use ublk_cli::{parse_size, SignalStop};
 
 /// Environment of a detached daemon: the fd to report readiness on, and its log.
@@ -191,6 +191,10 @@ struct AddArgs {
     /// needs a server that allows it (NBD_FLAG_CAN_MULTI_CONN).
     #[arg(long)]
     connections: Option<u16>,
+    /// NBD: do not ask for structured replies (NBD_OPT_STRUCTURED_REPLY),
+    /// which are used by default where the server offers them.
+    #[arg(long)]
+    simple_replies: bool,
     /// Serve a null device with the async target (futures on the queue
     /// thread) instead of the sync one; loop is always async.
     #[arg(long = "async")]
@@ -414,19 +418,30 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     // With --unprivileged, whether the kernel keeps --recovery is its
     // answer to ADD_DEV (up to 7.3 it drops it: the library says so).
     // For -t nbd, --recovery is about the connection (reconnect and
-    // re-issue), not the daemon: the device gets no UBLK_F_USER_RECOVERY.
-    let flags = if a.target == Kind::Nbd { 0 } else { recovery_flags(&a)? };
+    // re-issue what was in flight) and about the daemon: the device waits
+    // for `ublk recover` if it dies, which re-issues what was in flight
+    // (UBLK_F_USER_RECOVERY_REISSUE: NBD requests may be sent again).
+    let flags = match a.target {
+        Kind::Nbd if a.recovery => sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+        Kind::Nbd => 0,
+        _ => recovery_flags(&a)?,
+    };
     if !matches!(a.target, Kind::Loop | Kind::Stripe) && (!a.file.is_empty() || a.direct) {
         bail!("--file and --direct are for -t loop and -t stripe only; drop them or use -t loop");
     }
     if a.target != Kind::Stripe && a.chunk.is_some() {
         bail!("--chunk is for -t stripe only; drop it or use -t stripe");
     }
-    if a.target != Kind::Nbd && (a.host.is_some() || a.unix.is_some() || a.connections.is_some() || !a.export.is_empty()) {
-        bail!("--host, --unix, --export and --connections are for -t nbd only; drop them or use -t nbd");
+    if a.target != Kind::Nbd
+        && (a.host.is_some() || a.unix.is_some() || a.connections.is_some() || !a.export.is_empty() || a.simple_replies)
+    {
+        bail!("--host, --unix, --export, --connections and --simple-replies are for -t nbd only; drop them or use -t nbd");
+    }
+    if a.target == Kind::Nbd && a.data_path == Some(DataPathArg::Is(DataPath::UserCopy)) {
+        bail!("--data-path user-copy is not for -t nbd: the NBD target sends and receives data in the queue's buffers; use copy (the default)");
     }
     if a.target == Kind::Nbd && (a.recovery_reissue || a.recovery_fail_io) {
-        bail!("--recovery-reissue and --recovery-fail-io are not for -t nbd; --recovery reconnects to the server and re-issues what was in flight");
+        bail!("--recovery-reissue and --recovery-fail-io are not for -t nbd; --recovery reconnects to the server and re-issues what was in flight, and lets `ublk recover` take the device over if the daemon dies");
     }
     if a.target == Kind::Ramdisk && flags != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
@@ -462,6 +477,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         data_path: None,
         async_target: a.async_,
         stripe: None,
+        nbd: None,
     };
     if a.async_ && a.target != Kind::Null {
         bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
@@ -556,11 +572,6 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
         }
         Kind::Nbd => {
-            let mut opts = match (&a.host, &a.unix) {
-                (Some(h), None) => NbdOptions::tcp(h, a.port),
-                (None, Some(p)) => NbdOptions::unix(p),
-                _ => bail!("-t nbd needs the server: --host H [--port P], or --unix PATH"),
-            };
             if a.size.is_some() {
                 bail!("--size is not for -t nbd: the device has the export's size");
             }
@@ -571,32 +582,81 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 Some(c) => c,
                 None => a.queues,
             };
-            opts = opts.export(&a.export).connections(connections).reconnect(a.recovery);
+            let n = NbdConfig {
+                host: a.host.clone(),
+                port: a.port,
+                unix: a.unix.clone(),
+                export: a.export.clone(),
+                connections,
+                reconnect: a.recovery,
+                simple_replies: a.simple_replies,
+            };
             // Connects and negotiates before any device exists: a server
             // that is unreachable or refuses leaves nothing behind.
-            let nbd = Nbd::connect(&opts)?;
+            let nbd = Nbd::connect(&nbd_options(&n)?)?;
             let size = nbd.size();
             let dev = nbd
                 .builder(a.block_size)?
                 .depth(a.depth)
                 .id(a.id)
+                .flags(flags)
                 .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
                 .placement(a.placement.into())
                 .data_path(data_path)
                 .batch_io(a.batch)
                 .create()?;
-            let mut c = cfg(size, None);
-            c.queues = connections;
-            let r = serve(dev, &AsyncT(&nbd), c, &signals, ready);
-            if let Some(why) = nbd.failure() {
-                eprintln!("ublk: the NBD connection failed: {why}");
-            }
-            if nbd.reconnects() > 0 {
-                eprintln!("ublk: NBD connections made again after a loss: {}", nbd.reconnects());
-            }
-            r
+            let c = DeviceConfig { queues: connections, nbd: Some(n), ..cfg(size, None) };
+            serve_nbd(dev, &nbd, c, &signals, ready)
         }
     }
+}
+
+/// The library's options for a saved NBD configuration.
+fn nbd_options(n: &NbdConfig) -> Result<NbdOptions> {
+    let opts = match (&n.host, &n.unix) {
+        (Some(h), None) => NbdOptions::tcp(h, n.port),
+        (None, Some(p)) => NbdOptions::unix(p),
+        _ => bail!("-t nbd needs the server: --host H [--port P], or --unix PATH"),
+    };
+    Ok(opts.export(&n.export).connections(n.connections).reconnect(n.reconnect).structured_replies(!n.simple_replies))
+}
+
+/// [`serve`] for an NBD device: says what the server offered, and at the
+/// end what the connections did (on stdout, after the queue counts).
+fn serve_nbd(dev: Device, nbd: &Nbd, cfg: DeviceConfig, signals: &SignalStop, ready: &mut Ready) -> Result<()> {
+    let i = nbd.info();
+    let server = cfg.nbd.as_ref().map(|n| n.server().display().to_string()).unwrap_or_default();
+    eprintln!(
+        "ublk: NBD export {:?} at {server}: {} bytes, transmission flags {:#x}, {}, {} replies",
+        cfg.nbd.as_ref().map(|n| n.export.as_str()).unwrap_or(""),
+        i.size,
+        i.flags,
+        if i.go { "NBD_OPT_GO" } else { "NBD_OPT_EXPORT_NAME" },
+        if i.structured { "structured" } else { "simple" }
+    );
+    let r = serve(dev, &AsyncT(nbd), cfg, signals, ready);
+    if let Some(why) = nbd.failure() {
+        eprintln!("ublk: the NBD connection failed: {why}");
+    }
+    if nbd.reconnects() > 0 {
+        eprintln!("ublk: NBD connections made again after a loss: {}", nbd.reconnects());
+    }
+    let s = nbd.stats();
+    println!(
+        "nbd: replies={} simple_replies={} chunks={} data_chunks={} hole_chunks={} error_chunks={} recvs={} direct_payloads={} sends={} reconnects={}",
+        if i.structured { "structured" } else { "simple" },
+        s.simple_replies,
+        s.chunks,
+        s.data_chunks,
+        s.hole_chunks,
+        s.error_chunks,
+        s.recvs,
+        s.direct_payloads,
+        s.sends,
+        nbd.reconnects()
+    );
+    let _ = std::io::stdout().flush();
+    r
 }
 
 /// Opens a stripe target; returns it with the absolute paths of its legs.
@@ -770,6 +830,24 @@ fn cmd_recover(id: u32, ready: &mut Ready) -> Result<()> {
             let dev = builder.recover(id, RECOVER_WAIT)?;
             serve(dev, &AsyncT(&target), cfg, &signals, ready)
         }
+        "nbd" => {
+            let n = cfg.nbd.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no NBD server"))?;
+            // The server first: if it is gone, the device stays as it is.
+            let nbd = Nbd::connect(&nbd_options(&n)?)?;
+            if nbd.size() != cfg.size {
+                bail!(
+                    "the NBD export at {} is now {} bytes, not the device's {}; restore the export before recovering",
+                    n.server().display(),
+                    nbd.size(),
+                    cfg.size
+                );
+            }
+            let dev = builder.recover(id, RECOVER_WAIT)?;
+            if usize::from(dev.info().nr_hw_queues) > usize::from(n.connections) {
+                bail!("device {id} has {} queues, the saved configuration {} NBD connections", dev.info().nr_hw_queues, n.connections);
+            }
+            serve_nbd(dev, &nbd, cfg, &signals, ready)
+        }
         other => bail!(
             "device {id} is a {other} device, whose data died with its daemon: it cannot be recovered; delete it with `ublk del -n {id}`"
         ),
@@ -816,7 +894,7 @@ fn cmd_list(json: bool) -> Result<()> {
                 "daemon_alive": pid > 0 && daemon_alive(pid as u32, id, cfg.as_ref()),
                 "target": cfg.as_ref().map(|c| c.target.clone()),
                 "data_path": data_path_of(info.flags, cfg.as_ref()),
-                "file": cfg.as_ref().and_then(|c| c.file.clone().or(c.stripe.as_ref().map(StripeConfig::files))),
+                "file": cfg.as_ref().and_then(|c| c.file.clone().or(c.stripe.as_ref().map(StripeConfig::files)).or(c.nbd.as_ref().map(NbdConfig::server))),
             }));
         }
     }

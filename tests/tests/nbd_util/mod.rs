@@ -238,3 +238,45 @@ pub fn add_fails(addr: &Addr, extra: &[&str], want: &str) {
     eprintln!("as expected: {}", err.trim());
     assert_no_devices();
 }
+
+/// The daemon's `nbd: k=v ...` line (its stdout after the stop) as a map.
+pub fn nbd_stats(stdout: &str) -> std::collections::HashMap<String, String> {
+    let line = stdout.lines().find(|l| l.starts_with("nbd: ")).unwrap_or_else(|| panic!("no nbd: line in {stdout:?}"));
+    line["nbd: ".len()..].split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// A counter of [`nbd_stats`].
+pub fn stat(m: &std::collections::HashMap<String, String>, k: &str) -> u64 {
+    m.get(k).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {k} in {m:?}"))
+}
+
+/// Stops the daemon (SIGTERM; it must exit cleanly and leave no device)
+/// and returns its NBD counts.
+pub fn stop_stats(d: Daemon) -> std::collections::HashMap<String, String> {
+    let (st, out) = d.terminate();
+    assert!(st.success(), "ublk add -t nbd exited with {st} at SIGTERM");
+    assert_no_devices();
+    let m = nbd_stats(&out);
+    eprintln!("nbd counts: {m:?}");
+    m
+}
+
+/// `len` bytes of `dev` at `off`, read with O_DIRECT (dd, 64 KiB blocks).
+pub fn read_direct(dev: &str, off: u64, len: u64) -> Vec<u8> {
+    let p = PathBuf::from("/tmp/nbd-read-direct.out");
+    run_ok(
+        "dd",
+        &[
+            &format!("if={dev}"),
+            &format!("of={}", p.display()),
+            "bs=64k",
+            &format!("skip={}", off / 65536),
+            &format!("count={}", len / 65536),
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    let v = std::fs::read(&p).unwrap();
+    let _ = std::fs::remove_file(&p);
+    v
+}

@@ -7,6 +7,6 @@ mod ramdisk;
 pub mod stripe;
 
 pub use loop_file::{LoopOptions, LoopTarget};
-pub use nbd::{Nbd, NbdAddr, NbdOptions};
+pub use nbd::{Nbd, NbdAddr, NbdOptions, NbdStats};
 pub use ramdisk::RamDisk;
 pub use stripe::{Stripe, StripeLayout};

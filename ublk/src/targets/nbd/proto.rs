@@ -24,6 +24,7 @@ pub(crate) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_GO: u32 = 7;
+pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
 
 /// Option reply types.
 pub(crate) const REP_ACK: u32 = 1;
@@ -69,6 +70,19 @@ pub(crate) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub(crate) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 pub(crate) const REQUEST_LEN: usize = 28;
 pub(crate) const REPLY_LEN: usize = 16;
+/// A structured reply chunk's header: magic, flags, type, cookie, length.
+pub(crate) const CHUNK_LEN: usize = 20;
+
+/// Structured reply flags: the reply's last chunk.
+pub(crate) const REPLY_FLAG_DONE: u16 = 1 << 0;
+/// Structured reply chunk types.
+pub(crate) const REPLY_TYPE_NONE: u16 = 0;
+pub(crate) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub(crate) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Bit 15 of a chunk type: an error chunk (error, message length, message).
+pub(crate) const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
+pub(crate) const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_ERROR_BIT + 1;
+pub(crate) const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT + 2;
 
 /// Commands.
 pub(crate) const CMD_READ: u16 = 0;
@@ -122,6 +136,10 @@ pub struct ExportInfo {
     pub max_payload: u32,
     /// Whether the export came from `NBD_OPT_GO` (else `NBD_OPT_EXPORT_NAME`).
     pub go: bool,
+    /// Whether structured replies were negotiated
+    /// (`NBD_OPT_STRUCTURED_REPLY`): READs are then answered in chunks of
+    /// data, holes and errors.
+    pub structured: bool,
 }
 
 /// Why a handshake failed: an I/O error, or what the server said or did.
@@ -196,11 +214,49 @@ fn rep_name(rep: u32) -> &'static str {
 /// beyond this is a server to distrust).
 const MAX_OPT_REPLY: u32 = 64 << 10;
 
+/// Reads one option reply header (magic, option, type, length) to option
+/// `want`, and its body. `during` names the step for errors.
+fn opt_reply<S: Read>(s: &mut S, want: u32, during: &'static str) -> Result<(u32, Vec<u8>), HandshakeError> {
+    let magic = be_u64(s, during)?;
+    if magic != OPT_REPLY_MAGIC {
+        return Err(HandshakeError::Refused(format!("bad option reply magic {magic:#018x}")));
+    }
+    let opt = be_u32(s, during)?;
+    let rep = be_u32(s, during)?;
+    let len = be_u32(s, during)?;
+    if opt != want {
+        return Err(HandshakeError::Refused(format!("the server answered option {opt} to option {want}")));
+    }
+    if len > MAX_OPT_REPLY {
+        return Err(HandshakeError::Refused(format!("option reply of {len} bytes")));
+    }
+    let mut body = vec![0u8; len as usize];
+    read_exact(s, &mut body, during)?;
+    Ok((rep, body))
+}
+
+/// Asks for structured replies (`NBD_OPT_STRUCTURED_REPLY`): true if the
+/// server acknowledged, false if it refused (any error reply: an old
+/// server answers `NBD_REP_ERR_UNSUP`).
+fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool, HandshakeError> {
+    send_option(s, OPT_STRUCTURED_REPLY, &[])?;
+    let during = "answering NBD_OPT_STRUCTURED_REPLY";
+    match opt_reply(s, OPT_STRUCTURED_REPLY, during)? {
+        (REP_ACK, body) if body.is_empty() => Ok(true),
+        (rep, _) if rep & REP_ERR_BIT != 0 => Ok(false),
+        (rep, body) => Err(HandshakeError::Refused(format!(
+            "unexpected option reply type {rep:#x} ({} bytes) to NBD_OPT_STRUCTURED_REPLY",
+            body.len()
+        ))),
+    }
+}
+
 /// The fixed newstyle handshake on a connected stream, ending in the
-/// transmission phase for `export`. Tries `NBD_OPT_GO` (asking for the
-/// block size constraints) and falls back to `NBD_OPT_EXPORT_NAME` if the
-/// server does not know GO.
-pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, HandshakeError> {
+/// transmission phase for `export`. Asks for structured replies if
+/// `structured` (the server may refuse), then tries `NBD_OPT_GO` (asking
+/// for the block size constraints) and falls back to `NBD_OPT_EXPORT_NAME`
+/// if the server does not know GO.
+pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str, structured: bool) -> Result<ExportInfo, HandshakeError> {
     if export.len() > 4096 {
         return Err(HandshakeError::Refused(format!("export name of {} bytes is longer than the protocol's 4096", export.len())));
     }
@@ -222,6 +278,7 @@ pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Expo
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     s.write_all(&cflags.to_be_bytes())?;
+    let structured = structured && structured_replies(s)?;
 
     // NBD_OPT_GO: name, and one information request (block sizes).
     let mut data = Vec::with_capacity(8 + export.len());
@@ -233,21 +290,7 @@ pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Expo
     let mut export_info: Option<(u64, u16)> = None;
     let mut sizes: Option<(u32, u32, u32)> = None;
     loop {
-        let magic = be_u64(s, "answering NBD_OPT_GO")?;
-        if magic != OPT_REPLY_MAGIC {
-            return Err(HandshakeError::Refused(format!("bad option reply magic {magic:#018x}")));
-        }
-        let opt = be_u32(s, "answering NBD_OPT_GO")?;
-        let rep = be_u32(s, "answering NBD_OPT_GO")?;
-        let len = be_u32(s, "answering NBD_OPT_GO")?;
-        if opt != OPT_GO {
-            return Err(HandshakeError::Refused(format!("the server answered option {opt} to NBD_OPT_GO")));
-        }
-        if len > MAX_OPT_REPLY {
-            return Err(HandshakeError::Refused(format!("option reply of {len} bytes")));
-        }
-        let mut body = vec![0u8; len as usize];
-        read_exact(s, &mut body, "answering NBD_OPT_GO")?;
+        let (rep, body) = opt_reply(s, OPT_GO, "answering NBD_OPT_GO")?;
         match rep {
             REP_INFO if body.len() >= 2 => {
                 let ty = u16::from_be_bytes([body[0], body[1]]);
@@ -273,7 +316,7 @@ pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Expo
                 let Some((size, fl)) = export_info else {
                     return Err(HandshakeError::Refused("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()));
                 };
-                return finish(size, fl, sizes, true);
+                return finish(size, fl, sizes, true, structured);
             }
             REP_ERR_UNSUP => break,
             rep if rep & REP_ERR_BIT != 0 => {
@@ -297,10 +340,10 @@ pub(crate) fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Expo
         let mut z = [0u8; 124];
         read_exact(s, &mut z, "answering NBD_OPT_EXPORT_NAME")?;
     }
-    finish(size, fl, None, false)
+    finish(size, fl, None, false, structured)
 }
 
-fn finish(size: u64, fl: u16, sizes: Option<(u32, u32, u32)>, go: bool) -> Result<ExportInfo, HandshakeError> {
+fn finish(size: u64, fl: u16, sizes: Option<(u32, u32, u32)>, go: bool, structured: bool) -> Result<ExportInfo, HandshakeError> {
     if fl & flags::HAS_FLAGS == 0 {
         return Err(HandshakeError::Refused(format!("transmission flags {fl:#x} lack NBD_FLAG_HAS_FLAGS")));
     }
@@ -310,7 +353,7 @@ fn finish(size: u64, fl: u16, sizes: Option<(u32, u32, u32)>, go: bool) -> Resul
             "invalid block size constraints: minimum {min_block}, preferred {preferred_block}, maximum payload {max_payload}"
         )));
     }
-    Ok(ExportInfo { size, flags: fl, min_block, preferred_block, max_payload, go })
+    Ok(ExportInfo { size, flags: fl, min_block, preferred_block, max_payload, go, structured })
 }
 
 /// Ends a handshake politely (`NBD_OPT_ABORT`), before the transmission
@@ -362,6 +405,7 @@ mod tests {
     #[test]
     fn go_with_block_sizes() {
         let mut v = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        opt_reply(&mut v, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
         info.extend_from_slice(&(1u64 << 30).to_be_bytes());
         info.extend_from_slice(&(flags::HAS_FLAGS | flags::SEND_FLUSH).to_be_bytes());
@@ -373,7 +417,7 @@ mod tests {
         opt_reply(&mut v, OPT_GO, REP_INFO, &bs);
         opt_reply(&mut v, OPT_GO, REP_ACK, &[]);
         let mut p = Peer { input: io::Cursor::new(v), output: vec![] };
-        let e = handshake(&mut p, "disk").unwrap();
+        let e = handshake(&mut p, "disk", true).unwrap();
         assert_eq!(
             e,
             ExportInfo {
@@ -382,12 +426,18 @@ mod tests {
                 min_block: 512,
                 preferred_block: 4096,
                 max_payload: 1 << 20,
-                go: true
+                go: true,
+                structured: true
             }
         );
-        // client flags, then IHAVEOPT, GO, len 4+4+2+2, name, 1 request: block size
+        // client flags, IHAVEOPT STRUCTURED_REPLY with no data, then
+        // IHAVEOPT, GO, len 4+4+2+2, name, 1 request: block size
         let o = &p.output;
         assert_eq!(&o[0..4], &(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        assert_eq!(&o[4..12], &IHAVEOPT.to_be_bytes());
+        assert_eq!(&o[12..16], &OPT_STRUCTURED_REPLY.to_be_bytes());
+        assert_eq!(&o[16..20], &0u32.to_be_bytes());
+        let o = &o[16..];
         assert_eq!(&o[4..12], &IHAVEOPT.to_be_bytes());
         assert_eq!(&o[12..16], &OPT_GO.to_be_bytes());
         assert_eq!(&o[16..20], &12u32.to_be_bytes());
@@ -399,13 +449,24 @@ mod tests {
     #[test]
     fn falls_back_to_export_name() {
         let mut v = greeting(FLAG_FIXED_NEWSTYLE);
+        opt_reply(&mut v, OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
         opt_reply(&mut v, OPT_GO, REP_ERR_UNSUP, &[]);
         v.extend_from_slice(&(4096u64).to_be_bytes());
         v.extend_from_slice(&(flags::HAS_FLAGS | flags::READ_ONLY).to_be_bytes());
         v.extend_from_slice(&[0u8; 124]);
         let mut p = Peer { input: io::Cursor::new(v), output: vec![] };
-        let e = handshake(&mut p, "").unwrap();
-        assert_eq!((e.size, e.flags, e.go), (4096, flags::HAS_FLAGS | flags::READ_ONLY, false));
+        let e = handshake(&mut p, "", true).unwrap();
+        assert_eq!((e.size, e.flags, e.go, e.structured), (4096, flags::HAS_FLAGS | flags::READ_ONLY, false, false));
+        // Without asking: no NBD_OPT_STRUCTURED_REPLY on the wire.
+        let mut v = greeting(FLAG_FIXED_NEWSTYLE);
+        opt_reply(&mut v, OPT_GO, REP_ERR_UNSUP, &[]);
+        v.extend_from_slice(&(4096u64).to_be_bytes());
+        v.extend_from_slice(&flags::HAS_FLAGS.to_be_bytes());
+        v.extend_from_slice(&[0u8; 124]);
+        let mut p = Peer { input: io::Cursor::new(v), output: vec![] };
+        let e = handshake(&mut p, "", false).unwrap();
+        assert!(!e.structured);
+        assert_eq!(&p.output[12..16], &OPT_GO.to_be_bytes());
     }
 
     #[test]
@@ -413,15 +474,15 @@ mod tests {
         let mut v = greeting(FLAG_FIXED_NEWSTYLE);
         opt_reply(&mut v, OPT_GO, REP_ERR_UNKNOWN, b"no such thing");
         let mut p = Peer { input: io::Cursor::new(v), output: vec![] };
-        match handshake(&mut p, "x") {
+        match handshake(&mut p, "x", false) {
             Err(HandshakeError::Refused(m)) => assert!(m.contains("NBD_REP_ERR_UNKNOWN") && m.contains("no such thing"), "{m}"),
             other => panic!("{other:?}"),
         }
         let v = greeting(FLAG_FIXED_NEWSTYLE)[..10].to_vec();
         let mut p = Peer { input: io::Cursor::new(v), output: vec![] };
-        assert!(matches!(handshake(&mut p, "x"), Err(HandshakeError::Closed(_))));
+        assert!(matches!(handshake(&mut p, "x", false), Err(HandshakeError::Closed(_))));
         let mut p = Peer { input: io::Cursor::new(b"HTTP/1.1 400 Bad Request\r\n".to_vec()), output: vec![] };
-        assert!(matches!(handshake(&mut p, "x"), Err(HandshakeError::Refused(_))));
+        assert!(matches!(handshake(&mut p, "x", false), Err(HandshakeError::Refused(_))));
     }
 
     #[test]
