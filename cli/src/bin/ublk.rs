@@ -992,7 +992,7 @@ fn cmd_features() -> Result<()> {
             Some(_) => "no",
             None => "?",
         };
-        let lib = if ublk::SUPPORTED_FLAGS.contains(name) { "yes" } else { "no" };
+        let lib = if ublk::SUPPORTED_FLAGS.contains(ublk::DevFlags::from_bits_retain(*v)) { "yes" } else { "no" };
         println!("  {name:<32} {:>3}  {k:<7} {lib:<4} (Linux {}.{}+)", v.trailing_zeros(), since.0, since.1);
     }
     if !unknown.is_empty() {
