@@ -156,6 +156,12 @@ pub struct DeviceConfig {
     /// The legs and chunk of a stripe device; absent for other targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stripe: Option<StripeConfig>,
+    /// The most bytes the daemon's target holds, above which `ublk resize`
+    /// refuses: a ramdisk's memory, allocated at `ublk add`. `None` where
+    /// the backing storage decides (loop, stripe: checked at resize) or
+    /// there is no limit (null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
 }
 
 /// A stripe device's legs (absolute paths, in order) and chunk size.
@@ -375,6 +381,7 @@ mod tests {
             data_path: Some("user-copy".into()),
             async_target: false,
             stripe: None,
+            capacity: None,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -419,6 +426,7 @@ mod tests {
             data_path: None,
             async_target: true,
             stripe: None,
+            capacity: None,
         };
         assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();
