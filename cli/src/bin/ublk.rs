@@ -438,8 +438,10 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
 /// quiesce` works on it; the kernel allows it only with user recovery) and
 /// `UBLK_F_UPDATE_SIZE` (`ublk resize`: the kernel does not check the
 /// device's flag, but it marks the device as resizable in `ublk list`).
-fn extra_flags(a: &AddArgs, recovery: u64) -> Result<u64> {
-    let feats = Control::open()?.features();
+fn extra_flags(a: &AddArgs, recovery: u64) -> u64 {
+    // A control node this caller may not open asks for nothing extra: the
+    // target's own checks come first, and creating the device says why.
+    let feats = Control::open().ok().and_then(|c| c.features());
     let offers = |f: u64| feats.is_some_and(|x| x.contains(f));
     let mut flags = 0;
     if a.no_part_scan {
@@ -451,7 +453,7 @@ fn extra_flags(a: &AddArgs, recovery: u64) -> Result<u64> {
     if offers(sys::abi::UBLK_F_UPDATE_SIZE) {
         flags |= sys::abi::UBLK_F_UPDATE_SIZE;
     }
-    Ok(flags)
+    flags
 }
 
 fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
@@ -476,7 +478,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     if a.target == Kind::Ramdisk && recovery != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
     }
-    let extra = extra_flags(&a, recovery)?;
+    let extra = extra_flags(&a, recovery);
     let flags = recovery | extra;
     let builder = |size: u64, discard: Option<Discard>| {
         let b = if a.unprivileged { DeviceBuilder::new().unprivileged() } else { DeviceBuilder::new() };
