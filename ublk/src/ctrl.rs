@@ -619,8 +619,10 @@ impl Control {
     /// which the kernel ends only when the server's ring closes, and a
     /// server that ends once all its commands have ended (as
     /// [`Device::serve`](crate::Device::serve)'s queues do) would wait for
-    /// it. So the command is sent again every 100 ms until the server has
-    /// let go. Call this from outside the serving process, or from a thread
+    /// it (seen on 7.3: with one QUIESCE_DEV, a loop device over a
+    /// null_blk completing in 300 ms kept its daemon waiting, and the fio on
+    /// it, until killed). So the command is sent again every 100 ms until
+    /// the server has let go. Call this from outside the serving process, or from a thread
     /// that does not hold up its teardown (not from `on_live`, which the
     /// teardown waits for: use [`Control::quiesce_dev`] there).
     ///
