@@ -250,7 +250,9 @@ mod tests {
             assert_eq!(SUPPORTED_FLAGS.contains(DevFlags::from_bits_retain(*v)), s == Support::Yes, "{name}");
             assert!(DevFlags::from_bits_retain(*v).since().is_some(), "{name}");
         }
-        for f in [DevFlags::AUTO_BUF_REG, DevFlags::SUPPORT_ZERO_COPY, DevFlags::PER_IO_DAEMON, DevFlags::BUF_REG_OFF_DAEMON, DevFlags::BATCH_IO] {
+        for f in
+            [DevFlags::AUTO_BUF_REG, DevFlags::SUPPORT_ZERO_COPY, DevFlags::PER_IO_DAEMON, DevFlags::BUF_REG_OFF_DAEMON, DevFlags::BATCH_IO]
+        {
             assert!(matches!(f.library_support(), Support::InProgress(_)), "{f:?}");
         }
         for f in [DevFlags::ZONED, DevFlags::INTEGRITY, DevFlags::SHMEM_ZC, DevFlags::IO_DESC_SIZE, DevFlags::NEED_GET_DATA] {
