@@ -159,6 +159,12 @@ pub struct DeviceConfig {
     /// An NBD device's server and export; absent for other targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<NbdConfig>,
+    /// The most bytes the daemon's target holds, above which `ublk resize`
+    /// refuses: a ramdisk's memory, allocated at `ublk add`. `None` where
+    /// the backing storage decides (loop, stripe: checked at resize) or
+    /// there is no limit (null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
 }
 
 /// Where an NBD device's export is, as `ublk add -t nbd` was told.
@@ -409,6 +415,7 @@ mod tests {
             async_target: false,
             stripe: None,
             nbd: None,
+            capacity: None,
         };
         c.save().unwrap();
         assert_eq!(DeviceConfig::load(7).unwrap(), Some(c.clone()));
@@ -454,6 +461,7 @@ mod tests {
             async_target: true,
             stripe: None,
             nbd: None,
+            capacity: None,
         };
         assert_eq!(verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc)))), Ok(()));
         let e = verify_daemon(child.id(), 3, Some(&cfg(child.id(), Some(tc + 1)))).unwrap_err();

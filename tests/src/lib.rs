@@ -431,3 +431,97 @@ pub fn fio_ok(args: &[&str]) -> String {
     }
     out
 }
+
+/// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
+/// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
+pub fn fio_rate_verify_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--name=rec",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=io_uring",
+        "--iodepth=32",
+        "--numjobs=2",
+        "--size=16M",
+        "--offset_increment=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--rate_iops=1000",
+        "--group_reporting",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("--filename={file}"));
+    v.push(format!("--offset={base}"));
+    v.push(format!("--direct={}", u8::from(direct)));
+    v.push(format!("--cpus_allowed=0-{}", nproc() - 1));
+    v.push("--cpus_allowed_policy=split".into());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Asserts that a `--verify_only` pass of [`fio_rate_verify_args`] read back and checked
+/// all 32 MiB (8192 4 KiB blocks, both jobs) without an error. fio's exit
+/// status (checked by `run_ok`) covers a failed check; this makes sure the
+/// pass did not verify less than everything.
+pub fn assert_verified_all(out: &str, what: &str) {
+    for l in out.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "{what}: fio error: {l}\n{out}");
+    }
+    let reads = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
+        .and_then(|t| t.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{what}: no 'issued rwts' line in fio's output:\n{out}"));
+    assert_eq!(reads, (32 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 32 MiB:\n{out}");
+}
+
+/// Write requests block device `dev` completed so far (/sys/block/ublkbN/stat, field 5).
+pub fn writes_completed(dev: &str) -> u64 {
+    let name = dev.trim_start_matches("/dev/");
+    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap_or_default();
+    stat.split_whitespace().nth(4).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// Waits (up to 60 s: fio starts slowly under TCG) until `n` more writes
+/// completed on `dev`, so what the test does next (kill or quiesce the
+/// daemon) happens in the middle of fio's job.
+pub fn wait_for_writes(dev: &str, n: u64, fio: &mut Child) {
+    let t0 = Instant::now();
+    let n = writes_completed(dev) + n;
+    while writes_completed(dev) < n {
+        assert!(fio.try_wait().unwrap().is_none(), "fio exited before it wrote {n} requests to {dev}");
+        assert!(t0.elapsed() < Duration::from_secs(60), "fio wrote only {} requests to {dev} in 60 s", writes_completed(dev));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts fio with `args`, its output to `log`.
+pub fn spawn_fio(args: &[String], log: &Path) -> Child {
+    Command::new("fio").args(args).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit()).spawn().expect("spawn fio")
+}
+
+/// The device's state as GET_DEV_INFO reports it (`LIVE`, `QUIESCED`...),
+/// or `GONE`.
+pub fn dev_state(id: u32) -> String {
+    match ublk::Control::open().and_then(|mut c| c.get_dev_info(id)) {
+        Ok(i) => ublk::ctrl::state_name(i.state).to_string(),
+        Err(_) => "GONE".to_string(),
+    }
+}
+
+/// Waits (up to `limit`) until the device is in one of `want`; returns that
+/// state. Panics with the last state seen.
+pub fn wait_dev_state(id: u32, want: &[&str], limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        let s = dev_state(id);
+        if want.contains(&s.as_str()) {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "device {id} still {s} after {limit:?}, expected one of {want:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -380,7 +380,7 @@ driver_test! {
         eprintln!("{feats}");
         assert!(feats.contains("UBLK_F_USER_RECOVERY"), "{feats}");
         if kernel_version() < (6, 5) {
-            assert!(feats.contains("unavailable") && feats.contains("legacy"), "{feats}");
+            assert!(feats.contains("GET_FEATURES: missing") && feats.contains("legacy"), "{feats}");
         } else {
             assert!(feats.contains("GET_FEATURES: 0x") && feats.contains("ioctl-encoded"), "{feats}");
         }
@@ -406,18 +406,59 @@ driver_test! {
 driver_test! {
     /// `ublk features` names every flag bit the kernel's GET_FEATURES
     /// reports (the VM build's header is the newest, so none may be left
-    /// as a bare bit number or "unknown"); without GET_FEATURES (6.1) it
-    /// says the command is unavailable.
+    /// as a bare bit number or "unknown"), and has one row per UBLK_F_
+    /// flag up to bit 20 (IO_DESC_SIZE, 7.3) with the kernel's support
+    /// (`unknown` without GET_FEATURES, on 6.1, which it says is missing)
+    /// and the library's (`DevFlags::library_support`: yes, or no / in
+    /// progress with the reason); `--json` says the same.
     fn data_features_names_every_kernel_bit() {
         let (st, out, err) = ublk(&["features"]);
         eprintln!("{out}{err}");
         assert!(st.success(), "ublk features: {st}\n{err}");
+        let (st, js, err) = ublk(&["features", "--json"]);
+        assert!(st.success(), "ublk features --json: {st}\n{err}");
+        let js: serde_json::Value = serde_json::from_str(&js).unwrap_or_else(|e| panic!("ublk features --json: {e}: {js}"));
         let ctrl = ublk::Control::open().unwrap();
-        assert!(!out.contains("UBLK_F_BIT") && !out.to_lowercase().contains("unknown"), "a bit the kernel reports has no name: {out}");
-        let Some(f) = ctrl.features() else {
+        let f = ctrl.features();
+        assert!(!out.contains("UBLK_F_BIT") && !out.contains("unknown to this version"), "a bit the kernel reports has no name: {out}");
+        assert_eq!(js["unknown_kernel_bits"].as_array().map(|a| a.len()), Some(0), "{js}");
+        assert_eq!(js["get_features"].as_u64(), f.map(|f| f.0), "{js}");
+        // One row per flag, bits 0..=20, in the text and the JSON.
+        let flags = js["flags"].as_array().expect("flags array");
+        assert_eq!(flags.len(), 21, "{js}");
+        for bit in 0..=20u32 {
+            let v = 1u64 << bit;
+            let name = ublk::sys::abi::flag_name(v).unwrap_or_else(|| panic!("bit {bit} has no name in ublk_sys::abi"));
+            let row = out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no row for {name}: {out}"));
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            assert_eq!(cols[1], bit.to_string(), "bit column of {row:?}");
+            let kernel = match f {
+                Some(f) if f.0 & v != 0 => "yes",
+                Some(_) => "no",
+                None => "unknown",
+            };
+            assert_eq!(cols[3], kernel, "kernel column of {row:?}");
+            let lib = ublk::DevFlags::from_bits_retain(v).library_support();
+            let text = cols[4..].join(" ");
+            assert_eq!(text, lib.to_string(), "library column of {row:?}");
+            let j = flags.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} not in the JSON: {js}"));
+            assert_eq!(j["bit"].as_u64(), Some(u64::from(bit)), "{j}");
+            assert_eq!(j["kernel"].as_bool(), f.map(|f| f.0 & v != 0), "{j}");
+            assert_eq!(j["library"].as_str(), Some(lib.label()), "{j}");
+            assert_eq!(j["why"].as_str(), lib.why(), "{j}");
+            // What the library says it implements is what it takes.
+            assert_eq!(ublk::SUPPORTED_FLAGS.contains(ublk::DevFlags::from_bits_retain(v)), lib == ublk::Support::Yes, "{name}");
+        }
+        // The data paths: implemented ("yes"), or still "in progress".
+        for name in ["UBLK_F_AUTO_BUF_REG", "UBLK_F_SUPPORT_ZERO_COPY", "UBLK_F_PER_IO_DAEMON", "UBLK_F_BUF_REG_OFF_DAEMON", "UBLK_F_BATCH_IO"] {
+            let j = flags.iter().find(|r| r["name"] == name).unwrap();
+            assert!(j["library"] == "in progress" || j["library"] == "yes", "{j}");
+        }
+        let Some(f) = f else {
             assert!(kernel_version() < (6, 5), "kernel {} should have GET_FEATURES", kernel_release());
-            assert!(out.contains("GET_FEATURES: unavailable"), "{out}");
+            assert!(out.contains("GET_FEATURES: missing"), "{out}");
             assert!(out.contains("legacy numbers"), "{out}");
+            assert!(js["get_features"].is_null() && js["encoding"] == "legacy", "{js}");
             return;
         };
         assert!(out.contains(&format!("GET_FEATURES: {:#x} ", f.0)), "the mask is not printed: {out}");
@@ -429,17 +470,9 @@ driver_test! {
             let want = format!("bit {bit:>2}  {name}");
             assert!(out.lines().any(|l| l.trim() == want), "{want:?} is not listed: {out}");
         }
-        // Each flag's row says whether the kernel offers it and whether the
-        // library implements it.
-        for (name, v, _) in ublk::sys::abi::TABLE.iter().filter(|(n, _, _)| n.starts_with("UBLK_F_")) {
-            let row = out.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no row for {name}: {out}"));
-            let cols: Vec<&str> = row.split_whitespace().collect();
-            assert_eq!(cols[2], if f.0 & v != 0 { "yes" } else { "no" }, "kernel column of {row:?}");
-            assert_eq!(cols[3], if ublk::SUPPORTED_FLAGS.contains(name) { "yes" } else { "no" }, "library column of {row:?}");
-        }
         // Nothing else is listed as reported.
         let listed = out.lines().filter(|l| l.trim_start().starts_with("bit ")).count();
         assert_eq!(listed, bits.len(), "listed {listed} bits, the kernel reports {}: {out}", bits.len());
-        assert!(out.contains("ioctl-encoded"), "{out}");
+        assert!(out.contains("ioctl-encoded") && js["encoding"] == "ioctl", "{out}");
     }
 }

@@ -3,79 +3,9 @@
 //! nothing that was reported written is lost.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ublk_tests::*;
-
-/// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
-/// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
-fn fio_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--name=rec",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--ioengine=io_uring",
-        "--iodepth=32",
-        "--numjobs=2",
-        "--size=16M",
-        "--offset_increment=16M",
-        "--verify=crc32c",
-        "--verify_fatal=1",
-        "--rate_iops=1000",
-        "--group_reporting",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push(format!("--filename={file}"));
-    v.push(format!("--offset={base}"));
-    v.push(format!("--direct={}", u8::from(direct)));
-    v.push(format!("--cpus_allowed=0-{}", nproc() - 1));
-    v.push("--cpus_allowed_policy=split".into());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-/// Asserts that a `--verify_only` pass of [`fio_args`] read back and checked
-/// all 32 MiB (8192 4 KiB blocks, both jobs) without an error. fio's exit
-/// status (checked by `run_ok`) covers a failed check; this makes sure the
-/// pass did not verify less than everything.
-fn assert_verified_all(out: &str, what: &str) {
-    for l in out.lines().filter(|l| l.contains("err=")) {
-        assert!(l.contains("err= 0"), "{what}: fio error: {l}\n{out}");
-    }
-    let reads = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
-        .and_then(|t| t.split(',').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{what}: no 'issued rwts' line in fio's output:\n{out}"));
-    assert_eq!(reads, (32 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 32 MiB:\n{out}");
-}
-
-/// Write requests block device `dev` completed so far (/sys/block/ublkbN/stat, field 5).
-fn writes_completed(dev: &str) -> u64 {
-    let name = dev.trim_start_matches("/dev/");
-    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap_or_default();
-    stat.split_whitespace().nth(4).and_then(|n| n.parse().ok()).unwrap_or(0)
-}
-
-/// Waits (up to 60 s: fio starts slowly under TCG) until `n` more writes
-/// completed on `dev`, so the daemon dies in the middle of fio's job.
-fn wait_for_writes(dev: &str, n: u64, fio: &mut Child) {
-    let t0 = Instant::now();
-    let n = writes_completed(dev) + n;
-    while writes_completed(dev) < n {
-        assert!(fio.try_wait().unwrap().is_none(), "fio exited before it wrote {n} requests to {dev}");
-        assert!(t0.elapsed() < Duration::from_secs(60), "fio wrote only {} requests to {dev} in 60 s", writes_completed(dev));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn spawn_fio(args: &[String], log: &Path) -> Child {
-    Command::new("fio").args(args).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit()).spawn().expect("spawn fio")
-}
 
 fn state(id: u32) -> &'static str {
     let mut c = ublk::Control::open().unwrap();
@@ -123,7 +53,7 @@ fn sigkill_during_fio_reissue(extra: &[&str]) {
         let id = d.id();
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
-        let mut fio = spawn_fio(&fio_args(&dev, 0, true, &["--do_verify=1"]), &log);
+        let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 0, true, &["--do_verify=1"]), &log);
         // Kill after fio's first writes (it writes 8192 at 2000/s): mid-job
         // however slowly the VM starts fio.
         wait_for_writes(&dev, 200, &mut fio);
@@ -145,7 +75,7 @@ fn sigkill_during_fio_reissue(extra: &[&str]) {
         }
         eprintln!("fio across the kill and recovery: ok ({:?} after the kill)", t_kill.elapsed());
         // Everything fio wrote, read again through the recovered device...
-        let out = run_ok("fio", &fio_args(&dev, 0, true, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
+        let out = run_ok("fio", &fio_rate_verify_args(&dev, 0, true, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
         assert_verified_all(&out, "verify_only on the device");
         let (st, qout) = r.terminate();
         assert!(st.success(), "recovered daemon exited with {st}");
@@ -154,7 +84,7 @@ fn sigkill_during_fio_reissue(extra: &[&str]) {
         // ...and straight from the backing file, with no ublk in between.
         let out = run_ok(
             "fio",
-            &fio_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>(),
+            &fio_rate_verify_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>(),
         );
         assert_verified_all(&out, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
@@ -194,7 +124,7 @@ driver_test! {
         std::fs::write(&pat_path, &pat).unwrap();
         run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "oflag=direct", "conv=fsync", "status=none"]);
         let log = PathBuf::from("/tmp/recovery-failio.fio");
-        let mut fio = spawn_fio(&fio_args(&dev, 16 << 20, true, &["--do_verify=1"]), &log);
+        let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 16 << 20, true, &["--do_verify=1"]), &log);
         wait_for_writes(&dev, 200, &mut fio);
         kill_daemon(d);
         let st = wait_timeout(&mut fio, Duration::from_secs(60)).unwrap_or_else(|| {

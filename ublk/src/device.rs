@@ -235,10 +235,13 @@ impl DeviceBuilder {
         self
     }
     /// Extra `UBLK_F_*` flags to ask for. Only flags whose protocol this
-    /// library implements are taken ([`SUPPORTED_FLAGS`]); any other is
-    /// refused by [`create`](Self::create) before ADD_DEV, naming the flag
-    /// and the kernel that has it. Flags the running kernel lacks are refused
-    /// too.
+    /// library implements are taken ([`SUPPORTED_FLAGS`](crate::SUPPORTED_FLAGS),
+    /// from [`DevFlags::library_support`](crate::DevFlags::library_support));
+    /// any other is refused by [`create`](Self::create) before ADD_DEV with
+    /// [`Error::FlagNotImplemented`], naming the flag and why. Flags the
+    /// running kernel lacks are refused too ([`Error::Unsupported`], naming
+    /// the kernel that has them): kernels silently drop flags they do not
+    /// know at ADD_DEV.
     /// Takes [`DevFlags`](crate::DevFlags) (or the raw bits).
     pub fn flags(mut self, flags: impl Into<crate::DevFlags>) -> Self {
         self.flags = flags.into().bits();
@@ -359,6 +362,7 @@ impl DeviceBuilder {
     pub fn create(mut self) -> Result<Device> {
         self.validate()?;
         check_flags(self.flags)?;
+        check_flag_combinations(self.flags)?;
         // The flag itself asks for what `unprivileged()` does.
         if self.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
             self.flags &= !sys::abi::UBLK_F_UNPRIVILEGED_DEV;
@@ -373,10 +377,11 @@ impl DeviceBuilder {
                 let missing = self.flags & !f.0;
                 if missing != 0 {
                     return Err(Error::Unsupported {
-                        feature: "requested UBLK_F_ flags",
+                        feature: flags_feature(missing),
                         why: format!(
-                            "the running kernel does not offer {} (it offers {}); use a newer kernel or drop the option",
-                            crate::ctrl::Features(missing).names().join(","),
+                            "the running kernel ({}) does not offer {} (it offers {}); use a newer kernel or drop the option",
+                            crate::ctrl::kernel_release(),
+                            names_since(missing),
                             f.names().join(",")
                         ),
                     });
@@ -491,10 +496,11 @@ impl DeviceBuilder {
         }
         if self.flags & !info.flags != 0 {
             return Err(Error::Unsupported {
-                feature: "requested UBLK_F_ flags",
+                feature: flags_feature(self.flags & !info.flags),
                 why: format!(
-                    "the kernel dropped {} at ADD_DEV (too old for it); use a newer kernel or drop the option",
-                    crate::ctrl::Features(self.flags & !info.flags).names().join(",")
+                    "the kernel ({}) dropped {} at ADD_DEV (too old for it; the device was deleted); use a newer kernel or drop the option",
+                    crate::ctrl::kernel_release(),
+                    names_since(self.flags & !info.flags)
                 ),
             });
         }
@@ -578,26 +584,6 @@ impl DeviceBuilder {
     }
 }
 
-/// The `UBLK_F_*` flags [`DeviceBuilder::flags`] accepts, by kernel name:
-/// those whose protocol the queues and the lifecycle implement (recovery,
-/// unprivileged devices, user copy without data, resizing, quiesce, safe
-/// stop) or that change
-/// nothing the server does (opcode encoding, completion in task context, no
-/// partition scan).
-pub const SUPPORTED_FLAGS: &[&str] = &[
-    "UBLK_F_URING_CMD_COMP_IN_TASK",
-    "UBLK_F_USER_RECOVERY",
-    "UBLK_F_USER_RECOVERY_REISSUE",
-    "UBLK_F_UNPRIVILEGED_DEV",
-    "UBLK_F_CMD_IOCTL_ENCODE",
-    "UBLK_F_USER_COPY",
-    "UBLK_F_USER_RECOVERY_FAIL_IO",
-    "UBLK_F_UPDATE_SIZE",
-    "UBLK_F_QUIESCE",
-    "UBLK_F_SAFE_STOP_DEV",
-    "UBLK_F_NO_AUTO_PART_SCAN",
-];
-
 /// What an unprivileged device needs before ADD_DEV: a kernel that has them
 /// (6.3+), and no flag the kernel refuses for them.
 fn check_unprivileged(ctrl: &Control, flags: u64) -> Result<()> {
@@ -652,57 +638,89 @@ fn wait_node_access(dev_id: u32, wait: Duration) -> Result<()> {
     }
 }
 
-/// Refuses every requested flag outside [`SUPPORTED_FLAGS`]: a flag passed
-/// through unimplemented changes the protocol under the queues (e.g. with
-/// `NEED_GET_DATA` the device goes live and fails its first write).
+/// Refuses every requested flag the library does not implement
+/// ([`DevFlags::library_support`](crate::DevFlags::library_support)): a flag
+/// passed through unimplemented changes the protocol under the queues (e.g.
+/// with `NEED_GET_DATA` the device goes live and fails its first write).
 fn check_flags(flags: u64) -> Result<()> {
-    check_flags_in(flags, SUPPORTED_FLAGS)
+    check_flags_in(flags, crate::SUPPORTED_FLAGS)
 }
 
-/// Flags the kernel sets by itself in the flags ADD_DEV returns (7.x: the
-/// per-I/O daemon and off-daemon registration rules, which a server with one
-/// thread per queue satisfies; safe stop), next to those the library asks for.
-const KERNEL_SET_FLAGS: &[&str] = &["UBLK_F_PER_IO_DAEMON", "UBLK_F_BUF_REG_OFF_DAEMON"];
-
-/// Flags that [`DeviceBuilder::data_path`] and [`DeviceBuilder::batch_io`]
-/// ask for, which a device taken over may have.
-const DATA_PATH_FLAGS: &[&str] = &["UBLK_F_SUPPORT_ZERO_COPY", "UBLK_F_AUTO_BUF_REG", "UBLK_F_BATCH_IO"];
-
-/// Refuses a device made elsewhere whose flags the library cannot serve.
+/// Refuses a device made elsewhere whose flags the library cannot serve
+/// (those the kernel adds by itself are served as they are).
 fn check_device_flags(flags: u64) -> Result<()> {
-    let mut allowed = SUPPORTED_FLAGS.to_vec();
-    allowed.extend_from_slice(KERNEL_SET_FLAGS);
-    allowed.extend_from_slice(DATA_PATH_FLAGS);
-    check_flags_in(flags, &allowed)
+    check_flags_in(flags, crate::SUPPORTED_FLAGS.union(crate::flags::KERNEL_ADDED_FLAGS))
 }
 
-fn check_flags_in(flags: u64, supported: &[&str]) -> Result<()> {
+/// Refuses the combinations of implemented flags that the kernel refuses
+/// (ADD_DEV: -EINVAL from 6.13 on, for QUIESCE from 6.16) or would take in
+/// some other sense on older kernels, each with what to ask for instead.
+fn check_flag_combinations(flags: u64) -> Result<()> {
+    let has = |f: u64| flags & f != 0;
+    let recovery = has(sys::abi::UBLK_F_USER_RECOVERY);
+    let why = if has(sys::abi::UBLK_F_USER_RECOVERY_REISSUE) && has(sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO) {
+        "UBLK_F_USER_RECOVERY_REISSUE (re-issue the I/O in flight to the next server) and UBLK_F_USER_RECOVERY_FAIL_IO (fail I/O while there is no server) exclude each other: ask for one"
+    } else if !recovery && (has(sys::abi::UBLK_F_USER_RECOVERY_REISSUE) || has(sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO)) {
+        "UBLK_F_USER_RECOVERY_REISSUE and UBLK_F_USER_RECOVERY_FAIL_IO are modes of user recovery: ask for UBLK_F_USER_RECOVERY with them"
+    } else if !recovery && has(sys::abi::UBLK_F_QUIESCE) {
+        "UBLK_F_QUIESCE lets another server take the device over, which needs UBLK_F_USER_RECOVERY (the kernel refuses it alone): ask for both"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidConfig { what: "flags", why: why.into() })
+}
+
+/// The flag's kernel name when `bits` is one known flag, for
+/// `Error::Unsupported::feature`; else a description of several.
+fn flags_feature(bits: u64) -> &'static str {
+    match sys::abi::flag_name(bits) {
+        Some(n) => n,
+        None => "requested UBLK_F_ flags",
+    }
+}
+
+/// Each flag of `bits` by name, with the first kernel that has it.
+fn names_since(bits: u64) -> String {
+    let mut v = Vec::new();
     for bit in 0..64 {
-        let f = 1u64 << bit;
-        if flags & f == 0 {
+        let f = crate::DevFlags::from_bits_retain(1u64 << bit);
+        if bits & f.bits() == 0 {
             continue;
         }
+        let name = crate::ctrl::Features(f.bits()).names().join(",");
+        v.push(match f.since() {
+            Some((a, b)) => format!("{name} (Linux {a}.{b}+)"),
+            None => name,
+        });
+    }
+    v.join(", ")
+}
+
+fn check_flags_in(flags: u64, allowed: crate::DevFlags) -> Result<()> {
+    for bit in 0..64 {
+        let f = 1u64 << bit;
+        if flags & f == 0 || allowed.bits() & f != 0 {
+            continue;
+        }
+        let flag = crate::DevFlags::from_bits_retain(f);
         let name = sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n));
-        match name {
-            Some(n) if supported.contains(&n) => {}
-            Some(n) => {
-                let since = match n {
-                    // Numbered from 6.0, working from 6.15.
-                    "UBLK_F_SUPPORT_ZERO_COPY" => "Linux 6.15".to_string(),
-                    _ => sys::abi::since(n).map_or("a newer kernel".to_string(), |(a, b)| format!("Linux {a}.{b}")),
-                };
-                return Err(Error::Unsupported {
-                    feature: "requested UBLK_F_ flags",
-                    why: format!(
-                        "{n} (bit {bit}, offered by {since}) is not implemented by this library, which would serve the device wrongly; drop the flag (supported: {})",
-                        SUPPORTED_FLAGS.join(", ")
-                    ),
+        match (name, flag.library_support()) {
+            (Some(n), crate::flags::Support::No(why)) | (Some(n), crate::flags::Support::InProgress(why)) => {
+                return Err(Error::FlagNotImplemented {
+                    flag: n,
+                    bit,
+                    since: flag.since(),
+                    why,
+                    in_progress: matches!(flag.library_support(), crate::flags::Support::InProgress(_)),
                 });
             }
-            None => {
+            // Implemented, but not for a device made elsewhere: cannot
+            // happen (`allowed` holds every implemented flag).
+            (Some(_), crate::flags::Support::Yes) => {}
+            (None, _) => {
                 return Err(Error::Unsupported {
                     feature: "requested UBLK_F_ flags",
-                    why: format!("bit {bit} ({f:#x}) is no UBLK_F_ flag this library knows; drop it"),
+                    why: format!("bit {bit} ({f:#x}) is no UBLK_F_ flag this library knows (it knows every flag up to Linux 7.3); drop it"),
                 })
             }
         }

@@ -102,6 +102,22 @@ pub enum Error {
         /// Why it is missing (kernel or header too old) and what to do.
         why: String,
     },
+    /// A `UBLK_F_*` flag was asked for whose protocol this library does not
+    /// implement (see [`DevFlags::library_support`](crate::DevFlags::library_support)):
+    /// refused before ADD_DEV, whatever the kernel offers, because a device
+    /// created with it would be served wrongly.
+    FlagNotImplemented {
+        /// The flag's kernel name, e.g. `UBLK_F_ZONED`.
+        flag: &'static str,
+        /// Its bit.
+        bit: u32,
+        /// The first kernel that has it, as (major, minor).
+        since: Option<(u32, u32)>,
+        /// Why the library does not implement it.
+        why: &'static str,
+        /// Whether it is being implemented (a data path in progress).
+        in_progress: bool,
+    },
     /// The requested device id is taken.
     DeviceExists {
         /// The id.
@@ -240,6 +256,17 @@ impl fmt::Display for Error {
             }
             Error::InvalidConfig { what, why } => write!(f, "invalid {what}: {why}"),
             Error::Unsupported { feature, why } => write!(f, "{feature} is not supported: {why}"),
+            Error::FlagNotImplemented { flag, bit, since, why, in_progress } => {
+                write!(f, "{flag} (bit {bit}")?;
+                if let Some((a, b)) = since {
+                    write!(f, ", Linux {a}.{b}+")?;
+                }
+                let yet = if *in_progress { " yet (in progress)" } else { "" };
+                write!(
+                    f,
+                    ") is not implemented by this library{yet}: {why}; drop the flag (`ublk features` lists what is implemented)"
+                )
+            }
             Error::DeviceExists { dev_id } => write!(
                 f,
                 "ublk device {dev_id} already exists (pick another --id, omit it to let the kernel choose, or delete the old device first)"
@@ -306,6 +333,13 @@ pub(crate) fn hints(cmd: Cmd, errno: i32) -> &'static [&'static str] {
             "buffer address 0 without USER_COPY, or non-zero with USER_COPY",
         ],
         ("COMMIT_AND_FETCH_REQ", libc::EBUSY) => &["the tag is not owned by the server: no request was delivered for it (6.16+)"],
+        ("TRY_STOP_DEV", libc::EBUSY) => {
+            &["the disk /dev/ublkbN is open (mounted, or held by a process): close it, or stop the device with STOP_DEV"]
+        }
+        ("QUIESCE_DEV", libc::EOPNOTSUPP) => &["the device was created without UBLK_F_QUIESCE"],
+        ("QUIESCE_DEV", libc::EBUSY) => {
+            &["some queue had a request in flight on every tag until the timeout; the kernel now holds new I/O: quiesce again"]
+        }
         (_, libc::EOPNOTSUPP) => &[
             "the kernel does not know this opcode (too old), or its _IOC_TYPE is not 'u'",
             "a legacy opcode on a kernel built with CONFIG_BLKDEV_UBLK_LEGACY_OPCODES=n",

@@ -41,10 +41,10 @@ pub mod targets;
 
 pub use aio::{AsyncTarget, QueueTarget};
 pub use ctrl::{Control, DevInfo, Encoding, Features};
-pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, NODE_WAIT, STOP_GRACE, SUPPORTED_FLAGS};
+pub use device::{DataPath, Device, DeviceBuilder, StopHandle, MAX_QUEUE_DEPTH, NODE_WAIT, STOP_GRACE};
 pub use errno::Errno;
 pub use error::{Error, Owner, OwnerSource, Result};
-pub use flags::{Attrs, DevFlags};
+pub use flags::{Attrs, DevFlags, Support, SUPPORTED_FLAGS};
 pub use io_uring;
 pub use params::{Discard, Params};
 pub use placement::Placement;

@@ -4,9 +4,14 @@
 //!   the foreground (the block device path is the first line on stdout; the
 //!   per-queue counts follow at exit) until SIGINT/SIGTERM, or with
 //!   `--detach` in a background daemon (the id is printed once it is live).
-//! * `ublk list`, `ublk del -n N | --all`, `ublk features`.
+//! * `ublk list`, `ublk del -n N | --all [--safe]`, `ublk features [--json]`.
 //! * `ublk recover -n N`: takes over a `--recovery` device whose daemon died
-//!   and serves it again with the configuration saved in `/run/ublk/N.json`.
+//!   (or was quiesced) and serves it again with the configuration saved in
+//!   `/run/ublk/N.json`.
+//! * `ublk resize -n N --size S` (Linux 6.16+): a live device's new size.
+//! * `ublk quiesce -n N` (Linux 6.16+, `--recovery` devices): the daemon
+//!   lets go of the device without failing I/O, which waits in the kernel
+//!   for `ublk recover -n N` (a daemon upgrade).
 //! * `ublk add --unprivileged ...` (Linux 6.3+): as an ordinary user, an
 //!   unprivileged device, which only its owner (and root) may control; the
 //!   user's state is kept in `$XDG_RUNTIME_DIR/ublk`. `ublk udev-owner
@@ -67,9 +72,39 @@ enum Cmd {
         /// Every ublk device.
         #[arg(long, conflicts_with = "id")]
         all: bool,
+        /// Only if nobody has the disk open (mounted, or held by a
+        /// process); a device in use is left as it is (Linux 7.0+).
+        #[arg(long)]
+        safe: bool,
     },
-    /// Show what the kernel's driver and this build support.
-    Features,
+    /// Show, per UBLK_F_ flag, whether the kernel offers it and this build implements it.
+    Features {
+        /// Print JSON (one object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a live device a new size (Linux 6.16+).
+    Resize {
+        /// Device id.
+        #[arg(short = 'n', long = "id")]
+        id: u32,
+        /// The new size (e.g. 2G, 512M): a multiple of the block size, and
+        /// no more than the target holds (a loop device's file, a ramdisk's
+        /// memory).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Make a --recovery device's daemon let go of it without failing I/O
+    /// (Linux 6.16+): I/O waits in the kernel until `ublk recover -n N`
+    /// serves the device again (a daemon upgrade).
+    Quiesce {
+        /// Device id.
+        #[arg(short = 'n', long = "id")]
+        id: u32,
+        /// Seconds to wait for the daemon to let go.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Take over a --recovery device whose daemon died, and serve it again.
     Recover {
         /// Device id.
@@ -156,6 +191,10 @@ struct AddArgs {
     /// With recovery, fail I/O while no daemon serves the device (Linux 6.13+; implies --recovery).
     #[arg(long, conflicts_with = "recovery_reissue")]
     recovery_fail_io: bool,
+    /// No partition scan when the device starts (UBLK_F_NO_AUTO_PART_SCAN,
+    /// Linux 7.0+); `blockdev --rereadpt` scans later.
+    #[arg(long)]
+    no_part_scan: bool,
     /// Serve from a background daemon; print the id once the device is live.
     #[arg(long)]
     detach: bool,
@@ -269,8 +308,10 @@ fn main() -> ExitCode {
         Cmd::Add(a) => cmd_add(a, &mut ready),
         Cmd::Recover { id, .. } => cmd_recover(id, &mut ready),
         Cmd::List { json } => cmd_list(json),
-        Cmd::Del { id, all } => cmd_del(id, all),
-        Cmd::Features => cmd_features(),
+        Cmd::Del { id, all, safe } => cmd_del(id, all, safe),
+        Cmd::Features { json } => cmd_features(json),
+        Cmd::Resize { id, size } => cmd_resize(id, size),
+        Cmd::Quiesce { id, timeout } => cmd_quiesce(id, Duration::from_secs(timeout)),
         Cmd::UdevOwner { name } => cmd_udev_owner(&name),
     };
     match r {
@@ -413,6 +454,31 @@ fn recovery_flags(a: &AddArgs) -> Result<u64> {
     Ok(flags)
 }
 
+/// What `ublk add` asks for besides the recovery flags `recovery`:
+/// `UBLK_F_NO_AUTO_PART_SCAN` for --no-part-scan (refused by the library,
+/// naming the kernel that has it, where this one does not); and, where the
+/// kernel offers them, `UBLK_F_QUIESCE` for a recovery device (so `ublk
+/// quiesce` works on it; the kernel allows it only with user recovery) and
+/// `UBLK_F_UPDATE_SIZE` (`ublk resize`: the kernel does not check the
+/// device's flag, but it marks the device as resizable in `ublk list`).
+fn extra_flags(a: &AddArgs, recovery: u64) -> u64 {
+    // A control node this caller may not open asks for nothing extra: the
+    // target's own checks come first, and creating the device says why.
+    let feats = Control::open().ok().and_then(|c| c.features());
+    let offers = |f: u64| feats.is_some_and(|x| x.contains(f));
+    let mut flags = 0;
+    if a.no_part_scan {
+        flags |= sys::abi::UBLK_F_NO_AUTO_PART_SCAN;
+    }
+    if recovery & sys::UBLK_F_USER_RECOVERY != 0 && !a.unprivileged && offers(sys::abi::UBLK_F_QUIESCE) {
+        flags |= sys::abi::UBLK_F_QUIESCE;
+    }
+    if offers(sys::abi::UBLK_F_UPDATE_SIZE) {
+        flags |= sys::abi::UBLK_F_UPDATE_SIZE;
+    }
+    flags
+}
+
 fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let signals = SignalStop::install();
     // With --unprivileged, whether the kernel keeps --recovery is its
@@ -421,7 +487,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     // re-issue what was in flight) and about the daemon: the device waits
     // for `ublk recover` if it dies, which re-issues what was in flight
     // (UBLK_F_USER_RECOVERY_REISSUE: NBD requests may be sent again).
-    let flags = match a.target {
+    let recovery = match a.target {
         Kind::Nbd if a.recovery => sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
         Kind::Nbd => 0,
         _ => recovery_flags(&a)?,
@@ -443,9 +509,11 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     if a.target == Kind::Nbd && (a.recovery_reissue || a.recovery_fail_io) {
         bail!("--recovery-reissue and --recovery-fail-io are not for -t nbd; --recovery reconnects to the server and re-issues what was in flight, and lets `ublk recover` take the device over if the daemon dies");
     }
-    if a.target == Kind::Ramdisk && flags != 0 {
+    if a.target == Kind::Ramdisk && recovery != 0 {
         bail!("--recovery with -t ramdisk: a ramdisk's data dies with its daemon, so a recovered device would serve zeros; use -t loop --file FILE for a recoverable device");
     }
+    let extra = extra_flags(&a, recovery);
+    let flags = recovery | extra;
     let builder = |size: u64, discard: Option<Discard>| {
         let b = if a.unprivileged { DeviceBuilder::new().unprivileged() } else { DeviceBuilder::new() };
         b.queues(a.queues)
@@ -478,6 +546,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         async_target: a.async_,
         stripe: None,
         nbd: None,
+        capacity: None,
     };
     if a.async_ && a.target != Kind::Null {
         bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
@@ -524,7 +593,8 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let rd = RamDisk::new(size)?;
             state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
-            serve(dev, &SyncT(&rd), cfg(size, None), &signals, ready)
+            let cfg = DeviceConfig { capacity: Some(size), ..cfg(size, None) };
+            serve(dev, &SyncT(&rd), cfg, &signals, ready)
         }
         Kind::Loop => {
             let file = match a.file.as_slice() {
@@ -597,6 +667,7 @@ fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             let size = nbd.size();
             let dev = nbd
                 .builder(a.block_size)?
+                .flags(extra)
                 .depth(a.depth)
                 .id(a.id)
                 .flags(flags)
@@ -738,7 +809,12 @@ fn serve<T: CliTarget>(dev: Device, target: &T, mut cfg: DeviceConfig, signals: 
     let stats = res?;
     ublk_cli::print_queue_stats(&stats);
     let _ = std::io::stdout().flush();
-    eprintln!("ublk: device {id} stopped and deleted");
+    if device_exists(id) {
+        // `serve` leaves a device only when it was quiesced for another daemon.
+        eprintln!("ublk: device {id} quiesced: this daemon let go of it; I/O waits in the kernel for `ublk recover -n {id}`");
+    } else {
+        eprintln!("ublk: device {id} stopped and deleted");
+    }
     Ok(())
 }
 
@@ -988,7 +1064,7 @@ fn cmd_udev_owner(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
+fn cmd_del(id: Option<u32>, all: bool, safe: bool) -> Result<()> {
     let ids = match (id, all) {
         (Some(id), false) => vec![id],
         (None, true) => ublk::ctrl::device_ids(),
@@ -998,6 +1074,7 @@ fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
         return Ok(());
     }
     let mut ctrl = Control::open()?;
+    let mut in_use = vec![];
     for id in ids {
         let info = match dev_info(&mut ctrl, id) {
             Ok(info) => info,
@@ -1008,9 +1085,175 @@ fn cmd_del(id: Option<u32>, all: bool) -> Result<()> {
             }
             Err(e) => return Err(e),
         };
+        if safe {
+            match safe_stop(&mut ctrl, id, &info) {
+                Ok(()) => {}
+                Err(SafeStop::InUse(msg)) if all => {
+                    eprintln!("ublk: note: leaving device {id}: {msg}");
+                    in_use.push(id.to_string());
+                    continue;
+                }
+                Err(SafeStop::InUse(msg)) => bail!("{msg}"),
+                Err(SafeStop::Other(e)) => return Err(e),
+            }
+        }
         del_one(&mut ctrl, id, &info)?;
         println!("deleted device {id}");
     }
+    if !in_use.is_empty() {
+        bail!("device(s) {} in use and left as they were (see the notes above); the others were deleted", in_use.join(", "));
+    }
+    Ok(())
+}
+
+/// Why `ublk del --safe` did not stop a device.
+enum SafeStop {
+    /// Its disk is open: nothing was changed.
+    InUse(String),
+    Other(anyhow::Error),
+}
+
+/// `ublk del --safe`: TRY_STOP_DEV, which stops the device only if nobody
+/// has its disk open, atomically (and refuses opens after it). A device
+/// with no disk (DEAD: stopped, or never started) has nothing anyone could
+/// have open, and is deleted as usual.
+fn safe_stop(ctrl: &mut Control, id: u32, info: &ublk::DevInfo) -> std::result::Result<(), SafeStop> {
+    if u32::from(info.state) == sys::UBLK_S_DEV_DEAD {
+        return Ok(());
+    }
+    match ctrl.safe_stop_dev(id) {
+        Ok(()) => Ok(()),
+        Err(ublk::Error::Unsupported { .. }) => Err(SafeStop::Other(anyhow!(
+            "`ublk del --safe` needs Linux 7.0 or later (UBLK_F_SAFE_STOP_DEV: TRY_STOP_DEV, a stop refused while the disk is open), which this kernel ({}) does not offer; nothing was changed. `ublk del -n {id}` without --safe stops the device even while its disk is open",
+            ublk::ctrl::kernel_release()
+        ))),
+        Err(ublk::Error::Kernel { errno: libc::EBUSY, .. }) => {
+            let disk = format!("/dev/ublkb{id}");
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (dev, at) = (f.next()?, f.next()?);
+                    (dev == disk || dev.strip_prefix(&disk).is_some_and(|p| p.starts_with('p'))).then(|| at.to_string())
+                })
+                .collect();
+            let mounted = if mounts.is_empty() { String::new() } else { format!(", mounted on {}", mounts.join(", ")) };
+            Err(SafeStop::InUse(format!(
+                "device {id} is in use: its disk {disk} is open{mounted} (the kernel refused TRY_STOP_DEV with EBUSY), so it was not stopped and nothing was changed; close it (umount, end the process holding it) and run `ublk del -n {id} --safe` again, or `ublk del -n {id}` to stop it anyway"
+            )))
+        }
+        Err(e) => Err(SafeStop::Other(anyhow::Error::from(e).context(format!("stopping device {id} (TRY_STOP_DEV)")))),
+    }
+}
+
+/// `ublk resize -n N --size S`: UPDATE_SIZE, after checking that the
+/// daemon's target holds `size` bytes (from the saved configuration).
+fn cmd_resize(id: u32, size: u64) -> Result<()> {
+    let mut ctrl = Control::open()?;
+    dev_info(&mut ctrl, id)?;
+    let cfg = DeviceConfig::load(id).map_err(|e| anyhow!(e))?;
+    match &cfg {
+        Some(c) => target_holds(c, size)?,
+        None => eprintln!("ublk: note: no saved configuration for device {id} (not made by `ublk add`): whether its target holds {size} bytes is not checked"),
+    }
+    ctrl.resize_dev(id, size).map_err(|e| match e {
+        ublk::Error::Unsupported { .. } => anyhow!(
+            "`ublk resize` needs Linux 6.16 or later (UBLK_F_UPDATE_SIZE: UPDATE_SIZE), which this kernel ({}) does not offer; device {id} keeps its size",
+            ublk::ctrl::kernel_release()
+        ),
+        e => e.into(),
+    })?;
+    let now = ctrl.get_params(id)?.basic.dev_sectors << 9;
+    if now != size {
+        bail!("device {id} reports {now} bytes after UPDATE_SIZE to {size}");
+    }
+    if let Some(mut c) = cfg {
+        c.size = size;
+        if let Err(e) = c.save() {
+            eprintln!("ublk: warning: device {id} was resized but its saved configuration was not updated ({e})");
+        }
+    }
+    println!("resized device {id} to {size} bytes");
+    Ok(())
+}
+
+/// Refuses a size the target of a device made by `ublk add` cannot serve:
+/// past a loop device's file or a stripe's legs (grow them first), past a
+/// ramdisk's memory, past an NBD export.
+fn target_holds(c: &DeviceConfig, size: u64) -> Result<()> {
+    let id = c.id;
+    match c.target.as_str() {
+        "null" => {}
+        "ramdisk" => {
+            let cap = c.capacity.unwrap_or(c.size);
+            if size > cap {
+                bail!("device {id} is a ramdisk of {cap} bytes of memory, allocated when it was added: it cannot grow past that; add a new, larger ramdisk");
+            }
+        }
+        "loop" => {
+            let file = c.file.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no backing file"))?;
+            let t = LoopTarget::open(&file, &LoopOptions { direct: false, read_only: true })?;
+            if size > t.size() {
+                bail!(
+                    "--size {size} is larger than device {id}'s backing file {} ({} bytes): reads past its end would fail; grow the file first (truncate -s {size} {}), then resize",
+                    file.display(),
+                    t.size(),
+                    file.display()
+                );
+            }
+        }
+        "stripe" => {
+            let s = c.stripe.clone().ok_or_else(|| anyhow!("the saved configuration of device {id} has no stripe legs"))?;
+            let t = Stripe::open(&s.legs, s.chunk, &LoopOptions { direct: false, read_only: true })?;
+            if size > t.size() {
+                bail!(
+                    "--size {size} is larger than device {id}'s stripe ({} bytes: {} legs x the smallest leg, in whole {}-byte chunks); grow every leg first, then resize",
+                    t.size(),
+                    s.legs.len(),
+                    s.chunk
+                );
+            }
+        }
+        "nbd" => {
+            if size > c.size {
+                bail!("device {id} serves an NBD export of {} bytes: it can shrink, not grow past the export", c.size);
+            }
+        }
+        other => bail!("device {id} has an unknown target {other:?} in its saved configuration"),
+    }
+    Ok(())
+}
+
+/// `ublk quiesce -n N`: QUIESCE_DEV until the daemon has let go of the
+/// device, then waits for the daemon to exit.
+fn cmd_quiesce(id: u32, timeout: Duration) -> Result<()> {
+    let mut ctrl = Control::open()?;
+    let info = dev_info(&mut ctrl, id)?;
+    let cfg = DeviceConfig::load(id).ok().flatten();
+    let pid = info.ublksrv_pid;
+    let t0 = Instant::now();
+    let sent = ctrl.quiesce(id, timeout).map_err(|e| match e {
+        ublk::Error::Unsupported { .. } => anyhow!(
+            "`ublk quiesce` needs Linux 6.16 or later (UBLK_F_QUIESCE: QUIESCE_DEV), which this kernel ({}) does not offer; nothing was changed. To replace the daemon of a --recovery device here: kill -9 it, then `ublk recover -n {id}` (I/O in flight may fail, or be re-issued with --recovery-reissue)",
+            ublk::ctrl::kernel_release()
+        ),
+        e => e.into(),
+    })?;
+    if info.flags & sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO != 0 {
+        eprintln!("ublk: note: device {id} was made with --recovery-fail-io: I/O fails (it does not wait) until `ublk recover -n {id}`");
+    }
+    // The daemon exits once its queues have ended: wait for that.
+    if pid > 0 && pid as u32 != std::process::id() && daemon_alive(pid as u32, id, cfg.as_ref()) {
+        while pid_alive(pid as u32) && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(pid as u32) {
+            eprintln!("ublk: warning: device {id} is quiesced but its daemon (pid {pid}) is still running");
+        }
+    }
+    println!("quiesced device {id}: I/O waits in the kernel for `ublk recover -n {id}`");
+    eprintln!("ublk: QUIESCE_DEV sent {sent} time(s) in {:?}", t0.elapsed());
     Ok(())
 }
 
@@ -1083,16 +1326,50 @@ fn flag_name(bit: u32) -> Option<&'static str> {
     sys::abi::flag_name(f).or_else(|| sys::HEADER_FLAGS.iter().find(|(_, v)| *v == f).map(|(n, _)| *n))
 }
 
-fn cmd_features() -> Result<()> {
+fn cmd_features(json: bool) -> Result<()> {
     let ctrl = Control::open()?;
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!("kernel: {}", release.trim());
+    let release = ublk::ctrl::kernel_release();
     let (a, b, c) = sys::HEADER_LINUX_VERSION;
+    let feats = ctrl.features();
+    let encoding = match ctrl.encoding() {
+        Encoding::Legacy => "legacy",
+        Encoding::Ioctl => "ioctl",
+    };
+    // Every flag the library knows (all of Linux 7.3's, from the ABI table,
+    // whatever the header's age), then any bit the kernel reports beyond.
+    let known: Vec<(&str, u64)> = sys::abi::TABLE.iter().filter(|(n, _, _)| n.starts_with("UBLK_F_")).map(|(n, v, _)| (*n, *v)).collect();
+    let unknown: Vec<u32> = (0..64).filter(|b| feats.is_some_and(|f| f.0 & (1u64 << b) != 0) && flag_name(*b).is_none()).collect();
+    let rows: Vec<serde_json::Value> = known
+        .iter()
+        .map(|(name, v)| {
+            let flag = ublk::DevFlags::from_bits_retain(*v);
+            let lib = flag.library_support();
+            serde_json::json!({
+                "name": name,
+                "bit": v.trailing_zeros(),
+                "since": flag.since().map(|(a, b)| format!("{a}.{b}")),
+                "kernel": feats.map(|f| f.0 & v != 0),
+                "library": lib.label(),
+                "why": lib.why(),
+            })
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({
+            "kernel": release,
+            "header": format!("{a}.{b}.{c}"),
+            "get_features": feats.map(|f| f.0),
+            "encoding": encoding,
+            "flags": rows,
+            "unknown_kernel_bits": unknown,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("kernel: {release}");
     println!(
         "build: ublk_cmd.h of Linux {a}.{b}.{c}; negotiation uses ublk_sys::abi (every flag and command up to Linux 7.3), whatever the header's age"
     );
-    let feats = ctrl.features();
-    let mut unknown = vec![];
     match feats {
         Some(f) => {
             let bits: Vec<u32> = (0..64).filter(|b| f.0 & (1u64 << b) != 0).collect();
@@ -1100,31 +1377,38 @@ fn cmd_features() -> Result<()> {
             for bit in bits {
                 match flag_name(bit) {
                     Some(n) => println!("  bit {bit:>2}  {n}"),
-                    None => {
-                        println!("  bit {bit:>2}  unknown to this version of ublk, which knows the flags up to Linux 7.3: upgrade ublk to name and use it");
-                        unknown.push(bit);
-                    }
+                    None => println!("  bit {bit:>2}  unknown to this version of ublk, which knows the flags up to Linux 7.3: upgrade ublk to name and use it"),
                 }
             }
         }
         None => println!(
-            "GET_FEATURES: unavailable (the command exists from Linux 6.5): the kernel's flags cannot be listed; ADD_DEV drops the flags it lacks"
+            "GET_FEATURES: missing (the command exists from Linux 6.5): this kernel cannot say which flags it offers (KERNEL is `unknown` below); ADD_DEV silently drops a flag it does not know, and the library then deletes the device and says so"
         ),
     }
     match ctrl.encoding() {
         Encoding::Legacy => println!("opcodes: legacy numbers (UBLK_CMD_*, UBLK_IO_*)"),
         Encoding::Ioctl => println!("opcodes: ioctl-encoded (UBLK_U_CMD_*, UBLK_U_IO_*)"),
     }
-    println!("every flag: offered by this kernel, and implemented by this library (ublk::SUPPORTED_FLAGS):");
-    println!("  {:<32} {:>3}  {:<7} library", "flag", "bit", "kernel");
-    for (name, v, since) in sys::abi::TABLE.iter().filter(|(n, _, _)| n.starts_with("UBLK_F_")) {
-        let k = match feats {
-            Some(f) if f.0 & v != 0 => "yes",
-            Some(_) => "no",
-            None => "?",
+    println!(
+        "every UBLK_F_ flag: whether this kernel offers it (GET_FEATURES) and this library implements it (ublk::DevFlags::library_support; the others are refused before ADD_DEV):"
+    );
+    println!("  {:<30} {:>3}  {:<5}  {:<7}  LIBRARY", "FLAG", "BIT", "SINCE", "KERNEL");
+    for r in &rows {
+        let kernel = match r["kernel"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unknown",
         };
-        let lib = if ublk::SUPPORTED_FLAGS.contains(name) { "yes" } else { "no" };
-        println!("  {name:<32} {:>3}  {k:<7} {lib:<4} (Linux {}.{}+)", v.trailing_zeros(), since.0, since.1);
+        let lib = match r["why"].as_str() {
+            Some(w) => format!("{}: {w}", r["library"].as_str().unwrap_or("")),
+            None => "yes".to_string(),
+        };
+        println!(
+            "  {:<30} {:>3}  {:<5}  {kernel:<7}  {lib}",
+            r["name"].as_str().unwrap_or(""),
+            r["bit"].as_u64().unwrap_or(0),
+            r["since"].as_str().unwrap_or("?")
+        );
     }
     if !unknown.is_empty() {
         let bits: Vec<String> = unknown.iter().map(u32::to_string).collect();
