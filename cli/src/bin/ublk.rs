@@ -43,8 +43,10 @@ const ENV_READY_FD: &str = "UBLK_DAEMON_READY_FD";
 const ENV_LOG: &str = "UBLK_DAEMON_LOG";
 
 /// How long `ublk recover` waits for the kernel to notice the dead daemon
-/// (6.1 checks every 5 s) and release its char device.
-const RECOVER_WAIT: Duration = Duration::from_secs(30);
+/// (6.1 checks every 5 s) and release its char device. A daemon that died
+/// holding requests (an NBD target waiting on its server) can leave a 6.12
+/// device LIVE for the block layer's 30 s request timeout, so more than that.
+const RECOVER_WAIT: Duration = Duration::from_secs(90);
 
 /// Userspace block devices on the kernel's ublk driver.
 #[derive(Parser, Debug)]
