@@ -39,9 +39,9 @@ echo "xtask-guest: payload exit status $rc"
 # reported, not judged here.
 warn=$(dmesg | grep -E "WARNING:|UBSAN|BUG:|Oops|general protection|hung_task|blocked for more than" | head -40)
 if [ -n "$warn" ]; then
-    echo "$warn" | sed 's/^/xtask-guest: kernel warning: /'
+    echo "$warn" | sed 's/^/xtask-guest: dmesg warning: /'
 else
-    echo "xtask-guest: no kernel warnings in dmesg"
+    echo "xtask-guest: dmesg: no warnings"
 fi
 status "UBLK_VM_EXIT=$rc"
 sync
