@@ -107,6 +107,13 @@ pub const UBLK_U_IO_REGISTER_IO_BUF: u32 = iowr_io(0x23);
 /// `UBLK_U_IO_UNREGISTER_IO_BUF` (6.15): drops that registration.
 pub const UBLK_U_IO_UNREGISTER_IO_BUF: u32 = iowr_io(0x24);
 
+/// `UBLK_U_IO_PREP_IO_CMDS`, `UBLK_U_IO_COMMIT_IO_CMDS`,
+/// `UBLK_U_IO_FETCH_IO_CMDS` (7.0): the batch commands, `_IOWR('u', nr,
+/// struct ublk_batch_io)`, which is 16 bytes like `ublksrv_io_cmd`.
+pub const UBLK_U_IO_PREP_IO_CMDS: u32 = iowr_io(0x25);
+pub const UBLK_U_IO_COMMIT_IO_CMDS: u32 = iowr_io(0x26);
+pub const UBLK_U_IO_FETCH_IO_CMDS: u32 = iowr_io(0x27);
+
 /// `UBLK_IO_F_NEED_REG_BUF` (6.16): in a descriptor's `op_flags`, the
 /// kernel could not register the request's buffer itself
 /// (`UBLK_F_AUTO_BUF_REG` with [`UBLK_AUTO_BUF_REG_FALLBACK`]): the server
@@ -176,6 +183,9 @@ pub const TABLE: &[Row] = &[
     ("UBLK_U_IO_REGISTER_IO_BUF", UBLK_U_IO_REGISTER_IO_BUF as u64, (6, 15)),
     ("UBLK_U_IO_UNREGISTER_IO_BUF", UBLK_U_IO_UNREGISTER_IO_BUF as u64, (6, 15)),
     ("UBLK_IO_F_NEED_REG_BUF", UBLK_IO_F_NEED_REG_BUF as u64, (6, 16)),
+    ("UBLK_U_IO_PREP_IO_CMDS", UBLK_U_IO_PREP_IO_CMDS as u64, (7, 0)),
+    ("UBLK_U_IO_COMMIT_IO_CMDS", UBLK_U_IO_COMMIT_IO_CMDS as u64, (7, 0)),
+    ("UBLK_U_IO_FETCH_IO_CMDS", UBLK_U_IO_FETCH_IO_CMDS as u64, (7, 0)),
     ("UBLK_AUTO_BUF_REG_FALLBACK", UBLK_AUTO_BUF_REG_FALLBACK as u64, (6, 16)),
     ("UBLK_TAG_OFF", UBLK_TAG_OFF, (6, 5)),
     ("UBLK_QID_OFF", UBLK_QID_OFF, (6, 5)),

@@ -425,14 +425,10 @@ impl Queue {
             Fetched::Stopped => {
                 // The device stops: nothing more comes; what the queue holds
                 // is committed by `drain`.
-                b.fetch_armed = false;
                 self.live_tags = 0;
                 Ok(Vec::new())
             }
-            Fetched::Failed(res) => {
-                b.fetch_armed = false;
-                Err(self.io_error(FETCH_IO_CMDS, 0, res))
-            }
+            Fetched::Failed(res) => Err(self.io_error(FETCH_IO_CMDS, 0, res)),
         }
     }
 

@@ -23,11 +23,11 @@ pub(crate) const COMMIT_AND_FETCH_REQ: IoOp =
 
 /// The batch commands (7.0+) exist only ioctl-encoded.
 pub(crate) const PREP_IO_CMDS: IoOp =
-    IoOp { name: "PREP_IO_CMDS", legacy: super::batch::PREP_IO_CMDS, encoded: super::batch::PREP_IO_CMDS };
+    IoOp { name: "PREP_IO_CMDS", legacy: sys::abi::UBLK_U_IO_PREP_IO_CMDS, encoded: sys::abi::UBLK_U_IO_PREP_IO_CMDS };
 pub(crate) const COMMIT_IO_CMDS: IoOp =
-    IoOp { name: "COMMIT_IO_CMDS", legacy: super::batch::COMMIT_IO_CMDS, encoded: super::batch::COMMIT_IO_CMDS };
+    IoOp { name: "COMMIT_IO_CMDS", legacy: sys::abi::UBLK_U_IO_COMMIT_IO_CMDS, encoded: sys::abi::UBLK_U_IO_COMMIT_IO_CMDS };
 pub(crate) const FETCH_IO_CMDS: IoOp =
-    IoOp { name: "FETCH_IO_CMDS", legacy: super::batch::FETCH_IO_CMDS, encoded: super::batch::FETCH_IO_CMDS };
+    IoOp { name: "FETCH_IO_CMDS", legacy: sys::abi::UBLK_U_IO_FETCH_IO_CMDS, encoded: sys::abi::UBLK_U_IO_FETCH_IO_CMDS };
 
 impl IoOp {
     pub(crate) fn opcode(&self, encoding: Encoding) -> u32 {
