@@ -289,6 +289,12 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Whether the running kernel offers `UBLK_F_*` flag `flag` (GET_FEATURES;
+/// false before 6.5, which lacks the command).
+pub fn kernel_has(flag: u64) -> bool {
+    ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
+}
+
 /// Reports a scenario the running kernel lacks as `skipped: WHY` on stderr,
 /// written past libtest's output capture so the line shows in every run
 /// (the test still passes or fails on what it did check).

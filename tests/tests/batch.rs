@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 
 use ublk_tests::*;
 
-fn kernel_has(flag: u64) -> bool {
-    ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
-}
-
 driver_test! {
     /// null (sync and async) and loop on every data path the kernel has,
     /// with --batch: fio (crc32c verify for loop, at 4k and 128k) passes and

@@ -20,11 +20,6 @@ use ublk_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Whether GET_FEATURES reports `flag` (never on 6.1, which lacks the command).
-fn kernel_has(flag: u64) -> bool {
-    Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
-}
-
 /// Deletes a test's devices if it panics half-way, so the next test starts clean.
 struct Cleanup;
 

@@ -207,7 +207,7 @@ driver_test! {
     /// nothing is left behind; without USER_COPY it falls back and serves.
     fn null_data_path_skips_the_copy_where_the_kernel_allows() {
         let uc_flag = ublk::sys::abi::UBLK_F_USER_COPY;
-        let has_uc = ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_USER_COPY));
+        let has_uc = kernel_has(ublk::sys::abi::UBLK_F_USER_COPY);
         assert_eq!(has_uc, kernel_version() >= (6, 5), "USER_COPY offered on {}", kernel_release());
         const LEN: usize = 64 << 10;
         for path in [DataPath::Copy, DataPath::NoData] {

@@ -27,13 +27,11 @@ driver_test! {
         // The default data path (zero copy with the kernel's registration
         // where it has it), and zero copy with the queue's own registration.
         // And batched commands (UBLK_F_BATCH_IO) where the kernel has them.
-        let f = ublk::Control::open().unwrap().features();
-        let has = |flag| f.is_some_and(|f| f.contains(flag));
         let mut variants: Vec<&[&str]> = vec![&[]];
-        if has(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
+        if kernel_has(ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY) {
             variants.push(&["--data-path", "zero-copy"]);
         }
-        if has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+        if kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO) {
             variants.push(&["--batch"]);
         }
         for extra in variants {

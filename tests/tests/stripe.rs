@@ -360,7 +360,7 @@ driver_test! {
     fn stripe_user_copy_or_clear_refusal() {
         let legs = legs("uc", &[16 * M, 16 * M, 16 * M]);
         let args = stripe_args(&legs, &["--chunk", "16K", "--queues", "2", "--data-path", "user-copy"]);
-        let has = ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_USER_COPY));
+        let has = kernel_has(ublk::sys::abi::UBLK_F_USER_COPY);
         assert_eq!(has, kernel_version() >= (6, 5), "kernel {} and UBLK_F_USER_COPY", kernel_release());
         if !has {
             let (st, out, err) = ublk(&args);

@@ -290,7 +290,7 @@ driver_test! {
     /// every command aborted, `serve` returns and leaves the device quiesced
     /// (not deleted), and a new server recovers it and serves I/O again.
     fn trust_quiesced_device_is_left_for_recovery() {
-        let has = ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(ublk::sys::abi::UBLK_F_QUIESCE));
+        let has = kernel_has(ublk::sys::abi::UBLK_F_QUIESCE);
         if !has {
             eprintln!("skipped: kernel {} lacks UBLK_F_QUIESCE (6.16+)", kernel_release());
             return;

@@ -11,10 +11,6 @@ use ublk::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
 use ublk::{DataPath, DeviceBuilder, IoResult, LoopOptions, LoopTarget};
 use ublk_tests::*;
 
-fn kernel_has(flag: u64) -> bool {
-    ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
-}
-
 /// (data path, its flag, the first kernel that has it working).
 const ZERO_COPY_PATHS: [(&str, u64, &str); 2] =
     [("zero-copy", ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY, "6.15"), ("auto-buf-reg", ublk::sys::abi::UBLK_F_AUTO_BUF_REG, "6.16")];
