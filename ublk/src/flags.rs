@@ -144,9 +144,11 @@ impl DevFlags {
             // commands and START_DEV behaviour, nothing the queues see.
             abi::UBLK_F_UPDATE_SIZE | abi::UBLK_F_QUIESCE | abi::UBLK_F_SAFE_STOP_DEV | abi::UBLK_F_NO_AUTO_PART_SCAN => Support::Yes,
 
-            abi::UBLK_F_PER_IO_DAEMON => Support::InProgress(
-                "several threads per queue (--threads-per-queue) are being built (issue 15); the kernel sets the flag itself on 6.16+, which one thread per queue serves as it is",
-            ),
+            // Several threads per queue (DeviceBuilder::threads_per_queue):
+            // each thread fetches and commits its own tags. The kernel sets
+            // the flag by itself on 6.16+, which one thread per queue serves
+            // as it is.
+            abi::UBLK_F_PER_IO_DAEMON => Support::Yes,
             // It only allows more (registration from any thread); the queues
             // register from the tag's own thread, which every kernel takes.
             // The kernel sets it by itself on 6.17+.
@@ -191,9 +193,8 @@ pub const SUPPORTED_FLAGS: DevFlags = {
 
 /// Flags the kernel adds by itself to the flags ADD_DEV returns (6.16+:
 /// per-I/O daemon, 6.17+: registration off the daemon), whose rules a
-/// server with one thread per queue (this library's) meets as it is: a
-/// device made elsewhere with them can be recovered, though asking for them
-/// is refused while their data paths are in progress.
+/// server with one thread per queue meets as it is: a device made elsewhere
+/// with them can be recovered.
 pub(crate) const KERNEL_ADDED_FLAGS: DevFlags = DevFlags::PER_IO_DAEMON.union(DevFlags::BUF_REG_OFF_DAEMON);
 
 impl DevFlags {
@@ -248,16 +249,16 @@ mod tests {
             assert_eq!(SUPPORTED_FLAGS.contains(DevFlags::from_bits_retain(*v)), s == Support::Yes, "{name}");
             assert!(DevFlags::from_bits_retain(*v).since().is_some(), "{name}");
         }
-        for f in [DevFlags::AUTO_BUF_REG, DevFlags::SUPPORT_ZERO_COPY, DevFlags::BUF_REG_OFF_DAEMON, DevFlags::BATCH_IO] {
+        for f in
+            [DevFlags::AUTO_BUF_REG, DevFlags::SUPPORT_ZERO_COPY, DevFlags::BUF_REG_OFF_DAEMON, DevFlags::BATCH_IO, DevFlags::PER_IO_DAEMON]
+        {
             assert_eq!(f.library_support(), Support::Yes, "{f:?}");
         }
-        assert!(matches!(DevFlags::PER_IO_DAEMON.library_support(), Support::InProgress(_)));
         for f in [DevFlags::ZONED, DevFlags::INTEGRITY, DevFlags::SHMEM_ZC, DevFlags::IO_DESC_SIZE, DevFlags::NEED_GET_DATA] {
             assert!(matches!(f.library_support(), Support::No(_)), "{f:?}");
         }
         assert_eq!(DevFlags::SUPPORT_ZERO_COPY.since(), Some((6, 15)));
         // Several bits are no single flag.
         assert!(matches!((DevFlags::USER_RECOVERY | DevFlags::QUIESCE).library_support(), Support::No(_)));
-        assert!(!SUPPORTED_FLAGS.contains(DevFlags::PER_IO_DAEMON), "added by the kernel, refused when asked for (in progress)");
     }
 }

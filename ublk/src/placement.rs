@@ -15,6 +15,16 @@
 //!   (which would only take the CPU from the submitter).
 //!
 //! [`Placement::Auto`] follows the load between the two; the others are fixed.
+//!
+//! With several threads per queue (`UBLK_F_PER_IO_DAEMON`), the threads of a
+//! queue go to different CPUs where there are enough: thread `t` starts on
+//! the `t`th CPU counted from the queue's away CPU upwards (wrapping),
+//! CPUs outside the queue's home first, then its home CPUs. So one
+//! submitter's requests are served on as many other CPUs as there are, the
+//! first thread where a single thread would be. Under [`Placement::Auto`]
+//! each thread away from home follows the queues whose home holds its CPU,
+//! like a queue's only thread; [`Placement::Affinity`] gives every thread
+//! of a queue the queue's home CPUs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,8 +61,10 @@ pub(crate) struct Plan {
     pub home: Vec<usize>,
     /// The CPU the thread starts on (empty: unpinned).
     pub start: Vec<usize>,
-    /// For [`Placement::Auto`]: the queues whose home holds the away CPU.
-    pub neighbours: Vec<u16>,
+    /// For [`Placement::Auto`]: the queue threads (their indexes in the
+    /// device's request counters, see [`thread_plans`]) whose queue's home
+    /// holds the away CPU.
+    pub neighbours: Vec<usize>,
 }
 
 /// The plans of all queues of a device: `home[q]` is queue q's
@@ -68,14 +80,45 @@ pub(crate) fn plans(placement: Placement, home: &[Vec<usize>], online: usize) ->
                 Placement::Away | Placement::Auto => away.into_iter().collect(),
             };
             let neighbours = match (placement, away) {
-                (Placement::Auto, Some(a)) if !set.contains(&a) => {
-                    (0..home.len()).filter(|&o| o != q && home[o].contains(&a)).map(|o| o as u16).collect()
-                }
+                (Placement::Auto, Some(a)) if !set.contains(&a) => (0..home.len()).filter(|&o| o != q && home[o].contains(&a)).collect(),
                 _ => Vec::new(),
             };
             Plan { home: set.clone(), start, neighbours }
         })
         .collect()
+}
+
+/// The plans of every thread of a device with `threads` threads per queue,
+/// queue by queue (thread `t` of queue `q` at `q * threads + t`, which is
+/// also its index in the request counters); [`plans`] for one thread.
+pub(crate) fn thread_plans(placement: Placement, home: &[Vec<usize>], online: usize, threads: u16) -> Vec<Plan> {
+    let per_queue = plans(placement, home, online);
+    if threads <= 1 {
+        return per_queue;
+    }
+    let n = usize::from(threads);
+    let mut v = Vec::with_capacity(per_queue.len() * n);
+    for (q, p) in per_queue.into_iter().enumerate() {
+        // The CPUs from the away CPU upwards, those outside home first.
+        let order: Vec<usize> = match p.start.as_slice() {
+            [away] if matches!(placement, Placement::Away | Placement::Auto) => {
+                let ring = (0..online).map(|i| (away + i) % online);
+                ring.clone().filter(|c| !p.home.contains(c)).chain(ring.filter(|c| p.home.contains(c))).collect()
+            }
+            _ => Vec::new(),
+        };
+        for t in 0..n {
+            let start = if order.is_empty() { p.start.clone() } else { vec![order[t % order.len()]] };
+            let neighbours = match (placement, start.as_slice()) {
+                (Placement::Auto, [c]) if !p.home.contains(c) => {
+                    (0..home.len()).filter(|&o| o != q && home[o].contains(c)).flat_map(|o| (0..n).map(move |s| o * n + s)).collect()
+                }
+                _ => Vec::new(),
+            };
+            v.push(Plan { home: p.home.clone(), start, neighbours });
+        }
+    }
+    v
 }
 
 /// The away CPU of a queue whose home is `set`: the CPU after the set's last
@@ -117,8 +160,8 @@ const IDLE_WINDOWS: u32 = 3;
 #[repr(align(64))]
 pub(crate) struct Served(AtomicU64);
 
-/// The request counters of a device's `n` queues.
-pub(crate) fn counters(n: u16) -> Arc<[Served]> {
+/// The request counters of a device's `n` queue threads.
+pub(crate) fn counters(n: usize) -> Arc<[Served]> {
     (0..n).map(|_| Served::default()).collect()
 }
 
@@ -148,22 +191,14 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
-    /// None unless the plan has neighbours to follow.
-    pub(crate) fn new(q: u16, plan: &Plan, served: Arc<[Served]>) -> Option<Self> {
+    /// None unless the plan has neighbours to follow. `q` is the thread's
+    /// index in `served` (its queue's, with one thread per queue).
+    pub(crate) fn new(q: usize, plan: &Plan, served: Arc<[Served]>) -> Option<Self> {
         if plan.neighbours.is_empty() {
             return None;
         }
-        let seen = plan.neighbours.iter().map(|&n| served[usize::from(n)].0.load(Ordering::Relaxed)).collect();
-        Some(Follower {
-            q: usize::from(q),
-            plan: plan.clone(),
-            served,
-            seen,
-            checked: Instant::now(),
-            batches: 0,
-            streak: 0,
-            at_home: false,
-        })
+        let seen = plan.neighbours.iter().map(|&n| served[n].0.load(Ordering::Relaxed)).collect();
+        Some(Follower { q, plan: plan.clone(), served, seen, checked: Instant::now(), batches: 0, streak: 0, at_home: false })
     }
 
     /// Called after each batch with this queue's request count so far; reads
@@ -183,7 +218,7 @@ impl Follower {
         self.checked = now;
         let mut active = false;
         for (seen, &n) in self.seen.iter_mut().zip(&self.plan.neighbours) {
-            let c = self.served[usize::from(n)].0.load(Ordering::Relaxed);
+            let c = self.served[n].0.load(Ordering::Relaxed);
             let delta = c.wrapping_sub(*seen);
             *seen = c;
             // At least ACTIVE_RATE per second over the time since the last look.
@@ -278,6 +313,33 @@ mod tests {
         let p = plans(Placement::Auto, &[vec![0, 1], vec![2, 3]], 4);
         assert_eq!((p[0].start.clone(), p[0].neighbours.clone()), (vec![2], vec![1]));
         assert_eq!((p[1].start.clone(), p[1].neighbours.clone()), (vec![0], vec![0]));
+    }
+
+    #[test]
+    fn threads_of_a_queue_spread_over_cpus() {
+        let starts = |p: &[Plan]| p.iter().map(|p| p.start.clone()).collect::<Vec<_>>();
+        // One thread per queue: the queues' own plans.
+        let one = thread_plans(Placement::Auto, &[vec![0], vec![1]], 2, 1);
+        assert_eq!(starts(&one), starts(&plans(Placement::Auto, &[vec![0], vec![1]], 2)));
+        // One queue on two CPUs, four threads: the last CPU first, then round.
+        let p = thread_plans(Placement::Auto, &[vec![0, 1]], 2, 4);
+        assert_eq!(starts(&p), vec![vec![1], vec![0], vec![1], vec![0]]);
+        assert!(p.iter().all(|p| p.neighbours.is_empty()));
+        // Two queues, two threads each: thread 0 away, following the other
+        // queue's threads; thread 1 at home, following nobody.
+        let p = thread_plans(Placement::Auto, &[vec![0], vec![1]], 2, 2);
+        assert_eq!(starts(&p), vec![vec![1], vec![0], vec![0], vec![1]]);
+        assert_eq!(p[0].neighbours, vec![2, 3]);
+        assert!(p[1].neighbours.is_empty());
+        assert_eq!(p[2].neighbours, vec![0, 1]);
+        // Four CPUs, two queues of two CPUs: both threads away, on the
+        // other queue's CPUs.
+        let p = thread_plans(Placement::Away, &[vec![0, 1], vec![2, 3]], 4, 2);
+        assert_eq!(starts(&p), vec![vec![2], vec![3], vec![0], vec![1]]);
+        // Affinity: every thread on the queue's home; Unpinned: nowhere.
+        let p = thread_plans(Placement::Affinity, &[vec![0, 1]], 4, 3);
+        assert!(p.iter().all(|p| p.start == vec![0, 1]));
+        assert!(thread_plans(Placement::Unpinned, &[vec![0, 1]], 4, 3).iter().all(|p| p.start.is_empty()));
     }
 
     #[test]

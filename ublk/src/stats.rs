@@ -1,10 +1,15 @@
 //! What a queue counts while it serves.
 
-/// Requests served by one queue, by operation.
+/// Requests served by one queue (or one thread of a queue, see
+/// [`DeviceBuilder::threads_per_queue`](crate::DeviceBuilder::threads_per_queue)),
+/// by operation.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueStats {
     /// Queue id.
     pub q_id: u16,
+    /// The thread of the queue that served these (0 with one thread per
+    /// queue).
+    pub thread: u16,
     /// READ requests.
     pub reads: u64,
     /// WRITE requests.

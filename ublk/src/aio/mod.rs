@@ -83,7 +83,14 @@ pub struct QueueContext {
     pub dev_id: u32,
     /// The queue.
     pub q_id: u16,
-    /// Tags (requests in flight at most).
+    /// The thread of the queue this object serves, `0..threads`: it gets
+    /// the requests of the tags `t` with `t % threads == thread`
+    /// ([`DeviceBuilder::threads_per_queue`](crate::DeviceBuilder::threads_per_queue)).
+    pub thread: u16,
+    /// Threads serving the queue, each with its own object (1 unless
+    /// [`DeviceBuilder::threads_per_queue`](crate::DeviceBuilder::threads_per_queue)).
+    pub threads: u16,
+    /// Tags of the queue (requests in flight at most, over all its threads).
     pub depth: u16,
     /// Whether the device was created with `UBLK_F_USER_COPY`.
     pub user_copy: bool,
@@ -100,7 +107,8 @@ pub trait AsyncTarget: Send + Sync {
     where
         Self: 'a;
 
-    /// Makes queue `q.q_id`'s object, on that queue's thread.
+    /// Makes queue `q.q_id`'s object, on that queue's thread (with several
+    /// threads per queue, once per thread: `q.thread` of `q.threads`).
     fn queue(&self, q: &QueueContext) -> std::io::Result<Self::Queue<'_>>;
 
     /// Whether the target reads or writes request data ([`Io::data`]); as

@@ -11,11 +11,18 @@
 //! kernel writes tags there until the fetch ends) and each PREP/COMMIT's
 //! element array (read when the command is issued, kept until its
 //! completion).
+//!
+//! [`Batch`] holds that memory and builds the commands; the queue's side
+//! (PREP and fetch, the fetch's completions, the turn's commit, the end of
+//! it all before the queue's memory goes) is the `impl Queue` below.
 
+use super::token::Token;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
+use super::{ring, Queue, ZeroCopy, CANCEL, WAKE};
 use crate::buffers::{page_size, round_up, Mapping};
 use crate::error::{Error, Result};
 
@@ -249,8 +256,7 @@ impl Batch {
     /// take every element, the error: PREP answers 0 or -errno, COMMIT the
     /// bytes of elements it took or -errno (a partial count leaves the
     /// rest uncommitted, which the queue cannot repair: -EIO).
-    pub(crate) fn cmd_done(&mut self, ud: u64, res: i32) -> (bool, std::result::Result<(), i32>) {
-        let buf = ud as u16;
+    pub(crate) fn cmd_done(&mut self, buf: u16, res: i32) -> (bool, std::result::Result<(), i32>) {
         let sent = self.sent[usize::from(buf)];
         self.free.push(buf);
         let r = match sent {
@@ -299,6 +305,168 @@ impl Batch {
     /// PREP/COMMIT commands whose completion has not come.
     pub(crate) fn cmds_in_flight(&self) -> usize {
         self.cmd_bufs.len() - self.free.len() - usize::from(self.filling.is_some())
+    }
+}
+
+impl Queue {
+    /// Under BATCH_IO, queues this turn's commits as one COMMIT_IO_CMDS.
+    /// Called before anything is submitted.
+    pub(super) fn flush_batch(&mut self) {
+        if let Some(sqe) = self.batch.as_mut().and_then(Batch::flush) {
+            self.reactor.push(&sqe);
+        }
+    }
+
+    /// A completion of the batch fetch: the tags it delivered (the batch's
+    /// own vector, to hand back with [`Queue::batch_tags_done`]). Arms the
+    /// fetch again if it ended for lack of buffers.
+    pub(super) fn batch_fetched(&mut self, res: i32, flags: u32) -> Result<Vec<u16>> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        match b.fetched(res, flags) {
+            Fetched::Tags { rearm } => {
+                if rearm {
+                    let sqe = b.fetch_sqe();
+                    self.reactor.push(&sqe);
+                }
+                Ok(std::mem::take(&mut b.tags))
+            }
+            Fetched::Stopped => {
+                // The device stops: nothing more comes; what the queue holds
+                // is committed by `drain`.
+                self.live_tags = 0;
+                Ok(Vec::new())
+            }
+            Fetched::Failed(res) => Err(self.io_error(ring::FETCH_IO_CMDS, 0, res)),
+        }
+    }
+
+    pub(super) fn batch_tags_done(&mut self, tags: Vec<u16>) {
+        if let Some(b) = &mut self.batch {
+            if tags.capacity() > 0 {
+                b.tags = tags;
+            }
+        }
+    }
+
+    /// A PREP_IO_CMDS or COMMIT_IO_CMDS completed. A refusal is the queue's
+    /// end, except once the device is stopping (the driver then refuses
+    /// commits, and nothing waits for them).
+    pub(super) fn batch_cmd_done(&mut self, buf: u16, res: i32) -> Result<()> {
+        let b = self.batch.as_mut().expect("a batch queue");
+        let (commit, r) = b.cmd_done(buf, res);
+        match r {
+            Err(e) if !self.woken && self.live_tags > 0 => {
+                Err(self.io_error(if commit { ring::COMMIT_IO_CMDS } else { ring::PREP_IO_CMDS }, 0, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Queue::fetch_all`] under BATCH_IO: one PREP_IO_CMDS naming every
+    /// tag (with its buffer in copy mode, its registration index under
+    /// AUTO_BUF_REG), then the multishot FETCH_IO_CMDS, submitted together
+    /// (the ring issues them in order).
+    pub(super) fn prep_and_fetch(&mut self) -> Result<()> {
+        let addrs: Vec<u64> = (0..self.depth).map(|t| self.buf_addr(t)).collect();
+        let auto = self.zc == ZeroCopy::Auto;
+        let b = self.batch.as_mut().expect("a batch queue");
+        let prep = b.prep_sqe(|t| addrs[usize::from(t)], |t| if auto { t } else { 0 });
+        let fetch = b.fetch_sqe();
+        b.fetch_armed = true;
+        self.push(&prep);
+        self.push(&fetch);
+        if let Some(fd) = self.wake {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(WAKE);
+            self.push(&poll);
+        }
+        self.arm_notify();
+        self.submit().map_err(|e| Error::os("submitting PREP_IO_CMDS and FETCH_IO_CMDS", e))?;
+        self.live_tags = self.depth;
+        // Nothing is delivered before START_DEV; a completion here is a
+        // refusal, or PREP's success.
+        while let Some(cqe) = self.next_cqe() {
+            match Token::decode(cqe.user_data()) {
+                Token::Wake => self.woken = true,
+                Token::Notify => self.arm_notify(),
+                Token::BatchCmd(buf) => {
+                    let (_, r) = self.batch.as_mut().expect("a batch queue").cmd_done(buf, cqe.result());
+                    if let Err(e) = r {
+                        return Err(self.io_error(ring::PREP_IO_CMDS, 0, e));
+                    }
+                }
+                Token::BatchFetch if cqe.result() < 0 => return Err(self.io_error(ring::FETCH_IO_CMDS, 0, cqe.result())),
+                // Nothing is delivered before START_DEV, and no request
+                // (nor any of its operations) exists yet.
+                Token::BatchFetch
+                | Token::Tag(_)
+                | Token::AsyncOp(_)
+                | Token::BufReg(_)
+                | Token::BufUnreg
+                | Token::Cancel
+                | Token::OpCancel
+                | Token::Unknown(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Under BATCH_IO, before the queue's memory goes: cancels the multishot
+    /// fetch (the one writer of the provided buffers) and reaps it and the
+    /// PREP/COMMIT commands in flight (whose element arrays the kernel may
+    /// still read). Whether all of it ended within a second.
+    pub(super) fn end_batch(&mut self) -> bool {
+        let t0 = Instant::now();
+        let mut cancelled = false;
+        loop {
+            let Some(b) = &self.batch else { return true };
+            if !b.fetch_armed && b.cmds_in_flight() == 0 {
+                return true;
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                return false;
+            }
+            if b.fetch_armed && !cancelled {
+                let cancel = opcode::AsyncCancel::new(BATCH_FETCH).build().user_data(CANCEL);
+                self.push(&cancel);
+                cancelled = true;
+            }
+            self.flush_batch();
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            if let Err(e) = self.reactor.ring.borrow_mut().submitter().submit_with_args(1, &args) {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ETIME) | Some(libc::EAGAIN) | Some(libc::EBUSY)) {
+                    return false;
+                }
+            }
+            while let Some(cqe) = self.next_cqe() {
+                let Some(b) = self.batch.as_mut() else { return true };
+                match Token::decode(cqe.user_data()) {
+                    Token::BatchFetch => {
+                        // Tags delivered now are not served: the device is
+                        // going away, and the kernel fails what its server
+                        // leaves when the ring closes.
+                        let _ = b.fetched(cqe.result(), cqe.flags());
+                        if !more(cqe.flags()) {
+                            b.fetch_armed = false;
+                        }
+                    }
+                    Token::BatchCmd(buf) => {
+                        let _ = b.cmd_done(buf, cqe.result());
+                    }
+                    // After end_ops and the last commits: the wake-up, the
+                    // notify poll and cancellations end here unheeded.
+                    Token::Wake
+                    | Token::Notify
+                    | Token::Cancel
+                    | Token::OpCancel
+                    | Token::Tag(_)
+                    | Token::AsyncOp(_)
+                    | Token::BufReg(_)
+                    | Token::BufUnreg
+                    | Token::Unknown(_) => {}
+                }
+            }
+        }
     }
 }
 

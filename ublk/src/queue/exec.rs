@@ -2,12 +2,13 @@
 //! polled on the queue's thread when woken, parked in the queue's
 //! `io_uring_enter` otherwise.
 
+use super::token::Token;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use super::{Queue, BATCH_CMD, BATCH_FETCH, BUF_REG, BUF_UNREG, CANCEL, NOTIFY, WAKE};
-use crate::aio::reactor::{Reactor, ASYNC_OP, OP_CANCEL};
+use super::Queue;
+use crate::aio::reactor::Reactor;
 use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget, Ring};
 use crate::error::{Error, Result};
 use crate::queue::ring::drain_eventfd;
@@ -28,6 +29,8 @@ impl Queue {
         let ctx = QueueContext {
             dev_id: self.dev_id,
             q_id: self.q_id,
+            thread: self.share.thread,
+            threads: self.share.threads,
             depth: self.depth,
             user_copy: super::user_copy_dev(self),
             zero_copy: self.zc != super::ZeroCopy::Off,
@@ -35,7 +38,7 @@ impl Queue {
         let qt = match target.queue(&ctx) {
             Ok(qt) => qt,
             Err(e) => {
-                let err = Error::os(format!("making the target's object for queue {}", self.q_id), e);
+                let err = Error::os(format!("making the target's object for queue {} thread {}", self.q_id, self.share.thread), e);
                 self.drain();
                 return Err(err);
             }
@@ -100,22 +103,21 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
             entered?;
         }
         while let Some(cqe) = q.next_cqe() {
-            let (ud, res) = (cqe.user_data(), cqe.result());
-            match ud {
-                WAKE => {
+            let res = cqe.result();
+            match Token::decode(cqe.user_data()) {
+                Token::Wake => {
                     q.on_wake(res);
                     stopping = q.woken;
                 }
-                NOTIFY => {
+                Token::Notify => {
                     drain_eventfd(r.ready.efd());
                     q.arm_notify();
                 }
-                CANCEL | OP_CANCEL => {}
-                ud if ud & ASYNC_OP != 0 => q.op_completed(ud, res),
-                ud if ud & BUF_REG != 0 => {
+                Token::Cancel | Token::OpCancel | Token::Unknown(_) => {}
+                Token::AsyncOp(slot) => q.op_completed(slot, res),
+                Token::BufReg(tag) => {
                     // The queue's own registration of a request's pages
                     // (zero copy): its future runs once they are in the ring.
-                    let tag = ud as u16;
                     if q.registered(tag, res) {
                         r.ready.set(tag);
                     } else {
@@ -124,8 +126,8 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
                         q.answer(tag, -libc::EIO);
                     }
                 }
-                ud if ud & BUF_UNREG != 0 => q.unreg_failed(res),
-                ud if ud & BATCH_FETCH != 0 => {
+                Token::BufUnreg => q.unreg_failed(res),
+                Token::BatchFetch => {
                     let tags = q.batch_fetched(res, cqe.flags())?;
                     for &tag in &tags {
                         if let Some(req) = q.on_command(tag, ublk_sys::UBLK_IO_RES_OK as i32)? {
@@ -134,9 +136,9 @@ fn turn<'r, F: Future<Output = IoResult> + 'r, B: Future<Output = ()> + 'r>(
                     }
                     q.batch_tags_done(tags);
                 }
-                ud if ud & BATCH_CMD != 0 => q.batch_cmd_done(ud, res)?,
-                ud => {
-                    if let Some(req) = q.on_command(ud as u16, res)? {
+                Token::BatchCmd(buf) => q.batch_cmd_done(buf, res)?,
+                Token::Tag(tag) => {
+                    if let Some(req) = q.on_command(tag, res)? {
                         start_request(q, r, futs, start, req);
                     }
                 }

@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
+use crate::aio::{AsyncTarget, FileRef, Io, QueueContext, QueueTarget};
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, WriteCache};
@@ -142,30 +142,11 @@ impl QueueTarget for &LoopTarget {
         let file = io.file(0);
         let (off, len) = (req.offset(), req.len());
         match req.op {
-            Op::Read => {
-                let mut done = 0;
-                while done < len {
-                    // A short read (a signal, a file shorter than the
-                    // device) is finished with another; nothing more at
-                    // all fails the request.
-                    match io.read_at(file, done..len, off + done as u64).await? {
-                        0 => return Err(Errno::EIO),
-                        n => done += n as usize,
-                    }
-                }
-                Ok(len as u32)
-            }
+            Op::Read => read_full(&mut io, file, off, len).await,
             Op::Write => {
                 // FUA: durable when answered, without syncing anything else.
                 let flags = if req.fua() { libc::RWF_DSYNC } else { 0 };
-                let mut done = 0;
-                while done < len {
-                    match io.write_at(file, done..len, off + done as u64, flags).await? {
-                        0 => return Err(Errno::EIO),
-                        n => done += n as usize,
-                    }
-                }
-                Ok(len as u32)
+                write_full(&io, file, off, len, flags).await
             }
             Op::Flush => io.ring().fsync(file, true).await,
             Op::Discard => {
@@ -180,4 +161,32 @@ impl QueueTarget for &LoopTarget {
             Op::Other(_) => Err(Errno::EOPNOTSUPP),
         }
     }
+}
+
+/// Reads the request's `len` bytes from `file` at `off` into its data (its
+/// buffer, or its registered pages under zero copy). A short read (a
+/// signal, a file shorter than the device) is finished with another;
+/// nothing more at all fails the request.
+pub(crate) async fn read_full(io: &mut Io<'_>, file: FileRef<'_>, off: u64, len: usize) -> IoResult {
+    let mut done = 0;
+    while done < len {
+        match io.read_at(file, done..len, off + done as u64).await? {
+            0 => return Err(Errno::EIO),
+            n => done += n as usize,
+        }
+    }
+    Ok(len as u32)
+}
+
+/// Writes the request's `len` bytes to `file` at `off`, finishing short
+/// writes; `rw_flags` as for `pwritev2` (`RWF_DSYNC` for FUA).
+pub(crate) async fn write_full(io: &Io<'_>, file: FileRef<'_>, off: u64, len: usize, rw_flags: i32) -> IoResult {
+    let mut done = 0;
+    while done < len {
+        match io.write_at(file, done..len, off + done as u64, rw_flags).await? {
+            0 => return Err(Errno::EIO),
+            n => done += n as usize,
+        }
+    }
+    Ok(len as u32)
 }

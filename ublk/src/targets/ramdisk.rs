@@ -1,32 +1,53 @@
-//! A memory-backed disk.
+//! A memory-backed disk: its memory is a memfd (shmem pages, allocated
+//! as they are written, returned by DISCARD).
+//!
+//! Served as an [async target](crate::aio) (what `ublk add -t ramdisk`
+//! does), the data moves only inside the kernel: each request is a READ or
+//! WRITE on the memfd into or from the request's buffer, so under zero copy
+//! (`DataPath::AutoBufReg`, `ZeroCopy`) a request costs one copy, as with
+//! the kernel's own `brd`, and the process never touches the memory. Served
+//! as a [`Target`], it copies between the memfd's mapping and the queue's
+//! buffer.
 
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
+use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
+use crate::targets::loop_file::{read_full, write_full};
 
 /// Bytes covered by one lock stripe.
 const CHUNK: u64 = 64 << 10;
 const STRIPES: usize = 256;
 
-/// A RAM disk: one anonymous mapping of the device's size, zero-filled.
+/// A RAM disk: a memfd of the device's size, zero-filled.
 ///
-/// Queues serve requests concurrently; overlapping requests are serialised
-/// per 64 KiB chunk by striped locks, so no byte is ever written by two
-/// threads at once (a data race) — the block layer promises no ordering
-/// between overlapping requests anyway.
+/// As a [`Target`], queues copy through the memfd's mapping concurrently;
+/// overlapping requests are serialised per 64 KiB chunk by striped locks,
+/// so no byte is ever written by two threads at once (a data race); the
+/// block layer promises no ordering between overlapping requests anyway.
+/// As an [`AsyncTarget`] the kernel moves every byte (READ/WRITE on the
+/// memfd) and no lock is taken.
 pub struct RamDisk {
+    memfd: File,
     mem: NonNull<u8>,
     size: u64,
     stripes: Vec<Mutex<()>>,
 }
 
-// SAFETY: the mapping is owned by the RamDisk and only accessed under the
-// stripe locks (see `with_chunks`); the raw pointer itself is just an address.
+// SAFETY: the mapping is owned by the RamDisk, and every access to it
+// through the mapping is under the stripe locks (see `with_chunks`); the
+// raw pointer itself is just an address. (Served as an AsyncTarget, the
+// kernel reads and writes the memfd instead, with no lock: one RamDisk is
+// served one way, by one device; serving it both ways at once would race
+// the kernel's copies against this process's.)
 unsafe impl Send for RamDisk {}
-// SAFETY: as above: all access to the memory goes through the stripe locks.
+// SAFETY: as above: all access through the mapping is under the stripe
+// locks.
 unsafe impl Sync for RamDisk {}
 
 impl std::fmt::Debug for RamDisk {
@@ -56,18 +77,44 @@ impl RamDisk {
             }
         }
         let len = usize::try_from(size).map_err(|_| Error::InvalidConfig { what: "ramdisk size", why: "too large".into() })?;
-        // SAFETY: a fresh private anonymous mapping aliases nothing; checked below.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        let cannot = |e: std::io::Error| Error::InvalidConfig {
+            what: "ramdisk size",
+            why: format!("cannot allocate {size} bytes ({e}); use a smaller --size"),
         };
-        if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(Error::InvalidConfig {
-                what: "ramdisk size",
-                why: format!("cannot allocate {size} bytes ({e}); use a smaller --size"),
-            });
+        // linux/memfd.h's MFD_NOEXEC_SEAL (6.3+; implies sealing): without
+        // it or MFD_EXEC, 6.3+ kernels warn in dmesg. Older ones refuse it
+        // with EINVAL: then plain sealing.
+        const MFD_NOEXEC_SEAL: libc::c_uint = 0x0008;
+        let create = |flags: libc::c_uint| {
+            // SAFETY: the name is a NUL-terminated literal; the result is checked.
+            unsafe { libc::memfd_create(c"ublk-ramdisk".as_ptr(), libc::MFD_CLOEXEC | flags) }
+        };
+        let mut fd = create(MFD_NOEXEC_SEAL);
+        if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            fd = create(libc::MFD_ALLOW_SEALING);
         }
-        Ok(RamDisk { mem: NonNull::new(p as *mut u8).unwrap(), size, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() })
+        if fd < 0 {
+            return Err(Error::os("memfd_create", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(size).map_err(cannot)?;
+        // The size is sealed: the memfd is reachable from safe code
+        // (`AsyncTarget::files`), and a shrink would make the mapping's
+        // pages past the end fault (SIGBUS) in `Target::handle`. Holes can
+        // still be punched.
+        // SAFETY: fcntl on our own descriptor; no memory is passed.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
+            return Err(Error::os("sealing the ramdisk's memfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh shared mapping of our own memfd, `len` bytes (its
+        // size); it aliases no Rust object. Checked below.
+        let p =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, memfd.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(cannot(std::io::Error::last_os_error()));
+        }
+        Ok(RamDisk { memfd, mem: NonNull::new(p as *mut u8).unwrap(), size, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() })
     }
 
     /// Size in bytes.
@@ -87,6 +134,27 @@ impl RamDisk {
             done += n;
         }
     }
+
+    /// Zeroes `[off, off+len)` and gives its whole pages back to the
+    /// system: a hole punched in the memfd (shmem zeroes the partial pages).
+    fn punch(&self, off: u64, len: u64) -> IoResult {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on our own memfd; no memory is passed.
+        if unsafe { libc::fallocate(self.memfd.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) } == 0 {
+            Ok(len as u32)
+        } else {
+            Err(Errno::last())
+        }
+    }
+
+    /// The request's range, if it is inside the disk.
+    fn range(&self, req: &Request) -> std::result::Result<(u64, u64), Errno> {
+        let (off, len) = (req.offset(), req.len() as u64);
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => Ok((off, len)),
+            _ => Err(Errno::EIO),
+        }
+    }
 }
 
 impl Drop for RamDisk {
@@ -98,11 +166,7 @@ impl Drop for RamDisk {
 
 impl Target for RamDisk {
     fn handle(&self, req: &Request, buf: &mut [u8]) -> IoResult {
-        let off = req.offset();
-        let len = req.len() as u64;
-        if off.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Errno::EIO);
-        }
+        let (off, len) = self.range(req)?;
         if matches!(req.op, Op::Read | Op::Write) && buf.len() as u64 != len {
             // The queue hands out exactly req.len() bytes; anything else
             // (a caller of `handle` outside the queue) must not make us copy
@@ -120,14 +184,60 @@ impl Target for RamDisk {
                 // SAFETY: as for reads, in the other direction.
                 unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), base.add(pos as usize), n) }
             }),
-            Op::Discard | Op::WriteZeroes => self.with_chunks(off, len, |pos, _, n| {
-                // SAFETY: [pos, pos+n) is inside the mapping and locked.
-                unsafe { std::ptr::write_bytes(base.add(pos as usize), 0, n) }
-            }),
+            Op::Discard | Op::WriteZeroes => {
+                // Chunk by chunk, each under its stripe's lock: no copy of
+                // this process reads or writes those bytes meanwhile.
+                let mut r = Ok(0);
+                self.with_chunks(off, len, |pos, _, n| {
+                    if r.is_ok() {
+                        r = self.punch(pos, n as u64);
+                    }
+                });
+                r?;
+            }
             Op::Flush => {}
             Op::Other(_) => return Err(Errno::EOPNOTSUPP),
         }
         Ok(len as u32)
+    }
+}
+
+impl AsyncTarget for RamDisk {
+    type Queue<'a> = &'a RamDisk;
+
+    fn queue(&self, _q: &QueueContext) -> std::io::Result<&RamDisk> {
+        Ok(self)
+    }
+
+    fn files(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.memfd.as_fd()]
+    }
+
+    /// Data moves only with `read_at`/`write_at`.
+    fn zero_copy(&self) -> bool {
+        true
+    }
+}
+
+impl QueueTarget for &RamDisk {
+    async fn handle(&self, mut io: Io<'_>) -> IoResult {
+        let req = *io.request();
+        let (off, len) = self.range(&req)?;
+        let file = io.file(0);
+        match req.op {
+            Op::Read => read_full(&mut io, file, off, len as usize).await,
+            Op::Write => write_full(&io, file, off, len as usize, 0).await,
+            // The kernel zeroes the range (on the queue's ring, not
+            // blocking its other requests); nothing of this process touches
+            // the memory, so no lock is needed.
+            Op::Discard | Op::WriteZeroes => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                io.ring().fallocate(file, mode, off, len).await?;
+                Ok(len as u32)
+            }
+            Op::Flush => Ok(0),
+            Op::Other(_) => Err(Errno::EOPNOTSUPP),
+        }
     }
 }
 
@@ -152,5 +262,35 @@ mod tests {
         assert_eq!(back, data);
         // Past the end of the disk.
         assert_eq!(rd.handle(&req(Op::Read, (1 << 20) / 512 - 4, 8), &mut back), Err(Errno::EIO));
+    }
+
+    /// DISCARD and WRITE_ZEROES read back as zeroes, partial pages
+    /// included, and leave the bytes around them alone.
+    #[test]
+    fn discard_and_write_zeroes_read_back_as_zeroes() {
+        let rd = RamDisk::new(1 << 20).unwrap();
+        let mut data = vec![0xa5u8; 64 << 10];
+        assert_eq!(rd.handle(&req(Op::Write, 0, 128), &mut data), Ok(64 << 10));
+        for op in [Op::Discard, Op::WriteZeroes] {
+            assert_eq!(rd.handle(&req(Op::Write, 0, 128), &mut data), Ok(64 << 10));
+            // Sectors 3..19: a partial page at each end.
+            assert_eq!(rd.handle(&req(op, 3, 16), &mut []), Ok(16 * 512));
+            let mut back = vec![0u8; 64 << 10];
+            assert_eq!(rd.handle(&req(Op::Read, 0, 128), &mut back), Ok(64 << 10));
+            assert!(back[..3 * 512].iter().all(|&b| b == 0xa5), "{op:?}");
+            assert!(back[3 * 512..19 * 512].iter().all(|&b| b == 0), "{op:?}");
+            assert!(back[19 * 512..].iter().all(|&b| b == 0xa5), "{op:?}");
+        }
+    }
+
+    /// The memfd's size is sealed: safe code that reaches it through
+    /// `AsyncTarget::files` cannot shrink it under the mapping.
+    #[test]
+    fn the_memfd_cannot_be_resized() {
+        let rd = RamDisk::new(1 << 20).unwrap();
+        let f = File::from(rd.files()[0].try_clone_to_owned().unwrap());
+        assert!(f.set_len(4096).is_err());
+        assert!(f.set_len(2 << 20).is_err());
+        assert_eq!(f.metadata().unwrap().len(), 1 << 20);
     }
 }

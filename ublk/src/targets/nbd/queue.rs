@@ -1,0 +1,304 @@
+//! One queue's connection ([`NbdQueue`]): its state, the request futures
+//! that queue their requests for the writer and wait for their replies,
+//! the background task that runs the reader and the writer, closing or
+//! losing the connection, and `NBD_CMD_DISC` at the end.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use super::proto::{
+    errno, request, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_LEN,
+};
+use super::tag::{St, Tag};
+use super::{flags, Nbd, NbdStats};
+use crate::aio::{Io, QueueContext, QueueTarget, Ring};
+use crate::errno::Errno;
+use crate::target::{IoResult, Op};
+
+/// One queue's connection. See the [module docs](super).
+pub struct NbdQueue<'a> {
+    pub(super) nbd: &'a Nbd,
+    /// The connection; replaced only when no operation uses it (see
+    /// `reconnect`).
+    pub(super) sock: RefCell<OwnedFd>,
+    pub(super) sock_fd: Cell<RawFd>,
+    pub(super) q_id: u16,
+    pub(super) tags: Box<[Tag]>,
+    /// Tags whose requests wait for the writer, in order.
+    pub(super) sendq: RefCell<VecDeque<u16>>,
+    /// The background task's waker (reader and writer).
+    pub(super) bg: RefCell<Option<Waker>>,
+    /// The reader waits while a READ's request receives its payload.
+    pub(super) hold: Cell<bool>,
+    /// The connection is closed: everything fails with EIO.
+    pub(super) dead: Cell<bool>,
+    /// The connection is lost and being made again: requests wait.
+    pub(super) down: Cell<bool>,
+    /// The writer has a `sendmsg` in flight.
+    pub(super) sending: Cell<bool>,
+    /// A send is in flight or ended part-way: the stream may end inside a
+    /// request, so no NBD_CMD_DISC can follow.
+    pub(super) torn: Cell<bool>,
+    /// Counts, added to the target's at drop.
+    pub(super) stats: Cell<NbdStats>,
+    /// How long to wait before making a lost connection again: zero, or
+    /// growing (100 ms to 5 s) while connections made again are lost
+    /// before a reply comes.
+    pub(super) backoff: Cell<Duration>,
+}
+
+impl std::fmt::Debug for NbdQueue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdQueue").field("q_id", &self.q_id).field("dead", &self.dead.get()).finish()
+    }
+}
+
+impl<'a> NbdQueue<'a> {
+    pub(super) fn new(nbd: &'a Nbd, sock: OwnedFd, q: &QueueContext) -> NbdQueue<'a> {
+        let tags = (0..q.depth)
+            .map(|_| Tag {
+                st: Cell::new(St::Idle),
+                cmd: Cell::new(0),
+                flags: Cell::new(0),
+                offset: Cell::new(0),
+                len: Cell::new(0),
+                data: Cell::new(std::ptr::null_mut()),
+                covered: RefCell::new(Vec::with_capacity(4)),
+                err: Cell::new(0),
+                payload: Cell::new((0, 0)),
+                gen: Cell::new(0),
+                sent: Cell::new(true),
+                waker: RefCell::new(None),
+            })
+            .collect();
+        NbdQueue {
+            nbd,
+            sock_fd: Cell::new(sock.as_raw_fd()),
+            sock: RefCell::new(sock),
+            q_id: q.q_id,
+            tags,
+            sendq: RefCell::new(VecDeque::with_capacity(usize::from(q.depth) + 1)),
+            bg: RefCell::new(None),
+            hold: Cell::new(false),
+            dead: Cell::new(false),
+            down: Cell::new(false),
+            sending: Cell::new(false),
+            torn: Cell::new(false),
+            stats: Cell::new(NbdStats::default()),
+            backoff: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// Counts something in the queue's [`NbdStats`].
+    pub(super) fn count(&self, f: impl FnOnce(&mut NbdStats)) {
+        let mut st = self.stats.get();
+        f(&mut st);
+        self.stats.set(st);
+    }
+
+    /// The connection's socket.
+    pub(super) fn sock(&self) -> BorrowedFd<'_> {
+        // SAFETY: `sock_fd` is the descriptor `sock` owns, which stays open
+        // while `self` lives; it is replaced (and the old one closed) only
+        // once no operation on it is pending or about to be pushed.
+        unsafe { BorrowedFd::borrow_raw(self.sock_fd.get()) }
+    }
+
+    pub(super) fn cookie(&self, tag: u16) -> u64 {
+        (u64::from(self.q_id) << 48) | (u64::from(self.tags[usize::from(tag)].gen.get()) << 16) | u64::from(tag)
+    }
+
+    /// The tag a reply's cookie names, if it names a request of this queue
+    /// that waits for its reply.
+    pub(super) fn tag_of(&self, cookie: u64) -> Option<u16> {
+        let (q, gen, tag) = ((cookie >> 48) as u16, (cookie >> 16) as u32, cookie as u16);
+        let t = self.tags.get(usize::from(tag))?;
+        (q == self.q_id && t.gen.get() == gen && t.st.get() == St::Waiting).then_some(tag)
+    }
+
+    pub(super) fn park_bg(&self, cx: &Context<'_>) {
+        let mut w = self.bg.borrow_mut();
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+    }
+
+    pub(super) fn wake_bg(&self) {
+        if let Some(w) = self.bg.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Closes the connection: every request in flight and every later one
+    /// fails with EIO.
+    pub(super) fn fail(&self, why: impl FnOnce() -> String) {
+        if self.dead.replace(true) {
+            return;
+        }
+        self.nbd.record_failure(format!("queue {}: {}", self.q_id, why()));
+        // Ends operations on the socket (the reader's recv, a payload's,
+        // the writer's send) at once; the descriptor stays ours until drop.
+        // SAFETY: shutdown(2) on our own socket.
+        unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_RDWR) };
+        for t in self.tags.iter() {
+            t.wake();
+        }
+        self.wake_bg();
+    }
+
+    /// The connection is lost (not broken by the server's protocol): with
+    /// [`NbdOptions::reconnect`](super::NbdOptions::reconnect), requests wait while the reader makes it
+    /// again; else as [`NbdQueue::fail`].
+    pub(super) fn lose(&self, why: impl FnOnce() -> String) {
+        if !self.nbd.opts.reconnect {
+            return self.fail(why);
+        }
+        if self.dead.get() || self.down.replace(true) {
+            return;
+        }
+        // SAFETY: shutdown(2) on our own socket: pending operations on it end.
+        unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_RDWR) };
+        for t in self.tags.iter() {
+            t.wake();
+        }
+        self.wake_bg();
+    }
+}
+
+impl QueueTarget for NbdQueue<'_> {
+    async fn handle(&self, mut io: Io<'_>) -> IoResult {
+        let req = *io.request();
+        let f = self.nbd.info.flags;
+        let len = req.len();
+        let (cmd, cflags) = match req.op {
+            Op::Read => (CMD_READ, 0),
+            Op::Write if f & flags::READ_ONLY != 0 => return Err(Errno::EROFS),
+            Op::Write => (CMD_WRITE, if req.fua() && f & flags::SEND_FUA != 0 { CMD_FLAG_FUA } else { 0 }),
+            // Without SEND_FLUSH the device has no volatile cache and the
+            // block layer sends no FLUSH; one that comes anyway has nothing
+            // to do.
+            Op::Flush if f & flags::SEND_FLUSH == 0 => return Ok(0),
+            Op::Flush => (CMD_FLUSH, 0),
+            Op::Discard if f & flags::SEND_TRIM != 0 => (CMD_TRIM, 0),
+            Op::WriteZeroes if f & flags::SEND_WRITE_ZEROES != 0 => {
+                let no_hole = req.flags & ublk_sys::UBLK_IO_F_NOUNMAP != 0;
+                (CMD_WRITE_ZEROES, if no_hole { CMD_FLAG_NO_HOLE } else { 0 })
+            }
+            Op::Discard | Op::WriteZeroes | Op::Other(_) => return Err(Errno::EOPNOTSUPP),
+        };
+        if self.dead.get() {
+            return Err(Errno::EIO);
+        }
+        let Ok(len32) = u32::try_from(len) else { return Err(Errno::EINVAL) };
+        let tag = req.tag;
+        let t = &self.tags[usize::from(tag)];
+        t.cmd.set(cmd);
+        t.flags.set(cflags);
+        // A FLUSH names no range (the block layer's flush requests carry
+        // sector -1, which a server checks against the export's size).
+        let (offset, len32) = if cmd == CMD_FLUSH { (0, 0) } else { (req.offset(), len32) };
+        t.offset.set(offset);
+        t.len.set(len32);
+        let data = match cmd {
+            // Only read through (by the writer's sendmsg).
+            CMD_WRITE => io.data().as_ptr().cast_mut(),
+            CMD_READ => io.data_mut().as_mut_ptr(),
+            _ => std::ptr::null_mut(),
+        };
+        if matches!(cmd, CMD_WRITE | CMD_READ) && io.data().len() != len {
+            // No buffer of the request's size (the queue refuses user copy).
+            return Err(Errno::EINVAL);
+        }
+        t.data.set(data);
+        t.reset_reply();
+        t.gen.set(t.gen.get().wrapping_add(1));
+        t.sent.set(false);
+        t.st.set(St::Waiting);
+        self.sendq.borrow_mut().push_back(tag);
+        self.wake_bg();
+
+        let answer = loop {
+            let st = poll_fn(|cx| match t.st.get() {
+                St::Waiting if !self.dead.get() => {
+                    t.park(cx);
+                    Poll::Pending
+                }
+                s => Poll::Ready(s),
+            })
+            .await;
+            match st {
+                St::Replied(0) => break Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
+                St::Replied(e) => break Err(Errno::new(errno(e))),
+                St::Payload => {
+                    // The reader waits meanwhile (`hold`).
+                    let (at, n) = t.payload.get();
+                    let range = at as usize..(at + n) as usize;
+                    let got = io.recv_data(self.sock(), range, libc::MSG_WAITALL).await;
+                    let ok = matches!(got, Ok(k) if k == n);
+                    if !ok {
+                        self.lose(|| match got {
+                            Ok(k) => format!("READ reply payload ended after {k} of {n} bytes"),
+                            Err(e) => format!("receiving a READ payload: {e}"),
+                        });
+                    }
+                    // Received: the reader goes on with the reply. Lost with
+                    // the connection: re-issued on the next one.
+                    t.st.set(St::Waiting);
+                    self.hold.set(false);
+                    self.wake_bg();
+                    if !ok && self.dead.get() {
+                        break Err(Errno::EIO);
+                    }
+                }
+                St::Waiting | St::Idle => break Err(Errno::EIO),
+            }
+        };
+        // The request's data may be answered (and its buffer reused) only
+        // once the writer is done with it.
+        poll_fn(|cx| {
+            if t.sent.get() {
+                Poll::Ready(())
+            } else {
+                t.park(cx);
+                Poll::Pending
+            }
+        })
+        .await;
+        t.st.set(St::Idle);
+        answer
+    }
+
+    async fn run(&self, ring: Ring<'_>) {
+        let mut reader = pin!(self.reader(ring));
+        let mut writer = pin!(self.writer(ring));
+        // Both run until the queue stops (neither completes).
+        poll_fn(|cx| {
+            let _ = reader.as_mut().poll(cx);
+            let _ = writer.as_mut().poll(cx);
+            Poll::<()>::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for NbdQueue<'_> {
+    fn drop(&mut self) {
+        self.nbd.stats.lock().unwrap_or_else(|e| e.into_inner()).add(&self.stats.get());
+        // A clean end: tell the server (NBD_CMD_DISC), unless the stream may
+        // end inside a request or the connection is already gone.
+        if !self.dead.get() && !self.down.get() && !self.torn.get() {
+            let mut h = [0u8; REQUEST_LEN];
+            request(&mut h, 0, CMD_DISC, u64::MAX, 0, 0);
+            // SAFETY: send(2) of a local buffer on our own socket; never
+            // blocks (MSG_DONTWAIT), never raises SIGPIPE.
+            unsafe { libc::send(self.sock_fd.get(), h.as_ptr().cast(), h.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            // SAFETY: shutdown(2) on our own socket.
+            unsafe { libc::shutdown(self.sock_fd.get(), libc::SHUT_WR) };
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! What the connections did: [`NbdStats`], counted per queue and summed
+//! over the queues.
+
+/// What a connection did, counted per queue and summed in [`Nbd::stats`](super::Nbd::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NbdStats {
+    /// Simple replies received.
+    pub simple_replies: u64,
+    /// Structured reply chunks received (of every type).
+    pub chunks: u64,
+    /// `NBD_REPLY_TYPE_OFFSET_DATA` chunks.
+    pub data_chunks: u64,
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE` chunks.
+    pub hole_chunks: u64,
+    /// Error chunks.
+    pub error_chunks: u64,
+    /// Receive operations of the replies' reader (each takes as many
+    /// replies as the connection holds).
+    pub recvs: u64,
+    /// Payload parts received by their request straight into its data.
+    pub direct_payloads: u64,
+    /// `sendmsg` operations of the requests' writer.
+    pub sends: u64,
+}
+
+impl NbdStats {
+    pub(super) fn add(&mut self, o: &NbdStats) {
+        self.simple_replies += o.simple_replies;
+        self.chunks += o.chunks;
+        self.data_chunks += o.data_chunks;
+        self.hole_chunks += o.hole_chunks;
+        self.error_chunks += o.error_chunks;
+        self.recvs += o.recvs;
+        self.direct_payloads += o.direct_payloads;
+        self.sends += o.sends;
+    }
+}
