@@ -125,6 +125,10 @@ pub struct DeviceConfig {
     pub queues: u16,
     /// Tags per queue.
     pub depth: u16,
+    /// Threads serving each queue (`--threads-per-queue`); a recovered
+    /// device keeps it. Older configurations: 1.
+    #[serde(default = "one")]
+    pub threads_per_queue: u16,
     /// `UBLK_F_*` flags the device has (as ADD_DEV returned them).
     pub flags: u64,
     /// Those flags by name.
@@ -212,6 +216,10 @@ impl StripeConfig {
         let names: Vec<String> = self.legs.iter().map(|p| p.display().to_string()).collect();
         PathBuf::from(names.join(","))
     }
+}
+
+fn one() -> u16 {
+    1
 }
 
 fn default_busy_poll_us() -> u64 {
@@ -404,6 +412,7 @@ mod tests {
             block_size: 512,
             queues: 2,
             depth: 64,
+            threads_per_queue: 2,
             flags: 8,
             flag_names: vec!["UBLK_F_USER_RECOVERY".into()],
             direct: false,
@@ -450,6 +459,7 @@ mod tests {
             block_size: 512,
             queues: 1,
             depth: 1,
+            threads_per_queue: 1,
             flags: 0,
             flag_names: vec![],
             direct: false,

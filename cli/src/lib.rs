@@ -55,13 +55,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Prints what each queue served, one `queue N: requests=... ` line each
-/// (the end-to-end tests read these lines).
+/// Prints what each queue thread served, one `queue N: thread=T
+/// requests=... ` line each (the end-to-end tests read these lines; T is 0
+/// with one thread per queue).
 pub fn print_queue_stats(stats: &[ublk::QueueStats]) {
     for s in stats {
         println!(
-            "queue {}: requests={} reads={} writes={} fua_writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} invalid={} bytes={} enters={} waits={} polled={} moves={} buf_regs={}",
+            "queue {}: thread={} requests={} reads={} writes={} fua_writes={} flushes={} discards={} write_zeroes={} unsupported={} errors={} invalid={} bytes={} enters={} waits={} polled={} moves={} buf_regs={}",
             s.q_id,
+            s.thread,
             s.requests(),
             s.reads,
             s.writes,

@@ -19,6 +19,9 @@ struct Args {
     /// Tags (outstanding requests) per queue, 1..=4096.
     #[arg(long, default_value_t = 128)]
     depth: u16,
+    /// Threads serving each queue, tag t on thread t % N (N > 1: Linux 6.16+).
+    #[arg(long, default_value_t = 1)]
+    threads_per_queue: u16,
     /// Device size, e.g. 1G, 512M.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
@@ -72,6 +75,7 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
     let dev = DeviceBuilder::new()
         .queues(args.queues)
         .depth(args.depth)
+        .threads_per_queue(args.threads_per_queue)
         .size(args.size)
         .block_size(args.block_size)
         .id(args.id)
@@ -90,10 +94,11 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         println!("{}", dev.block_path().display());
         let _ = std::io::stdout().flush();
         eprintln!(
-            "ublk-null: device {} live: {} queues x {} tags, {} bytes, {}-byte blocks, opcodes {:?}, data {}",
+            "ublk-null: device {} live: {} queues x {} tags, {} threads per queue, {} bytes, {}-byte blocks, opcodes {:?}, data {}",
             dev.id(),
             info.nr_hw_queues,
             info.queue_depth,
+            args.threads_per_queue,
             args.size,
             args.block_size,
             dev.encoding(),
