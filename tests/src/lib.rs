@@ -21,6 +21,7 @@ macro_rules! driver_test {
         $(#[$m])*
         fn $name() {
             let _serial = $crate::serial();
+            let _timer = $crate::TestTimer::start(stringify!($name));
             $crate::announce(stringify!($name));
             $body
         }
@@ -28,6 +29,25 @@ macro_rules! driver_test {
 }
 
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Prints `xtask-test-time: NAME SECONDS` when a driver test ends (passed
+/// or not), straight to stderr past the test harness's capture: `cargo
+/// xtask test-vm` lists each kernel's slowest tests from these lines.
+pub struct TestTimer(&'static str, std::time::Instant);
+
+impl TestTimer {
+    pub fn start(name: &'static str) -> TestTimer {
+        TestTimer(name, std::time::Instant::now())
+    }
+}
+
+impl Drop for TestTimer {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let line = format!("xtask-test-time: {} {:.1}\n", self.0, self.1.elapsed().as_secs_f64());
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+}
 
 /// Driver tests run one at a time, even under a parallel test runner.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -268,6 +288,20 @@ pub fn queue_requests(stdout: &str) -> Vec<(u16, u64)> {
         .collect()
 }
 
+/// Parses the per-thread lines `queue N: thread=T requests=R ...` that the
+/// daemons print at exit: (queue, thread, requests).
+pub fn thread_requests(stdout: &str) -> Vec<(u16, u16, u64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("queue ")?;
+            let (q, rest) = rest.split_once(':')?;
+            let field = |k: &str| rest.split_whitespace().find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok());
+            Some((q.parse().ok()?, u16::try_from(field("thread")?).ok()?, field("requests")?))
+        })
+        .collect()
+}
+
 /// A 4 KiB-aligned window of `len` bytes inside `v` (for O_DIRECT); `v`
 /// must be at least `len + 4095` bytes.
 pub fn aligned(v: &mut [u8], len: usize) -> &mut [u8] {
@@ -331,6 +365,37 @@ pub fn cpu_list(s: &str) -> Vec<usize> {
             None => vec![r.parse().unwrap()],
         })
         .collect()
+}
+
+/// The CPUs thread `name` of process `pid` may run on.
+pub fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        return cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
+    }
+    panic!("process {pid} has no thread named {name}");
+}
+
+/// mkfs.ext4 on `dev`, a 3 MiB file written and read back through a
+/// mount, e2fsck clean in between; `what` names the device in failures.
+pub fn ext4_round_trip(dev: &str, what: &str) {
+    let mnt = PathBuf::from("/tmp/ext4-round-trip");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok("mkfs.ext4", &["-q", "-F", dev]);
+    run_ok("mount", &[dev, mnt.to_str().unwrap()]);
+    let data = pattern(3 << 20, 15);
+    std::fs::write(mnt.join("f"), &data).unwrap();
+    run_ok("umount", &[mnt.to_str().unwrap()]);
+    let (st, out, err) = run("e2fsck", &["-fn", dev]);
+    assert!(st.success(), "{what}: e2fsck -fn found problems ({st}):\n{out}\n{err}");
+    run_ok("mount", &[dev, mnt.to_str().unwrap()]);
+    let back = std::fs::read(mnt.join("f")).unwrap();
+    run_ok("umount", &[mnt.to_str().unwrap()]);
+    assert!(back == data, "{what}: the file read back differs");
 }
 
 /// Pins the calling thread to `cpu`.

@@ -21,6 +21,12 @@ driver_test! {
             skipped("UBLK_F_BATCH_IO needs Linux 7.0+ (refusal checked)");
             return;
         }
+        // A batch device has no per-I/O daemons: several threads per queue
+        // are refused before ADD_DEV.
+        let (st, _, err) = ublk(&["add", "-t", "null", "--batch", "--threads-per-queue", "2"]);
+        assert!(!st.success(), "--batch --threads-per-queue 2 succeeded");
+        assert!(err.contains("--batch") && err.contains("threads per queue"), "unclear refusal: {err}");
+        assert_no_devices();
         for extra in [&[][..], &["--async"][..]] {
             let mut args = vec!["add", "-t", "null", "--batch", "--queues", "2", "--depth", "64"];
             args.extend_from_slice(extra);
@@ -49,8 +55,8 @@ driver_test! {
             sparse_file(&backing, 64 << 20);
             let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--batch", "--queues", "2", "--depth", "64", "--data-path", dp]);
             let dev = d.dev.to_str().unwrap().to_string();
-            fio_verify_halves("batch", &dev, 32 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
-            fio_verify_halves("batch", &dev, 64 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
+            fio_verify_halves("batch", &dev, 16 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
+            fio_verify_halves("batch", &dev, 32 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
             let (st, out) = d.terminate();
             assert!(st.success(), "loop --batch --data-path {dp} exited with {st}");
             assert_eq!(queue_sum(&out, "errors"), 0, "loop --batch {dp}: {out}");

@@ -37,8 +37,8 @@ driver_test! {
                 }
                 let d = Daemon::start("ublk", &args);
                 let dev = d.dev.to_str().unwrap().to_string();
-                fio_verify(&dev, "4k", 32 << 20);
-                fio_verify(&dev, "128k", 64 << 20);
+                fio_verify(&dev, "4k", 16 << 20);
+                fio_verify(&dev, "128k", 32 << 20);
                 let pat = pattern(1 << 20, 11);
                 let pat_path = PathBuf::from("/tmp/data-dp.pat");
                 std::fs::write(&pat_path, &pat).unwrap();

@@ -69,7 +69,7 @@ driver_test! {
         let dev = d.dev.to_str().unwrap().to_string();
         fio_verify(&dev, 16 << 20);
         cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
-        ext4_round_trip(&dev);
+        nbd_util::ext4_round_trip(&dev);
         stop(d);
         let _ = std::fs::remove_file(&img);
     }
@@ -87,7 +87,7 @@ driver_test! {
         let _srv = Server::qemu_nbd(&img, &sock, &[]);
         let d = nbd_dev(&sock, &["--export", "disk"]);
         let dev = d.dev.to_str().unwrap().to_string();
-        ext4_round_trip(&dev);
+        nbd_util::ext4_round_trip(&dev);
         let pat = pattern(16 << 20, 42);
         let pat_path = PathBuf::from("/tmp/nbd-discard.pat");
         std::fs::write(&pat_path, &pat).unwrap();

@@ -31,6 +31,10 @@ driver_test! {
         let mut fio = Command::new("fio")
             .args(["--name=recover", "--filename", &dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
             .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
+            // At most 50 writes/s per job: about 5 s of writing, so the kill
+            // 3 s in lands mid-job however fast the host (a quiet 7.3 VM
+            // once finished the whole job within the 3 s).
+            .args(["--rate_iops=50"])
             .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
             .args(["--group_reporting"])
             .stdout(Stdio::piped())

@@ -23,7 +23,7 @@ fn fio(dev: &str, rw: &str, engine: &str, jobs: usize, extra: &[&str]) -> String
         "--iodepth=16",
         "--direct=1",
         "--time_based",
-        "--runtime=2",
+        "--runtime=1",
         "--numjobs",
         &jobs_s,
         "--cpus_allowed",

@@ -371,19 +371,6 @@ fn process_cpus(pid: u32) -> Vec<usize> {
     cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim())
 }
 
-/// The CPUs the thread `name` of process `pid` may run on.
-fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
-        if std::fs::read_to_string(dir.join("comm")).unwrap_or_default().trim() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        return cpu_list(status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim());
-    }
-    panic!("process {pid} has no thread named {name}");
-}
-
 driver_test! {
     /// `ublk recover` serves the device with what `ublk add` chose, not the
     /// library's defaults: with --placement unpinned the recovered queue

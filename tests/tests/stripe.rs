@@ -150,7 +150,7 @@ driver_test! {
             let dev = d.dev.to_str().unwrap().to_string();
             let size = n as u64 * 17 * M;
             assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), size.to_string(), "{n} legs");
-            fio_verify_mixed(&dev, 32 * M);
+            fio_verify_mixed(&dev, 16 * M);
             let before = read_device(&dev, size);
             assert_striped(&before, &legs, chunk, &format!("{n} legs after fio"));
 
