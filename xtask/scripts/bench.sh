@@ -13,7 +13,11 @@
 # ublk-null+pollN its --busy-poll-us, ublk-null+batch --batch (batched
 # commands, 7.0+). ublk-loop+copy, +user-copy, +zero-copy and +auto-buf-reg
 # run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
-# (filled once, so reads find pages, not holes). A +twin suffix changes
+# (filled once, so reads find pages, not holes); kloop is the kernel's loop
+# driver (losetup, buffered, as it comes) over the same file.
+# ublk-ramdisk+DP is `ublk add -t ramdisk --size 512M --data-path DP`, brd the
+# kernel's ramdisk of the same size (brd.ko rd_size, loaded here). Both are
+# written once before they are measured, so reads find data. A +twin suffix changes
 # nothing: a second column of the same target shows the run-to-run noise.
 # NBD (`--targets nbd` is ublk-nbd and nbd.ko): qemu-nbd exports a 256 MiB
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
@@ -33,6 +37,7 @@ NBD_KO=$(find /lib/modules -name 'nbd.ko' 2>/dev/null | head -1)
 NBD_IMG=/tmp/bench-nbd.img
 CONFIGS=${BENCH_CONFIGS:-"1x1 2x1 2x2"}
 NULLBLK=$(find /lib/modules -name 'null_blk.ko' 2>/dev/null | head -1)
+BRD_KO=$(find /lib/modules -name 'brd.ko' 2>/dev/null | head -1)
 
 all_jobs() {
     echo "randread-4k-qd1 --rw=randread --bs=4k --iodepth=1"
@@ -58,7 +63,7 @@ cpu_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; e
 wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
 
 start_target() { # target queues -> sets DEV, PID
-    t=$1; q=$2; PID=
+    t=$1; q=$2; PID=; FILL=
     case $t in
     null_blk)
         if [ -n "$NULLBLK" ]; then
@@ -94,6 +99,29 @@ start_target() { # target queues -> sets DEV, PID
         fi
         ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 --data-path "${t#ublk-loop+}" > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
+    ublk-ramdisk*)
+        dp=${t#ublk-ramdisk}; dp=${dp#+}
+        ublk add -t ramdisk --size 512M --queues "$q" --depth 128 ${dp:+--data-path $dp} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        DEV=/dev/ublkb0
+        FILL=1 ;;
+    brd)
+        if [ -n "$BRD_KO" ]; then
+            rmmod brd 2>/dev/null
+            insmod "$BRD_KO" rd_nr=1 rd_size=524288 max_part=0 || return 1
+        elif [ ! -b /dev/ram0 ]; then
+            echo "bench: this kernel has no brd"; return 1
+        elif [ "$(cat /sys/block/ram0/size)" -lt 1048576 ]; then
+            echo "bench: brd is built in with $(($(cat /sys/block/ram0/size) / 2048)) MiB disks, not 512 MiB"; return 1
+        fi
+        BRD=1; DEV=/dev/ram0; FILL=1 ;;
+    kloop)
+        if [ ! -f /tmp/bench-loop.img ]; then
+            dd if=/dev/zero of=/tmp/bench-loop.img bs=1M count=512 status=none || return 1
+        fi
+        # (BusyBox's losetup: no --show.)
+        DEV=$(losetup -f) || return 1
+        losetup "$DEV" /tmp/bench-loop.img || return 1
+        KLOOP=$DEV ;;
     libublk-sync)
         libublk-null sync "$q" 128 > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
@@ -106,6 +134,11 @@ start_target() { # target queues -> sets DEV, PID
         echo "bench: unknown target $t"; return 1 ;;
     esac
     wait_dev "$DEV" || { echo "bench: $t did not create $DEV"; cat /tmp/bench-err; return 1; }
+    if [ -n "$FILL" ]; then
+        # A ramdisk reads zeroes without copying where nothing was written.
+        dd if=/dev/zero of="$DEV" bs=1M count=512 oflag=direct status=none || return 1
+        FILL=
+    fi
     sleep 0.5
 }
 
@@ -148,6 +181,12 @@ start_nbd() { # target connections -> DEV, PID
 }
 
 stop_target() {
+    if [ -n "$KLOOP" ]; then
+        losetup -d "$KLOOP"; KLOOP=
+    fi
+    if [ -n "$BRD" ]; then
+        [ -n "$BRD_KO" ] && rmmod brd 2>/dev/null; BRD=
+    fi
     if [ -n "$NBD_DEV" ]; then
         nbd-client -d "$NBD_DEV" > /dev/null 2>&1; NBD_DEV=
     fi

@@ -117,7 +117,7 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
 
 /// Ratios of IOPS between variants, as columns after ours/null_blk and
 /// ours/libublk: (heading, numerator, denominator), where both ran.
-const EXTRA_RATIOS: [(&str, &str, &str); 8] = [
+const EXTRA_RATIOS: [(&str, &str, &str); 12] = [
     ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
     ("async / sync null", "ublk-null+async", "ublk-null"),
     ("batch / ublk-null", "ublk-null+batch", "ublk-null"),
@@ -126,6 +126,10 @@ const EXTRA_RATIOS: [(&str, &str, &str); 8] = [
     ("loop auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
     ("nbd: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
     ("nbd: simple / structured", "ublk-nbd+simple", "ublk-nbd"),
+    ("ramdisk / brd", "ublk-ramdisk", "brd"),
+    ("ramdisk user-copy / brd", "ublk-ramdisk+user-copy", "brd"),
+    ("loop auto-buf-reg / kernel loop", "ublk-loop+auto-buf-reg", "kloop"),
+    ("loop zero-copy / kernel loop", "ublk-loop+zero-copy", "kloop"),
 ];
 
 fn extra_ratios(targets: &[String]) -> Vec<(&'static str, &'static str, &'static str)> {
@@ -421,7 +425,14 @@ fn cpu_summary(records: &[Record], config: impl Fn(u32, u32) -> String) -> (Vec<
 
 /// Ratios of CPU time per I/O, as columns of the CPU table: (heading,
 /// numerator, denominator), where both ran.
-const CPU_RATIOS: [(&str, &str, &str); 1] = [("nbd CPU/IO: ours / nbd.ko", "ublk-nbd", "nbd.ko")];
+const CPU_RATIOS: [(&str, &str, &str); 6] = [
+    ("nbd CPU/IO: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
+    ("batch CPU/IO: / ublk-null", "ublk-null+batch", "ublk-null"),
+    ("null CPU/IO: ours / null_blk", "ublk-null", "null_blk"),
+    ("loop CPU/IO: zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),
+    ("loop CPU/IO: auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
+    ("ramdisk CPU/IO: / brd", "ublk-ramdisk", "brd"),
+];
 
 fn cpu_ratios(targets: &[String]) -> Vec<(&'static str, &'static str, &'static str)> {
     CPU_RATIOS.iter().copied().filter(|(_, a, b)| targets.iter().any(|t| t == a) && targets.iter().any(|t| t == b)).collect()

@@ -331,6 +331,7 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
                     .collect::<Vec<_>>(),
             );
         }
+        print_slowest(&k.name, &r.console);
         failed |= !r.ok();
         rows.push(vec![
             k.name.clone(),
@@ -350,6 +351,24 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
         bail!("test-vm failed on at least one kernel");
     }
     Ok(())
+}
+
+/// The slowest driver tests of one kernel's run, from the guest's
+/// `xtask-test-time: NAME SECONDS` lines (tests/src/lib.rs, `TestTimer`).
+fn print_slowest(kernel: &str, console: &[String]) {
+    let mut times: Vec<(f64, &str)> = console
+        .iter()
+        .filter_map(|l| l.split("xtask-test-time: ").nth(1))
+        .filter_map(|r| r.rsplit_once(' ').and_then(|(n, t)| Some((t.trim().parse().ok()?, n.trim()))))
+        .collect();
+    if times.is_empty() {
+        return;
+    }
+    let total: f64 = times.iter().map(|(t, _)| t).sum();
+    times.sort_by(|a, b| b.0.total_cmp(&a.0));
+    log!("{kernel}: {} driver tests took {total:.0} s; the slowest:", times.len());
+    let rows: Vec<Vec<String>> = times.iter().take(12).map(|(t, n)| vec![n.to_string(), format!("{t:.1} s")]).collect();
+    util::print_table(&["test", "time"], &rows);
 }
 
 static TESTS_PASSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -57,8 +57,9 @@ const MODULES: &[&str] = &["configfs", "ublk_drv", "null_blk", "loop", "ext4"];
 
 /// Modules put in the guest (with their dependencies) where the kernel has
 /// them, but not loaded at boot: the bench loads them itself (nbd.ko, the
-/// kernel's NBD client, which our 6.1 build lacks).
-const EXTRA_MODULES: &[&str] = &["nbd"];
+/// kernel's NBD client, which our 6.1 build lacks; brd.ko, the kernel's
+/// ramdisk, to compare the ramdisk target with).
+const EXTRA_MODULES: &[&str] = &["nbd", "brd"];
 
 #[derive(Default, Clone)]
 pub struct Payload {
