@@ -15,6 +15,7 @@
 # run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
 # (filled once, so reads find pages, not holes); kloop is the kernel's loop
 # driver (losetup, buffered, as it comes) over the same file.
+# A +pollN suffix on either sets --busy-poll-us N (e.g. ublk-loop+zero-copy+poll0).
 # ublk-ramdisk+DP is `ublk add -t ramdisk --size 512M --data-path DP`, brd the
 # kernel's ramdisk of the same size (brd.ko rd_size, loaded here). Both are
 # written once before they are measured, so reads find data. A +twin suffix changes
@@ -23,7 +24,8 @@
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
 # target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
 # ublk-nbd+simple the same with --simple-replies, ublk-nbd+pollN with
-# --busy-poll-us N, ublk-nbd+bin:NAME with
+# --busy-poll-us N, ublk-nbd+zero-copy|+auto-buf-reg on that data path
+# (READ payloads read from the socket into the request's pages), ublk-nbd+bin:NAME with
 # the CLI binary NAME (another build, put in the guest by
 # UBLK_VM_EXTRA_BINS=/path/NAME), and nbd.ko the kernel's
 # nbd client configured by nbd-client with the same number of connections.
@@ -62,6 +64,11 @@ cpu_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; e
 
 wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
 
+# A target name's data path (its first +suffix that is not +pollN) and its
+# busy-poll microseconds (+pollN), for loop and ramdisk.
+dp_of() { echo "$1" | tr '+' '\n' | sed -n '2,$p' | grep -v '^poll[0-9]*$' | head -1; }
+poll_of() { echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p'; }
+
 start_target() { # target queues -> sets DEV, PID
     t=$1; q=$2; PID=; FILL=
     case $t in
@@ -97,11 +104,12 @@ start_target() { # target queues -> sets DEV, PID
         if [ ! -f /tmp/bench-loop.img ]; then
             dd if=/dev/zero of=/tmp/bench-loop.img bs=1M count=512 status=none || return 1
         fi
-        ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 --data-path "${t#ublk-loop+}" > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        dp=$(dp_of "$t"); poll=$(poll_of "$t")
+        ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
     ublk-ramdisk*)
-        dp=${t#ublk-ramdisk}; dp=${dp#+}
-        ublk add -t ramdisk --size 512M --queues "$q" --depth 128 ${dp:+--data-path $dp} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        dp=$(dp_of "$t"); poll=$(poll_of "$t")
+        ublk add -t ramdisk --size 512M --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0
         FILL=1 ;;
     brd)
@@ -161,6 +169,7 @@ start_nbd() { # target connections -> DEV, PID
     ublk-nbd*)
         extra=
         case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
+        case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; esac
         poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.

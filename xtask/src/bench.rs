@@ -117,7 +117,7 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
 
 /// Ratios of IOPS between variants, as columns after ours/null_blk and
 /// ours/libublk: (heading, numerator, denominator), where both ran.
-const EXTRA_RATIOS: [(&str, &str, &str); 12] = [
+const EXTRA_RATIOS: [(&str, &str, &str); 14] = [
     ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
     ("async / sync null", "ublk-null+async", "ublk-null"),
     ("batch / ublk-null", "ublk-null+batch", "ublk-null"),
@@ -126,6 +126,8 @@ const EXTRA_RATIOS: [(&str, &str, &str); 12] = [
     ("loop auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
     ("nbd: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
     ("nbd: simple / structured", "ublk-nbd+simple", "ublk-nbd"),
+    ("nbd: ours zero-copy / nbd.ko", "ublk-nbd+zero-copy", "nbd.ko"),
+    ("nbd: ours auto-buf-reg / nbd.ko", "ublk-nbd+auto-buf-reg", "nbd.ko"),
     ("ramdisk / brd", "ublk-ramdisk", "brd"),
     ("ramdisk user-copy / brd", "ublk-ramdisk+user-copy", "brd"),
     ("loop auto-buf-reg / kernel loop", "ublk-loop+auto-buf-reg", "kloop"),
@@ -425,8 +427,10 @@ fn cpu_summary(records: &[Record], config: impl Fn(u32, u32) -> String) -> (Vec<
 
 /// Ratios of CPU time per I/O, as columns of the CPU table: (heading,
 /// numerator, denominator), where both ran.
-const CPU_RATIOS: [(&str, &str, &str); 6] = [
+const CPU_RATIOS: [(&str, &str, &str); 8] = [
     ("nbd CPU/IO: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
+    ("nbd CPU/IO: zero-copy / nbd.ko", "ublk-nbd+zero-copy", "nbd.ko"),
+    ("nbd CPU/IO: auto-buf-reg / nbd.ko", "ublk-nbd+auto-buf-reg", "nbd.ko"),
     ("batch CPU/IO: / ublk-null", "ublk-null+batch", "ublk-null"),
     ("null CPU/IO: ours / null_blk", "ublk-null", "null_blk"),
     ("loop CPU/IO: zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),

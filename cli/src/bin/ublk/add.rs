@@ -97,7 +97,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         bail!("--host, --unix, --export, --connections and --simple-replies are for -t nbd only; drop them or use -t nbd");
     }
     if a.target == Kind::Nbd && a.data_path == Some(DataPathArg::Is(DataPath::UserCopy)) {
-        bail!("--data-path user-copy is not for -t nbd: the NBD target sends and receives data in the queue's buffers; use copy (the default)");
+        bail!("--data-path user-copy is not for -t nbd: the NBD target sends and receives data in the queue's buffers, or with zero copy in the request's pages; use copy (the default), zero-copy or auto-buf-reg");
     }
     if a.target == Kind::Nbd && a.threads_per_queue != 1 {
         bail!("--threads-per-queue {} with -t nbd: each queue has one NBD connection, served by one thread; use more queues (--connections) instead", a.threads_per_queue);
@@ -154,10 +154,10 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     }
     // Targets whose data moves only with Io::read_at/write_at (see
     // AsyncTarget::zero_copy) can leave it in the kernel.
-    let zero_copy_target = matches!(a.target, Kind::Loop | Kind::Stripe | Kind::Ramdisk);
+    let zero_copy_target = matches!(a.target, Kind::Loop | Kind::Stripe | Kind::Ramdisk | Kind::Nbd);
     let data_path = match a.data_path.unwrap_or(DataPathArg::Auto) {
         DataPathArg::Is(d) if d.is_zero_copy() && !zero_copy_target && a.target != Kind::Null => bail!(
-            "--data-path {} is for -t loop, stripe and ramdisk (and null): a {} target reads and writes request data in its own memory; use copy or user-copy",
+            "--data-path {} is for -t loop, stripe, ramdisk and nbd (and null): a {} target reads and writes request data in its own memory; use copy or user-copy",
             d.name(),
             a.target.name()
         ),
@@ -168,7 +168,10 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         DataPathArg::Auto if a.unprivileged => DataPath::best(None, a.target != Kind::Null, false),
         DataPathArg::Auto => {
             let features = Control::open().ok().and_then(|c| c.features());
-            match DataPath::best(features, a.target != Kind::Null, zero_copy_target) {
+            // NBD by default copies: zero copy receives each reply's header
+            // on its own, which costs small requests more than the copy
+            // it saves (it is for large ones: --data-path zero-copy).
+            match DataPath::best(features, a.target != Kind::Null, zero_copy_target && a.target != Kind::Nbd) {
                 // Without zero copy a ramdisk is served as a sync target:
                 // user copy would add a pread/pwrite per request to the
                 // same two copies.

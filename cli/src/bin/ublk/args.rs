@@ -178,7 +178,8 @@ pub(super) struct AddArgs {
     /// (no data; null only), or auto: the fastest the kernel offers for the
     /// target (the default: zero copy where the kernel has it for loop,
     /// stripe and ramdisk, else user copy (ramdisk: copy); copy for nbd,
-    /// none for null).
+    /// whose zero copy (explicit) saves a copy on large requests but costs
+    /// small ones an operation more; none for null).
     #[arg(long, value_parser = parse_data_path)]
     pub(super) data_path: Option<DataPathArg>,
     /// NBD server host (name or address), for -t nbd.

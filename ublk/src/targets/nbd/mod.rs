@@ -24,6 +24,17 @@
 //!   number of chunks, in any order: data at an offset, holes (zeroed
 //!   here), errors, and the last one flagged DONE. Nothing is allocated
 //!   per request.
+//! * **Zero copy** ([`DataPath::ZeroCopy`](crate::DataPath::ZeroCopy),
+//!   [`DataPath::AutoBufReg`](crate::DataPath::AutoBufReg)): the request's
+//!   data stays in the kernel's pages. A READ's payload is read from the
+//!   socket straight into them (READ_FIXED), a hole zeroed there from
+//!   `/dev/zero`, a WRITE's payload written from them after its header
+//!   (WRITE_FIXED), each by the request itself while the reader or the
+//!   writer waits: one copy (socket to pages), as in the kernel's nbd
+//!   client. The reader then receives each reply's header on its own (it
+//!   never takes more than the longest header that can come before a
+//!   payload), so small requests cost more operations than in the copy
+//!   data path; large ones save a copy.
 //! * **Errors**: the server's error for a request (or a reply's first error
 //!   chunk) becomes that request's errno. A malformed reply (wrong magic, a
 //!   short header, a cookie that matches no request in flight, a short
@@ -244,6 +255,18 @@ impl Nbd {
     }
 }
 
+/// Whether SIGPIPE is ignored (or handled) in this process, rather than
+/// left to kill it.
+fn sigpipe_ignored() -> bool {
+    // SAFETY: sigaction is plain integers, pointers and a mask: all zeros is
+    // a valid value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: with no new action, sigaction(2) only reads the disposition
+    // into `old`, which we own.
+    let r = unsafe { libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut old) };
+    r == 0 && old.sa_sigaction != libc::SIG_DFL
+}
+
 impl AsyncTarget for Nbd {
     type Queue<'a> = NbdQueue<'a>;
 
@@ -251,7 +274,7 @@ impl AsyncTarget for Nbd {
         if q.user_copy {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "the NBD target sends and receives request data in the queue's buffers: make the device with DataPath::Copy",
+                "the NBD target moves request data in the queue's buffers or, under zero copy, in the request's pages: make the device with DataPath::Copy or a zero-copy data path",
             ));
         }
         let sock = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get_mut(usize::from(q.q_id)).and_then(Option::take);
@@ -264,7 +287,42 @@ impl AsyncTarget for Nbd {
                 ),
             ));
         };
-        Ok(NbdQueue::new(self, sock, q))
+        // Under zero copy, holes are zeroed in the request's pages from
+        // /dev/zero (the pages are not in this process).
+        let zero = if q.zero_copy {
+            // A WRITE's payload goes out with WRITE_FIXED, a write(2) on the
+            // socket, which raises SIGPIPE when the server has gone: that must
+            // not kill the process (a Rust program ignores SIGPIPE unless it
+            // asked otherwise).
+            if !sigpipe_ignored() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "NBD zero copy writes payloads with write(2) on the socket, which raises SIGPIPE when the server goes away, and SIGPIPE is not ignored in this process: ignore it (signal(SIGPIPE, SIG_IGN), as Rust programs do by default), or use DataPath::Copy",
+                ));
+            }
+            Some(
+                std::fs::File::open("/dev/zero")
+                    .map(OwnedFd::from)
+                    .map_err(|e| io::Error::new(e.kind(), format!("opening /dev/zero: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(NbdQueue::new(self, sock, q, zero))
+    }
+
+    /// Request data moves with READ_FIXED/WRITE_FIXED on the request's
+    /// pages under zero copy: replies' payloads are read from the socket
+    /// straight into them, WRITE payloads written from them to the socket,
+    /// with no copy in this process (each reply's header is then received
+    /// on its own, so small requests cost more operations than in the copy
+    /// data path, large ones a copy less). Without zero copy the target
+    /// needs the queue's buffers ([`DataPath::Copy`](crate::DataPath::Copy)):
+    /// it refuses user copy, which [`DataPath::best`](crate::DataPath::best)
+    /// picks for a zero-copy target on 6.5–6.14, so choose the data path
+    /// for NBD yourself (the CLI copies unless told otherwise).
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn write_cache(&self) -> WriteCache {

@@ -35,6 +35,15 @@ pub struct NbdQueue<'a> {
     pub(super) bg: RefCell<Option<Waker>>,
     /// The reader waits while a READ's request receives its payload.
     pub(super) hold: Cell<bool>,
+    /// Zero copy: request data stays in the kernel's pages, moved by the
+    /// requests themselves (READ_FIXED from the socket or `/dev/zero`,
+    /// WRITE_FIXED to the socket) while the reader or the writer waits.
+    pub(super) zc: bool,
+    /// `/dev/zero`, for holes under zero copy.
+    pub(super) zero: Option<OwnedFd>,
+    /// The writer waits while a WRITE's request sends its payload (zero
+    /// copy).
+    pub(super) whold: Cell<bool>,
     /// The connection is closed: everything fails with EIO.
     pub(super) dead: Cell<bool>,
     /// The connection is lost and being made again: requests wait.
@@ -59,7 +68,7 @@ impl std::fmt::Debug for NbdQueue<'_> {
 }
 
 impl<'a> NbdQueue<'a> {
-    pub(super) fn new(nbd: &'a Nbd, sock: OwnedFd, q: &QueueContext) -> NbdQueue<'a> {
+    pub(super) fn new(nbd: &'a Nbd, sock: OwnedFd, q: &QueueContext, zero: Option<OwnedFd>) -> NbdQueue<'a> {
         let tags = (0..q.depth)
             .map(|_| Tag {
                 st: Cell::new(St::Idle),
@@ -73,6 +82,7 @@ impl<'a> NbdQueue<'a> {
                 payload: Cell::new((0, 0)),
                 gen: Cell::new(0),
                 sent: Cell::new(true),
+                push: Cell::new(false),
                 waker: RefCell::new(None),
             })
             .collect();
@@ -85,6 +95,9 @@ impl<'a> NbdQueue<'a> {
             sendq: RefCell::new(VecDeque::with_capacity(usize::from(q.depth) + 1)),
             bg: RefCell::new(None),
             hold: Cell::new(false),
+            zc: zero.is_some(),
+            zero,
+            whold: Cell::new(false),
             dead: Cell::new(false),
             down: Cell::new(false),
             sending: Cell::new(false),
@@ -170,6 +183,89 @@ impl<'a> NbdQueue<'a> {
     }
 }
 
+/// How a request moves part of its data over the connection.
+#[derive(Debug, Clone, Copy)]
+enum Move {
+    /// Receive from the socket into the request's buffer (copy data path:
+    /// one `MSG_WAITALL` receive).
+    RecvCopy,
+    /// Read from the socket into the request's pages (zero copy:
+    /// READ_FIXED, repeated while short).
+    Recv,
+    /// Zero part of the request's pages (zero copy: READ_FIXED from
+    /// `/dev/zero`).
+    Zero,
+    /// Write the request's pages to the socket (zero copy: WRITE_FIXED,
+    /// repeated while short).
+    Send,
+}
+
+impl NbdQueue<'_> {
+    /// Moves the request's data `at..at + n` as `how` says. An error says
+    /// what went wrong, and whether the connection is what failed (it ended,
+    /// or the socket refused: the connection is lost) or something else did
+    /// (`/dev/zero`, the request's buffer: the connection is closed, as
+    /// making it again would meet the same error).
+    async fn move_data(&self, io: &mut Io<'_>, how: Move, at: u32, n: u32) -> Result<(), (String, bool)> {
+        let (at, n) = (at as usize, n as usize);
+        let conn = |e: Errno| {
+            let lost = !matches!(how, Move::Zero)
+                && matches!(
+                    e.raw(),
+                    libc::EPIPE
+                        | libc::ECONNRESET
+                        | libc::ECONNABORTED
+                        | libc::ENOTCONN
+                        | libc::ESHUTDOWN
+                        | libc::ETIMEDOUT
+                        | libc::EHOSTUNREACH
+                        | libc::ENETUNREACH
+                        | libc::ENETDOWN
+                );
+            (e.to_string(), lost)
+        };
+        if let Move::RecvCopy = how {
+            return match io.recv_data(self.sock(), at..at + n, libc::MSG_WAITALL).await {
+                Ok(k) if k as usize == n => Ok(()),
+                Ok(k) => Err((format!("the payload ended after {k} of {n} bytes"), true)),
+                Err(e) => Err(conn(e)),
+            };
+        }
+        let mut done = 0;
+        while done < n {
+            let range = at + done..at + n;
+            let got = match how {
+                Move::Recv => io.read_at(self.sock(), range, 0).await,
+                Move::Zero => match &self.zero {
+                    Some(z) => io.read_at(z, range, 0).await,
+                    None => return Err(("no /dev/zero".into(), false)),
+                },
+                // A socket write raises no SIGPIPE here (`Nbd::queue` checks
+                // that it is ignored): a closed connection is EPIPE.
+                Move::Send => io.write_at(self.sock(), range, 0, 0).await,
+                Move::RecvCopy => unreachable!(),
+            };
+            match got {
+                Ok(0) if matches!(how, Move::Zero) => return Err(("/dev/zero read nothing".into(), false)),
+                Ok(0) => return Err((format!("the connection ended after {done} of {n} bytes"), true)),
+                Ok(k) => done += k as usize,
+                Err(e) => return Err(conn(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// A request could not move its data (`move_data`): the connection is
+    /// lost, or closed when something else failed.
+    fn move_failed(&self, what: &str, (why, lost): (String, bool)) {
+        if lost {
+            self.lose(|| format!("{what}: {why}"));
+        } else {
+            self.fail(|| format!("{what}: {why}"));
+        }
+    }
+}
+
 impl QueueTarget for NbdQueue<'_> {
     async fn handle(&self, mut io: Io<'_>) -> IoResult {
         let req = *io.request();
@@ -205,12 +301,15 @@ impl QueueTarget for NbdQueue<'_> {
         t.offset.set(offset);
         t.len.set(len32);
         let data = match cmd {
+            // Under zero copy the data is moved by this future (`Io::read_at`
+            // and `Io::write_at` on the request's pages), never by pointer.
+            _ if self.zc => std::ptr::null_mut(),
             // Only read through (by the writer's sendmsg).
             CMD_WRITE => io.data().as_ptr().cast_mut(),
             CMD_READ => io.data_mut().as_mut_ptr(),
             _ => std::ptr::null_mut(),
         };
-        if matches!(cmd, CMD_WRITE | CMD_READ) && io.data().len() != len {
+        if !self.zc && matches!(cmd, CMD_WRITE | CMD_READ) && io.data().len() != len {
             // No buffer of the request's size (the queue refuses user copy).
             return Err(Errno::EINVAL);
         }
@@ -222,55 +321,70 @@ impl QueueTarget for NbdQueue<'_> {
         self.sendq.borrow_mut().push_back(tag);
         self.wake_bg();
 
-        let answer = loop {
-            let st = poll_fn(|cx| match t.st.get() {
-                St::Waiting if !self.dead.get() => {
-                    t.park(cx);
-                    Poll::Pending
+        // Until the reply has come and the writer is done with the request
+        // (its data may be answered, and its buffer reused, only then); under
+        // zero copy, moving the data when the reader or the writer asks.
+        let mut answer = None;
+        loop {
+            let ev = poll_fn(|cx| {
+                if t.push.get() {
+                    return Poll::Ready(None);
                 }
-                s => Poll::Ready(s),
+                if answer.is_none() {
+                    match t.st.get() {
+                        St::Waiting if !self.dead.get() => {}
+                        s => return Poll::Ready(Some(s)),
+                    }
+                } else if t.sent.get() {
+                    return Poll::Ready(Some(St::Idle));
+                }
+                t.park(cx);
+                Poll::Pending
             })
             .await;
-            match st {
-                St::Replied(0) => break Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
-                St::Replied(e) => break Err(Errno::new(errno(e))),
-                St::Payload => {
+            match ev {
+                None => {
+                    // The writer has sent this WRITE's header: its payload is
+                    // next on the connection (the writer waits: `whold`).
+                    let got = self.move_data(&mut io, Move::Send, 0, len32).await;
+                    if let Err(e) = got {
+                        self.move_failed("sending a WRITE payload", e);
+                    }
+                    // (The writer ends its hold.)
+                    t.push.set(false);
+                    self.wake_bg();
+                }
+                Some(_) if answer.is_some() => break,
+                Some(St::Replied(0)) => answer = Some(Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 })),
+                Some(St::Replied(e)) => answer = Some(Err(Errno::new(errno(e)))),
+                Some(s @ (St::Payload | St::Hole)) => {
                     // The reader waits meanwhile (`hold`).
                     let (at, n) = t.payload.get();
-                    let range = at as usize..(at + n) as usize;
-                    let got = io.recv_data(self.sock(), range, libc::MSG_WAITALL).await;
-                    let ok = matches!(got, Ok(k) if k == n);
-                    if !ok {
-                        self.lose(|| match got {
-                            Ok(k) => format!("READ reply payload ended after {k} of {n} bytes"),
-                            Err(e) => format!("receiving a READ payload: {e}"),
-                        });
+                    let how = match s {
+                        St::Hole => Move::Zero,
+                        _ if self.zc => Move::Recv,
+                        _ => Move::RecvCopy,
+                    };
+                    let got = self.move_data(&mut io, how, at, n).await;
+                    let failed = got.is_err();
+                    if let Err(e) = got {
+                        let what = if matches!(how, Move::Zero) { "zeroing a hole" } else { "receiving a READ payload" };
+                        self.move_failed(what, e);
                     }
                     // Received: the reader goes on with the reply. Lost with
                     // the connection: re-issued on the next one.
                     t.st.set(St::Waiting);
                     self.hold.set(false);
                     self.wake_bg();
-                    if !ok && self.dead.get() {
-                        break Err(Errno::EIO);
+                    if failed && self.dead.get() {
+                        answer = Some(Err(Errno::EIO));
                     }
                 }
-                St::Waiting | St::Idle => break Err(Errno::EIO),
+                Some(St::Waiting | St::Idle) => answer = Some(Err(Errno::EIO)),
             }
-        };
-        // The request's data may be answered (and its buffer reused) only
-        // once the writer is done with it.
-        poll_fn(|cx| {
-            if t.sent.get() {
-                Poll::Ready(())
-            } else {
-                t.park(cx);
-                Poll::Pending
-            }
-        })
-        .await;
+        }
         t.st.set(St::Idle);
-        answer
+        answer.unwrap_or(Err(Errno::EIO))
     }
 
     async fn run(&self, ring: Ring<'_>) {

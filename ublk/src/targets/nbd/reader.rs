@@ -63,6 +63,8 @@ impl Rx {
 struct Tail {
     buf: Box<[u8]>,
     at: usize,
+    /// The most to receive.
+    max: usize,
 }
 
 // SAFETY: the bytes of a boxed slice are on the heap and stay put when the
@@ -72,7 +74,7 @@ unsafe impl IoBuf for Tail {
         self.buf[self.at..].as_ptr()
     }
     fn bytes_init(&self) -> usize {
-        (self.buf.len() - self.at).min(RECV_MAX)
+        (self.buf.len() - self.at).min(self.max)
     }
 }
 
@@ -82,7 +84,7 @@ unsafe impl IoBufMut for Tail {
         self.buf[self.at..].as_mut_ptr()
     }
     fn bytes_total(&self) -> usize {
-        (self.buf.len() - self.at).min(RECV_MAX)
+        (self.buf.len() - self.at).min(self.max)
     }
 }
 
@@ -97,7 +99,14 @@ impl NbdQueue<'_> {
                 (rx.start, rx.end) = (0, 0);
                 continue;
             }
-            if !self.fill(ring, &mut rx, 4).await {
+            // Under zero copy no payload may land in the receive buffer:
+            // at a reply's start it takes at most the longest header that
+            // comes before a payload (a simple reply's 16 bytes; a data
+            // chunk's 20 and its 8-byte offset). Every reply is at least 16
+            // bytes, so what a shorter reply leaves over is part of the next
+            // one's header, never of a payload.
+            let want = if self.nbd.info.structured { CHUNK_LEN + 8 } else { REPLY_LEN };
+            if !self.fill_upto(ring, &mut rx, 4, want).await {
                 continue;
             }
             match rx.be32(0) {
@@ -115,7 +124,13 @@ impl NbdQueue<'_> {
     /// or was lost meanwhile (reported), and then no request's data may be
     /// touched: a failed connection answers its requests.
     async fn fill(&self, ring: Ring<'_>, rx: &mut Rx, need: usize) -> bool {
-        debug_assert!(need <= RX_BUF);
+        self.fill_upto(ring, rx, need, need).await
+    }
+
+    /// As [`NbdQueue::fill`]; under zero copy `rx` takes no more than `want`
+    /// bytes (`want >= need`), so that no payload is received into it.
+    async fn fill_upto(&self, ring: Ring<'_>, rx: &mut Rx, need: usize, want: usize) -> bool {
+        debug_assert!(need <= RX_BUF && need <= want);
         while rx.len() < need {
             if self.dead.get() || self.down.get() {
                 return false;
@@ -124,7 +139,8 @@ impl NbdQueue<'_> {
                 rx.buf.copy_within(rx.start..rx.end, 0);
                 (rx.start, rx.end) = (0, rx.end - rx.start);
             }
-            let tail = Tail { buf: std::mem::take(&mut rx.buf), at: rx.end };
+            let max = if self.zc { want - rx.len() } else { RECV_MAX };
+            let tail = Tail { buf: std::mem::take(&mut rx.buf), at: rx.end, max };
             self.count(|s| s.recvs += 1);
             let (res, tail) = ring.recv(self.sock(), tail, 0).await;
             rx.buf = tail.buf;
@@ -150,6 +166,16 @@ impl NbdQueue<'_> {
     async fn payload(&self, ring: Ring<'_>, rx: &mut Rx, tag: u16, mut at: usize, mut n: usize) -> bool {
         let t = &self.tags[usize::from(tag)];
         debug_assert!(at + n <= t.len.get() as usize);
+        if self.zc {
+            if rx.len() > 0 {
+                // Cannot happen (`reader` bounds what the buffer takes); the
+                // request's pages are not in this process to copy into.
+                let k = rx.len();
+                self.fail(|| format!("{k} bytes of a payload in the receive buffer under zero copy"));
+                return false;
+            }
+            return self.hand_off(tag, St::Payload, at, n).await;
+        }
         loop {
             let k = n.min(rx.len());
             if k > 0 {
@@ -167,28 +193,36 @@ impl NbdQueue<'_> {
             if n >= DIRECT_MIN {
                 // The receive buffer is empty: the rest of the payload is
                 // next on the connection.
-                t.payload.set((at as u32, n as u32));
-                t.st.set(St::Payload);
-                self.hold.set(true);
-                self.count(|s| s.direct_payloads += 1);
-                t.wake();
-                poll_fn(|cx| {
-                    if self.hold.get() && !self.dead.get() {
-                        // (A lost connection ends the payload's receive,
-                        // which releases the hold.)
-                        self.park_bg(cx);
-                        Poll::Pending
-                    } else {
-                        Poll::Ready(())
-                    }
-                })
-                .await;
-                return !(self.dead.get() || self.down.get());
+                return self.hand_off(tag, St::Payload, at, n).await;
             }
             if !self.fill(ring, rx, 1).await {
                 return false;
             }
         }
+    }
+
+    /// Lets request `tag` move its data `at..at + n` (`st`: receive the
+    /// payload next on the connection, or zero a hole) while the reader
+    /// waits. False if the connection failed or was lost meanwhile.
+    async fn hand_off(&self, tag: u16, st: St, at: usize, n: usize) -> bool {
+        let t = &self.tags[usize::from(tag)];
+        t.payload.set((at as u32, n as u32));
+        t.st.set(st);
+        self.hold.set(true);
+        self.count(|s| s.direct_payloads += 1);
+        t.wake();
+        poll_fn(|cx| {
+            if self.hold.get() && !self.dead.get() {
+                // (A lost connection ends the payload's receive, which
+                // releases the hold.)
+                self.park_bg(cx);
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        !(self.dead.get() || self.down.get())
     }
 
     /// The request's reply is complete: it may be answered.
@@ -271,9 +305,16 @@ impl NbdQueue<'_> {
                         .fail(|| format!("hole chunk of {n} bytes at {at}: outside the READ of {len} at {off}, over an earlier chunk, or in too many pieces"));
                 };
                 self.count(|s| s.hole_chunks += 1);
-                // SAFETY: as in `payload`: inside the waiting READ's buffer
-                // (checked by `claim`), no await since the last check.
-                unsafe { std::ptr::write_bytes(t.data.get().add(rel), 0, n as usize) };
+                if self.zc {
+                    if !self.hand_off(tag, St::Hole, rel, n as usize).await {
+                        return;
+                    }
+                } else {
+                    // SAFETY: as in `payload`: inside the waiting READ's
+                    // buffer (checked by `claim`), no await since the last
+                    // check.
+                    unsafe { std::ptr::write_bytes(t.data.get().add(rel), 0, n as usize) };
+                }
             }
             REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
                 let what = if read { format!("of {length} bytes") } else { format!("to command {}", t.cmd.get()) };

@@ -18,9 +18,12 @@ pub struct NbdStats {
     /// Receive operations of the replies' reader (each takes as many
     /// replies as the connection holds).
     pub recvs: u64,
-    /// Payload parts received by their request straight into its data.
+    /// Payload parts received by their request straight into its data
+    /// (under zero copy: every data chunk or simple READ reply's payload,
+    /// and every hole, each moved in the request's pages).
     pub direct_payloads: u64,
-    /// `sendmsg` operations of the requests' writer.
+    /// `sendmsg` operations of the requests' writer (under zero copy a
+    /// WRITE's payload follows its header in a write of its own).
     pub sends: u64,
 }
 

@@ -18,6 +18,9 @@ pub(super) enum St {
     /// Part of a READ's payload ([`Tag::payload`]) is next on the
     /// connection, for the request to receive straight into its data.
     Payload,
+    /// Under zero copy: a hole chunk covers [`Tag::payload`], which the
+    /// request zeroes in its pages (they are not in this process).
+    Hole,
 }
 
 /// One tag's request as the connection sees it.
@@ -48,6 +51,10 @@ pub(super) struct Tag {
     /// Whether the writer is done with the request (sent, or given up): its
     /// data is not read any more.
     pub(super) sent: Cell<bool>,
+    /// Under zero copy: the writer has sent this WRITE's header and waits
+    /// for the request to send its payload from its pages (next on the
+    /// connection).
+    pub(super) push: Cell<bool>,
     pub(super) waker: RefCell<Option<Waker>>,
 }
 
@@ -130,6 +137,7 @@ mod tests {
             payload: Cell::new((0, 0)),
             gen: Cell::new(0),
             sent: Cell::new(true),
+            push: Cell::new(false),
             waker: RefCell::new(None),
         }
     }

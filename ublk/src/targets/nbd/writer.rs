@@ -51,6 +51,11 @@ impl NbdQueue<'_> {
                 while buf.tags.len() < BATCH {
                     let Some(tag) = q.pop_front() else { break };
                     buf.tags.push(tag);
+                    // Under zero copy a WRITE's payload follows its header
+                    // from the request's pages: the batch ends there.
+                    if self.zc && self.tags[usize::from(tag)].cmd.get() == CMD_WRITE {
+                        break;
+                    }
                 }
             }
             if !self.dead.get() {
@@ -61,19 +66,25 @@ impl NbdQueue<'_> {
                     request(&mut b.hdrs[i], t.flags.get(), t.cmd.get(), self.cookie(tag), t.offset.get(), t.len.get());
                     b.iov.push(libc::iovec { iov_base: b.hdrs[i].as_mut_ptr().cast(), iov_len: REQUEST_LEN });
                     total += REQUEST_LEN;
-                    if t.cmd.get() == CMD_WRITE {
+                    if t.cmd.get() == CMD_WRITE && !self.zc {
                         let len = t.len.get() as usize;
                         b.iov.push(libc::iovec { iov_base: t.data.get() as *mut libc::c_void, iov_len: len });
                         total += len;
                     }
                 }
+                // Under zero copy a batch that ends in a WRITE's header is
+                // followed at once by its payload: one segment for both.
+                let more = match buf.tags.last() {
+                    Some(&tag) if self.zc && self.tags[usize::from(tag)].cmd.get() == CMD_WRITE => libc::MSG_MORE,
+                    _ => 0,
+                };
                 let mut first = 0usize;
                 while total > 0 && !self.dead.get() && !self.down.get() {
                     let b = &mut *buf;
                     b.msg.msg_iov = b.iov[first..].as_mut_ptr();
                     b.msg.msg_iovlen = b.iov.len() - first;
                     let sqe = opcode::SendMsg::new(types::Fd(self.sock_fd.get()), &b.msg)
-                        .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                        .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL | more) as u32)
                         .build();
                     self.torn.set(true);
                     self.sending.set(true);
@@ -115,6 +126,33 @@ impl NbdQueue<'_> {
                         }
                         Err(e) => self.lose(|| format!("sending requests: {e}")),
                     }
+                }
+            }
+            let last = buf.tags.last().map(|&tag| &self.tags[usize::from(tag)]);
+            if let Some(t) = last.filter(|t| self.zc && t.cmd.get() == CMD_WRITE && !self.torn.get()) {
+                if !self.dead.get() && !self.down.get() {
+                    // The header is out: the request sends its payload from
+                    // its pages (WRITE_FIXED) while the writer waits.
+                    self.torn.set(true);
+                    self.whold.set(true);
+                    t.push.set(true);
+                    t.wake();
+                    poll_fn(|cx| {
+                        if t.push.get() && !self.dead.get() {
+                            self.park_bg(cx);
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(())
+                        }
+                    })
+                    .await;
+                    if !self.dead.get() && !self.down.get() {
+                        self.torn.set(false);
+                    }
+                    // Released here, with no await before the batch is
+                    // marked sent below: a reconnect waiting for it then
+                    // re-queues the batch after this writer is done with it.
+                    self.whold.set(false);
                 }
             }
             for &tag in &buf.tags {

@@ -1,0 +1,206 @@
+//! The NBD target on the zero-copy data paths (`--data-path zero-copy`,
+//! 6.15+, and `auto-buf-reg`, 6.16+): READ payloads read from the socket
+//! straight into the request's pages (READ_FIXED), holes zeroed there from
+//! /dev/zero, WRITE payloads written from them (WRITE_FIXED); each reply's
+//! header received on its own, so no payload lands in the reader's buffer.
+//! Kernels without the flag refuse it naming the kernel that has it, and
+//! create nothing.
+
+mod nbd_util;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbd_util::*;
+use ublk_tests::*;
+
+/// (data path, its flag, the first kernel that has it working).
+const ZERO_COPY_PATHS: [(&str, u64, &str); 2] =
+    [("zero-copy", ublk::sys::abi::UBLK_F_SUPPORT_ZERO_COPY, "6.15"), ("auto-buf-reg", ublk::sys::abi::UBLK_F_AUTO_BUF_REG, "6.16")];
+
+/// The zero-copy data paths this kernel has; for each it lacks, checks that
+/// `ublk add -t nbd --data-path P` against a live server is refused naming
+/// the kernel that has it, and leaves no device.
+fn zero_copy_paths(addr: &Addr) -> Vec<&'static str> {
+    let mut have = Vec::new();
+    for (dp, flag, since) in ZERO_COPY_PATHS {
+        if kernel_has(flag) {
+            have.push(dp);
+            continue;
+        }
+        let mut args: Vec<String> = vec!["add".into(), "-t".into(), "nbd".into()];
+        args.extend(addr.args());
+        args.extend(["--data-path".into(), dp.into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (st, _, err) = ublk(&args);
+        assert!(!st.success(), "nbd --data-path {dp} succeeded on {}", kernel_release());
+        assert!(err.contains(since) && err.contains("copy"), "nbd --data-path {dp}: unclear refusal: {err}");
+        assert_no_devices();
+        skipped(&format!("nbd --data-path {dp} needs Linux {since}+ (refusal checked)"));
+    }
+    have
+}
+
+/// The DATA column of `ublk list --json` for device `id`.
+fn listed_data_path(id: u32) -> String {
+    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
+    row["data_path"].as_str().unwrap_or("-").to_string()
+}
+
+driver_test! {
+    /// On each zero-copy data path the kernel has: fio randrw crc32c verify
+    /// (4k..128k, 2 queues = 2 connections, depth 64) through qemu-nbd over
+    /// TCP with structured replies (data and hole chunks: the export is
+    /// sparse), the device then reads what the export file holds, every
+    /// payload went straight to or from the request's pages (as many
+    /// direct payloads as data chunks), `ublk list` shows the data path, and
+    /// under zero-copy the queues registered the buffers themselves. Then
+    /// simple replies over a unix socket (--simple-replies) carry ext4 +
+    /// e2fsck and a pattern that lands in the export file.
+    fn nbd_zero_copy_fio_verify_and_ext4() {
+        lo_up();
+        let addr = Addr::Tcp(10820);
+        let img = PathBuf::from("/tmp/nbd-zc.img");
+        sparse_file(&img, 32 << 20);
+        let srv = Server::qemu_nbd(&img, &addr, &[]);
+        let paths = zero_copy_paths(&addr);
+        for &dp in &paths {
+            let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--data-path", dp]);
+            let dev = d.dev.to_str().unwrap().to_string();
+            assert_eq!(listed_data_path(d.id()), dp, "ublk list: data path of the NBD device");
+            fio_verify(&dev, 8 << 20);
+            cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
+            let (st, out) = d.terminate();
+            assert!(st.success(), "nbd --data-path {dp} exited with {st}");
+            assert_no_devices();
+            assert_eq!(queue_sum(&out, "errors"), 0, "nbd {dp}: requests failed: {out}");
+            let m = nbd_stats(&out);
+            eprintln!("{dp}: {m:?}");
+            assert_eq!(m["replies"], "structured", "{m:?}");
+            assert!(stat(&m, "data_chunks") > 0 && stat(&m, "hole_chunks") > 0, "{dp}: READs answered in data and hole chunks: {m:?}");
+            assert_eq!(
+                stat(&m, "direct_payloads"),
+                stat(&m, "data_chunks") + stat(&m, "hole_chunks"),
+                "{dp}: every data and hole chunk moved in the request's pages: {m:?}"
+            );
+            let regs = queue_sum(&out, "buf_regs");
+            if dp == "zero-copy" {
+                assert!(regs > 0, "zero-copy: the queues registered the requests' buffers: {out}");
+            } else {
+                assert_eq!(regs, 0, "auto-buf-reg: the kernel registers the buffers: {out}");
+            }
+        }
+        drop(srv);
+        let Some(&dp) = paths.last() else { return };
+        let sock = Addr::Unix("/tmp/qemu-nbd-zc.sock".into());
+        let _srv = Server::qemu_nbd(&img, &sock, &[]);
+        let d = nbd_dev(&sock, &["--export", "disk", "--simple-replies", "--data-path", dp]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        nbd_util::ext4_round_trip(&dev);
+        let pat = pattern(4 << 20, 77);
+        let pat_path = PathBuf::from("/tmp/nbd-zc.pat");
+        std::fs::write(&pat_path, &pat).unwrap();
+        run_ok("dd", &[&format!("if={}", pat_path.display()), &format!("of={dev}"), "bs=1M", "seek=20", "oflag=direct", "conv=fsync", "status=none"]);
+        assert!(read_range(&img, 20 << 20, 4 << 20) == pat, "{dp}: the pattern written through the device is not in the export file");
+        assert!(read_direct(&dev, 20 << 20, 4 << 20) == pat, "{dp}: the pattern does not read back through the device");
+        let m = stop_stats(d);
+        assert_eq!(m["replies"], "simple", "{m:?}");
+        assert!(stat(&m, "direct_payloads") > 0, "{m:?}");
+        for p in [&img, &pat_path] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+driver_test! {
+    /// Zero copy against nbd-hostile: structured replies in up to four
+    /// chunks, last piece first, with holes, pass fio verify, and a range
+    /// never written reads as zeros (zeroed in the pages from /dev/zero);
+    /// replies that break the protocol (a chunk outside the request, one
+    /// longer than it, a simple reply to a READ under structured replies; an
+    /// unknown cookie, a short header, a wrong magic with simple replies)
+    /// fail their read with EIO within 10 s, close the connection, and the
+    /// daemon stops cleanly.
+    fn nbd_zero_copy_hostile_chunks_and_attacks() {
+        let sock = PathBuf::from("/tmp/nbd-hostile-zc.sock");
+        let probe = Server::hostile("sr-good", &sock, &[]);
+        let Some(&dp) = zero_copy_paths(&Addr::Unix(sock.clone())).last() else { return };
+        drop(probe);
+        let _srv = Server::hostile("sr-good", &sock, &[]);
+        let d = nbd_dev(&Addr::Unix(sock.clone()), &["--queues", "1", "--depth", "32", "--data-path", dp]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        fio_verify_halves("nbd-zc-sr", &dev, 8 << 20, &["--rw=randrw", "--bssplit=4k/40:16k/20:64k/20:128k/20", "--iodepth=16"]);
+        let got = read_direct(&dev, 32 << 20, 1 << 20);
+        assert!(got.len() == 1 << 20 && got.iter().all(|&b| b == 0), "{dp}: a never-written range does not read as zeros");
+        let m = stop_stats(d);
+        assert!(stat(&m, "hole_chunks") > 0 && stat(&m, "data_chunks") > 0, "{m:?}");
+        for mode in ["sr-out-of-bounds", "sr-oversized-chunk", "sr-simple-read", "unknown-cookie", "short-reply", "wrong-magic"] {
+            eprintln!("mode {mode}");
+            let _srv = Server::hostile(mode, &sock, &[]);
+            let mut d = nbd_dev(&Addr::Unix(sock.clone()), &["--queues", "1", "--depth", "16", "--data-path", dp]);
+            let dev = d.dev.to_str().unwrap().to_string();
+            assert_eq!(read_at(&dev, 0), Ok(()), "{mode}: a read outside the trigger window");
+            let t0 = Instant::now();
+            let e = read_at(&dev, 1 << 20).expect_err(mode);
+            assert!(e.contains("Input/output error"), "{mode}: {e}");
+            assert!(t0.elapsed() < Duration::from_secs(10), "{mode}: the read took {:?}", t0.elapsed());
+            let later = read_at(&dev, 8 << 20).expect_err(mode);
+            assert!(later.contains("Input/output error"), "{mode}: a read after the connection closed: {later}");
+            assert!(d.child.try_wait().unwrap().is_none(), "{mode}: the daemon died");
+            stop_stats(d);
+        }
+    }
+}
+
+driver_test! {
+    /// Zero copy with --recovery: qemu-nbd killed (SIGKILL) under fio's
+    /// write phase and started again on the same export 2 s later; the I/O
+    /// waits, the connections are made again, the requests in flight
+    /// (WRITE payloads from their pages among them) are re-issued, and fio's
+    /// crc32c verify passes; the device then reads what the export holds.
+    fn nbd_zero_copy_server_restart_with_recovery() {
+        lo_up();
+        let img = PathBuf::from("/tmp/nbd-zc-recovery.img");
+        sparse_file(&img, 32 << 20);
+        let addr = Addr::Tcp(10821);
+        let mut srv = Server::qemu_nbd(&img, &addr, &[]);
+        let Some(&dp) = zero_copy_paths(&addr).last() else { return };
+        let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--recovery", "--data-path", dp]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        let half = format!("{}", 8u64 << 20);
+        let cpus = format!("0-{}", nproc() - 1);
+        let mut fio = Command::new("fio")
+            .args(["--name=zc-recover", "--filename", &dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
+            .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
+            // About 5 s of writing: the kill 3 s in lands mid-job.
+            .args(["--rate_iops=50"])
+            .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
+            .args(["--group_reporting"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(fio.try_wait().unwrap().is_none(), "fio finished before the server was killed");
+        srv.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        let _srv2 = Server::qemu_nbd(&img, &addr, &[]);
+        let Some(st) = wait_timeout(&mut fio, Duration::from_secs(300)) else {
+            let _ = fio.kill();
+            panic!("fio did not finish within 300 s of the server's restart");
+        };
+        let out = fio.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(st.success(), "fio failed across the server's restart ({st}):\n{text}");
+        for l in text.lines().filter(|l| l.contains("err=")) {
+            assert!(l.contains("err= 0"), "fio reported an error: {l}\n{text}");
+        }
+        cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
+        let m = stop_stats(d);
+        assert!(stat(&m, "reconnects") >= 1, "{dp}: the connections were made again: {m:?}");
+        let _ = std::fs::remove_file(&img);
+    }
+}
