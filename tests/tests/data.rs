@@ -76,8 +76,8 @@ driver_test! {
             let d = Daemon::start("ublk", &args);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (64u64 << 20).to_string());
-            fio_verify(&dev, "4k", 16 << 20);
-            fio_verify(&dev, "64k", 32 << 20);
+            fio_verify(&dev, "4k", 8 << 20);
+            fio_verify(&dev, "64k", 8 << 20);
             // A known pattern at 8 MiB, through the device.
             let pat = pattern(4 << 20, 7);
             let pat_path = PathBuf::from("/tmp/data-fio.pat");

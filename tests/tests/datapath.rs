@@ -37,8 +37,8 @@ driver_test! {
                 }
                 let d = Daemon::start("ublk", &args);
                 let dev = d.dev.to_str().unwrap().to_string();
-                fio_verify(&dev, "4k", 16 << 20);
-                fio_verify(&dev, "128k", 32 << 20);
+                fio_verify(&dev, "4k", 8 << 20);
+                fio_verify(&dev, "128k", 8 << 20);
                 let pat = pattern(1 << 20, 11);
                 let pat_path = PathBuf::from("/tmp/data-dp.pat");
                 std::fs::write(&pat_path, &pat).unwrap();
@@ -60,10 +60,10 @@ driver_test! {
             }
             let d = Daemon::start("ublk", &["add", "-t", "null", "--async", "--queues", "2", "--data-path", dp]);
             let dev = d.dev.to_str().unwrap().to_string();
-            let _ = fio_ok(&["--name=r", "--filename", &dev, "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=32", "--direct=1", "--size=64M"]);
+            let _ = fio_ok(&["--name=r", "--filename", &dev, "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=32", "--direct=1", "--size=16M"]);
             let (st, out) = d.terminate();
             assert!(st.success(), "null --async --data-path {dp} exited with {st}");
-            assert!(queue_sum(&out, "reads") >= 16384, "null --async {dp}: reads not counted: {out}");
+            assert!(queue_sum(&out, "reads") >= 4096, "null --async {dp}: reads not counted: {out}");
             assert_eq!(queue_sum(&out, "errors"), 0, "null --async {dp}: {out}");
         }
         assert_no_devices();

@@ -29,7 +29,7 @@ driver_test! {
                 "--iodepth=32",
                 "--direct=1",
                 "--numjobs=2",
-                "--size=24M",
+                "--size=8M",
                 "--offset_increment=32M",
                 "--verify=crc32c",
                 "--do_verify=1",

@@ -33,7 +33,7 @@ driver_test! {
             let d = nbd_dev(&addr, &args);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (32u64 << 20).to_string());
-            fio_verify(&dev, 16 << 20);
+            fio_verify(&dev, 8 << 20);
             cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
             let (st, out) = d.terminate();
             assert!(st.success(), "{addr:?}: exit {st}");
@@ -67,7 +67,7 @@ driver_test! {
         let _srv = Server::nbd_server(&img, 10811);
         let d = nbd_dev(&Addr::Tcp(10811), &["--export", "disk", "--queues", "2", "--depth", "64"]);
         let dev = d.dev.to_str().unwrap().to_string();
-        fio_verify(&dev, 16 << 20);
+        fio_verify(&dev, 8 << 20);
         cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
         nbd_util::ext4_round_trip(&dev);
         stop(d);

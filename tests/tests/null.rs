@@ -23,7 +23,7 @@ fn fio(dev: &str, rw: &str, engine: &str, jobs: usize, extra: &[&str]) -> String
         "--iodepth=16",
         "--direct=1",
         "--time_based",
-        "--runtime=1",
+        "--runtime=300ms",
         "--numjobs",
         &jobs_s,
         "--cpus_allowed",

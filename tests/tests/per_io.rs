@@ -134,7 +134,7 @@ driver_test! {
         );
         assert_threads_spread(&d, 1, 4);
         let dev = d.dev.to_str().unwrap().to_string();
-        fio_one_cpu(&dev, "32M");
+        fio_one_cpu(&dev, "8M");
         let (st, out) = d.terminate();
         assert!(st.success(), "loop with 4 threads per queue exited with {st}");
         assert_every_thread_served(&out, 1, 4, "loop, 1 queue x 4 threads");
@@ -144,7 +144,7 @@ driver_test! {
         let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--threads-per-queue", "3", "--data-path", "copy"]);
         assert_threads_spread(&d, 1, 3);
         let dev = d.dev.to_str().unwrap().to_string();
-        fio_one_cpu(&dev, "16M");
+        fio_one_cpu(&dev, "8M");
         let (st, out) = d.terminate();
         assert!(st.success(), "ramdisk with 3 threads per queue exited with {st}");
         assert_every_thread_served(&out, 1, 3, "ramdisk, 1 queue x 3 threads");
@@ -154,7 +154,7 @@ driver_test! {
         let d = Daemon::start("ublk-null", &["--size", "64M", "--threads-per-queue", "2"]);
         assert_threads_spread(&d, 1, 2);
         let dev = d.dev.to_str().unwrap().to_string();
-        fio_ok(&["--name=pio-null", "--filename", &dev, "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=32", "--direct=1", "--size=64M", "--io_size=16M", "--cpus_allowed=0"]);
+        fio_ok(&["--name=pio-null", "--filename", &dev, "--rw=randread", "--bs=4k", "--ioengine=io_uring", "--iodepth=32", "--direct=1", "--size=64M", "--io_size=4M", "--cpus_allowed=0"]);
         let (st, out) = d.terminate();
         assert!(st.success(), "ublk-null with 2 threads per queue exited with {st}");
         assert_every_thread_served(&out, 1, 2, "ublk-null, 1 queue x 2 threads");
@@ -283,7 +283,7 @@ fn serve_checked(queues: u16, threads: u16, fio: bool) -> (Vec<ublk::QueueStats>
                     "--iodepth=32",
                     "--direct=1",
                     "--size=32M",
-                    "--io_size=16M",
+                    "--io_size=8M",
                     &cpu,
                 ]);
             }
@@ -314,8 +314,8 @@ driver_test! {
         let queues = u16::try_from(nproc().min(2)).unwrap();
         assert_threads_spread(&d, queues, 2);
         let dev = d.dev.to_str().unwrap().to_string();
-        fio_verify_halves("pio", &dev, 32 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
-        fio_verify_halves("pio-big", &dev, 64 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
+        fio_verify_halves("pio", &dev, 8 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
+        fio_verify_halves("pio-big", &dev, 8 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
         ext4_round_trip(&dev, "loop 2 queues x 2 threads");
         let (st, out) = d.terminate();
         assert!(st.success(), "loop 2x2 exited with {st}");
@@ -330,7 +330,7 @@ driver_test! {
                 &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--depth", "64", "--threads-per-queue", "2", "--data-path", dp],
             );
             let dev = d.dev.to_str().unwrap().to_string();
-            fio_verify_halves("pio-dp", &dev, 16 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
+            fio_verify_halves("pio-dp", &dev, 8 << 20, &["--rw=randrw", "--bs=4k", "--iodepth=32"]);
             let (st, out) = d.terminate();
             assert!(st.success(), "loop 2x2 --data-path {dp} exited with {st}");
             assert_every_thread_served(&out, queues, 2, &format!("loop 2x2 --data-path {dp}"));

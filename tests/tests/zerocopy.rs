@@ -53,7 +53,7 @@ driver_test! {
             let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--queues", "2", "--data-path", dp]);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(listed_data_path(d.id()), dp, "ublk list: data path of the ramdisk");
-            fio_verify_halves("zc-ramdisk", &dev, 16 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
+            fio_verify_halves("zc-ramdisk", &dev, 8 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
             let (st, out) = d.terminate();
             assert!(st.success(), "ramdisk --data-path {dp} exited with {st}");
             assert_eq!(queue_sum(&out, "errors"), 0, "ramdisk {dp}: requests failed: {out}");
@@ -62,8 +62,8 @@ driver_test! {
             let d = Daemon::start("ublk", &loop_args);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(listed_data_path(d.id()), dp, "ublk list: data path of the loop device");
-            fio_verify(&dev, "4k", 16 << 20);
-            fio_verify(&dev, "128k", 32 << 20);
+            fio_verify(&dev, "4k", 8 << 20);
+            fio_verify(&dev, "128k", 8 << 20);
             ext4_round_trip(&dev, &format!("loop {dp}"));
             let pat = pattern(1 << 20, 21);
             let pat_path = PathBuf::from("/tmp/zc.pat");
@@ -98,8 +98,8 @@ driver_test! {
             );
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(listed_data_path(d.id()), dp, "ublk list: data path of the stripe device");
-            fio_verify(&dev, "4k", 16 << 20);
-            fio_verify_halves("zc-stripe", &dev, 32 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
+            fio_verify(&dev, "4k", 8 << 20);
+            fio_verify_halves("zc-stripe", &dev, 8 << 20, &["--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16"]);
             ext4_round_trip(&dev, &format!("stripe {dp}"));
             let (st, out) = d.terminate();
             assert!(st.success(), "stripe --data-path {dp} exited with {st}");
@@ -198,8 +198,8 @@ driver_test! {
             dev.serve_async(&target, |dev, stop| {
                 let p = dev.block_path();
                 let p = p.to_str().unwrap();
-                fio_verify(p, "4k", 16 << 20);
-                fio_verify(p, "128k", 32 << 20);
+                fio_verify(p, "4k", 8 << 20);
+                fio_verify(p, "128k", 8 << 20);
                 stop.stop();
             })
             .unwrap()
