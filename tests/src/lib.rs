@@ -503,8 +503,8 @@ pub fn fio_ok(args: &[&str]) -> String {
     out
 }
 
-/// The fio job: 2 jobs of randwrite + crc32c verify on their own 16 MiB
-/// halves of [base, base+32M), rate-limited so the write phase lasts ~4 s.
+/// The fio job: 2 jobs of randwrite + crc32c verify on their own 8 MiB
+/// halves of [base, base+16M), rate-limited so the write phase lasts ~4 s.
 pub fn fio_rate_verify_args(file: &str, base: u64, direct: bool, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
         "--name=rec",
@@ -513,11 +513,11 @@ pub fn fio_rate_verify_args(file: &str, base: u64, direct: bool, extra: &[&str])
         "--ioengine=io_uring",
         "--iodepth=32",
         "--numjobs=2",
-        "--size=16M",
-        "--offset_increment=16M",
+        "--size=8M",
+        "--offset_increment=8M",
         "--verify=crc32c",
         "--verify_fatal=1",
-        "--rate_iops=1000",
+        "--rate_iops=500",
         "--group_reporting",
     ]
     .iter()
@@ -533,7 +533,7 @@ pub fn fio_rate_verify_args(file: &str, base: u64, direct: bool, extra: &[&str])
 }
 
 /// Asserts that a `--verify_only` pass of [`fio_rate_verify_args`] read back and checked
-/// all 32 MiB (8192 4 KiB blocks, both jobs) without an error. fio's exit
+/// all 16 MiB (4096 4 KiB blocks, both jobs) without an error. fio's exit
 /// status (checked by `run_ok`) covers a failed check; this makes sure the
 /// pass did not verify less than everything.
 pub fn assert_verified_all(out: &str, what: &str) {
@@ -546,7 +546,7 @@ pub fn assert_verified_all(out: &str, what: &str) {
         .and_then(|t| t.split(',').next())
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("{what}: no 'issued rwts' line in fio's output:\n{out}"));
-    assert_eq!(reads, (32 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 32 MiB:\n{out}");
+    assert_eq!(reads, (16 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 16 MiB:\n{out}");
 }
 
 /// Write requests block device `dev` completed so far (/sys/block/ublkbN/stat, field 5).

@@ -428,7 +428,7 @@ driver_test! {
                 .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
                 .and_then(|t| t.split(',').next())
                 .and_then(|n| n.parse::<u64>().ok());
-            assert_eq!(reads, Some((32 << 20) / 4096), "{what}: verify_only did not read all 32 MiB:\n{out}");
+            assert_eq!(reads, Some((16 << 20) / 4096), "{what}: verify_only did not read all 16 MiB:\n{out}");
         };
         verify(&dev, true, "verify_only on the recovered device");
         let (st, qout) = r.terminate();

@@ -52,7 +52,7 @@ fn sigkill_during_fio_reissue(extra: &[&str]) {
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/recovery-reissue.fio");
         let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 0, true, &["--do_verify=1"]), &log);
-        // Kill after fio's first writes (it writes 8192 at 2000/s): mid-job
+        // Kill after fio's first writes (it writes 4096 at 1000/s): mid-job
         // however slowly the VM starts fio.
         wait_for_writes(&dev, 200, &mut fio);
         assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed: make it longer");
