@@ -22,7 +22,7 @@ const ZERO_COPY_PATHS: [(&str, u64, &str); 2] =
 /// The zero-copy data paths this kernel has; for each it lacks, checks that
 /// `ublk add -t nbd --data-path P` against a live server is refused naming
 /// the kernel that has it, and leaves no device.
-fn zero_copy_paths(addr: &Addr) -> Vec<&'static str> {
+fn zero_copy_paths(addr: &Addr, extra: &[&str]) -> Vec<&'static str> {
     let mut have = Vec::new();
     for (dp, flag, since) in ZERO_COPY_PATHS {
         if kernel_has(flag) {
@@ -31,6 +31,7 @@ fn zero_copy_paths(addr: &Addr) -> Vec<&'static str> {
         }
         let mut args: Vec<String> = vec!["add".into(), "-t".into(), "nbd".into()];
         args.extend(addr.args());
+        args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(["--data-path".into(), dp.into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (st, _, err) = ublk(&args);
@@ -66,7 +67,7 @@ driver_test! {
         let img = PathBuf::from("/tmp/nbd-zc.img");
         sparse_file(&img, 32 << 20);
         let srv = Server::qemu_nbd(&img, &addr, &[]);
-        let paths = zero_copy_paths(&addr);
+        let paths = zero_copy_paths(&addr, &["--export", "disk"]);
         for &dp in &paths {
             let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--data-path", dp]);
             let dev = d.dev.to_str().unwrap().to_string();
@@ -127,7 +128,7 @@ driver_test! {
     fn nbd_zero_copy_hostile_chunks_and_attacks() {
         let sock = PathBuf::from("/tmp/nbd-hostile-zc.sock");
         let probe = Server::hostile("sr-good", &sock, &[]);
-        let Some(&dp) = zero_copy_paths(&Addr::Unix(sock.clone())).last() else { return };
+        let Some(&dp) = zero_copy_paths(&Addr::Unix(sock.clone()), &[]).last() else { return };
         drop(probe);
         let _srv = Server::hostile("sr-good", &sock, &[]);
         let d = nbd_dev(&Addr::Unix(sock.clone()), &["--queues", "1", "--depth", "32", "--data-path", dp]);
@@ -167,7 +168,7 @@ driver_test! {
         sparse_file(&img, 32 << 20);
         let addr = Addr::Tcp(10821);
         let mut srv = Server::qemu_nbd(&img, &addr, &[]);
-        let Some(&dp) = zero_copy_paths(&addr).last() else { return };
+        let Some(&dp) = zero_copy_paths(&addr, &["--export", "disk"]).last() else { return };
         let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--recovery", "--data-path", dp]);
         let dev = d.dev.to_str().unwrap().to_string();
         let half = format!("{}", 8u64 << 20);
@@ -175,8 +176,9 @@ driver_test! {
         let mut fio = Command::new("fio")
             .args(["--name=zc-recover", "--filename", &dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
             .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
-            // About 5 s of writing: the kill 3 s in lands mid-job.
-            .args(["--rate_iops=50"])
+            // About 5 s of writing (at most 50 writes/s per job; the verify
+            // reads unlimited): the kill 3 s in lands mid-job.
+            .args(["--rate_iops=,50"])
             .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
             .args(["--group_reporting"])
             .stdout(Stdio::piped())
