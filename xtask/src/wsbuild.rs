@@ -69,11 +69,12 @@ pub fn build_for(suite: &str, target: &Path, with_tests: bool) -> Result<Artifac
     let (inc, ver) = headers::headers_dir(suite).with_context(|| format!("{suite} kernel headers for the VM build"))?;
     log!("building for the VM against linux-libc-dev {ver} ({suite})");
     // The library's examples run in the VM too (tests/tests/examples.rs).
-    let mut bins = cargo_json(&["build", "--workspace", "--exclude", "xtask", "--bins", "--examples"], &inc, target, |test, kinds| {
+    // (Profile vmtest: the dev profile's checks, optimised; see Cargo.toml.)
+    let mut bins = cargo_json(&["build", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--bins", "--examples"], &inc, target, |test, kinds| {
         !test && kinds.iter().any(|k| k == "bin" || k == "example")
     })?;
     let tests = if with_tests {
-        cargo_json(&["test", "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
+        cargo_json(&["test", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
     } else {
         vec![]
     };
