@@ -70,9 +70,12 @@ pub fn build_for(suite: &str, target: &Path, with_tests: bool) -> Result<Artifac
     log!("building for the VM against linux-libc-dev {ver} ({suite})");
     // The library's examples run in the VM too (tests/tests/examples.rs).
     // (Profile vmtest: the dev profile's checks, optimised; see Cargo.toml.)
-    let mut bins = cargo_json(&["build", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--bins", "--examples"], &inc, target, |test, kinds| {
-        !test && kinds.iter().any(|k| k == "bin" || k == "example")
-    })?;
+    let mut bins = cargo_json(
+        &["build", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--bins", "--examples"],
+        &inc,
+        target,
+        |test, kinds| !test && kinds.iter().any(|k| k == "bin" || k == "example"),
+    )?;
     let tests = if with_tests {
         cargo_json(&["test", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
     } else {
