@@ -269,7 +269,9 @@ const NEGOTIATION_TESTS: &[&str] = &[
 fn old_header(timeout: u64) -> Result<()> {
     let ks = [kernels::get("6.12")?, kernels::get("newest")?];
     let target = util::workspace_root().join("target").join("vm-bookworm");
-    let a = wsbuild::build_for("bookworm", &target, true)?;
+    // A handful of quick tests: the unoptimised dev build compiles faster
+    // than it runs slower.
+    let a = wsbuild::build_for("bookworm", &target, true, "dev")?;
     let args: Vec<String> = NEGOTIATION_TESTS.iter().map(|s| s.to_string()).collect();
     let payload = vm::Payload { script: test_payload(&args, 300), bins: a.bins, tests: a.tests, strip: true };
     let common = vm::build_common(&payload)?;

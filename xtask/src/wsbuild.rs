@@ -60,24 +60,24 @@ fn cargo_json(args: &[&str], inc: &PathBuf, target: &Path, want: impl Fn(bool, &
 }
 
 /// Build the workspace binaries (and optionally test executables) for the VM.
+/// Profile `vmtest`: the dev profile's checks, optimised (see Cargo.toml).
 pub fn build(with_tests: bool) -> Result<Artifacts> {
-    build_for("sid", &target_dir(), with_tests)
+    build_for("sid", &target_dir(), with_tests, "vmtest")
 }
 
 /// [`build`] against the headers of Debian `suite`, into `target`.
-pub fn build_for(suite: &str, target: &Path, with_tests: bool) -> Result<Artifacts> {
+pub fn build_for(suite: &str, target: &Path, with_tests: bool, profile: &str) -> Result<Artifacts> {
     let (inc, ver) = headers::headers_dir(suite).with_context(|| format!("{suite} kernel headers for the VM build"))?;
     log!("building for the VM against linux-libc-dev {ver} ({suite})");
     // The library's examples run in the VM too (tests/tests/examples.rs).
-    // (Profile vmtest: the dev profile's checks, optimised; see Cargo.toml.)
     let mut bins = cargo_json(
-        &["build", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--bins", "--examples"],
+        &["build", "--profile", profile, "--workspace", "--exclude", "xtask", "--bins", "--examples"],
         &inc,
         target,
         |test, kinds| !test && kinds.iter().any(|k| k == "bin" || k == "example"),
     )?;
     let tests = if with_tests {
-        cargo_json(&["test", "--profile", "vmtest", "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
+        cargo_json(&["test", "--profile", profile, "--workspace", "--exclude", "xtask", "--no-run"], &inc, target, |test, _| test)?
     } else {
         vec![]
     };
