@@ -337,6 +337,14 @@ pub fn skipped(why: &str) {
     let _ = writeln!(std::io::stderr(), "skipped: {why} (kernel {})", kernel_release());
 }
 
+/// The DATA column of `ublk list --json` for device `id`.
+pub fn listed_data_path(id: u32) -> String {
+    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
+    row["data_path"].as_str().unwrap_or("-").to_string()
+}
+
 /// Runs the `ublk` CLI; returns (status, stdout, stderr).
 pub fn ublk(args: &[&str]) -> (ExitStatus, String, String) {
     run(bin("ublk").to_str().unwrap(), args)

@@ -182,17 +182,7 @@ driver_test! {
         let mut srv = Server::qemu_nbd(&img, &addr, &[]);
         let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--recovery"]);
         let dev = d.dev.to_str().unwrap().to_string();
-        let half = format!("{}", 8u64 << 20);
-        let cpus = format!("0-{}", nproc() - 1);
-        let fio = Command::new("fio")
-            .args(["--name=recover", "--filename", &dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
-            .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
-            .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
-            .args(["--group_reporting"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let fio = spawn_write_verify("recover", &dev, &[]);
         std::thread::sleep(Duration::from_secs(3));
         srv.kill();
         eprintln!("qemu-nbd killed under fio");
@@ -200,18 +190,7 @@ driver_test! {
         let _srv2 = Server::qemu_nbd(&img, &addr, &[]);
         eprintln!("qemu-nbd started again");
         let t0 = Instant::now();
-        let mut fio = fio;
-        let st = wait_timeout(&mut fio, Duration::from_secs(300));
-        let Some(st) = st else {
-            let _ = fio.kill();
-            panic!("fio did not finish within 300 s of the server's restart");
-        };
-        let out = fio.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(st.success(), "fio failed across the server's restart ({st}):\n{text}");
-        for l in text.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio reported an error: {l}\n{text}");
-        }
+        finish_write_verify(fio, "the server's restart");
         eprintln!("fio verify passed, {:.1} s after the restart", t0.elapsed().as_secs_f32());
         cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
         stop(d);

@@ -9,7 +9,6 @@
 mod nbd_util;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbd_util::*;
@@ -41,14 +40,6 @@ fn zero_copy_paths(addr: &Addr, extra: &[&str]) -> Vec<&'static str> {
         skipped(&format!("nbd --data-path {dp} needs Linux {since}+ (refusal checked)"));
     }
     have
-}
-
-/// The DATA column of `ublk list --json` for device `id`.
-fn listed_data_path(id: u32) -> String {
-    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
-    row["data_path"].as_str().unwrap_or("-").to_string()
 }
 
 driver_test! {
@@ -171,35 +162,17 @@ driver_test! {
         let Some(&dp) = zero_copy_paths(&addr, &["--export", "disk"]).last() else { return };
         let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--recovery", "--data-path", dp]);
         let dev = d.dev.to_str().unwrap().to_string();
-        let half = format!("{}", 8u64 << 20);
-        let cpus = format!("0-{}", nproc() - 1);
-        let mut fio = Command::new("fio")
-            .args(["--name=zc-recover", "--filename", &dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
-            .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
+        let mut fio = spawn_write_verify("zc-recover", &dev, &[
             // About 5 s of writing (at most 50 writes/s per job; the verify
             // reads unlimited): the kill 3 s in lands mid-job.
-            .args(["--rate_iops=,50"])
-            .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
-            .args(["--group_reporting"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            "--rate_iops=,50",
+        ]);
         std::thread::sleep(Duration::from_secs(3));
         assert!(fio.try_wait().unwrap().is_none(), "fio finished before the server was killed");
         srv.kill();
         std::thread::sleep(Duration::from_secs(2));
         let _srv2 = Server::qemu_nbd(&img, &addr, &[]);
-        let Some(st) = wait_timeout(&mut fio, Duration::from_secs(300)) else {
-            let _ = fio.kill();
-            panic!("fio did not finish within 300 s of the server's restart");
-        };
-        let out = fio.wait_with_output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(st.success(), "fio failed across the server's restart ({st}):\n{text}");
-        for l in text.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio reported an error: {l}\n{text}");
-        }
+        finish_write_verify(fio, "the server's restart");
         cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
         let m = stop_stats(d);
         assert!(stat(&m, "reconnects") >= 1, "{dp}: the connections were made again: {m:?}");

@@ -20,14 +20,6 @@ fn fio_verify(dev: &str, bs: &str, span: u64) {
     fio_verify_halves("zc", dev, span, &["--rw=randwrite", &bs, "--iodepth=32"]);
 }
 
-/// The DATA column of `ublk list` for device `id`.
-fn listed_data_path(id: u32) -> String {
-    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
-    row["data_path"].as_str().unwrap_or("-").to_string()
-}
-
 driver_test! {
     /// loop and stripe (2 legs) on each zero-copy data path: fio crc32c
     /// verify at 4k and 128k, ext4 + e2fsck, a pattern written through the

@@ -280,3 +280,36 @@ pub fn read_direct(dev: &str, off: u64, len: u64) -> Vec<u8> {
     let _ = std::fs::remove_file(&p);
     v
 }
+
+/// fio on `dev`: 2 jobs of random writes (4k and 64k) at depth 64 on their
+/// own 8 MiB halves, then a crc32c verify of all of it; `extra` adds
+/// options (e.g. a write rate limit, so that a kill lands mid-job).
+pub fn spawn_write_verify(name: &str, dev: &str, extra: &[&str]) -> Child {
+    let half = format!("{}", 8u64 << 20);
+    let cpus = format!("0-{}", nproc() - 1);
+    Command::new("fio")
+        .args([&format!("--name={name}"), "--filename", dev, "--rw=randwrite", "--bssplit=4k/50:64k/50", "--ioengine=io_uring"])
+        .args(["--iodepth=64", "--direct=1", "--numjobs=2", "--size", &half, "--offset_increment", &half])
+        .args(extra)
+        .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--cpus_allowed", &cpus, "--cpus_allowed_policy=split"])
+        .args(["--group_reporting"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (up to 300 s) for a [`spawn_write_verify`] fio: it must succeed
+/// with no error reported; `across` names what it went through.
+pub fn finish_write_verify(mut fio: Child, across: &str) {
+    let Some(st) = wait_timeout(&mut fio, Duration::from_secs(300)) else {
+        let _ = fio.kill();
+        panic!("fio did not finish within 300 s of {across}");
+    };
+    let out = fio.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(st.success(), "fio failed across {across} ({st}):\n{text}");
+    for l in text.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "fio reported an error: {l}\n{text}");
+    }
+}
