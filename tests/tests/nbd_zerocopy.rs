@@ -78,6 +78,8 @@ driver_test! {
                 stat(&m, "data_chunks") + stat(&m, "hole_chunks"),
                 "{dp}: every data and hole chunk moved in the request's pages: {m:?}"
             );
+            // Every data payload took at least one socket read into the pages.
+            assert!(stat(&m, "payload_reads") >= stat(&m, "data_chunks"), "{dp}: socket reads of payloads: {m:?}");
             let regs = queue_sum(&out, "buf_regs");
             if dp == "zero-copy" {
                 assert!(regs > 0, "zero-copy: the queues registered the requests' buffers: {out}");

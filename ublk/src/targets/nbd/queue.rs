@@ -235,7 +235,10 @@ impl NbdQueue<'_> {
         while done < n {
             let range = at + done..at + n;
             let got = match how {
-                Move::Recv => io.read_at(self.sock(), range, 0).await,
+                Move::Recv => {
+                    self.count(|s| s.payload_reads += 1);
+                    io.read_at(self.sock(), range, 0).await
+                }
                 Move::Zero => match &self.zero {
                     Some(z) => io.read_at(z, range, 0).await,
                     None => return Err(("no /dev/zero".into(), false)),

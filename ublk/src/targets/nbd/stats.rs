@@ -22,6 +22,9 @@ pub struct NbdStats {
     /// (under zero copy: every data chunk or simple READ reply's payload,
     /// and every hole, each moved in the request's pages).
     pub direct_payloads: u64,
+    /// Socket reads of payloads straight into their request's pages (zero
+    /// copy; more than one per payload where a read came short).
+    pub payload_reads: u64,
     /// `sendmsg` operations of the requests' writer (under zero copy a
     /// WRITE's payload follows its header in a write of its own).
     pub sends: u64,
@@ -36,6 +39,7 @@ impl NbdStats {
         self.error_chunks += o.error_chunks;
         self.recvs += o.recvs;
         self.direct_payloads += o.direct_payloads;
+        self.payload_reads += o.payload_reads;
         self.sends += o.sends;
     }
 }
