@@ -65,7 +65,8 @@ pub(crate) mod reactor;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use io_uring::opcode;
 
@@ -97,6 +98,24 @@ pub struct QueueContext {
     /// Whether request data stays in the kernel, reached by
     /// [`Io::read_at`]/[`Io::write_at`] as a fixed buffer (zero copy).
     pub zero_copy: bool,
+    /// `/dev/ublkcN` under `UBLK_F_USER_COPY` (the queue's duplicate).
+    pub(crate) char_dev: Option<Arc<OwnedFd>>,
+}
+
+impl QueueContext {
+    /// `/dev/ublkcN` of the device, under `UBLK_F_USER_COPY`: a target
+    /// that keeps its data in its own memory can move a request's data with
+    /// plain `pread`/`pwrite` at [`Io::user_copy_offset`] on it, one copy by
+    /// the kernel between that memory and the request's pages, in the
+    /// queue's thread (an io_uring READ or WRITE on a character device goes
+    /// to the ring's worker threads instead). On a device whose target does
+    /// not [need data](AsyncTarget::needs_data) the queue then keeps no
+    /// buffers and copies nothing itself. `None` without user copy. Keep a
+    /// duplicate (`try_clone_to_owned`) to use it after
+    /// [`AsyncTarget::queue`].
+    pub fn char_dev(&self) -> Option<BorrowedFd<'_>> {
+        self.char_dev.as_deref().map(|fd| fd.as_fd())
+    }
 }
 
 /// A target whose requests are futures. Shared by every queue (`Sync`); each

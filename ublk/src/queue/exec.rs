@@ -34,6 +34,7 @@ impl Queue {
             depth: self.depth,
             user_copy: super::user_copy_dev(self),
             zero_copy: self.zc != super::ZeroCopy::Off,
+            char_dev: self.char_dup.clone(),
         };
         let qt = match target.queue(&ctx) {
             Ok(qt) => qt,

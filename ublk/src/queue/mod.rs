@@ -98,7 +98,7 @@ pub struct Queue {
     bufs_kept: bool,
     /// `/dev/ublkcN` for copies under `UBLK_F_USER_COPY` (a duplicate, so
     /// that it lives as long as the queue).
-    char_dup: Option<OwnedFd>,
+    char_dup: Option<Arc<OwnedFd>>,
     /// The device was created with `UBLK_F_USER_COPY`.
     user_copy: bool,
     /// How requests' pages reach the ring under zero copy.
@@ -246,7 +246,7 @@ impl Queue {
                 .register_buffers_sparse(2 * u32::from(depth))
                 .map_err(|e| Error::os("registering the zero-copy buffer table with the queue's ring", e))?;
         }
-        let char_dup = if user_copy(info) && bufs.is_some() {
+        let char_dup = if user_copy(info) {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open;
             // the result is checked and owned.
             let fd = unsafe { libc::fcntl(char_fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -254,7 +254,7 @@ impl Queue {
                 return Err(Error::os("duplicating /dev/ublkcN for user copy", std::io::Error::last_os_error()));
             }
             // SAFETY: a fresh descriptor we own.
-            Some(unsafe { OwnedFd::from_raw_fd(fd) })
+            Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
         } else {
             None
         };

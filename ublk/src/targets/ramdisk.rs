@@ -2,15 +2,18 @@
 //! as they are written, returned by DISCARD).
 //!
 //! Served as an [async target](crate::aio) (what `ublk add -t ramdisk`
-//! does), the data moves only inside the kernel: each request is a READ or
-//! WRITE on the memfd into or from the request's buffer, so under zero copy
-//! (`DataPath::AutoBufReg`, `ZeroCopy`) a request costs one copy, as with
-//! the kernel's own `brd`, and the process never touches the memory. Served
-//! as a [`Target`], it copies between the memfd's mapping and the queue's
-//! buffer.
+//! does), the data moves only inside the kernel, one copy per request as
+//! with the kernel's own `brd`, and the process never touches the memory:
+//! under zero copy (`DataPath::AutoBufReg`, `ZeroCopy`) each request is a
+//! READ or WRITE of the memfd into or from the request's pages (on 7.3
+//! io_uring ran those on its worker threads, a hop per request); under
+//! user copy (`DataPath::UserCopy`) a `pwrite` or `pread`
+//! of `/dev/ublkcN` from or into the memfd's mapping, in the queue's
+//! thread. Served as a [`Target`], it copies between the mapping and the
+//! queue's buffer.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
@@ -203,28 +206,85 @@ impl Target for RamDisk {
 }
 
 impl AsyncTarget for RamDisk {
-    type Queue<'a> = &'a RamDisk;
+    type Queue<'a> = RamQueue<'a>;
 
-    fn queue(&self, _q: &QueueContext) -> std::io::Result<&RamDisk> {
-        Ok(self)
+    fn queue(&self, q: &QueueContext) -> std::io::Result<RamQueue<'_>> {
+        // Under user copy (and not zero copy) the data moves by pread/pwrite
+        // on the char device, straight between the memory and the request.
+        let char_dev = match q.char_dev() {
+            Some(fd) if !q.zero_copy => Some(fd.try_clone_to_owned()?),
+            _ => None,
+        };
+        Ok(RamQueue { rd: self, char_dev })
     }
 
     fn files(&self) -> Vec<BorrowedFd<'_>> {
         vec![self.memfd.as_fd()]
     }
 
-    /// Data moves only with `read_at`/`write_at`.
+    /// No: the queues keep no buffers under user copy, where the ramdisk
+    /// copies between `/dev/ublkcN` and its memory itself; elsewhere it
+    /// moves data only with `read_at`/`write_at`.
+    fn needs_data(&self) -> bool {
+        false
+    }
+
+    /// Data moves only with `read_at`/`write_at`, or by the kernel under
+    /// user copy.
     fn zero_copy(&self) -> bool {
         true
     }
 }
 
-impl QueueTarget for &RamDisk {
+/// A queue's side of a [`RamDisk`] served as an [`AsyncTarget`].
+#[derive(Debug)]
+pub struct RamQueue<'a> {
+    rd: &'a RamDisk,
+    /// `/dev/ublkcN` under user copy without zero copy.
+    char_dev: Option<OwnedFd>,
+}
+
+impl RamQueue<'_> {
+    /// Under user copy: a READ's answer written to the request from the
+    /// memory (`pwrite` on the char device), or a WRITE's data read into
+    /// it (`pread`), by the kernel in this thread: one copy, no operation
+    /// on the ring, no worker thread.
+    fn user_copy(&self, fd: &OwnedFd, io: &Io<'_>, off: u64, len: u64) -> IoResult {
+        let at = io.user_copy_offset();
+        let mut done = 0u64;
+        while done < len {
+            let mem = self.rd.mem.as_ptr().wrapping_add((off + done) as usize);
+            let (n, k) = ((len - done) as usize, (at + done) as libc::off_t);
+            let r = match io.request().op {
+                // SAFETY: [off, off+len) is inside the mapping (`range`); the
+                // kernel reads it (pwrite) or writes it (pread), as it does
+                // for the memfd's READ/WRITE under zero copy; no Rust
+                // reference to the mapping exists while the ramdisk is
+                // served as an AsyncTarget.
+                Op::Read => unsafe { libc::pwrite(fd.as_raw_fd(), mem as *const libc::c_void, n, k) },
+                // SAFETY: as above.
+                _ => unsafe { libc::pread(fd.as_raw_fd(), mem as *mut libc::c_void, n, k) },
+            };
+            match r {
+                0 => return Err(Errno::EIO),
+                r if r > 0 => done += r as u64,
+                _ => match Errno::last() {
+                    e if e.raw() == libc::EINTR => {}
+                    e => return Err(e),
+                },
+            }
+        }
+        Ok(len as u32)
+    }
+}
+
+impl QueueTarget for RamQueue<'_> {
     async fn handle(&self, mut io: Io<'_>) -> IoResult {
         let req = *io.request();
-        let (off, len) = self.range(&req)?;
+        let (off, len) = self.rd.range(&req)?;
         let file = io.file(0);
         match req.op {
+            Op::Read | Op::Write if self.char_dev.is_some() => self.user_copy(self.char_dev.as_ref().unwrap(), &io, off, len),
             Op::Read => read_full(&mut io, file, off, len as usize).await,
             Op::Write => write_full(&io, file, off, len as usize, 0).await,
             // The kernel zeroes the range (on the queue's ring, not

@@ -171,13 +171,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             // NBD by default copies: zero copy receives each reply's header
             // on its own, which costs small requests more than the copy
             // it saves (it is for large ones: --data-path zero-copy).
-            match DataPath::best(features, a.target != Kind::Null, zero_copy_target && a.target != Kind::Nbd) {
-                // Without zero copy a ramdisk is served as a sync target:
-                // user copy would add a pread/pwrite per request to the
-                // same two copies.
-                DataPath::UserCopy if a.target == Kind::Ramdisk => DataPath::Copy,
-                d => d,
-            }
+            DataPath::best(features, a.target != Kind::Null, zero_copy_target && a.target != Kind::Nbd)
         }
     };
     // The target first: a bad backing file or size must not create a device.
@@ -201,9 +195,10 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             state_dir()?;
             let dev = builder(size, discard_for(a.block_size)).data_path(data_path).create()?;
             let cfg = DeviceConfig { capacity: Some(size), ..cfg(size, None) };
-            if data_path.is_zero_copy() {
+            if data_path.is_zero_copy() || data_path == DataPath::UserCopy {
                 // The kernel moves the data between the request's pages and
-                // the memfd: one copy.
+                // the memory (a READ/WRITE of the memfd under zero copy, a
+                // pread/pwrite of the char device under user copy): one copy.
                 serve(dev, &AsyncT(&rd), cfg, &signals, ready)
             } else {
                 // Copied in this process, between the queue's buffer and the

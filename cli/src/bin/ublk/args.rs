@@ -177,7 +177,7 @@ pub(super) struct AddArgs {
     /// auto-buf-reg (zero copy, the kernel registering them; 6.16+), none
     /// (no data; null only), or auto: the fastest the kernel offers for the
     /// target (the default: zero copy where the kernel has it for loop,
-    /// stripe and ramdisk, else user copy (ramdisk: copy); copy for nbd,
+    /// stripe and ramdisk, else user copy; copy for nbd,
     /// whose zero copy (explicit) saves a copy on large requests but costs
     /// small ones an operation more; none for null).
     #[arg(long, value_parser = parse_data_path)]
