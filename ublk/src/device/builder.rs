@@ -28,9 +28,10 @@ pub struct DeviceBuilder {
     flags: u64,
     attrs: u32,
     discard: Option<Discard>,
-    data_path: DataPath,
     unprivileged: bool,
     batch_io: bool,
+    // Also holds the data path, the one copy of it: `create` takes the
+    // device's flags from it, and the device keeps it.
     pub(super) serving: Serving,
 }
 
@@ -51,7 +52,6 @@ impl Default for DeviceBuilder {
             flags: 0,
             attrs: 0,
             discard: None,
-            data_path: DataPath::Copy,
             unprivileged: false,
             batch_io: false,
             serving: Serving::default(),
@@ -161,7 +161,6 @@ impl DeviceBuilder {
     }
     /// How request data moves (default [`DataPath::Copy`]).
     pub fn data_path(mut self, d: DataPath) -> Self {
-        self.data_path = d;
         self.serving.data_path = d;
         self
     }
@@ -290,7 +289,7 @@ impl DeviceBuilder {
             flags |= sys::abi::UBLK_F_PER_IO_DAEMON;
         }
         let user_copy = ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY));
-        match self.data_path {
+        match self.serving.data_path {
             // The kernel refuses USER_COPY for unprivileged devices: they copy.
             DataPath::NoData if user_copy && !self.unprivileged => flags |= sys::abi::UBLK_F_USER_COPY,
             DataPath::UserCopy if self.unprivileged => {

@@ -48,6 +48,9 @@ struct Serving {
     busy_poll: Duration,
     io_scheduler: Option<String>,
     stop_grace: Duration,
+    /// The data path asked for: [`DeviceBuilder::create`] takes the
+    /// device's flags from it, and [`Device::data_path`] tells
+    /// [`DataPath::NoData`] from [`DataPath::UserCopy`] by it.
     data_path: DataPath,
     /// Threads per queue, each serving its share of the tags.
     threads_per_queue: u16,
