@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use ublk_sys as sys;
 
-use super::check::{check_flag_combinations, check_flags, check_threads, check_unprivileged, flags_feature, names_since};
+use super::check::{check_flag_combinations, check_flags, check_unprivileged, flags_feature, names_since};
 use super::nodes::{open_char, wait_node_access};
 use super::{DataPath, Device, Serving, MAX_QUEUE_DEPTH};
 use crate::ctrl::{Control, DevInfo};
 use crate::error::{Error, Result};
 use crate::params::{validate_block_size, Discard, Params};
 use crate::placement::Placement;
-use crate::queue::TagShare;
+use crate::queue::{check_threads, TagShare};
 
 /// Configures a device, then creates it with [`DeviceBuilder::create`].
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! Checks before ADD_DEV or a recovery: the flags asked for (implemented
 //! by the library, offered by the kernel, in combinations the kernel
-//! takes), the threads per queue, and what unprivileged devices may have.
+//! takes) and what unprivileged devices may have. The threads per queue
+//! are checked with the tag shares (`crate::queue::check_threads`).
 
 use ublk_sys as sys;
 
@@ -23,17 +24,6 @@ pub(super) fn check_unprivileged(ctrl: &Control, flags: u64) -> Result<()> {
         return Err(Error::InvalidConfig {
             what: "flags",
             why: "UBLK_F_USER_COPY is refused by the kernel for unprivileged devices (ADD_DEV: -EINVAL; a user-copy server reaches request pages through /dev/ublkcN); drop it (DataPath::NoData falls back to copying)".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Threads per queue: 1..=depth (a thread without tags would serve nothing).
-pub(super) fn check_threads(n: u16, depth: u16) -> Result<()> {
-    if n == 0 || n > depth {
-        return Err(Error::InvalidConfig {
-            what: "threads per queue",
-            why: format!("{n} threads for queues of {depth} tags: use 1..={depth} (each thread serves at least one tag)"),
         });
     }
     Ok(())

@@ -5,7 +5,7 @@
 // Where the device's parts are: this file has the `Device` itself, what
 // it keeps of how it is served, and its deletion;
 // * `builder`: `DeviceBuilder`, the configuration and the creation;
-// * `check`: the checks of flags and threads before ADD_DEV or a recovery;
+// * `check`: the checks of flags before ADD_DEV or a recovery;
 // * `data_path`: `DataPath`;
 // * `serve`: the queue threads, the lifecycle from START_DEV to DEL_DEV,
 //   and the `StopHandle`;

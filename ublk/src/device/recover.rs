@@ -5,13 +5,13 @@ use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
 
-use super::check::{check_device_flags, check_threads};
+use super::check::check_device_flags;
 use super::nodes::open_char;
 use super::{Device, DeviceBuilder};
 use crate::ctrl::Control;
 use crate::error::{Error, Result};
 use crate::params::Params;
-use crate::queue::TagShare;
+use crate::queue::{check_threads, TagShare};
 
 impl DeviceBuilder {
     /// Takes over an existing device whose server died, with user recovery

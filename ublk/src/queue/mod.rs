@@ -57,7 +57,7 @@ pub use desc::user_copy_offset;
 use ring::build_ring;
 pub(crate) use ring::EventFd;
 pub use share::TagShare;
-pub(crate) use share::{batch_threads_refused, per_io_unsupported};
+pub(crate) use share::{batch_threads_refused, check_threads, per_io_unsupported};
 use zc::ZeroCopy;
 
 /// How long a queue thread polls its ring for the next request before it
