@@ -254,6 +254,17 @@ driver_test! {
             r.expect("without USER_COPY, NoData falls back to copying and a data target works");
         }
         assert_no_devices();
+        // Served async the same (it copies by itself under user copy, but
+        // a NoData device says it serves no data).
+        let dev = DeviceBuilder::new().size(16 << 20).data_path(DataPath::NoData).create().unwrap();
+        let r = dev.serve_async(&ram, |_dev, stop| stop.stop());
+        if has_uc {
+            let e = r.expect_err("an async data target on a USER_COPY device");
+            assert!(e.to_string().contains("DataPath::Copy"), "{e}");
+        } else {
+            r.expect("without USER_COPY, NoData falls back to copying and a data target works");
+        }
+        assert_no_devices();
     }
 }
 

@@ -141,14 +141,18 @@ driver_test! {
         assert_no_devices();
         let _ = std::fs::remove_file(&backing);
 
-        let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--threads-per-queue", "3", "--data-path", "copy"]);
-        assert_threads_spread(&d, 1, 3);
-        let dev = d.dev.to_str().unwrap().to_string();
-        fio_one_cpu(&dev, "8M");
-        let (st, out) = d.terminate();
-        assert!(st.success(), "ramdisk with 3 threads per queue exited with {st}");
-        assert_every_thread_served(&out, 1, 3, "ramdisk, 1 queue x 3 threads");
-        assert_no_devices();
+        // Copy (a sync target) and user copy (async, each thread's pread
+        // and pwrite of /dev/ublkcN).
+        for dp in ["copy", "user-copy"] {
+            let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--threads-per-queue", "3", "--data-path", dp]);
+            assert_threads_spread(&d, 1, 3);
+            let dev = d.dev.to_str().unwrap().to_string();
+            fio_one_cpu(&dev, "8M");
+            let (st, out) = d.terminate();
+            assert!(st.success(), "ramdisk {dp} with 3 threads per queue exited with {st}");
+            assert_every_thread_served(&out, 1, 3, &format!("ramdisk {dp}, 1 queue x 3 threads"));
+            assert_no_devices();
+        }
 
         // ublk-null takes the option too (no data: random reads only).
         let d = Daemon::start("ublk-null", &["--size", "64M", "--threads-per-queue", "2"]);

@@ -50,5 +50,5 @@ pub use params::{Discard, Params};
 pub use placement::Placement;
 pub use queue::{user_copy_offset, Queue, QueueStats, TagShare, DEFAULT_BUSY_POLL};
 pub use target::{AsyncNullTarget, IoResult, NullTarget, Op, Request, Target, WriteCache};
-pub use targets::{LoopOptions, LoopTarget, Nbd, NbdAddr, NbdOptions, NbdStats, RamDisk, Stripe, StripeLayout};
+pub use targets::{LoopOptions, LoopTarget, Nbd, NbdAddr, NbdOptions, NbdStats, RamDisk, RamQueue, Stripe, StripeLayout};
 pub use ublk_sys as sys;

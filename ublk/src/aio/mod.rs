@@ -103,16 +103,15 @@ pub struct QueueContext {
 }
 
 impl QueueContext {
-    /// `/dev/ublkcN` of the device, under `UBLK_F_USER_COPY`: a target
-    /// that keeps its data in its own memory can move a request's data with
-    /// plain `pread`/`pwrite` at [`Io::user_copy_offset`] on it, one copy by
-    /// the kernel between that memory and the request's pages, in the
-    /// queue's thread (an io_uring READ or WRITE on a character device goes
-    /// to the ring's worker threads instead). On a device whose target does
-    /// not [need data](AsyncTarget::needs_data) the queue then keeps no
-    /// buffers and copies nothing itself. `None` without user copy. Keep a
-    /// duplicate (`try_clone_to_owned`) to use it after
-    /// [`AsyncTarget::queue`].
+    /// `/dev/ublkcN` of the device, under `UBLK_F_USER_COPY` (`None`
+    /// without): a target that keeps its data in its own memory can move a
+    /// request's data with plain `pread`/`pwrite` at
+    /// [`Io::user_copy_offset`] on it, one copy by the kernel between that
+    /// memory and the request's pages, in the queue's thread (an io_uring
+    /// READ or WRITE of `/dev/ublkcN`, which sets no `FMODE_NOWAIT`, would
+    /// go to the ring's worker threads). See
+    /// [`AsyncTarget::user_copies_itself`]. Keep a duplicate
+    /// (`try_clone_to_owned`) to use it after [`AsyncTarget::queue`].
     pub fn char_dev(&self) -> Option<BorrowedFd<'_>> {
         self.char_dev.as_deref().map(|fd| fd.as_fd())
     }
@@ -145,6 +144,16 @@ pub trait AsyncTarget: Send + Sync {
     /// two become READ_FIXED/WRITE_FIXED on the request's registered pages.
     /// Default `false`: such devices refuse the target.
     fn zero_copy(&self) -> bool {
+        false
+    }
+
+    /// Whether, on a device with `UBLK_F_USER_COPY` (and no zero copy),
+    /// the target moves every READ's and WRITE's data itself, with `pread`
+    /// and `pwrite` of [`QueueContext::char_dev`] at
+    /// [`Io::user_copy_offset`]: [`Device::serve_async`](crate::Device::serve_async)
+    /// then gives its queues no buffers and copies nothing for it. Default
+    /// `false`.
+    fn user_copies_itself(&self) -> bool {
         false
     }
 

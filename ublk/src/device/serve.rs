@@ -43,6 +43,7 @@ impl StopHandle {
 trait Serve: Sync {
     fn needs_data(&self) -> bool;
     fn zero_copy(&self) -> bool;
+    fn user_copies_itself(&self) -> bool;
     fn write_cache(&self) -> WriteCache;
     fn files(&self) -> Vec<std::os::fd::RawFd>;
     fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats>;
@@ -56,6 +57,9 @@ impl<T: Target> Serve for Sync_<'_, T> {
         self.0.needs_data()
     }
     fn zero_copy(&self) -> bool {
+        false
+    }
+    fn user_copies_itself(&self) -> bool {
         false
     }
     fn write_cache(&self) -> WriteCache {
@@ -75,6 +79,9 @@ impl<T: AsyncTarget> Serve for Async_<'_, T> {
     }
     fn zero_copy(&self) -> bool {
         self.0.zero_copy()
+    }
+    fn user_copies_itself(&self) -> bool {
+        self.0.user_copies_itself()
     }
     fn write_cache(&self) -> WriteCache {
         self.0.write_cache()
@@ -201,7 +208,8 @@ impl Device {
         let mut bufs = Vec::new();
         for q in 0..nq {
             let zero_copy = info.flags & (sys::abi::UBLK_F_AUTO_BUF_REG | sys::abi::UBLK_F_SUPPORT_ZERO_COPY) != 0;
-            bufs.push(if zero_copy || (crate::queue::user_copy(&info) && !target.needs_data()) {
+            let user_copy = crate::queue::user_copy(&info);
+            bufs.push(if zero_copy || (user_copy && (!target.needs_data() || target.user_copies_itself())) {
                 None
             } else {
                 Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?))

@@ -8,5 +8,5 @@ pub mod stripe;
 
 pub use loop_file::{LoopOptions, LoopTarget};
 pub use nbd::{Nbd, NbdAddr, NbdOptions, NbdStats};
-pub use ramdisk::RamDisk;
+pub use ramdisk::{RamDisk, RamQueue};
 pub use stripe::{Stripe, StripeLayout};

@@ -1,21 +1,26 @@
 //! A memory-backed disk: its memory is a memfd (shmem pages, allocated
 //! as they are written, returned by DISCARD).
 //!
-//! Served as an [async target](crate::aio) (what `ublk add -t ramdisk`
-//! does), the data moves only inside the kernel, one copy per request as
-//! with the kernel's own `brd`, and the process never touches the memory:
-//! under zero copy (`DataPath::AutoBufReg`, `ZeroCopy`) each request is a
-//! READ or WRITE of the memfd into or from the request's pages (on 7.3
-//! io_uring ran those on its worker threads, a hop per request); under
-//! user copy (`DataPath::UserCopy`) a `pwrite` or `pread`
-//! of `/dev/ublkcN` from or into the memfd's mapping, in the queue's
-//! thread. Served as a [`Target`], it copies between the mapping and the
-//! queue's buffer.
+//! The process never reads or writes that memory itself: the kernel does
+//! every copy, in a system call or an io_uring operation, so no two of
+//! this process's threads can race on it.
+//! * Served as an [async target](crate::aio) (what `ublk add -t ramdisk`
+//!   does), a request costs one copy, as with the kernel's own `brd`: under
+//!   zero copy (`DataPath::AutoBufReg`, `ZeroCopy`) a READ or WRITE of the
+//!   memfd into or from the request's pages (io_uring runs those on its
+//!   worker threads: shmem sets no `FMODE_NOWAIT`); under user copy
+//!   (`DataPath::UserCopy`) a `pwrite` or `pread` of `/dev/ublkcN` from or
+//!   into the memfd's mapping, in the queue's thread (a READ of a range
+//!   never written then commits its pages: the kernel faults them in to
+//!   copy from them).
+//! * Served as a [`Target`], a `pread` or `pwrite` of the memfd into or
+//!   from the queue's buffer, which the kernel copies to or from the
+//!   request: two copies.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
 use crate::errno::Errno;
@@ -23,34 +28,23 @@ use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::targets::loop_file::{read_full, write_full};
 
-/// Bytes covered by one lock stripe.
-const CHUNK: u64 = 64 << 10;
-const STRIPES: usize = 256;
-
-/// A RAM disk: a memfd of the device's size, zero-filled.
-///
-/// As a [`Target`], queues copy through the memfd's mapping concurrently;
-/// overlapping requests are serialised per 64 KiB chunk by striped locks,
-/// so no byte is ever written by two threads at once (a data race); the
-/// block layer promises no ordering between overlapping requests anyway.
-/// As an [`AsyncTarget`] the kernel moves every byte (READ/WRITE on the
-/// memfd) and no lock is taken.
+/// A RAM disk: a memfd of the device's size, zero-filled. See the
+/// [module](self) for how each way of serving it moves the data.
 pub struct RamDisk {
     memfd: File,
+    /// The memfd mapped shared: only ever an address handed to the kernel
+    /// (`pread`/`pwrite` of `/dev/ublkcN` under user copy), never read or
+    /// written by this process.
     mem: NonNull<u8>,
     size: u64,
-    stripes: Vec<Mutex<()>>,
 }
 
-// SAFETY: the mapping is owned by the RamDisk, and every access to it
-// through the mapping is under the stripe locks (see `with_chunks`); the
-// raw pointer itself is just an address. (Served as an AsyncTarget, the
-// kernel reads and writes the memfd instead, with no lock: one RamDisk is
-// served one way, by one device; serving it both ways at once would race
-// the kernel's copies against this process's.)
+// SAFETY: the mapping is owned by the RamDisk and unmapped on drop; this
+// process never reads or writes through it (its address goes only to
+// system calls, where the kernel copies), so threads sharing the RamDisk
+// have no memory of it to race on. The raw pointer is just an address.
 unsafe impl Send for RamDisk {}
-// SAFETY: as above: all access through the mapping is under the stripe
-// locks.
+// SAFETY: as above.
 unsafe impl Sync for RamDisk {}
 
 impl std::fmt::Debug for RamDisk {
@@ -117,25 +111,12 @@ impl RamDisk {
         if p == libc::MAP_FAILED {
             return Err(cannot(std::io::Error::last_os_error()));
         }
-        Ok(RamDisk { memfd, mem: NonNull::new(p as *mut u8).unwrap(), size, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect() })
+        Ok(RamDisk { memfd, mem: NonNull::new(p as *mut u8).unwrap(), size })
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Runs `f(offset in disk, offset in request, len)` chunk by chunk, each
-    /// under its stripe's lock.
-    fn with_chunks(&self, off: u64, len: u64, mut f: impl FnMut(u64, usize, usize)) {
-        let mut done = 0u64;
-        while done < len {
-            let pos = off + done;
-            let n = (CHUNK - pos % CHUNK).min(len - done);
-            let _g = self.stripes[((pos / CHUNK) as usize) % STRIPES].lock().unwrap_or_else(|e| e.into_inner());
-            f(pos, done as usize, n as usize);
-            done += n;
-        }
     }
 
     /// Zeroes `[off, off+len)` and gives its whole pages back to the
@@ -167,6 +148,46 @@ impl Drop for RamDisk {
     }
 }
 
+/// Which way [`transfer`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// `pwrite`: from the memory to the descriptor.
+    ToFd,
+    /// `pread`: from the descriptor into the memory.
+    FromFd,
+}
+
+/// `pwrite` (`ToFd`) or `pread` (`FromFd`) of `len` bytes at `ptr`, at
+/// `pos` of `fd`, finishing short transfers. The end of the file before
+/// `len` bytes is EIO.
+///
+/// # Safety
+/// `ptr..ptr + len` must be valid for reads (`ToFd`) or writes (`FromFd`)
+/// for the whole call, and no Rust reference may cover those bytes
+/// meanwhile (the kernel reads or writes them).
+unsafe fn transfer(fd: BorrowedFd<'_>, ptr: *mut u8, len: usize, pos: u64, dir: Dir) -> std::result::Result<(), Errno> {
+    let mut done = 0usize;
+    while done < len {
+        let p = ptr.wrapping_add(done) as *mut libc::c_void;
+        let (n, at) = (len - done, (pos + done as u64) as libc::off_t);
+        let r = match dir {
+            // SAFETY: the caller's promise, for [done, len) of the range.
+            Dir::ToFd => unsafe { libc::pwrite(fd.as_raw_fd(), p, n, at) },
+            // SAFETY: as above.
+            Dir::FromFd => unsafe { libc::pread(fd.as_raw_fd(), p, n, at) },
+        };
+        match r {
+            0 => return Err(Errno::EIO),
+            r if r > 0 => done += r as usize,
+            _ => match Errno::last() {
+                e if e.raw() == libc::EINTR => {}
+                e => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
 impl Target for RamDisk {
     fn handle(&self, req: &Request, buf: &mut [u8]) -> IoResult {
         let (off, len) = self.range(req)?;
@@ -176,31 +197,16 @@ impl Target for RamDisk {
             // past `buf`.
             return Err(Errno::EINVAL);
         }
-        let base = self.mem.as_ptr();
-        match req.op {
-            Op::Read => self.with_chunks(off, len, |pos, at, n| {
-                // SAFETY: [pos, pos+n) is inside the mapping (checked above)
-                // and locked; [at, at+n) is inside `buf` (len == buf.len()).
-                unsafe { std::ptr::copy_nonoverlapping(base.add(pos as usize), buf.as_mut_ptr().add(at), n) }
-            }),
-            Op::Write => self.with_chunks(off, len, |pos, at, n| {
-                // SAFETY: as for reads, in the other direction.
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), base.add(pos as usize), n) }
-            }),
-            Op::Discard | Op::WriteZeroes => {
-                // Chunk by chunk, each under its stripe's lock: no copy of
-                // this process reads or writes those bytes meanwhile.
-                let mut r = Ok(0);
-                self.with_chunks(off, len, |pos, _, n| {
-                    if r.is_ok() {
-                        r = self.punch(pos, n as u64);
-                    }
-                });
-                r?;
-            }
-            Op::Flush => {}
+        let dir = match req.op {
+            Op::Read => Dir::FromFd,
+            Op::Write => Dir::ToFd,
+            Op::Discard | Op::WriteZeroes => return self.punch(off, len),
+            Op::Flush => return Ok(0),
             Op::Other(_) => return Err(Errno::EOPNOTSUPP),
-        }
+        };
+        // SAFETY: `buf` is ours, exclusively borrowed, and `len` bytes long
+        // (checked above).
+        unsafe { transfer(self.memfd.as_fd(), buf.as_mut_ptr(), buf.len(), off, dir)? };
         Ok(len as u32)
     }
 }
@@ -210,11 +216,8 @@ impl AsyncTarget for RamDisk {
 
     fn queue(&self, q: &QueueContext) -> std::io::Result<RamQueue<'_>> {
         // Under user copy (and not zero copy) the data moves by pread/pwrite
-        // on the char device, straight between the memory and the request.
-        let char_dev = match q.char_dev() {
-            Some(fd) if !q.zero_copy => Some(fd.try_clone_to_owned()?),
-            _ => None,
-        };
+        // of the char device, straight between the memory and the request.
+        let char_dev = if q.zero_copy { None } else { q.char_dev.clone() };
         Ok(RamQueue { rd: self, char_dev })
     }
 
@@ -222,60 +225,29 @@ impl AsyncTarget for RamDisk {
         vec![self.memfd.as_fd()]
     }
 
-    /// No: the queues keep no buffers under user copy, where the ramdisk
-    /// copies between `/dev/ublkcN` and its memory itself; elsewhere it
-    /// moves data only with `read_at`/`write_at`.
-    fn needs_data(&self) -> bool {
-        false
+    /// Data moves only with `read_at`/`write_at` (or, under user copy, by
+    /// the ramdisk's own `pread`/`pwrite` of `/dev/ublkcN`).
+    fn zero_copy(&self) -> bool {
+        true
     }
 
-    /// Data moves only with `read_at`/`write_at`, or by the kernel under
-    /// user copy.
-    fn zero_copy(&self) -> bool {
+    /// Yes: see [`RamQueue`].
+    fn user_copies_itself(&self) -> bool {
         true
     }
 }
 
-/// A queue's side of a [`RamDisk`] served as an [`AsyncTarget`].
+/// A queue's side of a [`RamDisk`] served as an [`AsyncTarget`]. Under user
+/// copy (a device with `UBLK_F_USER_COPY` and no zero copy) a READ is
+/// answered by a `pwrite` of `/dev/ublkcN` from the memory and a WRITE
+/// taken by a `pread` into it, by the kernel in the queue's thread: one
+/// copy, no operation on the ring, no worker thread, no queue buffer.
+/// Otherwise each is a READ or WRITE of the memfd on the ring.
 #[derive(Debug)]
 pub struct RamQueue<'a> {
     rd: &'a RamDisk,
     /// `/dev/ublkcN` under user copy without zero copy.
-    char_dev: Option<OwnedFd>,
-}
-
-impl RamQueue<'_> {
-    /// Under user copy: a READ's answer written to the request from the
-    /// memory (`pwrite` on the char device), or a WRITE's data read into
-    /// it (`pread`), by the kernel in this thread: one copy, no operation
-    /// on the ring, no worker thread.
-    fn user_copy(&self, fd: &OwnedFd, io: &Io<'_>, off: u64, len: u64) -> IoResult {
-        let at = io.user_copy_offset();
-        let mut done = 0u64;
-        while done < len {
-            let mem = self.rd.mem.as_ptr().wrapping_add((off + done) as usize);
-            let (n, k) = ((len - done) as usize, (at + done) as libc::off_t);
-            let r = match io.request().op {
-                // SAFETY: [off, off+len) is inside the mapping (`range`); the
-                // kernel reads it (pwrite) or writes it (pread), as it does
-                // for the memfd's READ/WRITE under zero copy; no Rust
-                // reference to the mapping exists while the ramdisk is
-                // served as an AsyncTarget.
-                Op::Read => unsafe { libc::pwrite(fd.as_raw_fd(), mem as *const libc::c_void, n, k) },
-                // SAFETY: as above.
-                _ => unsafe { libc::pread(fd.as_raw_fd(), mem as *mut libc::c_void, n, k) },
-            };
-            match r {
-                0 => return Err(Errno::EIO),
-                r if r > 0 => done += r as u64,
-                _ => match Errno::last() {
-                    e if e.raw() == libc::EINTR => {}
-                    e => return Err(e),
-                },
-            }
-        }
-        Ok(len as u32)
-    }
+    char_dev: Option<Arc<OwnedFd>>,
 }
 
 impl QueueTarget for RamQueue<'_> {
@@ -283,20 +255,27 @@ impl QueueTarget for RamQueue<'_> {
         let req = *io.request();
         let (off, len) = self.rd.range(&req)?;
         let file = io.file(0);
-        match req.op {
-            Op::Read | Op::Write if self.char_dev.is_some() => self.user_copy(self.char_dev.as_ref().unwrap(), &io, off, len),
-            Op::Read => read_full(&mut io, file, off, len as usize).await,
-            Op::Write => write_full(&io, file, off, len as usize, 0).await,
+        match (&self.char_dev, req.op) {
+            (Some(dev), Op::Read | Op::Write) => {
+                let dir = if req.op == Op::Read { Dir::ToFd } else { Dir::FromFd };
+                let mem = self.rd.mem.as_ptr().wrapping_add(off as usize);
+                // SAFETY: [off, off + len) is inside the mapping (`range`),
+                // which lives as long as `self.rd`; this process never
+                // references it (see `RamDisk`), only the kernel copies.
+                unsafe { transfer(dev.as_fd(), mem, len as usize, io.user_copy_offset(), dir)? };
+                Ok(len as u32)
+            }
+            (_, Op::Read) => read_full(&mut io, file, off, len as usize).await,
+            (_, Op::Write) => write_full(&io, file, off, len as usize, 0).await,
             // The kernel zeroes the range (on the queue's ring, not
-            // blocking its other requests); nothing of this process touches
-            // the memory, so no lock is needed.
-            Op::Discard | Op::WriteZeroes => {
+            // blocking its other requests).
+            (_, Op::Discard | Op::WriteZeroes) => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 io.ring().fallocate(file, mode, off, len).await?;
                 Ok(len as u32)
             }
-            Op::Flush => Ok(0),
-            Op::Other(_) => Err(Errno::EOPNOTSUPP),
+            (_, Op::Flush) => Ok(0),
+            (_, Op::Other(_)) => Err(Errno::EOPNOTSUPP),
         }
     }
 }
@@ -341,6 +320,46 @@ mod tests {
             assert!(back[3 * 512..19 * 512].iter().all(|&b| b == 0), "{op:?}");
             assert!(back[19 * 512..].iter().all(|&b| b == 0xa5), "{op:?}");
         }
+    }
+
+    /// `transfer` moves exactly the bytes asked, both ways, at the given
+    /// position, and a file that ends first is EIO (a memfd stands in for
+    /// `/dev/ublkcN`).
+    #[test]
+    fn transfer_moves_whole_ranges_and_reports_a_short_file() {
+        let dev = RamDisk::new(1 << 20).unwrap();
+        let fd = dev.files()[0].try_clone_to_owned().unwrap();
+        let mut out: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        // SAFETY: `out` is ours and 8192 bytes long.
+        unsafe { transfer(fd.as_fd(), out.as_mut_ptr(), out.len(), 4096, Dir::ToFd).unwrap() };
+        let mut back = vec![0u8; 8192];
+        // SAFETY: as above.
+        unsafe { transfer(fd.as_fd(), back.as_mut_ptr(), back.len(), 4096, Dir::FromFd).unwrap() };
+        assert_eq!(back, out);
+        // SAFETY: as above; the file ends 4096 bytes in.
+        let r = unsafe { transfer(fd.as_fd(), back.as_mut_ptr(), back.len(), (1 << 20) - 4096, Dir::FromFd) };
+        assert_eq!(r, Err(Errno::EIO));
+    }
+
+    /// A queue takes the char device (user copy) only without zero copy.
+    #[test]
+    fn a_queue_copies_itself_only_under_user_copy() {
+        let rd = RamDisk::new(1 << 20).unwrap();
+        let stand_in = Arc::new(rd.files()[0].try_clone_to_owned().unwrap());
+        let ctx = |char_dev: Option<Arc<OwnedFd>>, zero_copy| QueueContext {
+            dev_id: 0,
+            q_id: 0,
+            thread: 0,
+            threads: 1,
+            depth: 1,
+            user_copy: char_dev.is_some(),
+            zero_copy,
+            char_dev,
+        };
+        assert!(rd.queue(&ctx(Some(stand_in.clone()), false)).unwrap().char_dev.is_some());
+        assert!(rd.queue(&ctx(Some(stand_in), true)).unwrap().char_dev.is_none());
+        assert!(rd.queue(&ctx(None, false)).unwrap().char_dev.is_none());
+        assert!(rd.user_copies_itself() && AsyncTarget::needs_data(&rd));
     }
 
     /// The memfd's size is sealed: safe code that reaches it through

@@ -147,7 +147,10 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         capacity: None,
     };
     if a.async_ && a.target != Kind::Null {
-        bail!("--async is for -t null (the sync null target is the default there); {} is always served async", a.target.name());
+        bail!(
+            "--async is for -t null (the sync null target is the default there); {} picks how it is served from its data path",
+            a.target.name()
+        );
     }
     if a.data_path == Some(DataPathArg::Is(DataPath::NoData)) && a.target != Kind::Null {
         bail!("--data-path none is for -t null: a {} device reads and writes data; use copy or user-copy", a.target.name());
