@@ -28,8 +28,16 @@ use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::targets::loop_file::{read_full, write_full};
 
-/// A RAM disk: a memfd of the device's size, zero-filled. See the
-/// [module](self) for how each way of serving it moves the data.
+/// A RAM disk: a memfd of the device's size, zero-filled (shmem pages,
+/// allocated as they are written, returned by DISCARD).
+///
+/// This process never reads or writes its memory: the kernel does every
+/// copy. Served as an [`AsyncTarget`], a request costs one copy, as with
+/// the kernel's `brd`: a READ or WRITE of the memfd into or from the
+/// request's pages under zero copy, a `pread`/`pwrite` of `/dev/ublkcN`
+/// under user copy (see [`RamQueue`]). Served as a [`Target`], a `pread`
+/// or `pwrite` of the memfd into or from the queue's buffer, which the
+/// kernel copies to or from the request.
 pub struct RamDisk {
     memfd: File,
     /// The memfd mapped shared: only ever an address handed to the kernel
