@@ -21,6 +21,8 @@
 //!     println!("{}", dev.block_path().display());
 //!     stop.stop(); // or keep the handle and stop later
 //! })?;
+//! let reads: u64 = stats.iter().map(|s| s.reads).sum();
+//! println!("served {reads} reads");
 //! # Ok::<(), ublk::Error>(())
 //! ```
 #![warn(missing_docs)]
