@@ -117,6 +117,15 @@ impl QueueContext {
     }
 }
 
+/// Whether `target`'s queues need buffers for request data on a device
+/// with (`user_copy`) or without `UBLK_F_USER_COPY`: when it needs data,
+/// unless it copies under user copy itself. The one place of the rule, for
+/// [`Device::serve_async`](crate::Device::serve_async)'s buffers and
+/// [`Queue::serve_async`](crate::Queue::serve_async)'s check.
+pub(crate) fn needs_buffers<T: AsyncTarget + ?Sized>(target: &T, user_copy: bool) -> bool {
+    target.needs_data() && !(user_copy && target.user_copies_itself())
+}
+
 /// A target whose requests are futures. Shared by every queue (`Sync`); each
 /// queue thread makes its own [`AsyncTarget::Queue`] object from it.
 pub trait AsyncTarget: Send + Sync {

@@ -43,7 +43,9 @@ impl StopHandle {
 trait Serve: Sync {
     fn needs_data(&self) -> bool;
     fn zero_copy(&self) -> bool;
-    fn user_copies_itself(&self) -> bool;
+    /// Whether the queues need buffers for request data, with or without
+    /// `UBLK_F_USER_COPY` (`aio::needs_buffers`).
+    fn needs_buffers(&self, user_copy: bool) -> bool;
     fn write_cache(&self) -> WriteCache;
     fn files(&self) -> Vec<std::os::fd::RawFd>;
     fn run(&self, q: &mut Queue, on_panic: &dyn Fn()) -> Result<QueueStats>;
@@ -59,8 +61,8 @@ impl<T: Target> Serve for Sync_<'_, T> {
     fn zero_copy(&self) -> bool {
         false
     }
-    fn user_copies_itself(&self) -> bool {
-        false
+    fn needs_buffers(&self, _user_copy: bool) -> bool {
+        self.0.needs_data()
     }
     fn write_cache(&self) -> WriteCache {
         self.0.write_cache()
@@ -80,8 +82,8 @@ impl<T: AsyncTarget> Serve for Async_<'_, T> {
     fn zero_copy(&self) -> bool {
         self.0.zero_copy()
     }
-    fn user_copies_itself(&self) -> bool {
-        self.0.user_copies_itself()
+    fn needs_buffers(&self, user_copy: bool) -> bool {
+        crate::aio::needs_buffers(self.0, user_copy)
     }
     fn write_cache(&self) -> WriteCache {
         self.0.write_cache()
@@ -205,15 +207,14 @@ impl Device {
         // queue dies, the others' parked FETCHes may still name their
         // buffers until the device is deleted. The threads of a queue share
         // its buffers, each using only its own tags'.
+        let zero_copy = info.flags & (sys::abi::UBLK_F_AUTO_BUF_REG | sys::abi::UBLK_F_SUPPORT_ZERO_COPY) != 0;
+        let user_copy = crate::queue::user_copy(&info);
+        // Without user copy the kernel copies into buffers whatever the
+        // target needs.
+        let no_bufs = zero_copy || (user_copy && !target.needs_buffers(true));
         let mut bufs = Vec::new();
         for q in 0..nq {
-            let zero_copy = info.flags & (sys::abi::UBLK_F_AUTO_BUF_REG | sys::abi::UBLK_F_SUPPORT_ZERO_COPY) != 0;
-            let user_copy = crate::queue::user_copy(&info);
-            bufs.push(if zero_copy || (user_copy && (!target.needs_data() || target.user_copies_itself())) {
-                None
-            } else {
-                Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?))
-            });
+            bufs.push(if no_bufs { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?)) });
         }
         // Teardown has a control handle of its own, and the char device is
         // held here: `on_live` borrows the device meanwhile.

@@ -21,9 +21,7 @@ impl Queue {
     /// makes the target's object for this queue (on this thread), then runs
     /// each request's future on this thread. See [`crate::aio`].
     pub fn serve_async<T: AsyncTarget + ?Sized>(&mut self, target: &T) -> Result<QueueStats> {
-        // A target that copies under user copy itself needs no buffers.
-        let needs_bufs = target.needs_data() && !(self.user_copy && target.user_copies_itself());
-        self.check_data(needs_bufs, target.zero_copy())?;
+        self.check_data(crate::aio::needs_buffers(target, self.user_copy), target.zero_copy())?;
         self.serve_async_notify(target, &|| {})
     }
 
