@@ -212,6 +212,9 @@ impl Device {
         // Without user copy the kernel copies into buffers whatever the
         // target needs.
         let no_bufs = zero_copy || (user_copy && !target.needs_buffers(true));
+        // A target that needs data but no buffers copies through
+        // /dev/ublkcN itself (QueueContext::char_dev).
+        let wants_char = target.needs_data() && !target.needs_buffers(true);
         let mut bufs = Vec::new();
         for q in 0..nq {
             bufs.push(if no_bufs { None } else { Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q)?)) });
@@ -241,14 +244,15 @@ impl Device {
                     placement::pin_to(&plan.start);
                     let mut guard = ExitGuard { tx: tx.clone(), q_id: q, sent: false };
                     let files = target.files();
-                    let mut queue = match Queue::with_bufs(char_fd, &info, q, share, encoding, Some(wake_fd), &files, qbufs, true) {
-                        Ok(queue) => queue,
-                        Err(e) => {
-                            guard.sent = true;
-                            let _ = tx.send(Event::Failed(e));
-                            return;
-                        }
-                    };
+                    let mut queue =
+                        match Queue::with_bufs(char_fd, &info, q, share, encoding, Some(wake_fd), &files, qbufs, true, wants_char) {
+                            Ok(queue) => queue,
+                            Err(e) => {
+                                guard.sent = true;
+                                let _ = tx.send(Event::Failed(e));
+                                return;
+                            }
+                        };
                     queue.set_busy_poll(busy_poll);
                     queue.set_follower(follower);
                     if let Err(e) = queue.occupy_auto_indexes(occupy_every) {

@@ -195,7 +195,7 @@ impl Queue {
             Some(Arc::new(IoBufs::new(info.max_io_buf_bytes, info.queue_depth, q_id)?))
         };
         let files: Vec<RawFd> = target_files.iter().map(|f| f.as_raw_fd()).collect();
-        Self::with_bufs(char_fd, info, q_id, share, encoding, wake.map(|w| w.as_raw_fd()), &files, bufs, false)
+        Self::with_bufs(char_fd, info, q_id, share, encoding, wake.map(|w| w.as_raw_fd()), &files, bufs, false, true)
     }
 
     /// [`Queue::new`] for a device whose `info` came from the kernel, with
@@ -213,6 +213,7 @@ impl Queue {
         target_files: &[RawFd],
         bufs: Option<Arc<IoBufs>>,
         bufs_kept: bool,
+        char_dup_wanted: bool,
     ) -> Result<Self> {
         share.check(info)?;
         if q_id >= info.nr_hw_queues {
@@ -246,7 +247,11 @@ impl Queue {
                 .register_buffers_sparse(2 * u32::from(depth))
                 .map_err(|e| Error::os("registering the zero-copy buffer table with the queue's ring", e))?;
         }
-        let char_dup = if user_copy(info) {
+        // Only a queue that copies (into its buffers, or through its
+        // target) holds a duplicate of /dev/ublkcN: on 7.3 one held by a
+        // queue that never uses it made the teardown after a queue's panic
+        // warn in ublk_ch_uring_cmd.
+        let char_dup = if user_copy(info) && (bufs.is_some() || char_dup_wanted) {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open;
             // the result is checked and owned.
             let fd = unsafe { libc::fcntl(char_fd, libc::F_DUPFD_CLOEXEC, 0) };
