@@ -62,26 +62,11 @@ driver_test! {
     fn nbd_hostile_server_replies_end_the_connection() {
         let sock = PathBuf::from("/tmp/nbd-hostile.sock");
         for mode in ["wrong-magic", "short-reply", "unknown-cookie", "oversized-read"] {
-            eprintln!("mode {mode}");
-            let _srv = Server::hostile(mode, &sock, &[]);
-            let mut d = nbd_dev(&Addr::Unix(sock.clone()), &["--queues", "1", "--depth", "16"]);
-            let dev = d.dev.to_str().unwrap().to_string();
-            assert_eq!(read_at(&dev, 0), Ok(()), "{mode}: a read outside the trigger window");
-            let t0 = Instant::now();
-            let r = read_at(&dev, 1 << 20);
-            if mode == "oversized-read" {
-                // The read's own 4 KiB arrive whole (a simple reply's length
-                // is the request's); the surplus is then read as the next
-                // reply header, whose magic is wrong.
-                assert_eq!(r, Ok(()), "{mode}");
-            } else {
-                let e = r.expect_err(mode);
-                assert!(e.contains("Input/output error"), "{mode}: {e}");
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "{mode}: the read took {:?}", t0.elapsed());
-            let e = read_at(&dev, 8 << 20).expect_err(mode);
-            assert!(e.contains("Input/output error"), "{mode}: a read after the connection closed: {e}");
-            assert!(d.child.try_wait().unwrap().is_none(), "{mode}: the daemon died");
+            // An oversized READ reply: the read's own 4 KiB arrive whole (a
+            // simple reply's length is the request's); the surplus is then
+            // read as the next reply header, whose magic is wrong.
+            let trigger = if mode == "oversized-read" { Ok(()) } else { Err("Input/output error") };
+            let (_srv, d) = attack(mode, &sock, &[], trigger, false);
             stop(d);
         }
     }

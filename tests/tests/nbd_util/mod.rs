@@ -313,3 +313,39 @@ pub fn finish_write_verify(mut fio: Child, across: &str) {
         assert!(l.contains("err= 0"), "fio reported an error: {l}\n{text}");
     }
 }
+
+/// One protocol attack: serves `nbd-hostile` in `mode` on `sock`, makes a
+/// one-queue device on it (with `extra`), and checks what every attack
+/// test checks: a read outside the 1 MiB trigger window succeeds; the read
+/// in it ends within 10 s, succeeding if `trigger` is `Ok`, else failing
+/// with an error that contains the `Err` text; a later read succeeds if
+/// `survives`, else fails with EIO (the connection is closed); the daemon
+/// is alive. The device is returned for the caller to stop.
+pub fn attack(mode: &str, sock: &Path, extra: &[&str], trigger: Result<(), &str>, survives: bool) -> (Server, Daemon) {
+    eprintln!("mode {mode}");
+    let srv = Server::hostile(mode, sock, &[]);
+    let mut args = vec!["--queues", "1", "--depth", "16"];
+    args.extend_from_slice(extra);
+    let mut d = nbd_dev(&Addr::Unix(sock.to_path_buf()), &args);
+    let dev = d.dev.to_str().unwrap().to_string();
+    assert_eq!(read_at(&dev, 0), Ok(()), "{mode}: a read outside the trigger window");
+    let t0 = Instant::now();
+    let r = read_at(&dev, 1 << 20);
+    match trigger {
+        Ok(()) => assert_eq!(r, Ok(()), "{mode}"),
+        Err(want) => {
+            let e = r.expect_err(mode);
+            assert!(e.contains(want), "{mode}: want {want:?}, got {e}");
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "{mode}: the read took {:?}", t0.elapsed());
+    let later = read_at(&dev, 8 << 20);
+    if survives {
+        assert_eq!(later, Ok(()), "{mode}: the connection should survive");
+    } else {
+        let e = later.expect_err(mode);
+        assert!(e.contains("Input/output error"), "{mode}: a read after the connection closed: {e}");
+    }
+    assert!(d.child.try_wait().unwrap().is_none(), "{mode}: the daemon died");
+    (srv, d)
+}
