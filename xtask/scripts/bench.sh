@@ -6,6 +6,11 @@
 # where C is how many CPUs were busy (not idle or waiting on I/O), on average,
 # while fio ran: everything counts, fio, the kernel and the server alike (a
 # busy-polling server counts as busy). C * 1e6 / N is the CPU time per I/O.
+# For a userspace server the line adds srv_user=U srv_sys=S, the CPUs its
+# process spent in user mode and in the kernel (system calls, and the task
+# work the driver runs in its threads), and for NBD peer=P, the NBD
+# server's (qemu-nbd's) user + system; the rest of C is fio's, and the
+# kernel's outside those processes.
 # Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS,
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
 # ublk-null+copy runs ublk-null --data-copy; ublk-null+async its async null
@@ -61,6 +66,12 @@ jobs() {
 # busy and total jiffies of all CPUs so far (first line of /proc/stat:
 # user nice system idle iowait irq softirq steal ...)
 cpu_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9; exit}' /proc/stat; }
+
+# User and system jiffies of process $1, all its threads ("0 0" without
+# one). The name in parentheses may hold spaces: fields count after it.
+proc_jiffies() {
+    if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'; else echo "0 0"; fi
+}
 
 wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done; [ -b "$1" ]; }
 
@@ -232,13 +243,19 @@ for run in $(seq 1 "$RUNS"); do
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do
                 cmd="fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting --output-format=terse --terse-version=3"
-                j0=$(cpu_jiffies)
+                j0=$(cpu_jiffies); s0=$(proc_jiffies "$PID"); p0=$(proc_jiffies "$NBD_SRV")
                 out=$($cmd 2>/dev/null)
-                j1=$(cpu_jiffies)
+                j1=$(cpu_jiffies); s1=$(proc_jiffies "$PID"); p1=$(proc_jiffies "$NBD_SRV")
                 cpu=$(echo "$j0 $j1" | awk -v n="$(nproc)" '{ t = $4 - $2; printf "%.2f", (t > 0 ? ($3 - $1) / t * n : 0) }')
+                # The server's share (user, system) and the NBD server's
+                # (user + system), in CPUs like `cpu`.
+                split=$(echo "$j0 $j1 $s0 $s1 $p0 $p1" | awk -v n="$(nproc)" -v srv="$PID" -v peer="$NBD_SRV" '{
+                    t = $4 - $2; if (t <= 0) exit
+                    if (srv != "") printf " srv_user=%.3f srv_sys=%.3f", ($7 - $5) / t * n, ($8 - $6) / t * n
+                    if (peer != "") printf " peer=%.3f", ($11 + $12 - $9 - $10) / t * n }')
                 # terse v3: field 8 read IOPS, field 49 write IOPS
                 r=$(echo "$out" | awk -F';' '{print $8 + $49}')
-                echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0} cpu=$cpu"
+                echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0} cpu=$cpu$split"
                 [ "$run" = 1 ] && [ "$t" = "${TARGETS%% *}" ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
             done
             stop_target

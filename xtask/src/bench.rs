@@ -20,6 +20,12 @@ struct Record {
     iops: Vec<f64>,
     /// Busy CPUs (average over the fio run) per run; empty in old records.
     cpu: Vec<f64>,
+    /// Of those, the server process's in user mode, in the kernel, and the
+    /// NBD server's, per run; empty where there is no such process (and in
+    /// old records).
+    srv_user: Vec<f64>,
+    srv_sys: Vec<f64>,
+    peer: Vec<f64>,
 }
 
 impl Record {
@@ -244,7 +250,14 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         }
         let rel = r.guest_release.clone().unwrap_or_else(|| k.version.clone());
         // (target, queues, fio jobs, job) -> (IOPS, busy CPUs) per run
-        type Runs = (Vec<f64>, Vec<f64>);
+        #[derive(Default)]
+        struct Runs {
+            iops: Vec<f64>,
+            cpu: Vec<f64>,
+            srv_user: Vec<f64>,
+            srv_sys: Vec<f64>,
+            peer: Vec<f64>,
+        }
         let mut map: BTreeMap<(String, u32, u32, String), Runs> = BTreeMap::new();
         for l in &r.console {
             if let Some(rest) = l.split("UBLK_BENCH_META ").nth(1) {
@@ -261,14 +274,17 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                     continue;
                 };
                 let e = map.entry((t.to_string(), q.parse().unwrap_or(0), fj.parse().unwrap_or(0), job.to_string())).or_default();
-                e.0.push(iops.parse().unwrap_or(0.0));
-                if let Some(c) = field(rest, "cpu").and_then(|c| c.parse().ok()) {
-                    e.1.push(c);
+                e.iops.push(iops.parse().unwrap_or(0.0));
+                for (key, v) in [("cpu", &mut e.cpu), ("srv_user", &mut e.srv_user), ("srv_sys", &mut e.srv_sys), ("peer", &mut e.peer)] {
+                    if let Some(c) = field(rest, key).and_then(|c| c.parse().ok()) {
+                        v.push(c);
+                    }
                 }
             }
         }
-        for ((target, queues, fio_jobs, job), (iops, cpu)) in map {
-            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops, cpu });
+        for ((target, queues, fio_jobs, job), r) in map {
+            let Runs { iops, cpu, srv_user, srv_sys, peer } = r;
+            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops, cpu, srv_user, srv_sys, peer });
         }
     }
     if records.is_empty() {
@@ -309,16 +325,23 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         let recs: Vec<String> = records
             .iter()
             .map(|r| {
+                let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(",");
+                // The CPU split, where measured.
+                let split: String = [("srv_user", &r.srv_user), ("srv_sys", &r.srv_sys), ("peer", &r.peer)]
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| format!(",\"{k}\":[{}]", list(v)))
+                    .collect();
                 format!(
-                    "{{\"kernel\":{},\"target\":{},\"queues\":{},\"job\":{},\"fio_jobs\":{},\"iops\":[{}],\"iops_median\":{},\"cpu\":[{}]}}",
+                    "{{\"kernel\":{},\"target\":{},\"queues\":{},\"job\":{},\"fio_jobs\":{},\"iops\":[{}],\"iops_median\":{},\"cpu\":[{}]{split}}}",
                     json_str(&r.kernel),
                     json_str(&r.target),
                     r.queues,
                     json_str(&r.job),
                     r.fio_jobs,
-                    r.iops.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(","),
+                    list(&r.iops),
                     median(&r.iops),
-                    r.cpu.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(",")
+                    list(&r.cpu)
                 )
             })
             .collect();
@@ -329,6 +352,11 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         log!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// A JSON array of numbers (empty if absent).
+fn nums(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()
 }
 
 /// The records of a `bench --json` file (kernel names without their `+`
@@ -345,7 +373,10 @@ fn parse(text: &str) -> Result<Vec<Record>> {
             fio_jobs: r["fio_jobs"].as_u64().unwrap_or(0) as u32,
             job: r["job"].as_str().unwrap_or("").to_string(),
             iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
-            cpu: r["cpu"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
+            cpu: nums(&r["cpu"]),
+            srv_user: nums(&r["srv_user"]),
+            srv_sys: nums(&r["srv_sys"]),
+            peer: nums(&r["peer"]),
         });
     }
     Ok(records)
