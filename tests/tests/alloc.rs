@@ -2,7 +2,8 @@
 //! allocator, read on the queue thread itself at request 1,000 and again at
 //! request 4,000, sees no allocation in between.
 //! Both paths: sync targets and async ones (the library's async null target,
-//! and one that awaits an operation on the ring per request).
+//! and one that awaits an operation on the ring per request), and the stripe
+//! target, which splits each request into pieces on its legs.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -231,5 +232,105 @@ driver_test! {
                 assert_no_devices();
             }
         }
+    }
+}
+
+/// Sparse stripe leg files of the given sizes under /tmp.
+fn stripe_legs(sizes: &[u64]) -> Vec<std::path::PathBuf> {
+    let legs: Vec<_> = (0..sizes.len()).map(|i| std::path::PathBuf::from(format!("/tmp/stripe-alloc-{i}.img"))).collect();
+    for (p, s) in legs.iter().zip(sizes) {
+        sparse_file(p, *s);
+    }
+    legs
+}
+
+/// A stripe that samples its queue thread's allocation count when it
+/// starts request `STRIPE_FIRST` and request `STRIPE_LAST`.
+struct StripeProbe {
+    stripe: ublk::Stripe,
+    served: std::sync::atomic::AtomicU64,
+    at_first: std::sync::atomic::AtomicU64,
+    at_last: std::sync::atomic::AtomicU64,
+}
+
+const STRIPE_FIRST: u64 = 200;
+const STRIPE_LAST: u64 = 2_200;
+
+struct StripeProbeQueue<'a> {
+    p: &'a StripeProbe,
+    inner: &'a ublk::Stripe,
+}
+
+impl ublk::AsyncTarget for StripeProbe {
+    type Queue<'a> = StripeProbeQueue<'a>;
+    fn queue(&self, q: &ublk::aio::QueueContext) -> std::io::Result<StripeProbeQueue<'_>> {
+        Ok(StripeProbeQueue { p: self, inner: self.stripe.queue(q)? })
+    }
+    fn files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.stripe.files()
+    }
+    fn write_cache(&self) -> ublk::WriteCache {
+        self.stripe.write_cache()
+    }
+}
+
+impl ublk::QueueTarget for StripeProbeQueue<'_> {
+    async fn handle(&self, io: ublk::aio::Io<'_>) -> ublk::IoResult {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.p.served.fetch_add(1, Relaxed) + 1;
+        if n == STRIPE_FIRST {
+            self.p.at_first.store(ALLOCS.with(|c| c.get()), Relaxed);
+        } else if n == STRIPE_LAST {
+            self.p.at_last.store(ALLOCS.with(|c| c.get()), Relaxed);
+        }
+        self.inner.handle(io).await
+    }
+}
+
+driver_test! {
+    /// The stripe splits requests without allocating: over 2,000 requests
+    /// of 16 KiB at 2 KiB past a 4 KiB chunk boundary (5 pieces each, on 2
+    /// legs), writes, reads and a FLUSH every 64, the queue thread makes no
+    /// allocation (a counting global allocator, read on that thread).
+    fn stripe_does_not_allocate_per_request() {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::sync::atomic::Ordering::Relaxed;
+        let legs = stripe_legs(&[8 << 20, 8 << 20]);
+        let stripe = ublk::Stripe::open(&legs, 4096, &ublk::LoopOptions::default()).unwrap();
+        let size = stripe.size();
+        let probe = StripeProbe { stripe, served: 0.into(), at_first: 0.into(), at_last: 0.into() };
+        let dev = ublk::DeviceBuilder::new().queues(1).depth(64).size(size).create().unwrap();
+        dev.serve_async(&probe, |dev, stop| {
+            let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
+            let mut backing = vec![0u8; 16 * 1024 + 4096];
+            let buf = aligned(&mut backing, 16 * 1024);
+            let mut i = 0u64;
+            while probe.served.load(Relaxed) < STRIPE_LAST + 10 {
+                // Each write (even i) is read back by the next request.
+                let off = (i / 2 % 900) * 16 * 1024 + 2 * 1024;
+                buf[..8].copy_from_slice(&i.to_le_bytes());
+                if i % 2 == 0 {
+                    f.write_all_at(buf, off).unwrap();
+                } else {
+                    f.read_exact_at(buf, off).unwrap();
+                    assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), i - 1, "read back at {off}");
+                }
+                if i % 64 == 0 {
+                    f.sync_data().unwrap();
+                }
+                i += 1;
+            }
+            eprintln!("{i} requests issued");
+            stop.stop();
+        })
+        .unwrap();
+        let (first, last) = (probe.at_first.load(Relaxed), probe.at_last.load(Relaxed));
+        eprintln!("queue thread allocations: {first} at request {STRIPE_FIRST}, {last} at request {STRIPE_LAST}");
+        assert!(probe.served.load(Relaxed) >= STRIPE_LAST);
+        assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, STRIPE_LAST - STRIPE_FIRST);
+        for l in &legs {
+            let _ = std::fs::remove_file(l);
+        }
+        assert_no_devices();
     }
 }

@@ -4,8 +4,8 @@
 //! files directly), DISCARD and WRITE_ZEROES split per leg, ext4 + fsck +
 //! remount, a full leg failing its requests with ENOSPC while the device
 //! keeps serving, user copy (6.5+; refused on 6.1), user recovery, bad
-//! input refused, block-device legs whose pieces run concurrently, and no
-//! allocation per request on the queue thread.
+//! input refused, and block-device legs whose pieces run concurrently (its
+//! allocation per request is checked in `alloc.rs`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -568,124 +568,6 @@ driver_test! {
         assert!(queue_sum(&out, "write_zeroes") > 0, "no WRITE_ZEROES reached the target: {out}");
         drop((a, b));
         delete_all_devices();
-        assert_no_devices();
-    }
-}
-
-/// Counts allocations per thread (for the test below; every other test of
-/// this file only pays a thread-local increment).
-struct Counting;
-
-thread_local! {
-    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-// SAFETY: forwards to the system allocator; only bumps a thread-local counter.
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as ours.
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-        // SAFETY: same contract as ours.
-        unsafe { std::alloc::System.realloc(p, l, n) }
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
-
-/// A stripe that samples its queue thread's allocation count when it
-/// starts request `FIRST` and request `LAST`.
-struct Probe {
-    stripe: ublk::Stripe,
-    served: std::sync::atomic::AtomicU64,
-    at_first: std::sync::atomic::AtomicU64,
-    at_last: std::sync::atomic::AtomicU64,
-}
-
-const FIRST: u64 = 200;
-const LAST: u64 = 2_200;
-
-struct ProbeQueue<'a> {
-    p: &'a Probe,
-    inner: &'a ublk::Stripe,
-}
-
-impl ublk::AsyncTarget for Probe {
-    type Queue<'a> = ProbeQueue<'a>;
-    fn queue(&self, q: &ublk::aio::QueueContext) -> std::io::Result<ProbeQueue<'_>> {
-        Ok(ProbeQueue { p: self, inner: self.stripe.queue(q)? })
-    }
-    fn files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
-        self.stripe.files()
-    }
-    fn write_cache(&self) -> ublk::WriteCache {
-        self.stripe.write_cache()
-    }
-}
-
-impl ublk::QueueTarget for ProbeQueue<'_> {
-    async fn handle(&self, io: ublk::aio::Io<'_>) -> ublk::IoResult {
-        use std::sync::atomic::Ordering::Relaxed;
-        let n = self.p.served.fetch_add(1, Relaxed) + 1;
-        if n == FIRST {
-            self.p.at_first.store(ALLOCS.with(|c| c.get()), Relaxed);
-        } else if n == LAST {
-            self.p.at_last.store(ALLOCS.with(|c| c.get()), Relaxed);
-        }
-        self.inner.handle(io).await
-    }
-}
-
-driver_test! {
-    /// The stripe splits requests without allocating: over 2,000 requests
-    /// of 16 KiB at 2 KiB past a 4 KiB chunk boundary (5 pieces each, on 2
-    /// legs), writes, reads and a FLUSH every 64, the queue thread makes no
-    /// allocation (a counting global allocator, read on that thread).
-    fn stripe_does_not_allocate_per_request() {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        use std::sync::atomic::Ordering::Relaxed;
-        let legs = legs("alloc", &[8 * M, 8 * M]);
-        let stripe = ublk::Stripe::open(&legs, 4096, &ublk::LoopOptions::default()).unwrap();
-        let size = stripe.size();
-        let probe = Probe { stripe, served: 0.into(), at_first: 0.into(), at_last: 0.into() };
-        let dev = ublk::DeviceBuilder::new().queues(1).depth(64).size(size).create().unwrap();
-        dev.serve_async(&probe, |dev, stop| {
-            let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
-            let mut backing = vec![0u8; 16 * 1024 + 4096];
-            let buf = aligned(&mut backing, 16 * 1024);
-            let mut i = 0u64;
-            while probe.served.load(Relaxed) < LAST + 10 {
-                // Each write (even i) is read back by the next request.
-                let off = (i / 2 % 900) * 16 * K + 2 * K;
-                buf[..8].copy_from_slice(&i.to_le_bytes());
-                if i % 2 == 0 {
-                    f.write_all_at(buf, off).unwrap();
-                } else {
-                    f.read_exact_at(buf, off).unwrap();
-                    assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), i - 1, "read back at {off}");
-                }
-                if i % 64 == 0 {
-                    f.sync_data().unwrap();
-                }
-                i += 1;
-            }
-            eprintln!("{i} requests issued");
-            stop.stop();
-        })
-        .unwrap();
-        let (first, last) = (probe.at_first.load(Relaxed), probe.at_last.load(Relaxed));
-        eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {LAST}");
-        assert!(probe.served.load(Relaxed) >= LAST);
-        assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
-        remove(&legs);
         assert_no_devices();
     }
 }
