@@ -251,8 +251,9 @@ for run in $(seq 1 "$RUNS"); do
                 # (user + system), in CPUs like `cpu`.
                 split=$(echo "$j0 $j1 $s0 $s1 $p0 $p1" | awk -v n="$(nproc)" -v srv="$PID" -v peer="$NBD_SRV" '{
                     t = $4 - $2; if (t <= 0) exit
-                    if (srv != "") printf " srv_user=%.3f srv_sys=%.3f", ($7 - $5) / t * n, ($8 - $6) / t * n
-                    if (peer != "") printf " peer=%.3f", ($11 + $12 - $9 - $10) / t * n }')
+                    # (A process gone by the end reads as 0 0: no figure.)
+                    if (srv != "" && $7 + $8 >= $5 + $6) printf " srv_user=%.3f srv_sys=%.3f", ($7 - $5) / t * n, ($8 - $6) / t * n
+                    if (peer != "" && $11 + $12 >= $9 + $10) printf " peer=%.3f", ($11 + $12 - $9 - $10) / t * n }')
                 # terse v3: field 8 read IOPS, field 49 write IOPS
                 r=$(echo "$out" | awk -F';' '{print $8 + $49}')
                 echo "UBLK_BENCH target=$t queues=$q fio_jobs=$fj job=$name run=$run iops=${r:-0} cpu=$cpu$split"
