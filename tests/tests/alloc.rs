@@ -62,13 +62,41 @@ const FIRST: u64 = 1_000;
 /// host (~7 ms a read there).
 const LAST: u64 = 4_000;
 
+/// A target's count of the requests it served, and its queue thread's
+/// allocation count sampled when it started request `first` and `last`.
+#[derive(Default)]
+struct Samples {
+    served: AtomicU64,
+    at_first: AtomicU64,
+    at_last: AtomicU64,
+}
+
+impl Samples {
+    /// Counts a request, on the queue thread that serves it.
+    fn count(&self, first: u64, last: u64) {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == first {
+            self.at_first.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
+        } else if n == last {
+            self.at_last.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
+        }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// The allocation counts at request `first` and at request `last`.
+    fn at(&self) -> (u64, u64) {
+        (self.at_first.load(Ordering::Relaxed), self.at_last.load(Ordering::Relaxed))
+    }
+}
+
 /// A null target that samples its own thread's allocation count.
 #[derive(Default)]
 struct Probe {
     no_data: bool,
-    served: AtomicU64,
-    at_first: AtomicU64,
-    at_last: AtomicU64,
+    samples: Samples,
 }
 
 impl Target for Probe {
@@ -77,12 +105,7 @@ impl Target for Probe {
     }
 
     fn handle(&self, req: &Request, _buf: &mut [u8]) -> IoResult {
-        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == FIRST {
-            self.at_first.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
-        } else if n == LAST {
-            self.at_last.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
-        }
+        self.samples.count(FIRST, LAST);
         Ok(req.len() as u32)
     }
 }
@@ -103,15 +126,14 @@ fn no_allocation_per_request(path: DataPath) {
         let probe = Probe { no_data: path == DataPath::NoData, ..Default::default() };
         let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
         dev.serve(&probe, |dev, stop| {
-            let reads = read_while(&dev.block_path(), |_| probe.served.load(Ordering::Relaxed) < LAST + 10);
+            let reads = read_while(&dev.block_path(), |_| probe.samples.served() < LAST + 10);
             eprintln!("{reads} reads issued");
             stop.stop();
         })
         .unwrap();
-        let first = probe.at_first.load(Ordering::Relaxed);
-        let last = probe.at_last.load(Ordering::Relaxed);
+        let (first, last) = probe.samples.at();
         eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {LAST}");
-        assert!(probe.served.load(Ordering::Relaxed) >= LAST);
+        assert!(probe.samples.served() >= LAST);
         assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
         assert_no_devices();
     }
@@ -156,9 +178,7 @@ impl AsyncTarget for CountedAsyncNull {
 /// samples its thread's allocation count like [`Probe`].
 #[derive(Default)]
 struct NopProbe {
-    served: AtomicU64,
-    at_first: AtomicU64,
-    at_last: AtomicU64,
+    samples: Samples,
 }
 
 impl AsyncTarget for NopProbe {
@@ -173,12 +193,7 @@ impl AsyncTarget for NopProbe {
 
 impl QueueTarget for &NopProbe {
     async fn handle(&self, io: Io<'_>) -> IoResult {
-        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if n == FIRST {
-            self.at_first.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
-        } else if n == LAST {
-            self.at_last.store(ALLOCS.with(|c| c.get()), Ordering::Relaxed);
-        }
+        self.samples.count(FIRST, LAST);
         io.ring().nop().await?;
         Ok(io.request().len() as u32)
     }
@@ -219,15 +234,14 @@ driver_test! {
                 let probe = NopProbe::default();
                 let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
                 dev.serve_async(&probe, |dev, stop| {
-                    let reads = read_while(&dev.block_path(), |_| probe.served.load(Ordering::Relaxed) < LAST + 10);
+                    let reads = read_while(&dev.block_path(), |_| probe.samples.served() < LAST + 10);
                     eprintln!("{reads} reads issued");
                     stop.stop();
                 })
                 .unwrap();
-                let first = probe.at_first.load(Ordering::Relaxed);
-                let last = probe.at_last.load(Ordering::Relaxed);
+                let (first, last) = probe.samples.at();
                 eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {LAST}");
-                assert!(probe.served.load(Ordering::Relaxed) >= LAST);
+                assert!(probe.samples.served() >= LAST);
                 assert_eq!(last - first, 0, "the async queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
                 assert_no_devices();
             }
@@ -248,9 +262,7 @@ fn stripe_legs(sizes: &[u64]) -> Vec<std::path::PathBuf> {
 /// starts request `STRIPE_FIRST` and request `STRIPE_LAST`.
 struct StripeProbe {
     stripe: ublk::Stripe,
-    served: std::sync::atomic::AtomicU64,
-    at_first: std::sync::atomic::AtomicU64,
-    at_last: std::sync::atomic::AtomicU64,
+    samples: Samples,
 }
 
 const STRIPE_FIRST: u64 = 200;
@@ -261,9 +273,9 @@ struct StripeProbeQueue<'a> {
     inner: &'a ublk::Stripe,
 }
 
-impl ublk::AsyncTarget for StripeProbe {
+impl AsyncTarget for StripeProbe {
     type Queue<'a> = StripeProbeQueue<'a>;
-    fn queue(&self, q: &ublk::aio::QueueContext) -> std::io::Result<StripeProbeQueue<'_>> {
+    fn queue(&self, q: &QueueContext) -> std::io::Result<StripeProbeQueue<'_>> {
         Ok(StripeProbeQueue { p: self, inner: self.stripe.queue(q)? })
     }
     fn files(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
@@ -274,15 +286,9 @@ impl ublk::AsyncTarget for StripeProbe {
     }
 }
 
-impl ublk::QueueTarget for StripeProbeQueue<'_> {
-    async fn handle(&self, io: ublk::aio::Io<'_>) -> ublk::IoResult {
-        use std::sync::atomic::Ordering::Relaxed;
-        let n = self.p.served.fetch_add(1, Relaxed) + 1;
-        if n == STRIPE_FIRST {
-            self.p.at_first.store(ALLOCS.with(|c| c.get()), Relaxed);
-        } else if n == STRIPE_LAST {
-            self.p.at_last.store(ALLOCS.with(|c| c.get()), Relaxed);
-        }
+impl QueueTarget for StripeProbeQueue<'_> {
+    async fn handle(&self, io: Io<'_>) -> IoResult {
+        self.p.samples.count(STRIPE_FIRST, STRIPE_LAST);
         self.inner.handle(io).await
     }
 }
@@ -293,19 +299,18 @@ driver_test! {
     /// legs), writes, reads and a FLUSH every 64, the queue thread makes no
     /// allocation (a counting global allocator, read on that thread).
     fn stripe_does_not_allocate_per_request() {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::os::unix::fs::FileExt;
         let legs = stripe_legs(&[8 << 20, 8 << 20]);
         let stripe = ublk::Stripe::open(&legs, 4096, &ublk::LoopOptions::default()).unwrap();
         let size = stripe.size();
-        let probe = StripeProbe { stripe, served: 0.into(), at_first: 0.into(), at_last: 0.into() };
+        let probe = StripeProbe { stripe, samples: Samples::default() };
         let dev = ublk::DeviceBuilder::new().queues(1).depth(64).size(size).create().unwrap();
         dev.serve_async(&probe, |dev, stop| {
             let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(dev.block_path()).unwrap();
             let mut backing = vec![0u8; 16 * 1024 + 4096];
             let buf = aligned(&mut backing, 16 * 1024);
             let mut i = 0u64;
-            while probe.served.load(Relaxed) < STRIPE_LAST + 10 {
+            while probe.samples.served() < STRIPE_LAST + 10 {
                 // Each write (even i) is read back by the next request.
                 let off = (i / 2 % 900) * 16 * 1024 + 2 * 1024;
                 buf[..8].copy_from_slice(&i.to_le_bytes());
@@ -324,9 +329,9 @@ driver_test! {
             stop.stop();
         })
         .unwrap();
-        let (first, last) = (probe.at_first.load(Relaxed), probe.at_last.load(Relaxed));
+        let (first, last) = probe.samples.at();
         eprintln!("queue thread allocations: {first} at request {STRIPE_FIRST}, {last} at request {STRIPE_LAST}");
-        assert!(probe.served.load(Relaxed) >= STRIPE_LAST);
+        assert!(probe.samples.served() >= STRIPE_LAST);
         assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, STRIPE_LAST - STRIPE_FIRST);
         for l in &legs {
             let _ = std::fs::remove_file(l);
