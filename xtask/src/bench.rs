@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{kernels, log, util, vm, wsbuild};
 
+#[derive(Default)]
 struct Record {
     kernel: String,
     target: String,
@@ -249,16 +250,8 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
             bail!("bench VM on kernel {}: {}", k.name, r.label());
         }
         let rel = r.guest_release.clone().unwrap_or_else(|| k.version.clone());
-        // (target, queues, fio jobs, job) -> (IOPS, busy CPUs) per run
-        #[derive(Default)]
-        struct Runs {
-            iops: Vec<f64>,
-            cpu: Vec<f64>,
-            srv_user: Vec<f64>,
-            srv_sys: Vec<f64>,
-            peer: Vec<f64>,
-        }
-        let mut map: BTreeMap<(String, u32, u32, String), Runs> = BTreeMap::new();
+        // (target, queues, fio jobs, job) -> its record, a value per run
+        let mut map: BTreeMap<(String, u32, u32, String), Record> = BTreeMap::new();
         for l in &r.console {
             if let Some(rest) = l.split("UBLK_BENCH_META ").nth(1) {
                 meta.push(format!("{}: {rest}", k.name));
@@ -273,7 +266,15 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                 else {
                     continue;
                 };
-                let e = map.entry((t.to_string(), q.parse().unwrap_or(0), fj.parse().unwrap_or(0), job.to_string())).or_default();
+                let (queues, fio_jobs) = (q.parse().unwrap_or(0), fj.parse().unwrap_or(0));
+                let e = map.entry((t.to_string(), queues, fio_jobs, job.to_string())).or_insert_with(|| Record {
+                    kernel: rel.clone(),
+                    target: t.to_string(),
+                    queues,
+                    fio_jobs,
+                    job: job.to_string(),
+                    ..Record::default()
+                });
                 e.iops.push(iops.parse().unwrap_or(0.0));
                 for (key, v) in [("cpu", &mut e.cpu), ("srv_user", &mut e.srv_user), ("srv_sys", &mut e.srv_sys), ("peer", &mut e.peer)] {
                     if let Some(c) = field(rest, key).and_then(|c| c.parse().ok()) {
@@ -282,10 +283,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                 }
             }
         }
-        for ((target, queues, fio_jobs, job), r) in map {
-            let Runs { iops, cpu, srv_user, srv_sys, peer } = r;
-            records.push(Record { kernel: rel.clone(), target, queues, fio_jobs, job, iops, cpu, srv_user, srv_sys, peer });
-        }
+        records.extend(map.into_values());
     }
     if records.is_empty() {
         bail!("the bench produced no measurements");
@@ -372,7 +370,7 @@ fn parse(text: &str) -> Result<Vec<Record>> {
             queues: r["queues"].as_u64().unwrap_or(0) as u32,
             fio_jobs: r["fio_jobs"].as_u64().unwrap_or(0) as u32,
             job: r["job"].as_str().unwrap_or("").to_string(),
-            iops: r["iops"].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default(),
+            iops: nums(&r["iops"]),
             cpu: nums(&r["cpu"]),
             srv_user: nums(&r["srv_user"]),
             srv_sys: nums(&r["srv_sys"]),
