@@ -40,6 +40,7 @@ pub mod queue;
 mod stats;
 pub mod target;
 pub mod targets;
+mod transfer;
 
 pub use aio::{AsyncTarget, QueueTarget};
 pub use ctrl::{Control, DevInfo, Encoding, Features};

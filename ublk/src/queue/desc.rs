@@ -1,14 +1,16 @@
 //! A request as the queue reads it: the tag's descriptor, read once
 //! (volatile) from the read-only mapping of `/dev/ublkcN`'s descriptors,
 //! decoded into a [`Request`] and counted; the tag's buffer; and the
-//! copies of the request's data under `UBLK_F_USER_COPY`.
+//! copies of the request's data under `UBLK_F_USER_COPY` (whole: a short
+//! count carries on from where it stopped).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 use ublk_sys as sys;
 
 use super::Queue;
 use crate::target::{Op, Request};
+use crate::transfer::{transfer, Dir};
 
 /// Where request `tag` of queue `q_id` is in `/dev/ublkcN` under
 /// `UBLK_F_USER_COPY`: `pread` there reads a WRITE's data, `pwrite` there
@@ -101,15 +103,7 @@ impl Queue {
         let (Some(fd), Some(b)) = (&self.char_dup, &self.bufs) else { return true };
         // SAFETY: the tag's buffer has room for req.len() (checked in
         // decode); the server owns the request, so nothing else touches it.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                b.addr(req.tag) as *mut libc::c_void,
-                req.len(),
-                user_copy_offset(self.q_id, req.tag) as libc::off_t,
-            )
-        };
-        n == req.len() as isize
+        unsafe { transfer(fd.as_fd(), b.addr(req.tag) as *mut u8, req.len(), user_copy_offset(self.q_id, req.tag), Dir::FromFd) }.is_ok()
     }
 
     /// Under USER_COPY with buffers: gives a READ's answer (`result` bytes)
@@ -121,18 +115,9 @@ impl Queue {
         }
         // SAFETY: reads `result` (<= the request's length, settled) bytes of
         // the tag's buffer, which no operation uses any more.
-        let n = unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                b.addr(tag) as *const libc::c_void,
-                result as usize,
-                user_copy_offset(self.q_id, tag) as libc::off_t,
-            )
-        };
-        if n == result as isize {
-            result
-        } else {
-            -libc::EIO
+        match unsafe { transfer(fd.as_fd(), b.addr(tag) as *mut u8, result as usize, user_copy_offset(self.q_id, tag), Dir::ToFd) } {
+            Ok(()) => result,
+            Err(_) => -libc::EIO,
         }
     }
 }

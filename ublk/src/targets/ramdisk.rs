@@ -27,6 +27,7 @@ use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
 use crate::targets::loop_file::{read_full, write_full};
+use crate::transfer::{transfer, Dir};
 
 /// A RAM disk: a memfd of the device's size, zero-filled (shmem pages,
 /// allocated as they are written, returned by DISCARD).
@@ -154,46 +155,6 @@ impl Drop for RamDisk {
         // SAFETY: the mapping made in `new`, unmapped once.
         unsafe { libc::munmap(self.mem.as_ptr() as *mut libc::c_void, self.size as usize) };
     }
-}
-
-/// Which way [`transfer`] copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dir {
-    /// `pwrite`: from the memory to the descriptor.
-    ToFd,
-    /// `pread`: from the descriptor into the memory.
-    FromFd,
-}
-
-/// `pwrite` (`ToFd`) or `pread` (`FromFd`) of `len` bytes at `ptr`, at
-/// `pos` of `fd`, finishing short transfers. The end of the file before
-/// `len` bytes is EIO.
-///
-/// # Safety
-/// `ptr..ptr + len` must be valid for reads (`ToFd`) or writes (`FromFd`)
-/// for the whole call, and no Rust reference may cover those bytes
-/// meanwhile (the kernel reads or writes them).
-unsafe fn transfer(fd: BorrowedFd<'_>, ptr: *mut u8, len: usize, pos: u64, dir: Dir) -> std::result::Result<(), Errno> {
-    let mut done = 0usize;
-    while done < len {
-        let p = ptr.wrapping_add(done) as *mut libc::c_void;
-        let (n, at) = (len - done, (pos + done as u64) as libc::off_t);
-        let r = match dir {
-            // SAFETY: the caller's promise, for [done, len) of the range.
-            Dir::ToFd => unsafe { libc::pwrite(fd.as_raw_fd(), p, n, at) },
-            // SAFETY: as above.
-            Dir::FromFd => unsafe { libc::pread(fd.as_raw_fd(), p, n, at) },
-        };
-        match r {
-            0 => return Err(Errno::EIO),
-            r if r > 0 => done += r as usize,
-            _ => match Errno::last() {
-                e if e.raw() == libc::EINTR => {}
-                e => return Err(e),
-            },
-        }
-    }
-    Ok(())
 }
 
 impl Target for RamDisk {
@@ -328,25 +289,6 @@ mod tests {
             assert!(back[3 * 512..19 * 512].iter().all(|&b| b == 0), "{op:?}");
             assert!(back[19 * 512..].iter().all(|&b| b == 0xa5), "{op:?}");
         }
-    }
-
-    /// `transfer` moves exactly the bytes asked, both ways, at the given
-    /// position, and a file that ends first is EIO (a memfd stands in for
-    /// `/dev/ublkcN`).
-    #[test]
-    fn transfer_moves_whole_ranges_and_reports_a_short_file() {
-        let dev = RamDisk::new(1 << 20).unwrap();
-        let fd = dev.files()[0].try_clone_to_owned().unwrap();
-        let mut out: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
-        // SAFETY: `out` is ours and 8192 bytes long.
-        unsafe { transfer(fd.as_fd(), out.as_mut_ptr(), out.len(), 4096, Dir::ToFd).unwrap() };
-        let mut back = vec![0u8; 8192];
-        // SAFETY: as above.
-        unsafe { transfer(fd.as_fd(), back.as_mut_ptr(), back.len(), 4096, Dir::FromFd).unwrap() };
-        assert_eq!(back, out);
-        // SAFETY: as above; the file ends 4096 bytes in.
-        let r = unsafe { transfer(fd.as_fd(), back.as_mut_ptr(), back.len(), (1 << 20) - 4096, Dir::FromFd) };
-        assert_eq!(r, Err(Errno::EIO));
     }
 
     /// A queue takes the char device (user copy) only without zero copy.
