@@ -9,28 +9,21 @@
 //! test still checks what that kernel does instead where there is anything
 //! to check.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ublk::{DeviceBuilder, NullTarget};
 use ublk_tests::*;
 
+mod field_util;
+use field_util::{dd, Bg, TestSrv};
+
 fn ublk_bin() -> String {
     bin("ublk").to_str().unwrap().to_string()
-}
-
-/// The device's state as GET_DEV_INFO reports it, or "GONE".
-fn state(id: u32) -> String {
-    let mut c = ublk::Control::open().unwrap();
-    match c.get_dev_info(id) {
-        Ok(i) => ublk::ctrl::state_name(i.state).to_string(),
-        Err(_) => "GONE".to_string(),
-    }
 }
 
 /// Waits until the device is in one of `want`; returns that state and how
@@ -38,7 +31,7 @@ fn state(id: u32) -> String {
 fn wait_state(id: u32, want: &[&str], limit: Duration) -> (String, Duration) {
     let t0 = Instant::now();
     loop {
-        let s = state(id);
+        let s = dev_state(id);
         if want.contains(&s.as_str()) {
             return (s, t0.elapsed());
         }
@@ -54,132 +47,6 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         if std::thread::panicking() {
             delete_all_devices();
-        }
-    }
-}
-
-/// A background process (fio, dd) with its output in a log file; killed
-/// and reaped on drop.
-struct Bg {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Bg {
-    fn spawn(cmd: &str, args: &[String], name: &str) -> Bg {
-        let log = PathBuf::from(format!("/tmp/field-{name}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(cmd)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd}: {e}"));
-        Bg { child, log }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Its exit status within `limit`, else panics naming `what`.
-    fn wait(&mut self, limit: Duration, what: &str) -> ExitStatus {
-        wait_timeout(&mut self.child, limit).unwrap_or_else(|| panic!("{what}: still running after {limit:?}\n{}", self.output()))
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = wait_timeout(&mut self.child, Duration::from_secs(10));
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn dd(args: &[&str], name: &str) -> Bg {
-    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    v.push("status=none".into());
-    Bg::spawn("dd", &v, name)
-}
-
-/// A running `ublk-testsrv`, its stdout read line by line; SIGKILLed and
-/// reaped on drop.
-struct TestSrv {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl TestSrv {
-    fn start(args: &[&str]) -> TestSrv {
-        let mut child = Command::new(bin("ublk-testsrv"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn ublk-testsrv: {e}"));
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        TestSrv { child, lines, seen: Vec::new() }
-    }
-
-    /// The next line starting with `prefix` (earlier other lines are kept in
-    /// `seen`); panics after `limit` or when the server's output ends.
-    fn expect(&mut self, prefix: &str, limit: Duration) -> String {
-        let t0 = Instant::now();
-        loop {
-            let left = limit.saturating_sub(t0.elapsed());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with(prefix) => return l,
-                Ok(l) => self.seen.push(l),
-                Err(e) => panic!("ublk-testsrv: no line {prefix:?} within {limit:?} ({e:?}); seen {:?}", self.seen),
-            }
-        }
-    }
-
-    /// Sends SIGKILL; returns when it was sent (the process is reaped later).
-    fn kill9(&self) -> Instant {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        Instant::now()
-    }
-
-    fn reap(&mut self, limit: Duration) -> ExitStatus {
-        wait_timeout(&mut self.child, limit).unwrap_or_else(|| panic!("ublk-testsrv did not exit within {limit:?}"))
-    }
-
-    /// SIGTERM, then its exit status and the rest of its output.
-    fn terminate(&mut self, limit: Duration) -> (ExitStatus, Vec<String>) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.reap(limit);
-        let mut rest = std::mem::take(&mut self.seen);
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            rest.push(l);
-        }
-        (st, rest)
-    }
-}
-
-impl Drop for TestSrv {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = wait_timeout(&mut self.child, Duration::from_secs(20));
         }
     }
 }
@@ -348,7 +215,7 @@ driver_test! {
         let (_, took) = wait_state(id, &["QUIESCED"], Duration::from_secs(15));
         eprintln!("QUIESCED {took:?} after the kill");
         let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
-        assert_eq!(state(id), "LIVE");
+        assert_eq!(dev_state(id), "LIVE");
         // Writes in flight at the kill fail (plain --recovery does not re-issue
         // them); those queued meanwhile complete now. Either way fio ends.
         let st = fio.wait(Duration::from_secs(40), "fio across the kill and the recovery");
@@ -418,7 +285,7 @@ driver_test! {
         wait_state(id, &["QUIESCED"], Duration::from_secs(15));
         let mut srv = TestSrv::start(&["recover-die", "--id", &id.to_string(), "--fetch", "4"]);
         let l = srv.expect("fetched ", Duration::from_secs(30));
-        eprintln!("recovering server: {l}; state {}", state(id));
+        eprintln!("recovering server: {l}; state {}", dev_state(id));
         // The dying server's exit may wait for its fetched commands, which
         // only the teardown completes: delete first, then reap.
         let took = ublk_del(id);
@@ -549,7 +416,7 @@ driver_test! {
             drop(opened);
             let mut rec = TestSrv::start(&["recover", "--id", &id.to_string()]);
             rec.expect("/dev/ublkb", Duration::from_secs(30));
-            assert_eq!(state(id), "LIVE");
+            assert_eq!(dev_state(id), "LIVE");
             if waits {
                 let st = r.wait(Duration::from_secs(15), "the read queued while no server ran");
                 assert!(st.success(), "{mode}: the queued read failed after recovery: {}", r.output());
@@ -593,7 +460,7 @@ driver_test! {
             dev.serve(&NullTarget, |dev, stop| {
                 let e = ublk::Control::open().unwrap().try_stop_dev(id).expect_err("TRY_STOP_DEV on a kernel without SAFE_STOP_DEV");
                 skipped(&format!("safe stop needs UBLK_F_SAFE_STOP_DEV (Linux 7.0); checked instead: TRY_STOP_DEV is refused ({e}) and the device stays live"));
-                assert_eq!(state(id), "LIVE");
+                assert_eq!(dev_state(id), "LIVE");
                 read_one(&dev.block_path());
                 stop.stop();
             })
@@ -609,11 +476,11 @@ driver_test! {
                 Err(ublk::Error::Kernel { errno: libc::EBUSY, .. }) => {}
                 other => panic!("TRY_STOP_DEV with the disk open: {other:?}, expected EBUSY"),
             }
-            assert_eq!(state(id), "LIVE");
+            assert_eq!(dev_state(id), "LIVE");
             read_one(&dev.block_path());
             drop(open);
             c.try_stop_dev(id).expect("TRY_STOP_DEV with the disk closed");
-            assert_eq!(state(id), "DEAD", "TRY_STOP_DEV succeeded but the device is not stopped");
+            assert_eq!(dev_state(id), "DEAD", "TRY_STOP_DEV succeeded but the device is not stopped");
             eprintln!("TRY_STOP_DEV: EBUSY while open, stopped once closed");
         })
         .expect("serve returns once the kernel stopped the device");
