@@ -46,37 +46,10 @@ const KNOWN_FLAGS: &[&str] = &[
     "IO_DESC_SIZE",
 ];
 
-const KNOWN_U_CMDS: &[&str] = &[
-    "GET_QUEUE_AFFINITY",
-    "GET_DEV_INFO",
-    "ADD_DEV",
-    "DEL_DEV",
-    "START_DEV",
-    "STOP_DEV",
-    "SET_PARAMS",
-    "GET_PARAMS",
-    "START_USER_RECOVERY",
-    "END_USER_RECOVERY",
-    "GET_DEV_INFO2",
-    "GET_FEATURES",
-    "DEL_DEV_ASYNC",
-    "UPDATE_SIZE",
-    "QUIESCE_DEV",
-    "TRY_STOP_DEV",
-    "REG_BUF",
-    "UNREG_BUF",
-];
-
-const KNOWN_U_IOS: &[&str] = &[
-    "FETCH_REQ",
-    "COMMIT_AND_FETCH_REQ",
-    "NEED_GET_DATA",
-    "REGISTER_IO_BUF",
-    "UNREGISTER_IO_BUF",
-    "PREP_IO_CMDS",
-    "COMMIT_IO_CMDS",
-    "FETCH_IO_CMDS",
-];
+/// Encoded opcodes newer than 6.1: `caps.rs` says which the header has
+/// (the base ones below always are).
+const NEWER_U_CMDS: &[&str] = &["GET_FEATURES", "DEL_DEV_ASYNC", "UPDATE_SIZE", "QUIESCE_DEV", "TRY_STOP_DEV", "REG_BUF", "UNREG_BUF"];
+const NEWER_U_IOS: &[&str] = &["REGISTER_IO_BUF", "UNREGISTER_IO_BUF", "PREP_IO_CMDS", "COMMIT_IO_CMDS", "FETCH_IO_CMDS"];
 
 const KNOWN_OTHER: &[(&str, &str)] = &[
     ("UBLK_CMD_GET_DEV_INFO2", "u32"),
@@ -423,8 +396,8 @@ fn write_caps(out: &Path, consts: &BTreeMap<String, String>) {
         let val = if consts.contains_key(&k) { format!("Some(crate::{k})") } else { "None".into() };
         writeln!(s, "    pub const {k}: Option<u64> = {val};").unwrap();
     }
-    for (kind, list) in [("CMD", KNOWN_U_CMDS), ("IO", KNOWN_U_IOS)] {
-        for c in list.iter() {
+    for (kind, base, newer) in [("CMD", BASE_CMDS, NEWER_U_CMDS), ("IO", BASE_IOS, NEWER_U_IOS)] {
+        for c in base.iter().chain(newer) {
             let k = format!("UBLK_U_{kind}_{c}");
             let enc = format!("UBLK_SYS_ENC_{kind}_{c}");
             let val = if consts.contains_key(&k) || consts.contains_key(&enc) { format!("Some(crate::{k})") } else { "None".into() };

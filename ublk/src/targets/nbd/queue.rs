@@ -8,13 +8,13 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::proto::{
     errno, request, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_LEN,
 };
-use super::tag::{St, Tag};
+use super::tag::{St, Tag, WakerSlot};
 use super::{flags, Nbd, NbdStats};
 use crate::aio::{Io, QueueContext, QueueTarget, Ring};
 use crate::errno::Errno;
@@ -32,7 +32,7 @@ pub struct NbdQueue<'a> {
     /// Tags whose requests wait for the writer, in order.
     pub(super) sendq: RefCell<VecDeque<u16>>,
     /// The background task's waker (reader and writer).
-    pub(super) bg: RefCell<Option<Waker>>,
+    pub(super) bg: WakerSlot,
     /// The reader waits while a READ's request receives its payload.
     pub(super) hold: Cell<bool>,
     /// Zero copy: request data stays in the kernel's pages, moved by the
@@ -83,7 +83,7 @@ impl<'a> NbdQueue<'a> {
                 gen: Cell::new(0),
                 sent: Cell::new(true),
                 push: Cell::new(false),
-                waker: RefCell::new(None),
+                waker: WakerSlot::default(),
             })
             .collect();
         NbdQueue {
@@ -93,7 +93,7 @@ impl<'a> NbdQueue<'a> {
             q_id: q.q_id,
             tags,
             sendq: RefCell::new(VecDeque::with_capacity(usize::from(q.depth) + 1)),
-            bg: RefCell::new(None),
+            bg: WakerSlot::default(),
             hold: Cell::new(false),
             zc: zero.is_some(),
             zero,
@@ -135,16 +135,11 @@ impl<'a> NbdQueue<'a> {
     }
 
     pub(super) fn park_bg(&self, cx: &Context<'_>) {
-        let mut w = self.bg.borrow_mut();
-        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            *w = Some(cx.waker().clone());
-        }
+        self.bg.park(cx);
     }
 
     pub(super) fn wake_bg(&self) {
-        if let Some(w) = self.bg.borrow().as_ref() {
-            w.wake_by_ref();
-        }
+        self.bg.wake();
     }
 
     /// Closes the connection: every request in flight and every later one

@@ -55,20 +55,37 @@ pub(super) struct Tag {
     /// for the request to send its payload from its pages (next on the
     /// connection).
     pub(super) push: Cell<bool>,
-    pub(super) waker: RefCell<Option<Waker>>,
+    pub(super) waker: WakerSlot,
 }
 
-impl Tag {
+/// The waker of one future of the queue's thread (a request's, or the
+/// reader's and writer's), kept while it waits.
+#[derive(Default)]
+pub(super) struct WakerSlot(RefCell<Option<Waker>>);
+
+impl WakerSlot {
+    /// Keeps `cx`'s waker (unless the one kept already wakes the same task).
     pub(super) fn park(&self, cx: &Context<'_>) {
-        let mut w = self.waker.borrow_mut();
+        let mut w = self.0.borrow_mut();
         if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             *w = Some(cx.waker().clone());
         }
     }
+
     pub(super) fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
+        if let Some(w) = self.0.borrow().as_ref() {
             w.wake_by_ref();
         }
+    }
+}
+
+impl Tag {
+    pub(super) fn park(&self, cx: &Context<'_>) {
+        self.waker.park(cx);
+    }
+
+    pub(super) fn wake(&self) {
+        self.waker.wake();
     }
 
     /// A new request or a re-issued one: no part of a reply yet.
@@ -138,7 +155,7 @@ mod tests {
             gen: Cell::new(0),
             sent: Cell::new(true),
             push: Cell::new(false),
-            waker: RefCell::new(None),
+            waker: WakerSlot::default(),
         }
     }
 
