@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::proto::{
     errno, request, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_LEN,
 };
-use super::tag::{St, Tag, WakerSlot};
+use super::tag::{St, Tag, WakerSlot, MAX_HOLES};
 use super::{flags, Nbd, NbdStats};
 use crate::aio::{Io, QueueContext, QueueTarget, Ring};
 use crate::errno::Errno;
@@ -78,6 +78,7 @@ impl<'a> NbdQueue<'a> {
                 len: Cell::new(0),
                 data: Cell::new(std::ptr::null_mut()),
                 covered: RefCell::new(Vec::with_capacity(4)),
+                holes: RefCell::new(Vec::with_capacity(MAX_HOLES)),
                 err: Cell::new(0),
                 payload: Cell::new((0, 0)),
                 gen: Cell::new(0),
@@ -253,6 +254,18 @@ impl NbdQueue<'_> {
         Ok(())
     }
 
+    /// Zeroes the holes its reply's chunks left in a READ's pages under zero
+    /// copy ([`Tag::holes`]), once the reply is complete.
+    async fn zero_holes(&self, io: &mut Io<'_>, t: &Tag) -> Result<(), (String, bool)> {
+        let kept = t.holes.borrow().len();
+        for i in 0..kept {
+            let (at, n) = t.holes.borrow()[i];
+            self.move_data(io, Move::Zero, at, n).await?;
+            self.count(|s| s.holes_zeroed += 1);
+        }
+        Ok(())
+    }
+
     /// A request could not move its data (`move_data`): the connection is
     /// lost, or closed when something else failed.
     fn move_failed(&self, what: &str, (why, lost): (String, bool)) {
@@ -353,7 +366,15 @@ impl QueueTarget for NbdQueue<'_> {
                     self.wake_bg();
                 }
                 Some(_) if answer.is_some() => break,
-                Some(St::Replied(0)) => answer = Some(Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 })),
+                Some(St::Replied(0)) => {
+                    answer = Some(match self.zero_holes(&mut io, t).await {
+                        Ok(()) => Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
+                        Err(e) => {
+                            self.move_failed("zeroing a hole", e);
+                            Err(Errno::EIO)
+                        }
+                    });
+                }
                 Some(St::Replied(e)) => answer = Some(Err(Errno::new(errno(e)))),
                 Some(s @ (St::Payload | St::Hole)) => {
                     // The reader waits meanwhile (`hold`).
@@ -364,6 +385,9 @@ impl QueueTarget for NbdQueue<'_> {
                         _ => Move::RecvCopy,
                     };
                     let got = self.move_data(&mut io, how, at, n).await;
+                    if got.is_ok() && s == St::Hole {
+                        self.count(|s| s.holes_zeroed += 1);
+                    }
                     let failed = got.is_err();
                     if let Err(e) = got {
                         let what = if matches!(how, Move::Zero) { "zeroing a hole" } else { "receiving a READ payload" };

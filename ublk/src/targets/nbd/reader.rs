@@ -209,7 +209,9 @@ impl NbdQueue<'_> {
         t.payload.set((at as u32, n as u32));
         t.st.set(st);
         self.hold.set(true);
-        self.count(|s| s.direct_payloads += 1);
+        if st == St::Payload {
+            self.count(|s| s.direct_payloads += 1);
+        }
         t.wake();
         poll_fn(|cx| {
             if self.hold.get() && !self.dead.get() {
@@ -306,7 +308,10 @@ impl NbdQueue<'_> {
                 };
                 self.count(|s| s.hole_chunks += 1);
                 if self.zc {
-                    if !self.hand_off(tag, St::Hole, rel, n as usize).await {
+                    // Zeroed by the request once its reply is complete (the
+                    // connection is not involved, so the reader goes on),
+                    // or now if it keeps as many holes as it can.
+                    if !t.keep_hole(rel as u32, n) && !self.hand_off(tag, St::Hole, rel, n as usize).await {
                         return;
                     }
                 } else {

@@ -20,8 +20,11 @@ pub struct NbdStats {
     pub recvs: u64,
     /// Payload parts received by their request straight into its data
     /// (under zero copy: every data chunk or simple READ reply's payload,
-    /// and every hole, each moved in the request's pages).
+    /// each read from the socket into the request's pages).
     pub direct_payloads: u64,
+    /// Under zero copy: hole chunks zeroed in their request's pages (by
+    /// the request, once its reply is complete; the reader goes on).
+    pub holes_zeroed: u64,
     /// Socket reads of payloads straight into their request's pages (zero
     /// copy; more than one per payload where a read came short).
     pub payload_reads: u64,
@@ -39,6 +42,7 @@ impl NbdStats {
         self.error_chunks += o.error_chunks;
         self.recvs += o.recvs;
         self.direct_payloads += o.direct_payloads;
+        self.holes_zeroed += o.holes_zeroed;
         self.payload_reads += o.payload_reads;
         self.sends += o.sends;
     }

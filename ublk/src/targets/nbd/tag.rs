@@ -19,7 +19,8 @@ pub(super) enum St {
     /// connection, for the request to receive straight into its data.
     Payload,
     /// Under zero copy: a hole chunk covers [`Tag::payload`], which the
-    /// request zeroes in its pages (they are not in this process).
+    /// request zeroes in its pages (they are not in this process) while the
+    /// reader waits: only when [`Tag::holes`] is full.
     Hole,
 }
 
@@ -43,6 +44,12 @@ pub(super) struct Tag {
     /// error (0: none).
     pub(super) covered: RefCell<Vec<(u32, u32)>>,
     pub(super) err: Cell<u32>,
+    /// Under zero copy: the reply's hole chunks so far (offset, length in
+    /// the data), which the request zeroes in its pages (they are not in
+    /// this process) once the reply is complete, while the reader goes on.
+    /// At most [`MAX_HOLES`], the capacity it is made with, so it never
+    /// allocates.
+    pub(super) holes: RefCell<Vec<(u32, u32)>>,
     /// Where in the data the payload of [`St::Payload`] goes: (offset, length).
     pub(super) payload: Cell<(u32, u32)>,
     /// Bumped per request: part of the cookie, so a late or repeated reply
@@ -91,6 +98,7 @@ impl Tag {
     /// A new request or a re-issued one: no part of a reply yet.
     pub(super) fn reset_reply(&self) {
         self.covered.borrow_mut().clear();
+        self.holes.borrow_mut().clear();
         self.err.set(0);
     }
 
@@ -125,10 +133,27 @@ impl Tag {
     }
 
     /// Whether the content chunks so far cover all of the request.
+    /// Keeps a hole chunk (`n` bytes at `rel` of the data) for the request
+    /// to zero once its reply is complete. False when [`MAX_HOLES`] are
+    /// kept already.
+    pub(super) fn keep_hole(&self, rel: u32, n: u32) -> bool {
+        let mut h = self.holes.borrow_mut();
+        if h.len() == MAX_HOLES {
+            return false;
+        }
+        h.push((rel, n));
+        true
+    }
+
     pub(super) fn covered_all(&self) -> bool {
         *self.covered.borrow() == [(0, self.len.get())]
     }
 }
+
+/// The most hole chunks of a reply a request keeps to zero after its reply
+/// ([`Tag::holes`]); a hole past them is zeroed at once, the reader waiting
+/// ([`St::Hole`]).
+pub(super) const MAX_HOLES: usize = 8;
 
 /// The most separate ranges a READ's chunks may leave covered at a time:
 /// a server's chunks in order (or each next to an earlier one) leave one;
@@ -150,6 +175,7 @@ mod tests {
             len: Cell::new(len),
             data: Cell::new(std::ptr::null_mut()),
             covered: RefCell::new(Vec::new()),
+            holes: RefCell::new(Vec::with_capacity(MAX_HOLES)),
             err: Cell::new(0),
             payload: Cell::new((0, 0)),
             gen: Cell::new(0),
@@ -157,6 +183,23 @@ mod tests {
             push: Cell::new(false),
             waker: WakerSlot::default(),
         }
+    }
+
+    /// A request keeps up to MAX_HOLES holes to zero, in their order,
+    /// without allocating; a new reply starts with none.
+    #[test]
+    fn holes_are_kept_up_to_the_capacity_then_refused() {
+        let t = tag(0, 1 << 20);
+        let cap = t.holes.borrow().capacity();
+        for i in 0..MAX_HOLES as u32 {
+            assert!(t.keep_hole(i * 8192, 4096), "hole {i}");
+        }
+        assert!(!t.keep_hole(1 << 19, 4096), "one past MAX_HOLES");
+        assert_eq!(t.holes.borrow().len(), MAX_HOLES);
+        assert_eq!(t.holes.borrow()[1], (8192, 4096));
+        assert_eq!(t.holes.borrow().capacity(), cap, "no allocation");
+        t.reset_reply();
+        assert!(t.holes.borrow().is_empty());
     }
 
     #[test]
