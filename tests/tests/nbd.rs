@@ -18,7 +18,7 @@ driver_test! {
     /// (asserted: READs answered in data chunks; the export is sparse, so
     /// in holes too) and over a unix socket with simple ones
     /// (--simple-replies), then the device reads exactly what the export
-    /// file holds.
+    /// file holds. No queue busy-polls (the NBD default).
     fn nbd_fio_verify_qemu_nbd_tcp_and_unix() {
         lo_up();
         for (i, addr) in [Addr::Tcp(10810), Addr::Unix("/tmp/qemu-nbd-verify.sock".into())].into_iter().enumerate() {
@@ -40,6 +40,7 @@ driver_test! {
             let q = queue_requests(&out);
             assert_eq!(q.len(), 2, "{out}");
             assert!(q.iter().all(|&(_, r)| r > 0), "both queues (connections) served requests: {q:?}");
+            assert_eq!(queue_sum(&out, "polled"), 0, "-t nbd busy-polls only when --busy-poll-us asks: {out}");
             assert_no_devices();
             let m = nbd_stats(&out);
             eprintln!("{addr:?}: {m:?}");

@@ -120,7 +120,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .id(a.id)
             .flags(flags)
             .discard(discard)
-            .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
+            .busy_poll(a.busy_poll())
             .placement(a.placement.into())
             .batch_io(a.batch)
     };
@@ -139,7 +139,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         pid: std::process::id(),
         pid_start: None,
         placement: a.placement,
-        busy_poll_us: a.busy_poll_us,
+        busy_poll_us: a.busy_poll().as_micros() as u64,
         data_path: None,
         async_target: a.async_,
         stripe: None,
@@ -284,7 +284,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .depth(a.depth)
                 .id(a.id)
                 .flags(flags)
-                .busy_poll(std::time::Duration::from_micros(a.busy_poll_us))
+                .busy_poll(a.busy_poll())
                 .placement(a.placement.into())
                 .data_path(data_path)
                 .batch_io(a.batch)

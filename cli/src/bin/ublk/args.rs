@@ -165,8 +165,10 @@ pub(super) struct AddArgs {
     #[arg(long)]
     pub(super) detach: bool,
     /// Microseconds a queue thread keeps polling for the next request before it sleeps; 0 always sleeps.
-    #[arg(long, default_value_t = ublk::DEFAULT_BUSY_POLL.as_micros() as u64)]
-    pub(super) busy_poll_us: u64,
+    /// Default: 200, and 0 for -t nbd (its queue threads wait for the server, which
+    /// needs the CPU they would spin on when it runs on the same machine).
+    #[arg(long)]
+    pub(super) busy_poll_us: Option<u64>,
     /// Where queue threads run.
     #[arg(long, value_enum, default_value_t)]
     pub(super) placement: ublk_cli::PlacementArg,
@@ -217,6 +219,21 @@ pub(super) struct AddArgs {
     /// devices no --recovery (refused with the kernel's answer).
     #[arg(long)]
     pub(super) unprivileged: bool,
+}
+
+impl AddArgs {
+    /// `--busy-poll-us`, or the target's default: none for NBD, whose queue
+    /// threads wait on the server (polling takes the CPU a server on the same
+    /// machine needs, and a remote one answers later than any poll lasts;
+    /// the README's NBD benchmark has the figures), [`ublk::DEFAULT_BUSY_POLL`]
+    /// for the others.
+    pub(super) fn busy_poll(&self) -> std::time::Duration {
+        match (self.busy_poll_us, self.target) {
+            (Some(us), _) => std::time::Duration::from_micros(us),
+            (None, Kind::Nbd) => std::time::Duration::ZERO,
+            (None, _) => ublk::DEFAULT_BUSY_POLL,
+        }
+    }
 }
 
 /// `--data-path`: a data path, or the best for the target.
