@@ -228,6 +228,12 @@ impl<'r> Io<'r> {
         Io { r, req, buf, user_copy, fixed, _thread_bound: PhantomData }
     }
 
+    /// Under zero copy: the fixed-buffer index of the request's pages in
+    /// the queue's ring (registered until the request is committed).
+    pub(crate) fn fixed_index(&self) -> Option<u16> {
+        self.fixed
+    }
+
     /// The request.
     pub fn request(&self) -> &Request {
         &self.req

@@ -461,6 +461,36 @@ impl<'r> Ring<'r> {
         unsafe { Op::start(self.r, self.tag, DataUse::None, None, keep, |_| sqe) }
     }
 
+    /// Pushes `sqes` as one linked chain, in one submission: each runs only
+    /// once the one before it completed as asked (`IOSQE_IO_LINK`, set here
+    /// on every one but the last); the first that fails or comes short ends
+    /// the chain, and the ones after it complete with ECANCELED without
+    /// running. Their operations go to `ops` (emptied first), in order;
+    /// `keep` goes with the last one, whose completion comes last. `keep`
+    /// back, and nothing pushed, if the ring cannot hold that many at once.
+    ///
+    /// # Safety
+    /// As for [`Ring::raw`], for every SQE except for the links, which this
+    /// sets: memory any of them names must stay valid until the last one
+    /// completes (`keep` may own it).
+    pub(crate) unsafe fn raw_chain<K: 'static>(&self, sqes: &[squeue::Entry], keep: K, ops: &mut Vec<Op<'r, Option<K>>>) -> Result<(), K> {
+        ops.clear();
+        if sqes.is_empty() || !self.r.reserve(sqes.len()) {
+            return Err(keep);
+        }
+        let mut keep = Some(keep);
+        for (i, sqe) in sqes.iter().enumerate() {
+            let last = i + 1 == sqes.len();
+            let sqe = if last { sqe.clone() } else { sqe.clone().flags(squeue::Flags::IO_LINK) };
+            let k = if last { keep.take() } else { None };
+            // SAFETY: the caller's promise; `reserve` made room for the whole
+            // chain, and none of these submits on its own (no descriptor
+            // borrowed for the call), so it reaches the kernel whole.
+            ops.push(unsafe { Op::start(self.r, self.tag, DataUse::None, None, k, |_| sqe) });
+        }
+        Ok(())
+    }
+
     /// Raw descriptor of a [`FileRef::Fd`], for building raw SQEs.
     pub fn raw_fd(file: FileRef<'_>) -> Option<RawFd> {
         match file {

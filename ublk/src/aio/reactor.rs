@@ -176,6 +176,23 @@ impl Reactor {
         self.ops.borrow().in_flight
     }
 
+    /// Makes room for `n` SQEs pushed next with nothing submitted between
+    /// them (a linked chain must reach the kernel in one submission): submits
+    /// what is queued if fewer are free. False if the submission queue
+    /// cannot hold `n` at all.
+    pub(crate) fn reserve(&self, n: usize) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        let cap = ring.submission().capacity();
+        if n > cap {
+            return false;
+        }
+        if cap - ring.submission().len() < n {
+            let _ = ring.submit();
+        }
+        let queued = ring.submission().len();
+        cap - queued >= n
+    }
+
     /// Pushes `sqe` to the submission queue, submitting first if it is full.
     pub(crate) fn push(&self, sqe: &squeue::Entry) {
         let mut ring = self.ring.borrow_mut();

@@ -27,10 +27,11 @@
 //! * **Zero copy** ([`DataPath::ZeroCopy`](crate::DataPath::ZeroCopy),
 //!   [`DataPath::AutoBufReg`](crate::DataPath::AutoBufReg)): the request's
 //!   data stays in the kernel's pages. A READ's payload is read from the
-//!   socket straight into them (READ_FIXED) and a WRITE's payload written
-//!   from them after its header (WRITE_FIXED), each by the request itself
-//!   while the reader or the writer waits: one copy (socket to pages), as
-//!   in the kernel's nbd client. Holes are zeroed there from `/dev/zero`
+//!   socket straight into them (READ_FIXED) by the request itself while the
+//!   reader waits, and the writer sends a batch as one linked chain: the
+//!   headers up to a WRITE's (`sendmsg`), its payload from its pages
+//!   (WRITE_FIXED), the next headers, and so on. One copy (socket to
+//!   pages), as in the kernel's nbd client. Holes are zeroed there from `/dev/zero`
 //!   by the request once its reply is complete, while the reader goes on
 //!   (a reply of more than eight holes has the rest zeroed at once, the
 //!   reader waiting). The reader then receives each reply's header on its own (it

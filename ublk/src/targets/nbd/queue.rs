@@ -35,15 +35,13 @@ pub struct NbdQueue<'a> {
     pub(super) bg: WakerSlot,
     /// The reader waits while a READ's request receives its payload.
     pub(super) hold: Cell<bool>,
-    /// Zero copy: request data stays in the kernel's pages, moved by the
-    /// requests themselves (READ_FIXED from the socket or `/dev/zero`,
-    /// WRITE_FIXED to the socket) while the reader or the writer waits.
+    /// Zero copy: request data stays in the kernel's pages: READs' moved by
+    /// the requests themselves (READ_FIXED from the socket, while the reader
+    /// waits, or from `/dev/zero`), WRITEs' sent by the writer (WRITE_FIXED,
+    /// linked after their headers).
     pub(super) zc: bool,
     /// `/dev/zero`, for holes under zero copy.
     pub(super) zero: Option<OwnedFd>,
-    /// The writer waits while a WRITE's request sends its payload (zero
-    /// copy).
-    pub(super) whold: Cell<bool>,
     /// The connection is closed: everything fails with EIO.
     pub(super) dead: Cell<bool>,
     /// The connection is lost and being made again: requests wait.
@@ -83,7 +81,7 @@ impl<'a> NbdQueue<'a> {
                 payload: Cell::new((0, 0)),
                 gen: Cell::new(0),
                 sent: Cell::new(true),
-                push: Cell::new(false),
+                fixed: Cell::new(0),
                 waker: WakerSlot::default(),
             })
             .collect();
@@ -98,7 +96,6 @@ impl<'a> NbdQueue<'a> {
             hold: Cell::new(false),
             zc: zero.is_some(),
             zero,
-            whold: Cell::new(false),
             dead: Cell::new(false),
             down: Cell::new(false),
             sending: Cell::new(false),
@@ -191,9 +188,6 @@ enum Move {
     /// Zero part of the request's pages (zero copy: READ_FIXED from
     /// `/dev/zero`).
     Zero,
-    /// Write the request's pages to the socket (zero copy: WRITE_FIXED,
-    /// repeated while short).
-    Send,
 }
 
 impl NbdQueue<'_> {
@@ -239,9 +233,6 @@ impl NbdQueue<'_> {
                     Some(z) => io.read_at(z, range, 0).await,
                     None => return Err(("no /dev/zero".into(), false)),
                 },
-                // A socket write raises no SIGPIPE here (`Nbd::queue` checks
-                // that it is ignored): a closed connection is EPIPE.
-                Move::Send => io.write_at(self.sock(), range, 0, 0).await,
                 Move::RecvCopy => unreachable!(),
             };
             match got {
@@ -311,9 +302,13 @@ impl QueueTarget for NbdQueue<'_> {
         let (offset, len32) = if cmd == CMD_FLUSH { (0, 0) } else { (req.offset(), len32) };
         t.offset.set(offset);
         t.len.set(len32);
+        // Under zero copy: where the request's pages are in the ring, for the
+        // writer to send a WRITE's payload from.
+        t.fixed.set(io.fixed_index().unwrap_or(0));
         let data = match cmd {
-            // Under zero copy the data is moved by this future (`Io::read_at`
-            // and `Io::write_at` on the request's pages), never by pointer.
+            // Under zero copy the data is moved by fixed-buffer operations on
+            // the request's pages (this future's `Io::read_at`, the writer's
+            // WRITE_FIXED), never by pointer.
             _ if self.zc => std::ptr::null_mut(),
             // Only read through (by the writer's sendmsg).
             CMD_WRITE => io.data().as_ptr().cast_mut(),
@@ -334,39 +329,25 @@ impl QueueTarget for NbdQueue<'_> {
 
         // Until the reply has come and the writer is done with the request
         // (its data may be answered, and its buffer reused, only then); under
-        // zero copy, moving the data when the reader or the writer asks.
+        // zero copy, moving a READ's data when the reader asks.
         let mut answer = None;
         loop {
             let ev = poll_fn(|cx| {
-                if t.push.get() {
-                    return Poll::Ready(None);
-                }
                 if answer.is_none() {
                     match t.st.get() {
                         St::Waiting if !self.dead.get() => {}
-                        s => return Poll::Ready(Some(s)),
+                        s => return Poll::Ready(s),
                     }
                 } else if t.sent.get() {
-                    return Poll::Ready(Some(St::Idle));
+                    return Poll::Ready(St::Idle);
                 }
                 t.park(cx);
                 Poll::Pending
             })
             .await;
             match ev {
-                None => {
-                    // The writer has sent this WRITE's header: its payload is
-                    // next on the connection (the writer waits: `whold`).
-                    let got = self.move_data(&mut io, Move::Send, 0, len32).await;
-                    if let Err(e) = got {
-                        self.move_failed("sending a WRITE payload", e);
-                    }
-                    // (The writer ends its hold.)
-                    t.push.set(false);
-                    self.wake_bg();
-                }
-                Some(_) if answer.is_some() => break,
-                Some(St::Replied(0)) => {
+                _ if answer.is_some() => break,
+                St::Replied(0) => {
                     answer = Some(match self.zero_holes(&mut io, t).await {
                         Ok(()) => Ok(if matches!(req.op, Op::Read | Op::Write) { len32 } else { 0 }),
                         Err(e) => {
@@ -375,8 +356,8 @@ impl QueueTarget for NbdQueue<'_> {
                         }
                     });
                 }
-                Some(St::Replied(e)) => answer = Some(Err(Errno::new(errno(e)))),
-                Some(s @ (St::Payload | St::Hole)) => {
+                St::Replied(e) => answer = Some(Err(Errno::new(errno(e)))),
+                s @ (St::Payload | St::Hole) => {
                     // The reader waits meanwhile (`hold`).
                     let (at, n) = t.payload.get();
                     let how = match s {
@@ -402,7 +383,7 @@ impl QueueTarget for NbdQueue<'_> {
                         answer = Some(Err(Errno::EIO));
                     }
                 }
-                Some(St::Waiting | St::Idle) => answer = Some(Err(Errno::EIO)),
+                St::Waiting | St::Idle => answer = Some(Err(Errno::EIO)),
             }
         }
         t.st.set(St::Idle);

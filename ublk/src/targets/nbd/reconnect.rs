@@ -21,7 +21,7 @@ impl NbdQueue<'_> {
     /// the same backoff, not a busy loop.
     pub(super) async fn reconnect(&self, ring: Ring<'_>) {
         poll_fn(|cx| {
-            if (self.hold.get() || self.whold.get() || self.sending.get()) && !self.dead.get() {
+            if (self.hold.get() || self.sending.get()) && !self.dead.get() {
                 self.park_bg(cx);
                 Poll::Pending
             } else {

@@ -28,8 +28,9 @@ pub struct NbdStats {
     /// Socket reads of payloads straight into their request's pages (zero
     /// copy; more than one per payload where a read came short).
     pub payload_reads: u64,
-    /// `sendmsg` operations of the requests' writer (under zero copy a
-    /// WRITE's payload follows its header in a write of its own).
+    /// Sends of the requests' writer: `sendmsg` operations, or under zero
+    /// copy linked chains of them and of WRITE payloads (one per batch, and
+    /// one more where a step came short).
     pub sends: u64,
 }
 

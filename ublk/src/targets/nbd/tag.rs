@@ -58,10 +58,9 @@ pub(super) struct Tag {
     /// Whether the writer is done with the request (sent, or given up): its
     /// data is not read any more.
     pub(super) sent: Cell<bool>,
-    /// Under zero copy: the writer has sent this WRITE's header and waits
-    /// for the request to send its payload from its pages (next on the
-    /// connection).
-    pub(super) push: Cell<bool>,
+    /// Under zero copy: the fixed-buffer index of the request's pages in
+    /// the queue's ring, from which the writer sends a WRITE's payload.
+    pub(super) fixed: Cell<u16>,
     pub(super) waker: WakerSlot,
 }
 
@@ -180,7 +179,7 @@ mod tests {
             payload: Cell::new((0, 0)),
             gen: Cell::new(0),
             sent: Cell::new(true),
-            push: Cell::new(false),
+            fixed: Cell::new(0),
             waker: WakerSlot::default(),
         }
     }

@@ -1,39 +1,87 @@
 //! The requests' writer: every queued request header and WRITE payload
 //! gathered into one `sendmsg` (up to [`BATCH`] requests), sent in order.
+//! Under zero copy a WRITE's payload stays in the request's pages: a batch
+//! is a linked chain of `sendmsg`s of headers and `WRITE_FIXED`s of
+//! payloads from those pages, pushed in one submission.
 
 use std::future::poll_fn;
 use std::task::Poll;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use super::proto::{request, CMD_WRITE, REQUEST_LEN};
 use super::NbdQueue;
-use crate::aio::Ring;
+use crate::aio::{Operation, Ring};
 
-/// Requests gathered into one `sendmsg`, at most.
+/// Requests gathered into one `sendmsg` (one chain under zero copy), at most.
 const BATCH: usize = 64;
+/// Segments of a zero-copy chain, at most: a `sendmsg` of headers before
+/// and after each WRITE's payload.
+const MAX_SEGS: usize = 2 * BATCH + 1;
 
-/// The writer's memory for one `sendmsg`: headers, iovecs, the msghdr. Owned
-/// by the operation while it is in flight, handed back with its result.
+/// Under zero copy, one step of a batch's chain.
+#[derive(Debug, Clone, Copy)]
+enum Seg {
+    /// `iov[a..b]` (headers), one `sendmsg`.
+    Msg(usize, usize),
+    /// A WRITE's payload from the request's pages, fixed buffer `index`,
+    /// bytes `off..off + len`: one `WRITE_FIXED`.
+    Payload { index: u16, off: u32, len: u32 },
+}
+
+/// The writer's memory for a batch: headers, iovecs, the msghdrs. Owned by
+/// the operations while they are in flight, handed back with the last one.
 struct SendBuf {
     hdrs: Box<[[u8; REQUEST_LEN]; BATCH]>,
     iov: Vec<libc::iovec>,
-    msg: libc::msghdr,
+    msgs: Vec<libc::msghdr>,
     tags: Vec<u16>,
+    segs: Vec<Seg>,
+}
+
+impl SendBuf {
+    fn new() -> Box<SendBuf> {
+        // SAFETY: msghdr is plain integers and pointers; all zeros is valid.
+        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        Box::new(SendBuf {
+            hdrs: Box::new([[0u8; REQUEST_LEN]; BATCH]),
+            iov: Vec::with_capacity(2 * BATCH),
+            msgs: vec![msg; MAX_SEGS],
+            tags: Vec::with_capacity(BATCH),
+            segs: Vec::with_capacity(MAX_SEGS),
+        })
+    }
+
+    /// Bytes `iov[a..b]` still hold.
+    fn msg_len(&self, a: usize, b: usize) -> usize {
+        self.iov[a..b].iter().map(|v| v.iov_len).sum()
+    }
+
+    /// Drops the first `n` bytes of `iov[*first..]` (sent), moving `first`
+    /// past the iovecs sent in full.
+    fn skip(&mut self, first: &mut usize, mut n: usize) {
+        while n > 0 && *first < self.iov.len() {
+            let v = &mut self.iov[*first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                *first += 1;
+            } else {
+                // SAFETY: inside the same header or payload.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
 }
 
 impl NbdQueue<'_> {
     /// Sends queued requests, as many as are queued (up to [`BATCH`]) in
-    /// one `sendmsg`, in order. Never completes.
+    /// one `sendmsg` (one chain under zero copy), in order. Never completes.
     pub(super) async fn writer(&self, ring: Ring<'_>) {
-        // SAFETY: msghdr is plain integers and pointers; all zeros is valid.
-        let msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        let mut buf = Box::new(SendBuf {
-            hdrs: Box::new([[0u8; REQUEST_LEN]; BATCH]),
-            iov: Vec::with_capacity(2 * BATCH),
-            msg,
-            tags: Vec::with_capacity(BATCH),
-        });
+        let mut buf = Some(SendBuf::new());
+        let mut sqes: Vec<squeue::Entry> = Vec::with_capacity(MAX_SEGS);
+        let mut ops = Vec::with_capacity(MAX_SEGS);
         loop {
             poll_fn(|cx| {
                 if self.sendq.borrow().is_empty() || (self.down.get() && !self.dead.get()) {
@@ -44,124 +92,219 @@ impl NbdQueue<'_> {
                 }
             })
             .await;
-            buf.tags.clear();
-            buf.iov.clear();
+            let mut b = buf.take().expect("the writer's buffer is back after every send");
+            b.tags.clear();
             {
                 let mut q = self.sendq.borrow_mut();
-                while buf.tags.len() < BATCH {
+                while b.tags.len() < BATCH {
                     let Some(tag) = q.pop_front() else { break };
-                    buf.tags.push(tag);
-                    // Under zero copy a WRITE's payload follows its header
-                    // from the request's pages: the batch ends there.
-                    if self.zc && self.tags[usize::from(tag)].cmd.get() == CMD_WRITE {
-                        break;
-                    }
+                    b.tags.push(tag);
                 }
             }
             if !self.dead.get() {
-                let mut total = 0usize;
-                let b = &mut *buf;
-                for (i, &tag) in b.tags.iter().enumerate() {
-                    let t = &self.tags[usize::from(tag)];
-                    request(&mut b.hdrs[i], t.flags.get(), t.cmd.get(), self.cookie(tag), t.offset.get(), t.len.get());
-                    b.iov.push(libc::iovec { iov_base: b.hdrs[i].as_mut_ptr().cast(), iov_len: REQUEST_LEN });
-                    total += REQUEST_LEN;
-                    if t.cmd.get() == CMD_WRITE && !self.zc {
-                        let len = t.len.get() as usize;
-                        b.iov.push(libc::iovec { iov_base: t.data.get() as *mut libc::c_void, iov_len: len });
-                        total += len;
-                    }
-                }
-                // Under zero copy a batch that ends in a WRITE's header is
-                // followed at once by its payload: one segment for both.
-                let more = match buf.tags.last() {
-                    Some(&tag) if self.zc && self.tags[usize::from(tag)].cmd.get() == CMD_WRITE => libc::MSG_MORE,
-                    _ => 0,
-                };
-                let mut first = 0usize;
-                while total > 0 && !self.dead.get() && !self.down.get() {
-                    let b = &mut *buf;
-                    b.msg.msg_iov = b.iov[first..].as_mut_ptr();
-                    b.msg.msg_iovlen = b.iov.len() - first;
-                    let sqe = opcode::SendMsg::new(types::Fd(self.sock_fd.get()), &b.msg)
-                        .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL | more) as u32)
-                        .build();
-                    self.torn.set(true);
-                    self.sending.set(true);
-                    self.count(|s| s.sends += 1);
-                    // SAFETY: the msghdr, the iovecs and the headers are in
-                    // `buf`, owned by the operation (heap memory, stable when
-                    // the Box moves) until it is over. The WRITE payloads are
-                    // their requests' data: a request is not answered (so its
-                    // buffer not reused) before `sent` is set below, after
-                    // this operation is over; at a stop the queue reaps every
-                    // operation before it drops the requests' futures. One
-                    // plain SENDMSG: one completion, no links.
-                    let (res, back) = unsafe { ring.raw(sqe, buf) }.await;
-                    buf = back;
-                    self.sending.set(false);
-                    match res {
-                        Ok(0) => self.lose(|| "the connection accepts no more data".into()),
-                        Ok(n) => {
-                            let mut n = n as usize;
-                            total -= n.min(total);
-                            // Skip what was sent (io_uring may send part of
-                            // it, e.g. when interrupted).
-                            let b = &mut *buf;
-                            while n > 0 && first < b.iov.len() {
-                                let v = &mut b.iov[first];
-                                if n >= v.iov_len {
-                                    n -= v.iov_len;
-                                    first += 1;
-                                } else {
-                                    // SAFETY: inside the same header or payload.
-                                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                                    v.iov_len -= n;
-                                    n = 0;
-                                }
-                            }
-                            if total == 0 {
-                                self.torn.set(false);
-                            }
-                        }
-                        Err(e) => self.lose(|| format!("sending requests: {e}")),
-                    }
-                }
+                b = if self.zc { self.send_chain(ring, b, &mut sqes, &mut ops).await } else { self.send_copied(ring, b).await };
             }
-            let last = buf.tags.last().map(|&tag| &self.tags[usize::from(tag)]);
-            if let Some(t) = last.filter(|t| self.zc && t.cmd.get() == CMD_WRITE && !self.torn.get()) {
-                if !self.dead.get() && !self.down.get() {
-                    // The header is out: the request sends its payload from
-                    // its pages (WRITE_FIXED) while the writer waits.
-                    self.torn.set(true);
-                    self.whold.set(true);
-                    t.push.set(true);
-                    t.wake();
-                    poll_fn(|cx| {
-                        if t.push.get() && !self.dead.get() {
-                            self.park_bg(cx);
-                            Poll::Pending
-                        } else {
-                            Poll::Ready(())
-                        }
-                    })
-                    .await;
-                    if !self.dead.get() && !self.down.get() {
-                        self.torn.set(false);
-                    }
-                    // Released here, with no await before the batch is
-                    // marked sent below: a reconnect waiting for it then
-                    // re-queues the batch after this writer is done with it.
-                    self.whold.set(false);
-                }
-            }
-            for &tag in &buf.tags {
+            for &tag in &b.tags {
                 let t = &self.tags[usize::from(tag)];
                 t.sent.set(true);
                 t.wake();
             }
+            buf = Some(b);
             // A reconnect may wait for this send to be over.
             self.wake_bg();
         }
+    }
+
+    /// The batch's headers and WRITE payloads (in the requests' buffers) in
+    /// one `sendmsg`, repeated from where it stopped if it comes short.
+    async fn send_copied(&self, ring: Ring<'_>, mut buf: Box<SendBuf>) -> Box<SendBuf> {
+        let mut total = 0usize;
+        let b = &mut *buf;
+        b.iov.clear();
+        for (i, &tag) in b.tags.iter().enumerate() {
+            let t = &self.tags[usize::from(tag)];
+            request(&mut b.hdrs[i], t.flags.get(), t.cmd.get(), self.cookie(tag), t.offset.get(), t.len.get());
+            b.iov.push(libc::iovec { iov_base: b.hdrs[i].as_mut_ptr().cast(), iov_len: REQUEST_LEN });
+            total += REQUEST_LEN;
+            if t.cmd.get() == CMD_WRITE {
+                let len = t.len.get() as usize;
+                b.iov.push(libc::iovec { iov_base: t.data.get() as *mut libc::c_void, iov_len: len });
+                total += len;
+            }
+        }
+        let mut first = 0usize;
+        while total > 0 && !self.dead.get() && !self.down.get() {
+            let b = &mut *buf;
+            b.msgs[0].msg_iov = b.iov[first..].as_mut_ptr();
+            b.msgs[0].msg_iovlen = b.iov.len() - first;
+            let sqe = opcode::SendMsg::new(types::Fd(self.sock_fd.get()), &b.msgs[0])
+                .flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32)
+                .build();
+            self.torn.set(true);
+            self.sending.set(true);
+            self.count(|s| s.sends += 1);
+            // SAFETY: the msghdr, the iovecs and the headers are in `buf`,
+            // owned by the operation (heap memory, stable when the Box moves)
+            // until it is over. The WRITE payloads are their requests' data:
+            // a request is not answered (so its buffer not reused) before
+            // `sent` is set by `writer`, after this operation is over; at a
+            // stop the queue reaps every operation before it drops the
+            // requests' futures. One plain SENDMSG: one completion, no links.
+            let (res, back) = unsafe { ring.raw(sqe, buf) }.await;
+            buf = back;
+            self.sending.set(false);
+            match res {
+                Ok(0) => self.lose(|| "the connection accepts no more data".into()),
+                Ok(n) => {
+                    total -= (n as usize).min(total);
+                    // Skip what was sent (io_uring may send part of it, e.g.
+                    // when interrupted).
+                    buf.skip(&mut first, n as usize);
+                    if total == 0 {
+                        self.torn.set(false);
+                    }
+                }
+                Err(e) => self.lose(|| format!("sending requests: {e}")),
+            }
+        }
+        buf
+    }
+
+    /// Under zero copy: the batch as one linked chain, in one submission:
+    /// a `sendmsg` of the headers up to and including a WRITE's (with
+    /// MSG_MORE), that WRITE's payload from its pages (`WRITE_FIXED`), and
+    /// so on. Each step starts once the one before it went out whole; a
+    /// step that comes short ends the chain, and the chain is pushed again
+    /// from where it stopped.
+    async fn send_chain<'r>(
+        &self,
+        ring: Ring<'r>,
+        mut buf: Box<SendBuf>,
+        sqes: &mut Vec<squeue::Entry>,
+        ops: &mut Vec<Operation<'r, Option<Box<SendBuf>>>>,
+    ) -> Box<SendBuf> {
+        let b = &mut *buf;
+        b.iov.clear();
+        b.segs.clear();
+        let mut start = 0;
+        for (i, &tag) in b.tags.iter().enumerate() {
+            let t = &self.tags[usize::from(tag)];
+            request(&mut b.hdrs[i], t.flags.get(), t.cmd.get(), self.cookie(tag), t.offset.get(), t.len.get());
+            b.iov.push(libc::iovec { iov_base: b.hdrs[i].as_mut_ptr().cast(), iov_len: REQUEST_LEN });
+            if t.cmd.get() == CMD_WRITE && t.len.get() > 0 {
+                b.segs.push(Seg::Msg(start, b.iov.len()));
+                start = b.iov.len();
+                b.segs.push(Seg::Payload { index: t.fixed.get(), off: 0, len: t.len.get() });
+            }
+        }
+        if start < b.iov.len() {
+            b.segs.push(Seg::Msg(start, b.iov.len()));
+        }
+        let mut cur = 0;
+        while cur < buf.segs.len() && !self.dead.get() && !self.down.get() {
+            let fd = types::Fd(self.sock_fd.get());
+            sqes.clear();
+            let b = &mut *buf;
+            let n = b.segs.len();
+            for k in cur..n {
+                let more = if k + 1 < n { libc::MSG_MORE } else { 0 };
+                sqes.push(match b.segs[k] {
+                    Seg::Msg(a, e) => {
+                        b.msgs[k].msg_iov = b.iov[a..].as_mut_ptr();
+                        b.msgs[k].msg_iovlen = e - a;
+                        opcode::SendMsg::new(fd, &b.msgs[k]).flags((libc::MSG_NOSIGNAL | libc::MSG_WAITALL | more) as u32).build()
+                    }
+                    // A fixed buffer registered by the kernel starts at
+                    // address 0. A socket write raises no SIGPIPE here
+                    // (`Nbd::queue` checks that it is ignored).
+                    Seg::Payload { index, off, len } => {
+                        opcode::WriteFixed::new(fd, off as usize as *const u8, len, index).offset(0).build()
+                    }
+                });
+            }
+            self.torn.set(true);
+            self.sending.set(true);
+            self.count(|s| s.sends += 1);
+            // SAFETY: the msghdrs, iovecs and headers are in `buf`, owned by
+            // the chain's last operation (heap memory, stable when the Box
+            // moves), which completes after every step of the chain that ran.
+            // A payload is its WRITE's pages, registered at `index` in this
+            // ring until the request's commit, which comes after its answer,
+            // which waits for `sent`, set by `writer` once these operations
+            // are over; at a stop the queue reaps every operation before it
+            // commits. Each step gives one completion.
+            let pushed = unsafe { ring.raw_chain(sqes, buf, ops) };
+            buf = match pushed {
+                Ok(()) => {
+                    let mut back = None;
+                    let mut results = [0i32; MAX_SEGS];
+                    for (j, op) in ops.drain(..).enumerate() {
+                        let (res, keep) = op.await;
+                        results[j] = match res {
+                            Ok(n) => n as i32,
+                            Err(e) => -e.raw(),
+                        };
+                        if keep.is_some() {
+                            back = keep;
+                        }
+                    }
+                    let mut b = back.expect("the chain's last operation keeps the buffer");
+                    self.sending.set(false);
+                    cur = self.chain_done(&mut b, cur, &results[..n - cur]);
+                    b
+                }
+                Err(b) => {
+                    self.sending.set(false);
+                    self.fail(|| format!("a chain of {} sends does not fit in the queue's ring", n - cur));
+                    b
+                }
+            };
+        }
+        if cur == buf.segs.len() {
+            self.torn.set(false);
+        }
+        buf
+    }
+
+    /// Takes a chain's results (from segment `cur` on): the segments sent
+    /// whole are done, one sent in part keeps its rest. The next segment to
+    /// send; a failure loses the connection.
+    fn chain_done(&self, b: &mut SendBuf, mut cur: usize, results: &[i32]) -> usize {
+        for &res in results {
+            let want = match b.segs[cur] {
+                Seg::Msg(a, e) => b.msg_len(a, e),
+                Seg::Payload { len, .. } => len as usize,
+            };
+            match res {
+                r if r as usize == want && r > 0 => cur += 1,
+                r if r > 0 => {
+                    let r = r as usize;
+                    match &mut b.segs[cur] {
+                        Seg::Msg(a, _) => {
+                            let mut first = *a;
+                            b.skip(&mut first, r);
+                            if let Seg::Msg(a, _) = &mut b.segs[cur] {
+                                *a = first;
+                            }
+                        }
+                        Seg::Payload { off, len, .. } => {
+                            *off += r as u32;
+                            *len -= r as u32;
+                        }
+                    }
+                    return cur;
+                }
+                0 => {
+                    self.lose(|| "the connection accepts no more data".into());
+                    return cur;
+                }
+                e => {
+                    let e = std::io::Error::from_raw_os_error(-e);
+                    self.lose(|| format!("sending requests: {e}"));
+                    return cur;
+                }
+            }
+        }
+        cur
     }
 }
