@@ -471,8 +471,8 @@ impl<'r> Ring<'r> {
     ///
     /// # Safety
     /// As for [`Ring::raw`], for every SQE except for the links, which this
-    /// sets: memory any of them names must stay valid until the last one
-    /// completes (`keep` may own it).
+    /// sets (the SQEs given must carry none): memory any of them names must
+    /// stay valid until the last one completes (`keep` may own it).
     pub(crate) unsafe fn raw_chain<K: 'static>(&self, sqes: &[squeue::Entry], keep: K, ops: &mut Vec<Op<'r, Option<K>>>) -> Result<(), K> {
         ops.clear();
         if sqes.is_empty() || !self.r.reserve(sqes.len()) {
@@ -485,7 +485,10 @@ impl<'r> Ring<'r> {
             let k = if last { keep.take() } else { None };
             // SAFETY: the caller's promise; `reserve` made room for the whole
             // chain, and none of these submits on its own (no descriptor
-            // borrowed for the call), so it reaches the kernel whole.
+            // borrowed for the call), so it reaches the kernel in one
+            // submission. (The kernel could still split it if it failed to
+            // allocate a request part-way, leaving the rest for a later
+            // submit; nothing here can prevent that.)
             ops.push(unsafe { Op::start(self.r, self.tag, DataUse::None, None, k, |_| sqe) });
         }
         Ok(())

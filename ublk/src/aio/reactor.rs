@@ -179,7 +179,8 @@ impl Reactor {
     /// Makes room for `n` SQEs pushed next with nothing submitted between
     /// them (a linked chain must reach the kernel in one submission): submits
     /// what is queued if fewer are free. False if the submission queue
-    /// cannot hold `n` at all.
+    /// cannot hold `n` at all, or the kernel took fewer than needed (a full
+    /// completion queue: try again once completions are reaped).
     pub(crate) fn reserve(&self, n: usize) -> bool {
         let mut ring = self.ring.borrow_mut();
         let cap = ring.submission().capacity();

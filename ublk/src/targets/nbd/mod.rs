@@ -14,7 +14,8 @@
 //! * **Transmission**: each request is sent with the cookie (queue,
 //!   generation, tag); requests are pipelined, written by a per-queue
 //!   writer that gathers every queued header and WRITE payload into one
-//!   `sendmsg`, and answered out of order. The queue's background task
+//!   `sendmsg` (one linked chain under zero copy, below), and answered out
+//!   of order. The queue's background task
 //!   ([`QueueTarget::run`](crate::aio::QueueTarget::run)) receives replies in bulk (as many as the
 //!   connection holds, up to 64 KiB, with one receive), finds each
 //!   request by its cookie, copies a READ's data into the request's own
@@ -56,7 +57,7 @@
 // * `connect`: one connection through the handshake;
 // * `queue`: `NbdQueue`, one queue's connection, its requests and its end;
 // * `tag`: one tag's request as the connection sees it;
-// * `writer`: the requests' writer (gathered `sendmsg`s);
+// * `writer`: the requests' writer (gathered `sendmsg`s, linked chains under zero copy);
 // * `reader`: the replies' reader (simple replies and structured chunks);
 // * `reconnect`: making a lost connection again;
 // * `stats`: `NbdStats`;

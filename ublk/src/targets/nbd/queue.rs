@@ -46,7 +46,7 @@ pub struct NbdQueue<'a> {
     pub(super) dead: Cell<bool>,
     /// The connection is lost and being made again: requests wait.
     pub(super) down: Cell<bool>,
-    /// The writer has a `sendmsg` in flight.
+    /// The writer has a `sendmsg` (under zero copy, a chain) in flight.
     pub(super) sending: Cell<bool>,
     /// A send is in flight or ended part-way: the stream may end inside a
     /// request, so no NBD_CMD_DISC can follow.
@@ -176,6 +176,24 @@ impl<'a> NbdQueue<'a> {
     }
 }
 
+/// Whether a socket operation's error says the connection is lost (made
+/// again with `--recovery`), rather than something that would fail again on
+/// a new connection (the connection is closed then).
+pub(super) fn connection_lost(e: Errno) -> bool {
+    matches!(
+        e.raw(),
+        libc::EPIPE
+            | libc::ECONNRESET
+            | libc::ECONNABORTED
+            | libc::ENOTCONN
+            | libc::ESHUTDOWN
+            | libc::ETIMEDOUT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ENETDOWN
+    )
+}
+
 /// How a request moves part of its data over the connection.
 #[derive(Debug, Clone, Copy)]
 enum Move {
@@ -198,22 +216,7 @@ impl NbdQueue<'_> {
     /// making it again would meet the same error).
     async fn move_data(&self, io: &mut Io<'_>, how: Move, at: u32, n: u32) -> Result<(), (String, bool)> {
         let (at, n) = (at as usize, n as usize);
-        let conn = |e: Errno| {
-            let lost = !matches!(how, Move::Zero)
-                && matches!(
-                    e.raw(),
-                    libc::EPIPE
-                        | libc::ECONNRESET
-                        | libc::ECONNABORTED
-                        | libc::ENOTCONN
-                        | libc::ESHUTDOWN
-                        | libc::ETIMEDOUT
-                        | libc::EHOSTUNREACH
-                        | libc::ENETUNREACH
-                        | libc::ENETDOWN
-                );
-            (e.to_string(), lost)
-        };
+        let conn = |e: Errno| (e.to_string(), !matches!(how, Move::Zero) && connection_lost(e));
         if let Move::RecvCopy = how {
             return match io.recv_data(self.sock(), at..at + n, libc::MSG_WAITALL).await {
                 Ok(k) if k as usize == n => Ok(()),
@@ -304,7 +307,10 @@ impl QueueTarget for NbdQueue<'_> {
         t.len.set(len32);
         // Under zero copy: where the request's pages are in the ring, for the
         // writer to send a WRITE's payload from.
-        t.fixed.set(io.fixed_index().unwrap_or(0));
+        if self.zc && cmd == CMD_WRITE {
+            let Some(index) = io.fixed_index() else { return Err(Errno::EIO) };
+            t.fixed.set(index);
+        }
         let data = match cmd {
             // Under zero copy the data is moved by fixed-buffer operations on
             // the request's pages (this future's `Io::read_at`, the writer's

@@ -10,14 +10,23 @@ use std::task::Poll;
 use io_uring::{opcode, squeue, types};
 
 use super::proto::{request, CMD_WRITE, REQUEST_LEN};
+use super::queue::connection_lost;
 use super::NbdQueue;
 use crate::aio::{Operation, Ring};
+use crate::errno::Errno;
 
 /// Requests gathered into one `sendmsg` (one chain under zero copy), at most.
 const BATCH: usize = 64;
-/// Segments of a zero-copy chain, at most: a `sendmsg` of headers before
+/// Segments of a zero-copy batch, at most: a `sendmsg` of headers before
 /// and after each WRITE's payload.
 const MAX_SEGS: usize = 2 * BATCH + 1;
+/// Payload bytes in one zero-copy chain, about: a WRITE_FIXED to a socket
+/// comes short when the send buffer is full, which ends the chain and
+/// cancels the rest, so the rest is pushed again; the cap bounds that work.
+const CHAIN_BYTES: usize = 256 << 10;
+/// Times a chain is tried when the ring has no room for it at once (its
+/// completion queue full) before the connection is given up.
+const CHAIN_TRIES: u32 = 100;
 
 /// Under zero copy, one step of a batch's chain.
 #[derive(Debug, Clone, Copy)]
@@ -200,13 +209,17 @@ impl NbdQueue<'_> {
         if start < b.iov.len() {
             b.segs.push(Seg::Msg(start, b.iov.len()));
         }
-        let mut cur = 0;
+        let (mut cur, mut tries) = (0, 0);
         while cur < buf.segs.len() && !self.dead.get() && !self.down.get() {
             let fd = types::Fd(self.sock_fd.get());
             sqes.clear();
             let b = &mut *buf;
             let n = b.segs.len();
+            let mut bytes = 0;
             for k in cur..n {
+                if bytes >= CHAIN_BYTES {
+                    break;
+                }
                 let more = if k + 1 < n { libc::MSG_MORE } else { 0 };
                 sqes.push(match b.segs[k] {
                     Seg::Msg(a, e) => {
@@ -218,10 +231,12 @@ impl NbdQueue<'_> {
                     // address 0. A socket write raises no SIGPIPE here
                     // (`Nbd::queue` checks that it is ignored).
                     Seg::Payload { index, off, len } => {
+                        bytes += len as usize;
                         opcode::WriteFixed::new(fd, off as usize as *const u8, len, index).offset(0).build()
                     }
                 });
             }
+            let end = cur + sqes.len();
             self.torn.set(true);
             self.sending.set(true);
             self.count(|s| s.sends += 1);
@@ -250,12 +265,19 @@ impl NbdQueue<'_> {
                     }
                     let mut b = back.expect("the chain's last operation keeps the buffer");
                     self.sending.set(false);
-                    cur = self.chain_done(&mut b, cur, &results[..n - cur]);
+                    cur = self.chain_done(&mut b, cur, &results[..end - cur]);
                     b
                 }
                 Err(b) => {
+                    // No room in the ring now (its completion queue is
+                    // full): once completions are reaped, try again.
                     self.sending.set(false);
-                    self.fail(|| format!("a chain of {} sends does not fit in the queue's ring", n - cur));
+                    tries += 1;
+                    if tries >= CHAIN_TRIES {
+                        self.fail(|| format!("no room in the queue's ring for a chain of {} sends", end - cur));
+                    } else {
+                        let _ = ring.nop().await;
+                    }
                     b
                 }
             };
@@ -268,42 +290,49 @@ impl NbdQueue<'_> {
 
     /// Takes a chain's results (from segment `cur` on): the segments sent
     /// whole are done, one sent in part keeps its rest. The next segment to
-    /// send; a failure loses the connection.
+    /// send; a failure loses the connection (or closes it, for an error a
+    /// new connection would meet again).
     fn chain_done(&self, b: &mut SendBuf, mut cur: usize, results: &[i32]) -> usize {
-        for &res in results {
+        for (j, &res) in results.iter().enumerate() {
             let want = match b.segs[cur] {
                 Seg::Msg(a, e) => b.msg_len(a, e),
                 Seg::Payload { len, .. } => len as usize,
             };
+            if res > 0 && res as usize == want {
+                cur += 1;
+                continue;
+            }
+            if results[j + 1..].iter().any(|&r| r != -libc::ECANCELED) {
+                // A step after this one ran although this one did not finish:
+                // what went out after the gap is not known.
+                self.fail(|| "a linked send ran after one that did not finish".into());
+                return cur;
+            }
             match res {
-                r if r as usize == want && r > 0 => cur += 1,
                 r if r > 0 => {
                     let r = r as usize;
-                    match &mut b.segs[cur] {
-                        Seg::Msg(a, _) => {
-                            let mut first = *a;
+                    match b.segs[cur] {
+                        Seg::Msg(a, e) => {
+                            let mut first = a;
                             b.skip(&mut first, r);
-                            if let Seg::Msg(a, _) = &mut b.segs[cur] {
-                                *a = first;
-                            }
+                            b.segs[cur] = Seg::Msg(first, e);
                         }
-                        Seg::Payload { off, len, .. } => {
-                            *off += r as u32;
-                            *len -= r as u32;
+                        Seg::Payload { index, off, len } => {
+                            b.segs[cur] = Seg::Payload { index, off: off + r as u32, len: len - r as u32 };
                         }
                     }
-                    return cur;
                 }
-                0 => {
-                    self.lose(|| "the connection accepts no more data".into());
-                    return cur;
-                }
+                0 => self.lose(|| "the connection accepts no more data".into()),
                 e => {
-                    let e = std::io::Error::from_raw_os_error(-e);
-                    self.lose(|| format!("sending requests: {e}"));
-                    return cur;
+                    let e = Errno::new(-e);
+                    if matches!(b.segs[cur], Seg::Payload { .. }) && !connection_lost(e) {
+                        self.fail(|| format!("sending a WRITE payload from its pages: {e}"));
+                    } else {
+                        self.lose(|| format!("sending requests: {e}"));
+                    }
                 }
             }
+            return cur;
         }
         cur
     }
