@@ -5,15 +5,22 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{nproc, run_ok};
+use crate::{dev_state, nproc, run_ok, wait_timeout, Daemon};
 
 /// fio with crc32c verify of everything it wrote: 2 jobs, each on its own
-/// half of `span` bytes of `dev`, pinned one per CPU so both queues serve.
-/// `workload` is what differs between callers (`--rw`, block sizes,
-/// `--iodepth`). Asserts fio saw no error; prints and returns its output's
-/// IOPS line.
+/// half of `span` bytes of `dev` ([`fio_verify_jobs`]).
 pub fn fio_verify_halves(name: &str, dev: &str, span: u64, workload: &[&str]) -> String {
-    let half = (span / 2).to_string();
+    fio_verify_jobs(name, dev, span / 2, span / 2, workload)
+}
+
+/// fio with crc32c verify of everything it wrote: 2 jobs of `size` bytes
+/// of `dev`, the second `stride` bytes past the first, pinned one per CPU
+/// so both queues serve. `workload` is what differs between callers
+/// (`--rw`, block sizes, `--iodepth`). Asserts fio saw no error; prints its
+/// IOPS line and returns its output.
+pub fn fio_verify_jobs(name: &str, dev: &str, size: u64, stride: u64, workload: &[&str]) -> String {
+    let size = size.to_string();
+    let stride = stride.to_string();
     let cpus = format!("0-{}", nproc() - 1);
     let name = format!("--name={name}");
     let mut args = vec![name.as_str(), "--filename", dev];
@@ -23,9 +30,9 @@ pub fn fio_verify_halves(name: &str, dev: &str, span: u64, workload: &[&str]) ->
         "--direct=1",
         "--numjobs=2",
         "--size",
-        &half,
+        &size,
         "--offset_increment",
-        &half,
+        &stride,
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
@@ -40,6 +47,7 @@ pub fn fio_verify_halves(name: &str, dev: &str, span: u64, workload: &[&str]) ->
     out
 }
 
+/// Runs fio and asserts it succeeded and every job reports `err= 0`; returns its output.
 pub fn fio_ok(args: &[&str]) -> String {
     let out = run_ok("fio", args);
     for l in out.lines().filter(|l| l.contains("err=")) {
@@ -94,6 +102,31 @@ pub fn assert_verified_all(out: &str, what: &str) {
     assert_eq!(reads, (16 << 20) / 4096, "{what}: verify_only read {reads} blocks, not all 16 MiB:\n{out}");
 }
 
+/// A `--verify_only` pass of [`fio_rate_verify_args`] (at offset 0) over
+/// `file`, with O_DIRECT if `direct`: asserts it read back and checked all
+/// 16 MiB ([`assert_verified_all`]); `what` names the pass in failures.
+pub fn verify_only_all(file: &str, direct: bool, what: &str) {
+    let args = fio_rate_verify_args(file, 0, direct, &["--verify_only"]);
+    let out = run_ok("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_verified_all(&out, what);
+}
+
+/// Waits (up to 180 s) for a [`spawn_fio`] job (output in `log`) that a
+/// daemon kill or quiesce interrupted, once the device is served again:
+/// fio must succeed and report no error; `across` names what it went
+/// through.
+pub fn finish_fio(fio: &mut Child, log: &Path, across: &str) {
+    let st = wait_timeout(fio, Duration::from_secs(180)).unwrap_or_else(|| {
+        let _ = fio.kill();
+        panic!("fio did not finish within 180 s of {across}")
+    });
+    let out = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(st.success(), "fio failed across {across} ({st}):\n{out}");
+    for l in out.lines().filter(|l| l.contains("err=")) {
+        assert!(l.contains("err= 0"), "fio error across {across}: {l}\n{out}");
+    }
+}
+
 /// Write requests block device `dev` completed so far (/sys/block/ublkbN/stat, field 5).
 pub fn writes_completed(dev: &str) -> u64 {
     let name = dev.trim_start_matches("/dev/");
@@ -112,6 +145,18 @@ pub fn wait_for_writes(dev: &str, n: u64, fio: &mut Child) {
         assert!(t0.elapsed() < Duration::from_secs(60), "fio wrote only {} requests to {dev} in 60 s", writes_completed(dev));
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// SIGKILLs daemon `d` in the middle of `fio`'s job on its device: once
+/// fio completed 200 more writes there ([`wait_for_writes`]), and asserting
+/// fio still runs (else its job was too short to cross the kill). Reaps
+/// the daemon.
+pub fn kill_mid_fio(d: Daemon, fio: &mut Child) {
+    wait_for_writes(d.dev.to_str().unwrap(), 200, fio);
+    assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed: make it longer");
+    let id = d.id();
+    d.kill();
+    eprintln!("daemon of device {id} killed; state {}", dev_state(id));
 }
 
 /// Starts fio with `args`, its output to `log`.

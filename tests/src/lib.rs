@@ -28,8 +28,12 @@ macro_rules! driver_test {
     };
 }
 
+mod ext4;
 mod fio;
+mod nullb;
+pub use ext4::*;
 pub use fio::*;
+pub use nullb::*;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -181,6 +185,12 @@ impl Daemon {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// SIGKILL, then reaps the process (a zombie would look alive).
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then waits (up to 60 s) for the exit; returns the status and
     /// the rest of stdout.
     pub fn terminate(mut self) -> (ExitStatus, String) {
@@ -192,6 +202,14 @@ impl Daemon {
         }
         (st, rest)
     }
+}
+
+/// `ublk recover -n ID`: a new daemon serves device `id`, whose daemon
+/// died, again; asserts the device is then LIVE.
+pub fn recover(id: u32) -> Daemon {
+    let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
+    assert_eq!(dev_state(id), "LIVE");
+    r
 }
 
 impl Drop for Daemon {
@@ -332,6 +350,20 @@ pub fn kernel_has(flag: u64) -> bool {
     ublk::Control::open().unwrap().features().is_some_and(|f| f.contains(flag))
 }
 
+/// A device for a test that sends ADD_DEV itself: one queue of depth 8,
+/// 64 KiB buffers, any free id, this process as its server, and `flags`.
+pub fn small_dev_info(flags: u64) -> ublk::DevInfo {
+    ublk::DevInfo {
+        nr_hw_queues: 1,
+        queue_depth: 8,
+        max_io_buf_bytes: 64 << 10,
+        dev_id: u32::MAX,
+        ublksrv_pid: std::process::id() as i32,
+        flags,
+        ..Default::default()
+    }
+}
+
 /// Reports a scenario the running kernel lacks as `skipped: WHY` on stderr,
 /// written past libtest's output capture so the line shows in every run
 /// (the test still passes or fails on what it did check).
@@ -391,24 +423,6 @@ pub fn thread_cpus(pid: u32, name: &str) -> Vec<usize> {
     panic!("process {pid} has no thread named {name}");
 }
 
-/// mkfs.ext4 on `dev`, a 3 MiB file written and read back through a
-/// mount, e2fsck clean in between; `what` names the device in failures.
-pub fn ext4_round_trip(dev: &str, what: &str) {
-    let mnt = PathBuf::from("/tmp/ext4-round-trip");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run_ok("mkfs.ext4", &["-q", "-F", dev]);
-    run_ok("mount", &[dev, mnt.to_str().unwrap()]);
-    let data = pattern(3 << 20, 15);
-    std::fs::write(mnt.join("f"), &data).unwrap();
-    run_ok("umount", &[mnt.to_str().unwrap()]);
-    let (st, out, err) = run("e2fsck", &["-fn", dev]);
-    assert!(st.success(), "{what}: e2fsck -fn found problems ({st}):\n{out}\n{err}");
-    run_ok("mount", &[dev, mnt.to_str().unwrap()]);
-    let back = std::fs::read(mnt.join("f")).unwrap();
-    run_ok("umount", &[mnt.to_str().unwrap()]);
-    assert!(back == data, "{what}: the file read back differs");
-}
-
 /// Pins the calling thread to `cpu`.
 pub fn pin_self(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set by CPU_SET (cpu is below
@@ -464,7 +478,6 @@ pub fn within<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -
     rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no answer within {limit:?} (the kernel is looping on the result?)"))
 }
 
-/// Runs fio and asserts it succeeded and every job reports `err= 0`; returns its output.
 /// `len` bytes of the file `p` from `off`.
 pub fn read_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;

@@ -90,6 +90,31 @@ impl Samples {
     fn at(&self) -> (u64, u64) {
         (self.at_first.load(Ordering::Relaxed), self.at_last.load(Ordering::Relaxed))
     }
+
+    /// The `on_live` of a device whose target counts here: one read after
+    /// another until the target served 10 requests past `LAST`, then stop.
+    fn read_past_last(&self) -> impl FnOnce(&ublk::Device, ublk::StopHandle) + Send + '_ {
+        move |dev, stop| {
+            let reads = read_while(&dev.block_path(), |_| self.served() < LAST + 10);
+            eprintln!("{reads} reads issued");
+            stop.stop();
+        }
+    }
+
+    /// Asserts the target served at least `last` requests and that its
+    /// queue thread (`thread` in failures) allocated nothing between request
+    /// `first` and request `last`.
+    fn assert_no_allocation(&self, first: u64, last: u64, thread: &str) {
+        let (at_first, at_last) = self.at();
+        eprintln!("queue thread allocations: {at_first} at request {first}, {at_last} at request {last}");
+        assert!(self.served() >= last);
+        assert_eq!(at_last - at_first, 0, "{thread} allocated {} times over {} requests", at_last - at_first, last - first);
+    }
+}
+
+/// A one-queue device of depth 64 and 64 MiB on data path `path`.
+fn probe_device(path: DataPath) -> ublk::Device {
+    DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap()
 }
 
 /// A null target that samples its own thread's allocation count.
@@ -124,17 +149,8 @@ driver_test! {
 fn no_allocation_per_request(path: DataPath) {
     {
         let probe = Probe { no_data: path == DataPath::NoData, ..Default::default() };
-        let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
-        dev.serve(&probe, |dev, stop| {
-            let reads = read_while(&dev.block_path(), |_| probe.samples.served() < LAST + 10);
-            eprintln!("{reads} reads issued");
-            stop.stop();
-        })
-        .unwrap();
-        let (first, last) = probe.samples.at();
-        eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {LAST}");
-        assert!(probe.samples.served() >= LAST);
-        assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
+        probe_device(path).serve(&probe, probe.samples.read_past_last()).unwrap();
+        probe.samples.assert_no_allocation(FIRST, LAST, "the queue thread");
         assert_no_devices();
     }
 }
@@ -208,9 +224,8 @@ driver_test! {
         for path in [DataPath::Copy, DataPath::NoData] {
             eprintln!("{path:?}, AsyncNullTarget:");
             {
-                let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
                 let (mut first, mut last) = (None, None);
-                dev.serve_async(&CountedAsyncNull, |dev, stop| {
+                probe_device(path).serve_async(&CountedAsyncNull, |dev, stop| {
                     let reads = read_while(&dev.block_path(), |n| {
                         match n {
                             FIRST => first = Some(QUEUE_ALLOCS.load(Ordering::Relaxed)),
@@ -232,17 +247,8 @@ driver_test! {
             eprintln!("{path:?}, a NOP per request:");
             {
                 let probe = NopProbe::default();
-                let dev = DeviceBuilder::new().queues(1).depth(64).size(64 << 20).data_path(path).create().unwrap();
-                dev.serve_async(&probe, |dev, stop| {
-                    let reads = read_while(&dev.block_path(), |_| probe.samples.served() < LAST + 10);
-                    eprintln!("{reads} reads issued");
-                    stop.stop();
-                })
-                .unwrap();
-                let (first, last) = probe.samples.at();
-                eprintln!("queue thread allocations: {first} at request {FIRST}, {last} at request {LAST}");
-                assert!(probe.samples.served() >= LAST);
-                assert_eq!(last - first, 0, "the async queue thread allocated {} times over {} requests", last - first, LAST - FIRST);
+                probe_device(path).serve_async(&probe, probe.samples.read_past_last()).unwrap();
+                probe.samples.assert_no_allocation(FIRST, LAST, "the async queue thread");
                 assert_no_devices();
             }
         }
@@ -329,10 +335,7 @@ driver_test! {
             stop.stop();
         })
         .unwrap();
-        let (first, last) = probe.samples.at();
-        eprintln!("queue thread allocations: {first} at request {STRIPE_FIRST}, {last} at request {STRIPE_LAST}");
-        assert!(probe.samples.served() >= STRIPE_LAST);
-        assert_eq!(last - first, 0, "the queue thread allocated {} times over {} requests", last - first, STRIPE_LAST - STRIPE_FIRST);
+        probe.samples.assert_no_allocation(STRIPE_FIRST, STRIPE_LAST, "the queue thread");
         for l in &legs {
             let _ = std::fs::remove_file(l);
         }

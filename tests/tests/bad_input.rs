@@ -126,16 +126,7 @@ driver_test! {
     /// device, the errno and the driver's likely causes.
     fn kernel_refusal_names_command_errno_and_causes() {
         let mut c = ublk::Control::open().unwrap();
-        let info = c
-            .add_dev(&ublk::DevInfo {
-                nr_hw_queues: 1,
-                queue_depth: 8,
-                max_io_buf_bytes: 64 << 10,
-                dev_id: u32::MAX,
-                ublksrv_pid: std::process::id() as i32,
-                ..Default::default()
-            })
-            .unwrap();
+        let info = c.add_dev(&small_dev_info(0)).unwrap();
         let id = info.dev_id;
         // 8 KiB logical blocks: above the page size, which every kernel refuses.
         let mut p = ublk::Params::new(1 << 20, 512, 64 << 10).unwrap();

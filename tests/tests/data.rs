@@ -114,51 +114,15 @@ driver_test! {
     }
 }
 
-/// The files the ext4 test writes: (relative path, contents).
 /// fio randwrite then verify (crc32c) of `bs` blocks at depth 32.
 fn fio_verify(dev: &str, bs: &str, span: u64) {
     let bs = format!("--bs={bs}");
     fio_verify_halves("verify", dev, span, &["--rw=randwrite", &bs, "--iodepth=32"]);
 }
 
-fn tree() -> Vec<(String, Vec<u8>)> {
-    let mut v = vec![];
-    for d in 0..4 {
-        for f in 0..6 {
-            let len = [0usize, 1, 511, 4096, 70_000, 300_001][f];
-            v.push((format!("d{d}/sub{}/f{f}", d % 2), pattern(len, (d * 10 + f) as u64 + 1)));
-        }
-    }
-    v
-}
-
-fn write_tree(root: &Path) {
-    for (p, data) in tree() {
-        let p = root.join(p);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, &data).unwrap();
-    }
-}
-
-fn verify_tree(root: &Path, when: &str) {
-    for (p, data) in tree() {
-        let got = std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("{when}: reading {p}: {e}"));
-        assert!(got == data, "{when}: {p} differs ({} bytes, {} expected)", got.len(), data.len());
-    }
-}
-
-fn mount(dev: &str, mnt: &Path) {
-    std::fs::create_dir_all(mnt).unwrap();
-    run_ok("mount", &["-t", "ext4", dev, mnt.to_str().unwrap()]);
-}
-
-fn umount(mnt: &Path) {
-    run_ok("umount", &[mnt.to_str().unwrap()]);
-}
-
-fn fsck_clean(dev: &str, when: &str) {
-    let (st, out, err) = run("e2fsck", &["-fn", dev]);
-    assert!(st.success(), "{when}: e2fsck -fn {dev} found problems ({st}):\n{out}\n{err}");
+/// The files the ext4 test writes.
+fn tree() -> FileTree {
+    FileTree::new(4, &[0, 1, 511, 4096, 70_000, 300_001], 1)
 }
 
 driver_test! {
@@ -168,6 +132,7 @@ driver_test! {
         let backing = PathBuf::from("/tmp/data-ext4.img");
         sparse_file(&backing, 64 << 20);
         let mnt = PathBuf::from("/tmp/data-ext4-mnt");
+        let tree = tree();
         for kind in ["ramdisk", "loop"] {
             let mut args = vec!["add", "-t", kind, "--queues", "2"];
             if kind == "ramdisk" {
@@ -177,14 +142,7 @@ driver_test! {
             }
             let d = Daemon::start("ublk", &args);
             let dev = d.dev.to_str().unwrap().to_string();
-            run_ok("mkfs.ext4", &["-q", "-F", &dev]);
-            mount(&dev, &mnt);
-            write_tree(&mnt);
-            umount(&mnt);
-            fsck_clean(&dev, kind);
-            mount(&dev, &mnt);
-            verify_tree(&mnt, &format!("{kind} remounted"));
-            umount(&mnt);
+            ext4_write_check(&dev, &mnt, &tree, kind);
             let (st, out) = d.terminate();
             assert!(st.success(), "ublk add -t {kind} exited with {st}");
             assert_eq!(queue_sum(&out, "errors"), 0, "{kind}: requests failed: {out}");
@@ -194,10 +152,7 @@ driver_test! {
                 // A new daemon on the same file sees the same filesystem.
                 let d = Daemon::start("ublk", &args);
                 let dev = d.dev.to_str().unwrap().to_string();
-                fsck_clean(&dev, "loop after restart");
-                mount(&dev, &mnt);
-                verify_tree(&mnt, "loop after daemon restart");
-                umount(&mnt);
+                ext4_check(&dev, &mnt, &tree, "loop after daemon restart");
                 let (st, _) = d.terminate();
                 assert!(st.success(), "restarted loop daemon exited with {st}");
                 assert_no_devices();

@@ -19,42 +19,6 @@ use ublk_tests::*;
 const BACKING_SIZE: u64 = 16 << 20;
 const CHUNK: usize = 64 << 10;
 
-/// A memory-backed null_blk disk made through configfs, removed on drop.
-struct NullbMem {
-    cfs: PathBuf,
-    dev: PathBuf,
-}
-
-impl NullbMem {
-    fn new(name: &str, mb: u64) -> NullbMem {
-        let cfs = PathBuf::from("/sys/kernel/config/nullb").join(name);
-        assert!(Path::new("/sys/kernel/config/nullb").is_dir(), "null_blk's configfs directory is missing (null_blk not loaded?)");
-        let _ = std::fs::remove_dir(&cfs);
-        std::fs::create_dir(&cfs).unwrap_or_else(|e| panic!("mkdir {}: {e}", cfs.display()));
-        let set = |k: &str, v: &str| std::fs::write(cfs.join(k), v).unwrap_or_else(|e| panic!("{}/{k} = {v}: {e}", cfs.display()));
-        set("memory_backed", "1");
-        set("blocksize", "4096");
-        set("size", &mb.to_string());
-        set("power", "1");
-        // 6.1 names the disk after the configfs directory, later kernels nullbN.
-        let index = std::fs::read_to_string(cfs.join("index")).unwrap().trim().to_string();
-        let dev = if Path::new("/sys/block").join(name).exists() {
-            PathBuf::from("/dev").join(name)
-        } else {
-            PathBuf::from(format!("/dev/nullb{index}"))
-        };
-        wait_for_path(&dev);
-        NullbMem { cfs, dev }
-    }
-}
-
-impl Drop for NullbMem {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.cfs.join("power"), "0");
-        let _ = std::fs::remove_dir(&self.cfs);
-    }
-}
-
 /// Periodic writeback off for the test's duration (restored on drop).
 struct NoWriteback(Vec<(&'static str, String)>);
 
@@ -192,7 +156,7 @@ driver_test! {
     /// the server is killed right after; a write that was not made durable
     /// is not (which shows the check can fail).
     fn durability_fua_and_flush_reach_the_backing_store() {
-        let nb = NullbMem::new("ublkdur", 64);
+        let nb = Nullb::new("ublkdur", 64, 4096, &[]);
         let lower = Mounted::ext4(&nb.dev, "/tmp/ublk-dur-lower");
         let (backing, ext) = backing_file(&lower.0);
         eprintln!("backing file extents (logical, physical, len): {ext:?}");

@@ -16,33 +16,8 @@ driver_test! {
         sparse_file(path, 64 << 20);
         let d = Daemon::start("xor_file", &[path.to_str().unwrap(), "0x5a"]);
         let dev = d.dev.to_str().unwrap().to_string();
-        let cpus = format!("0-{}", nproc() - 1);
-        let out = run_ok(
-            "fio",
-            &[
-                "--name=xor",
-                "--filename",
-                &dev,
-                "--rw=randwrite",
-                "--bsrange=4k-128k",
-                "--ioengine=io_uring",
-                "--iodepth=32",
-                "--direct=1",
-                "--numjobs=2",
-                "--size=8M",
-                "--offset_increment=32M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--cpus_allowed",
-                &cpus,
-                "--cpus_allowed_policy=split",
-                "--group_reporting",
-            ],
-        );
-        for l in out.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio reported an error: {l}\n{out}");
-        }
+        // 8 MiB at 0 and 8 MiB at 32 MiB.
+        fio_verify_jobs("xor", &dev, 8 << 20, 32 << 20, &["--rw=randwrite", "--bsrange=4k-128k", "--iodepth=32"]);
         // What the device reads, XORed with the key, is what the file holds.
         let devf = std::fs::File::open(&d.dev).unwrap();
         let mut through = vec![0u8; 1 << 20];

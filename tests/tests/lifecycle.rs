@@ -243,24 +243,12 @@ driver_test! {
         let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
         eprintln!("recovered {:?} after the quiesce began", t0.elapsed());
         assert_eq!(dev_state(id), "LIVE");
-        let st = wait_timeout(&mut fio, Duration::from_secs(180)).unwrap_or_else(|| {
-            let _ = fio.kill();
-            panic!("fio did not finish within 180 s of the recovery")
-        });
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(st.success(), "fio failed across the quiesce and recovery ({st}):\n{out}");
-        for l in out.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio error across the quiesce: {l}\n{out}");
-        }
-        let args = fio_rate_verify_args(&dev, 0, true, &["--verify_only"]);
-        let out = run_ok("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_verified_all(&out, "verify_only on the device");
+        finish_fio(&mut fio, &log, "the quiesce and recovery");
+        verify_only_all(&dev, true, "verify_only on the device");
         let (st, _) = r.terminate();
         assert!(st.success(), "recovered daemon exited with {st}");
         assert_no_devices();
-        let args = fio_rate_verify_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]);
-        let out = run_ok("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_verified_all(&out, "verify_only on the backing file");
+        verify_only_all(backing.to_str().unwrap(), false, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);
     }
@@ -278,17 +266,7 @@ driver_test! {
         let flag = ublk::sys::abi::UBLK_F_USER_RECOVERY_FAIL_IO;
         let has = kernel_has(flag);
         let mut c = Control::open().unwrap();
-        let info = c
-            .add_dev(&ublk::DevInfo {
-                nr_hw_queues: 1,
-                queue_depth: 8,
-                max_io_buf_bytes: 64 << 10,
-                dev_id: u32::MAX,
-                ublksrv_pid: std::process::id() as i32,
-                flags: ublk::sys::abi::UBLK_F_USER_RECOVERY | flag,
-                ..Default::default()
-            })
-            .expect("ADD_DEV with USER_RECOVERY_FAIL_IO");
+        let info = c.add_dev(&small_dev_info(ublk::sys::abi::UBLK_F_USER_RECOVERY | flag)).expect("ADD_DEV with USER_RECOVERY_FAIL_IO");
         eprintln!("kernel {}: ADD_DEV asked for USER_RECOVERY|FAIL_IO, returned {:?}", kernel_release(), ublk::Features(info.flags).names());
         assert_ne!(info.flags & ublk::sys::abi::UBLK_F_USER_RECOVERY, 0);
         assert_eq!(info.flags & flag != 0, has, "the kernel keeps FAIL_IO exactly where GET_FEATURES offers it");

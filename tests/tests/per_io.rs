@@ -8,8 +8,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::ThreadId;
@@ -347,30 +346,6 @@ driver_test! {
     }
 }
 
-/// Write requests completed on `dev` so far (/sys/block/ublkbN/stat, field 5).
-fn writes_completed(dev: &str) -> u64 {
-    let name = dev.trim_start_matches("/dev/");
-    let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap_or_default();
-    stat.split_whitespace().nth(4).and_then(|n| n.parse().ok()).unwrap_or(0)
-}
-
-/// [`fio_rate_verify_args`], its two jobs spread over the CPUs.
-fn rec_fio_args(file: &str, direct: bool, extra: &[&str]) -> Vec<String> {
-    let mut v = fio_rate_verify_args(file, 0, direct, extra);
-    v.push("--cpus_allowed_policy=split".into());
-    v.push(format!("--cpus_allowed=0-{}", nproc() - 1));
-    v
-}
-
-fn state(id: u32) -> &'static str {
-    let mut c = ublk::Control::open().unwrap();
-    ublk::ctrl::state_name(c.get_dev_info(id).map(|i| i.state).unwrap_or(u16::MAX))
-}
-
-fn spawn_fio(args: &[String], log: &Path) -> Child {
-    Command::new("fio").args(args).stdout(std::fs::File::create(log).unwrap()).stderr(Stdio::inherit()).spawn().expect("spawn fio")
-}
-
 driver_test! {
     /// kill -9 of a loop daemon with 2 queues x 2 threads while fio writes
     /// with verify (--recovery-reissue); `ublk recover` serves the device
@@ -386,7 +361,7 @@ driver_test! {
         }
         let backing = PathBuf::from("/tmp/pio-rec.img");
         sparse_file(&backing, 64 << 20);
-        let mut d = Daemon::start(
+        let d = Daemon::start(
             "ublk",
             &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "2", "--threads-per-queue", "2", "--recovery-reissue"],
         );
@@ -396,50 +371,17 @@ driver_test! {
         assert_eq!(cfg.threads_per_queue, 2, "{cfg:?}");
         let dev = d.dev.to_str().unwrap().to_string();
         let log = PathBuf::from("/tmp/pio-rec.fio");
-        let mut fio = spawn_fio(&rec_fio_args(&dev, true, &["--do_verify=1"]), &log);
-        let t0 = Instant::now();
-        let n = writes_completed(&dev) + 200;
-        while writes_completed(&dev) < n {
-            assert!(fio.try_wait().unwrap().is_none(), "fio exited before it wrote 200 requests");
-            assert!(t0.elapsed() < Duration::from_secs(60), "fio wrote too little in 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed");
-        d.signal(libc::SIGKILL);
-        let _ = d.child.wait();
-        drop(d);
-        eprintln!("daemon of device {id} killed; state {}", state(id));
-        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
-        assert_eq!(state(id), "LIVE");
+        let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 0, true, &["--do_verify=1"]), &log);
+        kill_mid_fio(d, &mut fio);
+        let r = recover(id);
         assert_threads_spread(&r, queues, 2);
-        let st = wait_timeout(&mut fio, Duration::from_secs(180)).unwrap_or_else(|| {
-            let _ = fio.kill();
-            panic!("fio did not finish within 180 s of the recovery")
-        });
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(st.success(), "fio failed across the recovery ({st}):\n{out}");
-        for l in out.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio error: {l}\n{out}");
-        }
-        let verify = |file: &str, direct: bool, what: &str| {
-            let args = rec_fio_args(file, direct, &["--verify_only"]);
-            let out = run_ok("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
-            for l in out.lines().filter(|l| l.contains("err=")) {
-                assert!(l.contains("err= 0"), "{what}: fio error: {l}\n{out}");
-            }
-            let reads = out
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
-                .and_then(|t| t.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok());
-            assert_eq!(reads, Some((16 << 20) / 4096), "{what}: verify_only did not read all 16 MiB:\n{out}");
-        };
-        verify(&dev, true, "verify_only on the recovered device");
+        finish_fio(&mut fio, &log, "the recovery");
+        verify_only_all(&dev, true, "verify_only on the recovered device");
         let (st, qout) = r.terminate();
         assert!(st.success(), "recovered daemon exited with {st}");
         assert_every_thread_served(&qout, queues, 2, "recovered loop, 2 queues x 2 threads");
         assert_no_devices();
-        verify(backing.to_str().unwrap(), false, "verify_only on the backing file");
+        verify_only_all(backing.to_str().unwrap(), false, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);
         delete_all_devices();

@@ -7,17 +7,6 @@ use std::time::{Duration, Instant};
 
 use ublk_tests::*;
 
-fn state(id: u32) -> &'static str {
-    let mut c = ublk::Control::open().unwrap();
-    ublk::ctrl::state_name(c.get_dev_info(id).map(|i| i.state).unwrap_or(u16::MAX))
-}
-
-/// SIGKILLs the daemon mid-fio and reaps it (a zombie would look alive).
-fn kill_daemon(mut d: Daemon) {
-    d.signal(libc::SIGKILL);
-    let _ = d.child.wait();
-}
-
 driver_test! {
     /// --recovery-reissue: SIGKILL the loop daemon while fio writes with
     /// verify; `ublk recover` takes over; fio completes and verifies; a
@@ -54,37 +43,20 @@ fn sigkill_during_fio_reissue(extra: &[&str]) {
         let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 0, true, &["--do_verify=1"]), &log);
         // Kill after fio's first writes (it writes 4096 at 1000/s): mid-job
         // however slowly the VM starts fio.
-        wait_for_writes(&dev, 200, &mut fio);
-        assert!(fio.try_wait().unwrap().is_none(), "fio finished before the daemon was killed: make it longer");
+        kill_mid_fio(d, &mut fio);
         let t_kill = Instant::now();
-        kill_daemon(d);
-        eprintln!("daemon of device {id} killed; state {}", state(id));
-        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
-        eprintln!("recovered after {:?}; state {}", t_kill.elapsed(), state(id));
-        assert_eq!(state(id), "LIVE");
-        let st = wait_timeout(&mut fio, Duration::from_secs(180)).unwrap_or_else(|| {
-            let _ = fio.kill();
-            panic!("fio did not finish within 180 s of the recovery")
-        });
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(st.success(), "fio failed across the recovery ({st}):\n{out}");
-        for l in out.lines().filter(|l| l.contains("err=")) {
-            assert!(l.contains("err= 0"), "fio error: {l}\n{out}");
-        }
+        let r = recover(id);
+        eprintln!("recovered after {:?}", t_kill.elapsed());
+        finish_fio(&mut fio, &log, "the recovery");
         eprintln!("fio across the kill and recovery: ok ({:?} after the kill)", t_kill.elapsed());
         // Everything fio wrote, read again through the recovered device...
-        let out = run_ok("fio", &fio_rate_verify_args(&dev, 0, true, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>());
-        assert_verified_all(&out, "verify_only on the device");
+        verify_only_all(&dev, true, "verify_only on the device");
         let (st, qout) = r.terminate();
         assert!(st.success(), "recovered daemon exited with {st}");
         eprintln!("recovered daemon: {qout}");
         assert_no_devices();
         // ...and straight from the backing file, with no ublk in between.
-        let out = run_ok(
-            "fio",
-            &fio_rate_verify_args(backing.to_str().unwrap(), 0, false, &["--verify_only"]).iter().map(String::as_str).collect::<Vec<_>>(),
-        );
-        assert_verified_all(&out, "verify_only on the backing file");
+        verify_only_all(backing.to_str().unwrap(), false, "verify_only on the backing file");
         let _ = std::fs::remove_file(&backing);
         let _ = std::fs::remove_file(&log);
         delete_all_devices();
@@ -124,7 +96,7 @@ driver_test! {
         let log = PathBuf::from("/tmp/recovery-failio.fio");
         let mut fio = spawn_fio(&fio_rate_verify_args(&dev, 16 << 20, true, &["--do_verify=1"]), &log);
         wait_for_writes(&dev, 200, &mut fio);
-        kill_daemon(d);
+        d.kill();
         let st = wait_timeout(&mut fio, Duration::from_secs(60)).unwrap_or_else(|| {
             let _ = fio.kill();
             panic!("fio hung with the daemon dead under FAIL_IO")
@@ -140,15 +112,14 @@ driver_test! {
             assert!(clean(l), "fio failed with an unexpected error: {l}\n{out}");
         }
         let t0 = Instant::now();
-        while state(id) != "FAIL_IO" && t0.elapsed() < Duration::from_secs(30) {
+        while dev_state(id) != "FAIL_IO" && t0.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert_eq!(state(id), "FAIL_IO");
+        assert_eq!(dev_state(id), "FAIL_IO");
         let (st, _, err) = run("dd", &[&format!("if={dev}"), "of=/dev/null", "bs=4k", "count=1", "iflag=direct", "status=none"]);
         assert!(!st.success(), "a read succeeded with no daemon under FAIL_IO");
         eprintln!("read with the daemon dead: {}", err.trim());
-        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
-        assert_eq!(state(id), "LIVE");
+        let r = recover(id);
         let back = PathBuf::from("/tmp/recovery-failio.back");
         run_ok("dd", &[&format!("if={dev}"), &format!("of={}", back.display()), "bs=1M", "count=8", "iflag=direct", "status=none"]);
         assert!(std::fs::read(&back).unwrap() == pat, "data written before the kill was lost");
@@ -213,7 +184,7 @@ driver_test! {
         // The device without recovery is stopped by the kernel (6.1: within
         // its 5 s monitor period); wait for that before listing.
         let t0 = Instant::now();
-        while state(b) == "LIVE" && t0.elapsed() < Duration::from_secs(20) {
+        while dev_state(b) == "LIVE" && t0.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(100));
         }
         let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
@@ -226,7 +197,7 @@ driver_test! {
         let out = add_detached(&["recover", "-n", &a.to_string(), "--detach"]);
         assert_eq!(out, a);
         eprintln!("recovered device {a} in {:?}", t.elapsed());
-        assert_eq!(state(a), "LIVE");
+        assert_eq!(dev_state(a), "LIVE");
         let pa2 = daemon_pid(a);
         assert!(pa2 != pa && ublk_cli::config::pid_alive(pa2), "recovered daemon pid {pa2} (old {pa})");
         let back = PathBuf::from("/tmp/recovery-detach.back");
@@ -337,7 +308,7 @@ driver_test! {
         eprintln!("daemon {pid} (started at tick {start}) killed; pid {imp} now another process (started at tick {imp_start})");
         assert_ne!(imp_start, start);
         let info = ublk::Control::open().unwrap().get_dev_info(id).unwrap();
-        assert_eq!(info.ublksrv_pid, pid as i32, "the kernel should still name the dead daemon's pid (state {})", state(id));
+        assert_eq!(info.ublksrv_pid, pid as i32, "the kernel should still name the dead daemon's pid (state {})", dev_state(id));
 
         let list = run_ok(bin("ublk").to_str().unwrap(), &["list"]);
         eprintln!("{list}");
@@ -388,9 +359,8 @@ driver_test! {
         let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
         assert_eq!((cfg.placement, cfg.busy_poll_us), (ublk_cli::PlacementArg::Unpinned, 0), "{cfg:?}");
         assert_eq!(thread_cpus(d.child.id(), &q0), all, "unpinned queue thread of the first daemon");
-        kill_daemon(d);
-        let r = Daemon::start("ublk", &["recover", "-n", &id.to_string()]);
-        assert_eq!(state(id), "LIVE");
+        d.kill();
+        let r = recover(id);
         let pid = r.child.id();
         assert_eq!(process_cpus(pid), all, "the recovered daemon's own CPUs");
         let cpus = thread_cpus(pid, &q0);

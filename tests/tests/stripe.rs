@@ -7,7 +7,7 @@
 //! input refused, and block-device legs whose pieces run concurrently (its
 //! allocation per request is checked in `alloc.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ublk_tests::*;
@@ -190,36 +190,9 @@ driver_test! {
     }
 }
 
-/// The files the ext4 test writes: (relative path, contents).
-fn tree() -> Vec<(String, Vec<u8>)> {
-    let mut v = vec![];
-    for d in 0..3 {
-        for f in 0..5 {
-            let len = [0usize, 1, 4096, 70_000, 1_000_001][f];
-            v.push((format!("d{d}/sub{}/f{f}", d % 2), pattern(len, (d * 10 + f) as u64 + 100)));
-        }
-    }
-    v
-}
-
-fn write_tree(root: &Path) {
-    for (p, data) in tree() {
-        let p = root.join(p);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, &data).unwrap();
-    }
-}
-
-fn verify_tree(root: &Path, when: &str) {
-    for (p, data) in tree() {
-        let got = std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("{when}: reading {p}: {e}"));
-        assert!(got == data, "{when}: {p} differs ({} bytes, {} expected)", got.len(), data.len());
-    }
-}
-
-fn fsck_clean(dev: &str, when: &str) {
-    let (st, out, err) = run("e2fsck", &["-fn", dev]);
-    assert!(st.success(), "{when}: e2fsck -fn {dev} found problems ({st}):\n{out}\n{err}");
+/// The files the ext4 test writes.
+fn tree() -> FileTree {
+    FileTree::new(3, &[0, 1, 4096, 70_000, 1_000_001], 100)
 }
 
 driver_test! {
@@ -231,18 +204,11 @@ driver_test! {
         let legs = legs("ext4", &[24 * M, 24 * M, 24 * M]);
         let args = stripe_args(&legs, &["--queues", "2"]);
         let mnt = PathBuf::from("/tmp/stripe-ext4-mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
+        let tree = tree();
         let d = Daemon::start("ublk", &args);
         let dev = d.dev.to_str().unwrap().to_string();
         assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (72 * M).to_string());
-        run_ok("mkfs.ext4", &["-q", "-F", &dev]);
-        run_ok("mount", &["-t", "ext4", &dev, mnt.to_str().unwrap()]);
-        write_tree(&mnt);
-        run_ok("umount", &[mnt.to_str().unwrap()]);
-        fsck_clean(&dev, "stripe");
-        run_ok("mount", &["-t", "ext4", &dev, mnt.to_str().unwrap()]);
-        verify_tree(&mnt, "stripe remounted");
-        run_ok("umount", &[mnt.to_str().unwrap()]);
+        ext4_write_check(&dev, &mnt, &tree, "stripe");
         // The filesystem is on the legs in RAID-0 order.
         let bytes = read_device(&dev, 72 * M);
         assert_striped(&bytes, &legs, 64 * K, "ext4 on 3 legs");
@@ -256,10 +222,7 @@ driver_test! {
 
         let d = Daemon::start("ublk", &args);
         let dev = d.dev.to_str().unwrap().to_string();
-        fsck_clean(&dev, "stripe after restart");
-        run_ok("mount", &["-t", "ext4", &dev, mnt.to_str().unwrap()]);
-        verify_tree(&mnt, "stripe after daemon restart");
-        run_ok("umount", &[mnt.to_str().unwrap()]);
+        ext4_check(&dev, &mnt, &tree, "stripe after daemon restart");
         let (st, _) = d.terminate();
         assert!(st.success(), "restarted stripe daemon exited with {st}");
         remove(&legs);
@@ -472,44 +435,10 @@ driver_test! {
     }
 }
 
-/// A memory-backed null_blk disk made through configfs whose every request
-/// completes `latency_ms` after it arrives (a timer, `irqmode=2`); removed
-/// on drop.
-struct SlowNullb {
-    cfs: PathBuf,
-    dev: PathBuf,
-}
-
-impl SlowNullb {
-    fn new(name: &str, mb: u64, latency_ms: u64) -> SlowNullb {
-        let cfs = PathBuf::from("/sys/kernel/config/nullb").join(name);
-        assert!(Path::new("/sys/kernel/config/nullb").is_dir(), "null_blk's configfs directory is missing (null_blk not loaded?)");
-        let _ = std::fs::remove_dir(&cfs);
-        std::fs::create_dir(&cfs).unwrap_or_else(|e| panic!("mkdir {}: {e}", cfs.display()));
-        let set = |k: &str, v: &str| std::fs::write(cfs.join(k), v).unwrap_or_else(|e| panic!("{}/{k} = {v}: {e}", cfs.display()));
-        set("memory_backed", "1");
-        set("blocksize", "512");
-        set("size", &mb.to_string());
-        set("irqmode", "2");
-        set("completion_nsec", &(latency_ms * 1_000_000).to_string());
-        set("power", "1");
-        // 6.1 names the disk after the configfs directory, later kernels nullbN.
-        let index = std::fs::read_to_string(cfs.join("index")).unwrap().trim().to_string();
-        let dev = if Path::new("/sys/block").join(name).exists() {
-            PathBuf::from("/dev").join(name)
-        } else {
-            PathBuf::from(format!("/dev/nullb{index}"))
-        };
-        wait_for_path(&dev);
-        SlowNullb { cfs, dev }
-    }
-}
-
-impl Drop for SlowNullb {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.cfs.join("power"), "0");
-        let _ = std::fs::remove_dir(&self.cfs);
-    }
+/// A memory-backed null_blk disk whose every request completes
+/// `latency_ms` after it arrives (a timer, `irqmode=2`); removed on drop.
+fn slow_nullb(name: &str, mb: u64, latency_ms: u64) -> Nullb {
+    Nullb::new(name, mb, 512, &[("irqmode", "2".into()), ("completion_nsec", (latency_ms * 1_000_000).to_string())])
 }
 
 driver_test! {
@@ -522,8 +451,8 @@ driver_test! {
     /// RAID-0 order, and WRITE_ZEROES zeroes the disks' ranges.
     fn stripe_block_device_legs_pieces_run_concurrently() {
         const LATENCY_MS: u64 = 300;
-        let a = SlowNullb::new("stripe_slow_a", 16, LATENCY_MS);
-        let b = SlowNullb::new("stripe_slow_b", 16, LATENCY_MS);
+        let a = slow_nullb("stripe_slow_a", 16, LATENCY_MS);
+        let b = slow_nullb("stripe_slow_b", 16, LATENCY_MS);
         let legs = vec![a.dev.clone(), b.dev.clone()];
         let d = Daemon::start("ublk", &stripe_args(&legs, &["--chunk", "4K", "--direct"]));
         let dev = d.dev.to_str().unwrap().to_string();

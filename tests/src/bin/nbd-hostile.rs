@@ -179,6 +179,37 @@ fn handshake(s: &mut UnixStream, mode: &str, size: u64) -> std::io::Result<Optio
     }
 }
 
+/// One request of the transmission phase: its header's command, cookie,
+/// offset and length, and for a WRITE (1) the data that follows it.
+struct Request {
+    cmd: u16,
+    cookie: u64,
+    off: u64,
+    len: usize,
+    payload: Vec<u8>,
+}
+
+/// Reads the next request; `None` for NBD_CMD_DISC (2), which ends the
+/// connection.
+fn read_request(s: &mut UnixStream) -> std::io::Result<Option<Request>> {
+    let mut h = [0u8; 28];
+    s.read_exact(&mut h)?;
+    let cmd = u16::from_be_bytes([h[6], h[7]]);
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+    let off = u64::from_be_bytes(h[16..24].try_into().unwrap());
+    let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+    let mut payload = vec![];
+    if cmd == 1 {
+        payload = vec![0u8; len];
+        s.read_exact(&mut payload)?;
+    }
+    if cmd == 2 {
+        eprintln!("nbd-hostile: NBD_CMD_DISC");
+        return Ok(None);
+    }
+    Ok(Some(Request { cmd, cookie, off, len, payload }))
+}
+
 fn serve(s: &mut UnixStream, mode: &str, disk: &mut [u8]) -> std::io::Result<()> {
     let Some(structured) = handshake(s, mode, disk.len() as u64)? else {
         return Ok(());
@@ -188,22 +219,10 @@ fn serve(s: &mut UnixStream, mode: &str, disk: &mut [u8]) -> std::io::Result<()>
         return serve_structured(s, mode, disk);
     }
     loop {
-        let mut h = [0u8; 28];
-        s.read_exact(&mut h)?;
-        let cmd = u16::from_be_bytes([h[6], h[7]]);
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let off = u64::from_be_bytes(h[16..24].try_into().unwrap());
-        let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
-        let range = off as usize..off as usize + len;
-        let mut payload = vec![];
-        if cmd == 1 {
-            payload = vec![0u8; len];
-            s.read_exact(&mut payload)?;
-        }
-        if cmd == 2 {
-            eprintln!("nbd-hostile: NBD_CMD_DISC");
+        let Some(Request { cmd, cookie, off, len, payload }) = read_request(s)? else {
             return Ok(());
-        }
+        };
+        let range = off as usize..off as usize + len;
         if range.end > disk.len() {
             reply(s, 0x6744_6698, 22, cookie)?;
             continue;
@@ -268,23 +287,11 @@ fn main() {
 fn serve_structured(s: &mut UnixStream, mode: &str, disk: &mut [u8]) -> std::io::Result<()> {
     let mut n = 0u64;
     loop {
-        let mut h = [0u8; 28];
-        s.read_exact(&mut h)?;
-        let cmd = u16::from_be_bytes([h[6], h[7]]);
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let off = u64::from_be_bytes(h[16..24].try_into().unwrap());
-        let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+        let Some(Request { cmd, cookie, off, len, payload }) = read_request(s)? else {
+            return Ok(());
+        };
         let range = off as usize..off as usize + len;
         n += 1;
-        let mut payload = vec![];
-        if cmd == 1 {
-            payload = vec![0u8; len];
-            s.read_exact(&mut payload)?;
-        }
-        if cmd == 2 {
-            eprintln!("nbd-hostile: NBD_CMD_DISC");
-            return Ok(());
-        }
         // Other commands: a simple reply or a NONE chunk, alternately.
         let ok = |s: &mut UnixStream| if n % 2 == 0 { reply(s, SIMPLE, 0, cookie) } else { chunk(s, DONE, NONE, cookie, &[]) };
         if range.end > disk.len() {
