@@ -292,48 +292,149 @@ impl NbdQueue<'_> {
     /// whole are done, one sent in part keeps its rest. The next segment to
     /// send; a failure loses the connection (or closes it, for an error a
     /// new connection would meet again).
-    fn chain_done(&self, b: &mut SendBuf, mut cur: usize, results: &[i32]) -> usize {
+    fn chain_done(&self, b: &mut SendBuf, cur: usize, results: &[i32]) -> usize {
+        match b.chain_outcome(cur, results) {
+            Outcome::Sent(next) => next,
+            Outcome::Broken(at) => {
+                // A step after one that did not finish ran: what went out
+                // after the gap is not known.
+                self.fail(|| "a linked send ran after one that did not finish".into());
+                at
+            }
+            Outcome::Failed(at, 0) => {
+                self.lose(|| "the connection accepts no more data".into());
+                at
+            }
+            Outcome::Failed(at, e) => {
+                let e = Errno::new(e);
+                if matches!(b.segs[at], Seg::Payload { .. }) && !connection_lost(e) {
+                    self.fail(|| format!("sending a WRITE payload from its pages: {e}"));
+                } else {
+                    self.lose(|| format!("sending requests: {e}"));
+                }
+                at
+            }
+        }
+    }
+}
+
+/// What a chain did, from its results.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Every step up to this segment went out whole (the rest of one that
+    /// came short is kept in it): the next segment to send.
+    Sent(usize),
+    /// The step at this segment failed with this errno (0: it sent nothing).
+    Failed(usize, i32),
+    /// A step after the one at this segment ran although that one did not
+    /// finish.
+    Broken(usize),
+}
+
+impl SendBuf {
+    /// Bytes segment `k` still has to send.
+    fn seg_len(&self, k: usize) -> usize {
+        match self.segs[k] {
+            Seg::Msg(a, e) => self.msg_len(a, e),
+            Seg::Payload { len, .. } => len as usize,
+        }
+    }
+
+    /// The chain pushed from segment `cur` completed with `results` (bytes,
+    /// or a negative errno), one per step in order: segments sent whole are
+    /// done, one sent in part keeps its rest, and the steps after one that
+    /// did not finish must have been cancelled.
+    fn chain_outcome(&mut self, mut cur: usize, results: &[i32]) -> Outcome {
         for (j, &res) in results.iter().enumerate() {
-            let want = match b.segs[cur] {
-                Seg::Msg(a, e) => b.msg_len(a, e),
-                Seg::Payload { len, .. } => len as usize,
-            };
+            let want = self.seg_len(cur);
             if res > 0 && res as usize == want {
                 cur += 1;
                 continue;
             }
             if results[j + 1..].iter().any(|&r| r != -libc::ECANCELED) {
-                // A step after this one ran although this one did not finish:
-                // what went out after the gap is not known.
-                self.fail(|| "a linked send ran after one that did not finish".into());
-                return cur;
+                return Outcome::Broken(cur);
             }
-            match res {
-                r if r > 0 => {
-                    let r = r as usize;
-                    match b.segs[cur] {
-                        Seg::Msg(a, e) => {
-                            let mut first = a;
-                            b.skip(&mut first, r);
-                            b.segs[cur] = Seg::Msg(first, e);
-                        }
-                        Seg::Payload { index, off, len } => {
-                            b.segs[cur] = Seg::Payload { index, off: off + r as u32, len: len - r as u32 };
-                        }
-                    }
+            if res <= 0 {
+                return Outcome::Failed(cur, -res);
+            }
+            let r = res as usize;
+            match self.segs[cur] {
+                Seg::Msg(a, e) => {
+                    let mut first = a;
+                    self.skip(&mut first, r);
+                    self.segs[cur] = Seg::Msg(first, e);
                 }
-                0 => self.lose(|| "the connection accepts no more data".into()),
-                e => {
-                    let e = Errno::new(-e);
-                    if matches!(b.segs[cur], Seg::Payload { .. }) && !connection_lost(e) {
-                        self.fail(|| format!("sending a WRITE payload from its pages: {e}"));
-                    } else {
-                        self.lose(|| format!("sending requests: {e}"));
-                    }
+                Seg::Payload { index, off, len } => {
+                    self.segs[cur] = Seg::Payload { index, off: off + r as u32, len: len - r as u32 };
                 }
             }
-            return cur;
+            return Outcome::Sent(cur);
         }
-        cur
+        Outcome::Sent(cur)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of two headers, a 4 KiB payload (fixed buffer 3), then one
+    /// more header.
+    fn batch() -> Box<SendBuf> {
+        let mut b = SendBuf::new();
+        for i in 0..3 {
+            let p = b.hdrs[i].as_mut_ptr().cast();
+            b.iov.push(libc::iovec { iov_base: p, iov_len: REQUEST_LEN });
+        }
+        b.segs.extend([Seg::Msg(0, 2), Seg::Payload { index: 3, off: 0, len: 4096 }, Seg::Msg(2, 3)]);
+        b
+    }
+
+    #[test]
+    fn a_chain_sent_whole_is_done() {
+        let mut b = batch();
+        let all = [2 * REQUEST_LEN as i32, 4096, REQUEST_LEN as i32];
+        assert_eq!(b.chain_outcome(0, &all), Outcome::Sent(3));
+    }
+
+    /// A short payload write keeps its rest, from where it stopped; the
+    /// steps after it were cancelled and are sent again.
+    #[test]
+    fn a_short_payload_keeps_its_rest() {
+        let mut b = batch();
+        let r = [2 * REQUEST_LEN as i32, 1000, -libc::ECANCELED];
+        assert_eq!(b.chain_outcome(0, &r), Outcome::Sent(1));
+        assert!(matches!(b.segs[1], Seg::Payload { index: 3, off: 1000, len: 3096 }));
+        assert_eq!(b.chain_outcome(1, &[3096, REQUEST_LEN as i32]), Outcome::Sent(3));
+    }
+
+    /// A short sendmsg keeps the rest of its headers, part of one included.
+    #[test]
+    fn a_short_sendmsg_keeps_the_rest_of_its_headers() {
+        let mut b = batch();
+        let base = b.iov[1].iov_base as usize;
+        let r = [REQUEST_LEN as i32 + 10, -libc::ECANCELED, -libc::ECANCELED];
+        assert_eq!(b.chain_outcome(0, &r), Outcome::Sent(0));
+        assert!(matches!(b.segs[0], Seg::Msg(1, 2)));
+        assert_eq!(b.iov[1].iov_len, REQUEST_LEN - 10);
+        assert_eq!(b.iov[1].iov_base as usize, base + 10);
+        assert_eq!(b.seg_len(0), REQUEST_LEN - 10);
+    }
+
+    #[test]
+    fn a_failed_step_is_reported_with_its_errno() {
+        let mut b = batch();
+        let r = [2 * REQUEST_LEN as i32, -libc::EPIPE, -libc::ECANCELED];
+        assert_eq!(b.chain_outcome(0, &r), Outcome::Failed(1, libc::EPIPE));
+        assert_eq!(b.chain_outcome(0, &[0, -libc::ECANCELED, -libc::ECANCELED]), Outcome::Failed(0, 0));
+    }
+
+    /// A step that ran after a short one means the chain did not stop
+    /// there: refused, not sent again over what may have gone out.
+    #[test]
+    fn a_step_after_a_short_one_breaks_the_batch() {
+        let mut b = batch();
+        let r = [2 * REQUEST_LEN as i32, 1000, REQUEST_LEN as i32];
+        assert_eq!(b.chain_outcome(0, &r), Outcome::Broken(1));
     }
 }
