@@ -265,5 +265,25 @@ for run in $(seq 1 "$RUNS"); do
         done
     done
 done
+# BENCH_PERF=1, with perf in the guest (UBLK_VM_TOOLS=perf on the host):
+# after the measured runs, each target and job once more under `perf record
+# -a` (cpu-clock samples of every CPU), then the top of `perf report` by
+# command and symbol, each line prefixed UBLK_BENCH_PERF. Where the time
+# goes, not how much: perf's own cost is in these runs, not in the others.
+if [ -n "$BENCH_PERF" ]; then
+    command -v perf > /dev/null || { echo "bench: BENCH_PERF without perf in the guest (UBLK_VM_TOOLS=perf)"; exit 1; }
+    for cfg in $CONFIGS; do
+        q=${cfg%x*}; fj=${cfg#*x}
+        for t in $TARGETS; do
+            start_target "$t" "$q" || { stop_target; continue; }
+            jobs | while read -r name args; do
+                perf record -a -F 2000 -o /tmp/perf.data -- fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting > /dev/null 2>&1
+                perf report -i /tmp/perf.data --stdio --no-children --sort comm,sym --percent-limit 0.5 2>/dev/null |
+                    grep -v '^#' | grep -v '^ *$' | head -70 | sed "s/^/UBLK_BENCH_PERF target=$t queues=$q fio_jobs=$fj job=$name /"
+            done
+            stop_target
+        done
+    done
+fi
 [ -n "$NULLBLK" ] && rmmod null_blk 2>/dev/null
 exit 0

@@ -229,6 +229,9 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     let payload = vm::Payload {
         script: {
             let mut env = format!("BENCH_RUNS={runs} BENCH_RUNTIME={runtime}");
+            if let Ok(v) = std::env::var("BENCH_PERF") {
+                env.push_str(&format!(" BENCH_PERF='{v}'"));
+            }
             for (k, v) in [("BENCH_TARGETS", &what.targets), ("BENCH_JOBS", &what.jobs), ("BENCH_CONFIGS", &what.configs)] {
                 if let Some(v) = v {
                     env.push_str(&format!(" {k}='{v}'"));
@@ -288,6 +291,13 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     if records.is_empty() {
         bail!("the bench produced no measurements");
     }
+    let clock = match vm::vm_icount() {
+        Some(shift) => {
+            meta.push(format!("qemu: -icount shift={shift},sleep=off (instructions counted; vCPUs take turns on one host thread)"));
+            format!(", icount shift={shift}")
+        }
+        None => String::new(),
+    };
     let (targets, rows) = summary(
         &records,
         |q, fj| format!("{q}q/{fj}j"),
@@ -304,7 +314,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
         },
     );
     println!();
-    log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, {} vCPUs)", vm::vm_cpus());
+    log!("bench: IOPS median ±half-spread over {runs} runs of {runtime} s (TCG VM, {} vCPUs{clock})", vm::vm_cpus());
     let mut head: Vec<&str> = vec!["kernel", "queues/jobs", "job"];
     head.extend(targets.iter().map(|t| if t == "ublk-null" { "ublk-null (ours)" } else { t.as_str() }));
     let ratios = ratio_heads(&targets);

@@ -147,6 +147,14 @@ enum Cmd {
         /// TCG runs a vCPU per host thread.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         cpus: u32,
+        /// Count instructions instead of running free: QEMU's `-icount
+        /// shift=N,sleep=off` (a guest nanosecond is 2^N instructions, an
+        /// idle guest skips to its next timer). The vCPUs then take turns on
+        /// one host thread, so IOPS and CPU time per I/O measure the
+        /// instructions an I/O costs, the host's load left out: the figures
+        /// repeat to a few percent where free-running TCG moves by a third.
+        #[arg(long, value_name = "SHIFT", value_parser = clap::value_parser!(u32).range(0..=10))]
+        icount: Option<u32>,
     },
     /// Print a bench JSON file (`bench --json`) as the README's markdown table.
     BenchTable {
@@ -177,9 +185,12 @@ fn main() -> ExitCode {
         Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
         Cmd::BenchTable { file, svg } => bench::markdown(&file, svg.as_deref()),
-        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus } => {
+        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus, icount } => {
             // Read by vm::run; set before any thread starts.
             std::env::set_var("UBLK_VM_CPUS", cpus.to_string());
+            if let Some(shift) = icount {
+                std::env::set_var("UBLK_VM_ICOUNT", shift.to_string());
+            }
             let sel = bench::Selection { targets, jobs, configs };
             bench::bench(&kernel, runs, runtime, json.as_deref(), timeout, &sel)
         }

@@ -259,6 +259,15 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
     }
     let mut elfs: Vec<PathBuf> = vec![];
     let mut missing = vec![];
+    // More host tools for one run, e.g. UBLK_VM_TOOLS=perf to profile in
+    // the guest (Debian's perf is 30 MiB with its libraries: not in every
+    // boot). These must exist.
+    let extra = std::env::var("UBLK_VM_TOOLS").unwrap_or_default();
+    for t in extra.split_whitespace() {
+        let p = util::which(t).with_context(|| format!("UBLK_VM_TOOLS: {t} not found on the host"))?;
+        copy_exec(&p, &in_root(&root, &p), false)?;
+        elfs.push(p);
+    }
     for t in HOST_TOOLS {
         match util::which(t) {
             Some(p) => {
@@ -430,6 +439,12 @@ pub fn vm_cpus() -> u32 {
     std::env::var("UBLK_VM_CPUS").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(2)
 }
 
+/// Instruction counting (`UBLK_VM_ICOUNT`, set by `bench --icount`): the
+/// shift of QEMU's `-icount`, or None to let TCG run free.
+pub fn vm_icount() -> Option<u32> {
+    std::env::var("UBLK_VM_ICOUNT").ok().and_then(|v| v.parse().ok())
+}
+
 /// Boot `kernel` with common initramfs + kernel part; stream the console;
 /// enforce `timeout`. A kernel that dies while booting, before our /init
 /// starts (no "xtask-guest: kernel" line: nothing of ours has run), is booted
@@ -467,9 +482,18 @@ fn run_once(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Str
     let status_file = dir.join(format!("status-{}.txt", kernel.name));
     let _ = std::fs::remove_file(&status_file);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"]).args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    if let Some(shift) = vm_icount() {
+        // Deterministic time: 2^shift ns per instruction; sleep=off lets an
+        // idle guest jump to its next timer instead of waiting in real time.
+        cmd.args(["-icount", &format!("shift={shift},sleep=off")]);
+    }
+    cmd.arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
