@@ -229,8 +229,12 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     let payload = vm::Payload {
         script: {
             let mut env = format!("BENCH_RUNS={runs} BENCH_RUNTIME={runtime}");
-            if let Ok(v) = std::env::var("BENCH_PERF") {
-                env.push_str(&format!(" BENCH_PERF='{v}'"));
+            // Profiling (scripts/bench.sh): BENCH_PERF=1, and the sample
+            // rate, the report's cut-off and length.
+            for k in ["BENCH_PERF", "BENCH_PERF_HZ", "BENCH_PERF_MIN", "BENCH_PERF_LINES"] {
+                if let Ok(v) = std::env::var(k) {
+                    env.push_str(&format!(" {k}='{v}'"));
+                }
             }
             for (k, v) in [("BENCH_TARGETS", &what.targets), ("BENCH_JOBS", &what.jobs), ("BENCH_CONFIGS", &what.configs)] {
                 if let Some(v) = v {
