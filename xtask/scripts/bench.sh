@@ -270,7 +270,8 @@ done
 # -a` (cpu-clock samples of every CPU), then the top of `perf report` by
 # command and symbol, each line prefixed UBLK_BENCH_PERF. Where the time
 # goes, not how much: perf's own cost is in these runs, not in the others.
-# BENCH_PERF_HZ (samples per second and CPU, 2000), BENCH_PERF_MIN (the
+# BENCH_PERF_HZ (samples per second and CPU, 2000), BENCH_PERF_SORT (the
+# report's --sort keys, comm,sym), BENCH_PERF_MIN (the
 # report's cut-off in percent, 0.5) and BENCH_PERF_LINES (70) tune it.
 if [ -n "$BENCH_PERF" ]; then
     command -v perf > /dev/null || { echo "bench: BENCH_PERF without perf in the guest (UBLK_VM_TOOLS=perf)"; exit 1; }
@@ -280,7 +281,7 @@ if [ -n "$BENCH_PERF" ]; then
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do
                 perf record -a -F ${BENCH_PERF_HZ:-2000} -o /tmp/perf.data -- fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting > /dev/null 2>&1
-                perf report -i /tmp/perf.data --stdio --no-children --sort comm,sym --percent-limit ${BENCH_PERF_MIN:-0.5} 2>/dev/null |
+                perf report -i /tmp/perf.data --stdio --no-children --sort ${BENCH_PERF_SORT:-comm,sym} --percent-limit ${BENCH_PERF_MIN:-0.5} 2>/dev/null |
                     grep -v '^#' | grep -v '^ *$' | head -${BENCH_PERF_LINES:-70} | sed "s/^/UBLK_BENCH_PERF target=$t queues=$q fio_jobs=$fj job=$name /"
             done
             stop_target

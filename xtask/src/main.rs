@@ -152,7 +152,7 @@ enum Cmd {
         /// idle guest skips to its next timer). The vCPUs then take turns on
         /// one host thread, so IOPS and CPU time per I/O measure the
         /// instructions an I/O costs, the host's load left out: the figures
-        /// repeat to a few percent where free-running TCG moves by a third.
+        /// repeat to a tenth of a percent where free-running TCG moves by a third.
         #[arg(long, value_name = "SHIFT", value_parser = clap::value_parser!(u32).range(0..=10))]
         icount: Option<u32>,
     },
