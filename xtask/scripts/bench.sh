@@ -222,6 +222,16 @@ stop_target() {
     fi
 }
 
+# fio running job $1 (its name) with arguments $2 on $DEV, $fj jobs: the
+# same in the measured runs and the profiled ones.
+fio_cmd() {
+    echo "fio --name=$1 --filename=$DEV $2 --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting"
+}
+
+# Our server's per-queue counts (moves: Placement::Auto's home/away moves),
+# each line prefixed with $1.
+server_stats() { grep "^queue\|^nbd" /tmp/bench-out | sed "s/^/$1 /"; }
+
 # The targets in the order of run $1: the list turned left by run - 1, so
 # that over as many runs as targets each is measured in every place. The
 # place matters: one build under two names, first and third in each of 3
@@ -242,7 +252,7 @@ for run in $(seq 1 "$RUNS"); do
         for t in $(order "$run"); do
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do
-                cmd="fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting --output-format=terse --terse-version=3"
+                cmd="$(fio_cmd "$name" "$args") --output-format=terse --terse-version=3"
                 j0=$(cpu_jiffies); s0=$(proc_jiffies "$PID"); p0=$(proc_jiffies "$NBD_SRV")
                 out=$($cmd 2>/dev/null)
                 j1=$(cpu_jiffies); s1=$(proc_jiffies "$PID"); p1=$(proc_jiffies "$NBD_SRV")
@@ -260,8 +270,7 @@ for run in $(seq 1 "$RUNS"); do
                 [ "$run" = 1 ] && [ "$t" = "${TARGETS%% *}" ] && echo "UBLK_BENCH_CMD job=$name fio_jobs=$fj cmd=$cmd"
             done
             stop_target
-            # Our per-queue counts (moves: Placement::Auto's home/away moves).
-            case $t in ublk-*) grep "^queue\|^nbd" /tmp/bench-out | sed "s/^/UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run /" ;; esac
+            case $t in ublk-*) server_stats "UBLK_BENCH_STATS target=$t queues=$q fio_jobs=$fj run=$run" ;; esac
         done
     done
 done
@@ -280,12 +289,12 @@ if [ -n "$BENCH_PERF" ]; then
         for t in $TARGETS; do
             start_target "$t" "$q" || { stop_target; continue; }
             jobs | while read -r name args; do
-                perf record -a -F ${BENCH_PERF_HZ:-2000} -o /tmp/perf.data -- fio --name=$name --filename=$DEV $args --ioengine=io_uring --direct=1 --time_based --runtime=$RUNTIME --numjobs=$fj --group_reporting > /dev/null 2>&1
+                perf record -a -F ${BENCH_PERF_HZ:-2000} -o /tmp/perf.data -- $(fio_cmd "$name" "$args") > /dev/null 2>&1
                 perf report -i /tmp/perf.data --stdio --no-children --sort ${BENCH_PERF_SORT:-comm,sym} --percent-limit ${BENCH_PERF_MIN:-0.5} 2>/dev/null |
                     grep -v '^#' | grep -v '^ *$' | head -${BENCH_PERF_LINES:-70} | sed "s/^/UBLK_BENCH_PERF target=$t queues=$q fio_jobs=$fj job=$name /"
             done
             stop_target
-            case $t in ublk-*) grep "^queue\|^nbd" /tmp/bench-out | sed "s/^/UBLK_BENCH_PERF_STATS target=$t /" ;; esac
+            case $t in ublk-*) server_stats "UBLK_BENCH_PERF_STATS target=$t" ;; esac
         done
     done
 fi

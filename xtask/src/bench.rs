@@ -236,6 +236,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     for n in &names {
         ks.push(kernels::get(n)?);
     }
+    let icount = vm::vm_icount();
     let bins = wsbuild::build_bench()?;
     let payload = vm::Payload {
         script: {
@@ -291,7 +292,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
                     queues,
                     fio_jobs,
                     job: job.to_string(),
-                    icount: vm::vm_icount().is_some(),
+                    icount: icount.is_some(),
                     ..Record::default()
                 });
                 e.iops.push(iops.parse().unwrap_or(0.0));
@@ -307,7 +308,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     if records.is_empty() {
         bail!("the bench produced no measurements");
     }
-    let clock = match vm::vm_icount() {
+    let clock = match icount {
         Some(shift) => {
             meta.push(format!("qemu: -icount shift={shift},sleep=off (instructions counted; vCPUs take turns on one host thread)"));
             format!(", icount shift={shift}")
@@ -338,11 +339,7 @@ pub fn bench(sel: &str, runs: u32, runtime: u32, json: Option<&Path>, timeout: u
     util::print_table(&head, &rows);
     let (_, rows) = cpu_summary(&records, |q, fj| format!("{q}q/{fj}j"));
     println!();
-    if vm::vm_icount().is_some() {
-        log!("bench: CPUs busy while fio ran and CPU time per I/O (fio + kernel + server; icount: the guest's time per I/O, every vCPU's instructions, one at a time)");
-    } else {
-        log!("bench: CPUs busy while fio ran and CPU time per I/O (fio + kernel + server; medians)");
-    }
+    log!("bench: CPUs busy while fio ran and CPU time per I/O (fio, kernel and server together; {})", cpu_basis(icount.is_some()));
     head.truncate(head.len() - ratios.len());
     head.extend(cpu_ratios(&targets).iter().map(|(h, _, _)| *h));
     util::print_table(&head, &rows);
@@ -450,16 +447,22 @@ pub fn markdown(file: &Path, svg: Option<&Path>) -> Result<()> {
         let (_, rows) = cpu_summary(&records, |q, fj| format!("{q} / {fj}"));
         head.truncate(head.len() - ratios.len());
         head.extend(cpu_ratios(&targets).iter().map(|(h, _, _)| h.to_string()));
-        if records.iter().any(|r| r.icount) {
-            println!("\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; instructions counted: the guest's time per I/O, every vCPU's work one at a time, busy polling included):\n");
-        } else {
-            println!(
-                "\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; a busy-polling server counts as busy):\n"
-            );
-        }
+        println!(
+            "\nCPUs busy while fio ran, and CPU time per I/O (fio, kernel and server together; {}):\n",
+            cpu_basis(records.iter().any(|r| r.icount))
+        );
         print_markdown(&head, &rows);
     }
     Ok(())
+}
+
+/// What the CPU time per I/O is made of, for the CPU table's heading.
+fn cpu_basis(icount: bool) -> &'static str {
+    if icount {
+        "instructions counted: the guest's time per I/O, every vCPU's work one at a time, busy polling included"
+    } else {
+        "busy CPUs over IOPS, medians; a busy-polling server counts as busy"
+    }
 }
 
 fn print_markdown(head: &[String], rows: &[Vec<String>]) {

@@ -259,16 +259,12 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
     }
     let mut elfs: Vec<PathBuf> = vec![];
     let mut missing = vec![];
-    // More host tools for one run, e.g. UBLK_VM_TOOLS=perf to profile in
-    // the guest (Debian's perf is 30 MiB with its libraries: not in every
-    // boot). These must exist.
+    // The usual tools where the host has them, and any more for one run
+    // (UBLK_VM_TOOLS=perf to profile in the guest: Debian's perf is 30 MiB
+    // with its libraries, too much for every boot), which must exist.
     let extra = std::env::var("UBLK_VM_TOOLS").unwrap_or_default();
-    for t in extra.split_whitespace() {
-        let p = util::which(t).with_context(|| format!("UBLK_VM_TOOLS: {t} not found on the host"))?;
-        copy_exec(&p, &in_root(&root, &p), false)?;
-        elfs.push(p);
-    }
-    for t in HOST_TOOLS {
+    let tools = HOST_TOOLS.iter().map(|t| (*t, false)).chain(extra.split_whitespace().map(|t| (t, true)));
+    for (t, required) in tools {
         match util::which(t) {
             Some(p) => {
                 // keep host path (canonical dir, tool's own name)
@@ -276,7 +272,8 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
                 copy_exec(&p, &dst, false)?;
                 elfs.push(p);
             }
-            None => missing.push(*t),
+            None if required => bail!("UBLK_VM_TOOLS: {t} not found on the host"),
+            None => missing.push(t),
         }
     }
     if !missing.is_empty() {
@@ -314,7 +311,7 @@ pub fn build_common(payload: &Payload) -> Result<PathBuf> {
         "initramfs: {} bins, {} test executables, {} host tools, {} libraries -> {} ({} MiB)",
         payload.bins.len(),
         payload.tests.len(),
-        HOST_TOOLS.len() - missing.len(),
+        HOST_TOOLS.len() + extra.split_whitespace().count() - missing.len(),
         libs.len(),
         out.display(),
         std::fs::metadata(&out)?.len() >> 20
@@ -482,12 +479,8 @@ fn run_once(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Str
     let status_file = dir.join(format!("status-{}.txt", kernel.name));
     let _ = std::fs::remove_file(&status_file);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"]).args([
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-    ]);
+    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"]);
+    cmd.args(["-nodefaults", "-display", "none", "-no-reboot"]);
     if let Some(shift) = vm_icount() {
         // Deterministic time: 2^shift ns per instruction; sleep=off lets an
         // idle guest jump to its next timer instead of waiting in real time.
