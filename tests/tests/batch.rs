@@ -98,3 +98,30 @@ driver_test! {
         assert_no_devices();
     }
 }
+
+driver_test! {
+    /// `ublk quiesce` of a --batch --recovery device is refused with the
+    /// reason and the way out (on 7.3, quiescing a batch device failed the
+    /// writes in flight with EIO); the device stays live and keeps serving.
+    fn batch_quiesce_is_refused_and_the_device_keeps_serving() {
+        if !kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO) || !kernel_has(ublk::sys::abi::UBLK_F_QUIESCE) {
+            skipped("UBLK_F_BATCH_IO needs Linux 7.0+");
+            return;
+        }
+        let backing = PathBuf::from("/tmp/batch-quiesce.img");
+        sparse_file(&backing, 64 << 20);
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--batch", "--recovery", "--queues", "2"]);
+        let id = d.id().to_string();
+        let dev = d.dev.to_str().unwrap().to_string();
+        let (st, out, err) = ublk(&["quiesce", "-n", &id]);
+        assert!(!st.success(), "ublk quiesce of a batch device succeeded: {out}");
+        assert!(err.contains("batched commands") && err.contains("ublk recover"), "unclear refusal: {err}");
+        assert_eq!(dev_state(d.id()), "LIVE");
+        fio_verify_halves("batch-quiesce", &dev, 8 << 20, &["--rw=randwrite", "--bs=4k", "--iodepth=16"]);
+        let (st, out) = d.terminate();
+        assert!(st.success(), "exited with {st}");
+        assert_eq!(queue_sum(&out, "errors"), 0, "{out}");
+        let _ = std::fs::remove_file(&backing);
+        assert_no_devices();
+    }
+}

@@ -106,6 +106,15 @@ impl Control {
             };
             return Err(Error::InvalidConfig { what: "quiesce", why });
         }
+        if info.flags & sys::abi::UBLK_F_BATCH_IO != 0 {
+            // Seen on 7.3 (a loop device with --batch --recovery under fio):
+            // writes in flight when QUIESCE_DEV ended the batch fetch failed
+            // with EIO instead of waiting for the next server.
+            return Err(Error::InvalidConfig {
+                what: "quiesce",
+                why: format!("device {dev_id} uses batched commands (UBLK_F_BATCH_IO, `--batch`), whose quiesce fails writes in flight with EIO on 7.3: refused; stop its server with kill -9 and `ublk recover -n {dev_id}` instead (nothing is lost), or create the device without --batch"),
+            });
+        }
         let t0 = std::time::Instant::now();
         let mut sent = 0u32;
         loop {
