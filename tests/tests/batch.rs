@@ -27,6 +27,12 @@ driver_test! {
         assert!(!st.success(), "--batch --threads-per-queue 2 succeeded");
         assert!(err.contains("--batch") && err.contains("threads per queue"), "unclear refusal: {err}");
         assert_no_devices();
+        // The kernel refuses a batch device of one tag per queue (-EINVAL):
+        // refused before ADD_DEV, naming the depth.
+        let (st, _, err) = ublk(&["add", "-t", "null", "--batch", "--depth", "1"]);
+        assert!(!st.success(), "--batch --depth 1 succeeded");
+        assert!(err.contains("depth of 2"), "unclear refusal: {err}");
+        assert_no_devices();
         for extra in [&[][..], &["--async"][..]] {
             let mut args = vec!["add", "-t", "null", "--batch", "--queues", "2", "--depth", "64"];
             args.extend_from_slice(extra);

@@ -236,6 +236,13 @@ impl DeviceBuilder {
                 why: "UBLK_F_PER_IO_DAEMON with batched commands: the kernel drops it for UBLK_F_BATCH_IO (a batch device has no per-I/O daemons); drop one of the two".into(),
             });
         }
+        if batch && self.depth < 2 {
+            // Seen on 7.3: ADD_DEV answers -EINVAL.
+            return Err(Error::InvalidConfig {
+                what: "queue depth",
+                why: "batched commands need a queue depth of 2 or more (the kernel refuses UBLK_F_BATCH_IO with 1 tag per queue); use --depth 2 or more, or drop --batch".into(),
+            });
+        }
         validate_block_size(self.block_size)?;
         Params::new(self.size, self.block_size, self.max_io_bytes)?;
         if self.max_io_bytes < 4096 || self.max_io_bytes % 4096 != 0 {
@@ -434,5 +441,10 @@ mod tests {
         refused(DeviceBuilder::new().batch_io(true).flags(DevFlags::PER_IO_DAEMON), "batch_io + PER_IO_DAEMON");
         assert!(DeviceBuilder::new().batch_io(true).validate().is_ok());
         assert!(DeviceBuilder::new().threads_per_queue(2).validate().is_ok());
+        match DeviceBuilder::new().batch_io(true).depth(1).validate() {
+            Err(Error::InvalidConfig { why, .. }) => assert!(why.contains("batched commands") && why.contains("depth of 2"), "{why}"),
+            r => panic!("batch_io + depth 1: {r:?}"),
+        }
+        assert!(DeviceBuilder::new().depth(1).validate().is_ok());
     }
 }
