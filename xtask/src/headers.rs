@@ -104,30 +104,6 @@ struct Row {
     commands: String,
 }
 
-/// Sum "test result:" lines of libtest output: (passed, failed).
-pub fn parse_test_results(out: &str) -> (u64, u64) {
-    let (mut p, mut f) = (0, 0);
-    for l in out.lines() {
-        // Anywhere in the line: a guest's console may prefix kernel messages.
-        let Some(rest) = l.split("test result:").nth(1) else {
-            continue;
-        };
-        for part in rest.split(';') {
-            let part = part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim();
-            let mut it = part.split_whitespace();
-            if let (Some(n), Some(what)) = (it.next(), it.next()) {
-                let n: u64 = n.parse().unwrap_or(0);
-                match what {
-                    "passed" => p += n,
-                    "failed" => f += n,
-                    _ => {}
-                }
-            }
-        }
-    }
-    (p, f)
-}
-
 fn one(suite: &str) -> Row {
     let mut row =
         Row { suite: suite.to_string(), header_version: "?".into(), flags: "?".into(), commands: "?".into(), ..Default::default() };
@@ -156,9 +132,9 @@ fn one(suite: &str) -> Row {
     }
     match util::run_tee(&mut env_cmd(&["test", "-p", "ublk-sys", "-p", "ublk"])) {
         Ok((ok, out)) => {
-            let (p, f) = parse_test_results(&out);
-            row.passed = p;
-            row.failed = f;
+            let c = crate::testlog::counts(&out);
+            row.passed = c.passed;
+            row.failed = c.failed;
             row.tests_ok = ok;
         }
         Err(e) => println!("xtask: ERROR: cargo test: {e:#}"),

@@ -7,6 +7,7 @@ mod dependent;
 mod headers;
 mod kernels;
 mod package;
+mod testlog;
 mod util;
 mod vm;
 mod wsbuild;
@@ -290,13 +291,12 @@ fn old_header(timeout: u64) -> Result<()> {
     let mut bad = vec![];
     for k in &ks {
         let r = vm::run(k, &common, Duration::from_secs(timeout), &env)?;
-        let (p, f) = headers::parse_test_results(&r.console.join("\n"));
-        log!("old-header build on {}: {p} passed, {f} failed ({})", k.name, r.label());
-        TESTS_PASSED.fetch_add(p, std::sync::atomic::Ordering::Relaxed);
-        TESTS_FAILED.fetch_add(f, std::sync::atomic::Ordering::Relaxed);
+        let c = testlog::counts(&r.console.join("\n"));
+        log!("old-header build on {}: {c} ({})", k.name, r.label());
+        add_totals(c);
         // Every negotiation test must have run and passed on this kernel.
-        if !r.ok() || f > 0 || p < NEGOTIATION_TESTS.len() as u64 {
-            bad.push(format!("{} ({p} passed, {f} failed, {})", k.name, r.label()));
+        if !r.ok() || c.failed > 0 || c.skipped > 0 || c.passed < NEGOTIATION_TESTS.len() as u64 {
+            bad.push(format!("{} ({c}, {})", k.name, r.label()));
         }
     }
     if !bad.is_empty() {
@@ -317,17 +317,18 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
     let common = vm::build_common(&payload)?;
     let mut rows = vec![];
     let mut failed = false;
-    let (mut all_passed, mut all_failed) = (0u64, 0u64);
+    let mut all = testlog::Counts::default();
     for k in &ks {
         let r = vm::run(k, &common, Duration::from_secs(timeout), &[])?;
-        let (p, mut f) = headers::parse_test_results(&r.console.join("\n"));
+        let console = r.console.join("\n");
+        let mut c = testlog::counts(&console);
         // An executable that crashed or timed out prints no failure count.
         let bad_exes = r.tests.iter().filter(|(_, c)| *c != 0).count() as u64;
-        if !r.ok() && f < bad_exes.max(1) {
-            f = bad_exes.max(1);
+        if !r.ok() && c.failed < bad_exes.max(1) {
+            c.failed = bad_exes.max(1);
         }
-        all_passed += p;
-        all_failed += f;
+        all.add(c);
+        print_skips(&k.name, &testlog::skips(&console));
         if !r.tests.is_empty() {
             util::print_table(
                 &["test executable", "result"],
@@ -350,16 +351,15 @@ fn test_vm(sel: &str, timeout: u64, exe_timeout: u64, test_args: &[String]) -> R
             k.name.clone(),
             r.guest_release.clone().unwrap_or_else(|| k.version.clone()),
             r.label(),
-            format!("{p} passed, {f} failed"),
+            c.to_string(),
             util::fmt_dur(r.duration),
         ]);
     }
     println!();
     log!("test-vm summary:");
     util::print_table(&["kernel", "version", "result", "tests", "duration"], &rows);
-    TESTS_PASSED.fetch_add(all_passed, std::sync::atomic::Ordering::Relaxed);
-    TESTS_FAILED.fetch_add(all_failed, std::sync::atomic::Ordering::Relaxed);
-    println!("test-vm: {all_passed} passed, {all_failed} failed");
+    add_totals(all);
+    println!("test-vm: {all}");
     if failed {
         bail!("test-vm failed on at least one kernel");
     }
@@ -384,8 +384,22 @@ fn print_slowest(kernel: &str, console: &[String]) {
     util::print_table(&["test", "time"], &rows);
 }
 
-static TESTS_PASSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static TESTS_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The skipped tests of one kernel, with the reason each gave.
+fn print_skips(kernel: &str, skips: &[testlog::Skip]) {
+    if skips.is_empty() {
+        return;
+    }
+    log!("{kernel}: {} tests skipped what this kernel lacks (counted as skipped, not passed):", skips.len());
+    let rows: Vec<Vec<String>> = skips.iter().map(|s| vec![s.test.clone(), s.why.clone()]).collect();
+    util::print_table(&["test", "skipped"], &rows);
+}
+
+/// The guest tests' counts of every step of this run, for `ci`'s last line.
+static TOTALS: std::sync::Mutex<testlog::Counts> = std::sync::Mutex::new(testlog::Counts { passed: 0, skipped: 0, failed: 0 });
+
+fn add_totals(c: testlog::Counts) {
+    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).add(c);
+}
 
 fn demo(kernel: &str, timeout: u64, force_vm: bool) -> Result<()> {
     let script = util::xtask_dir().join("scripts").join("demo.sh");
@@ -462,13 +476,13 @@ fn ci(timeout: u64) -> Result<()> {
     log!("CI summary (total {}):", util::fmt_dur(total.elapsed()));
     util::print_table(&["step", "result", "duration"], &rows);
     // The closing line: the guest tests' counts, every failed step a failure.
-    let passed = TESTS_PASSED.load(std::sync::atomic::Ordering::Relaxed);
-    let guest_failed = TESTS_FAILED.load(std::sync::atomic::Ordering::Relaxed);
-    let other_failed = failed.iter().filter(|n| !(n.starts_with("test-vm") && guest_failed > 0)).count() as u64;
+    let mut t = *TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    let other_failed = failed.iter().filter(|n| !(n.starts_with("test-vm") && t.failed > 0)).count() as u64;
     if !failed.is_empty() {
         println!("xtask: ERROR: CI failed: {}", failed.join(", "));
     }
-    println!("ci: {passed} passed, {} failed", guest_failed + other_failed);
+    t.failed += other_failed;
+    println!("ci: {t}");
     if !failed.is_empty() {
         std::process::exit(1);
     }
