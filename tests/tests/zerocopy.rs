@@ -174,35 +174,56 @@ driver_test! {
             skipped("UBLK_F_AUTO_BUF_REG needs Linux 6.16+");
             return;
         }
-        let path = Path::new("/tmp/zc-fallback.img");
-        sparse_file(path, 32 << 20);
-        let target = Counting(LoopTarget::open(path, &LoopOptions::default()).unwrap());
-        let dev = DeviceBuilder::new()
-            .queues(2)
-            .depth(64)
-            .size(32 << 20)
-            .data_path(DataPath::AutoBufReg)
-            .occupy_auto_buf_indexes(2)
-            .create()
-            .unwrap();
-        assert_eq!(dev.data_path(), DataPath::AutoBufReg);
-        let stats = within("fallback device", Duration::from_secs(300), move || {
-            dev.serve_async(&target, |dev, stop| {
-                let p = dev.block_path();
-                let p = p.to_str().unwrap();
-                fio_verify(p, "4k", 8 << 20);
-                fio_verify(p, "128k", 8 << 20);
-                stop.stop();
-            })
-            .unwrap()
-        });
-        let regs: u64 = stats.iter().map(|s| s.buf_regs).sum();
-        let data: u64 = stats.iter().map(|s| s.reads + s.writes).sum();
-        let errors: u64 = stats.iter().map(|s| s.errors + s.invalid).sum();
-        eprintln!("fallback: {regs} of {data} READ/WRITE requests registered by the queue");
-        assert_eq!(errors, 0, "requests failed: {stats:?}");
-        assert!(regs > 0 && regs < data, "about half the requests should take the fallback: {regs} of {data}");
-        let _ = std::fs::remove_file(path);
-        assert_no_devices();
+        auto_buf_reg_fallback(false);
     }
+}
+
+driver_test! {
+    /// The same with batched commands (7.0+): the fallback is asked for by
+    /// the batch's `UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK`, elements having no
+    /// flags; without it the kernel fails the requests it cannot register.
+    fn zc_batch_auto_buf_reg_fallback_loses_nothing() {
+        if !kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO) {
+            skipped("UBLK_F_BATCH_IO needs Linux 7.0+");
+            return;
+        }
+        auto_buf_reg_fallback(true);
+    }
+}
+
+/// A 2-queue loop device with auto buffer registration whose every
+/// second tag's index is taken: fio verify passes and about half the
+/// requests took the fallback.
+fn auto_buf_reg_fallback(batch: bool) {
+    let path = Path::new(if batch { "/tmp/zc-fallback-batch.img" } else { "/tmp/zc-fallback.img" });
+    sparse_file(path, 32 << 20);
+    let target = Counting(LoopTarget::open(path, &LoopOptions::default()).unwrap());
+    let dev = DeviceBuilder::new()
+        .queues(2)
+        .depth(64)
+        .size(32 << 20)
+        .data_path(DataPath::AutoBufReg)
+        .batch_io(batch)
+        .occupy_auto_buf_indexes(2)
+        .create()
+        .unwrap();
+    assert_eq!(dev.data_path(), DataPath::AutoBufReg);
+    let stats = within("fallback device", Duration::from_secs(300), move || {
+        dev.serve_async(&target, |dev, stop| {
+            let p = dev.block_path();
+            let p = p.to_str().unwrap();
+            fio_verify(p, "4k", 8 << 20);
+            fio_verify(p, "128k", 8 << 20);
+            stop.stop();
+        })
+        .unwrap()
+    });
+    let regs: u64 = stats.iter().map(|s| s.buf_regs).sum();
+    let data: u64 = stats.iter().map(|s| s.reads + s.writes).sum();
+    let errors: u64 = stats.iter().map(|s| s.errors + s.invalid).sum();
+    eprintln!("fallback: {regs} of {data} READ/WRITE requests registered by the queue");
+    assert_eq!(errors, 0, "requests failed: {stats:?}");
+    assert!(regs > 0 && regs < data, "about half the requests should take the fallback: {regs} of {data}");
+    let _ = std::fs::remove_file(path);
+    assert_no_devices();
 }

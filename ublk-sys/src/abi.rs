@@ -114,6 +114,16 @@ pub const UBLK_U_IO_PREP_IO_CMDS: u32 = iowr_io(0x25);
 pub const UBLK_U_IO_COMMIT_IO_CMDS: u32 = iowr_io(0x26);
 pub const UBLK_U_IO_FETCH_IO_CMDS: u32 = iowr_io(0x27);
 
+/// `UBLK_BATCH_F_HAS_ZONE_LBA`, `UBLK_BATCH_F_HAS_BUF_ADDR`,
+/// `UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK` (7.0): `ublk_batch_io.flags` of
+/// PREP_IO_CMDS and COMMIT_IO_CMDS. Each element carries a zone-append LBA
+/// or a buffer address (copy mode) after its header; the last one is
+/// [`UBLK_AUTO_BUF_REG_FALLBACK`] for the whole batch, elements having no
+/// flags of their own.
+pub const UBLK_BATCH_F_HAS_ZONE_LBA: u16 = 1 << 0;
+pub const UBLK_BATCH_F_HAS_BUF_ADDR: u16 = 1 << 1;
+pub const UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK: u16 = 1 << 2;
+
 /// `UBLK_IO_F_NEED_REG_BUF` (6.16): in a descriptor's `op_flags`, the
 /// kernel could not register the request's buffer itself
 /// (`UBLK_F_AUTO_BUF_REG` with [`UBLK_AUTO_BUF_REG_FALLBACK`]): the server
@@ -187,6 +197,9 @@ pub const TABLE: &[Row] = &[
     ("UBLK_U_IO_COMMIT_IO_CMDS", UBLK_U_IO_COMMIT_IO_CMDS as u64, (7, 0)),
     ("UBLK_U_IO_FETCH_IO_CMDS", UBLK_U_IO_FETCH_IO_CMDS as u64, (7, 0)),
     ("UBLK_AUTO_BUF_REG_FALLBACK", UBLK_AUTO_BUF_REG_FALLBACK as u64, (6, 16)),
+    ("UBLK_BATCH_F_HAS_ZONE_LBA", UBLK_BATCH_F_HAS_ZONE_LBA as u64, (7, 0)),
+    ("UBLK_BATCH_F_HAS_BUF_ADDR", UBLK_BATCH_F_HAS_BUF_ADDR as u64, (7, 0)),
+    ("UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK", UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK as u64, (7, 0)),
     ("UBLK_TAG_OFF", UBLK_TAG_OFF, (6, 5)),
     ("UBLK_QID_OFF", UBLK_QID_OFF, (6, 5)),
 ];

@@ -50,10 +50,9 @@ const CQE_F_MORE: u32 = 2;
 const CQE_BUFFER_SHIFT: u32 = 16;
 
 use ublk_sys::abi::{
+    UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK as AUTO_BUF_REG_FALLBACK, UBLK_BATCH_F_HAS_BUF_ADDR as HAS_BUF_ADDR,
     UBLK_U_IO_COMMIT_IO_CMDS as COMMIT_IO_CMDS, UBLK_U_IO_FETCH_IO_CMDS as FETCH_IO_CMDS, UBLK_U_IO_PREP_IO_CMDS as PREP_IO_CMDS,
 };
-/// `UBLK_BATCH_F_HAS_BUF_ADDR`.
-const HAS_BUF_ADDR: u16 = 1 << 1;
 
 /// The 16 bytes of `struct ublk_batch_io` (SQE bytes 48..64).
 fn batch_io(q_id: u16, flags: u16, nr_elem: u16, elem_bytes: u8) -> [u8; 16] {
@@ -130,8 +129,13 @@ pub(crate) struct Batch {
 impl Batch {
     /// Allocates the provided buffers and registers them with `submitter`'s
     /// ring as buffer group 0. `copy`: the device copies data through
-    /// per-tag buffers (elements carry their address).
-    pub(crate) fn new(submitter: &io_uring::Submitter<'_>, q_id: u16, depth: u16, copy: bool) -> Result<Batch> {
+    /// per-tag buffers (elements carry their address). `auto_buf_reg`: the
+    /// kernel registers each request's pages at the element's `buf_index`;
+    /// one it cannot register it then delivers with
+    /// `UBLK_IO_F_NEED_REG_BUF` instead of failing it (the batch's
+    /// `UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK`, which batch elements, having
+    /// no flags of their own, cannot say).
+    pub(crate) fn new(submitter: &io_uring::Submitter<'_>, q_id: u16, depth: u16, copy: bool, auto_buf_reg: bool) -> Result<Batch> {
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
         let ring_len = round_up(usize::from(NR_FETCH_BUFS) * 16, page_size());
@@ -141,7 +145,10 @@ impl Batch {
         // until its io_uring is closed (or leaks with it, see Queue's Drop).
         unsafe { submitter.register_buf_ring_with_flags(ring.ptr() as u64, NR_FETCH_BUFS, BGID, 0) }
             .map_err(|e| Error::os("registering the batch fetch's buffer ring (IORING_REGISTER_PBUF_RING)", e))?;
-        let (flags, elem_bytes) = if copy { (HAS_BUF_ADDR, 16) } else { (0, 8) };
+        let (mut flags, elem_bytes) = if copy { (HAS_BUF_ADDR, 16) } else { (0, 8) };
+        if auto_buf_reg {
+            flags |= AUTO_BUF_REG_FALLBACK;
+        }
         let mut b = Batch {
             q_id,
             depth,

@@ -266,7 +266,7 @@ impl Queue {
         let batch = if info.flags & sys::abi::UBLK_F_BATCH_IO != 0 {
             // Elements carry the tag's buffer only where the kernel copies.
             let copy = !user_copy(info) && zc == ZeroCopy::Off;
-            Some(Batch::new(&ring.submitter(), q_id, depth, copy)?)
+            Some(Batch::new(&ring.submitter(), q_id, depth, copy, zc == ZeroCopy::Auto)?)
         } else {
             None
         };
