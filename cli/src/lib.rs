@@ -22,6 +22,16 @@ pub enum PlacementArg {
     Unpinned,
 }
 
+/// `--batch` / `--no-batch`: the builder's batching, or its default
+/// (batched where the kernel has it and nothing rules it out).
+pub fn with_batch(b: ublk::DeviceBuilder, batch: bool, no_batch: bool) -> ublk::DeviceBuilder {
+    match (batch, no_batch) {
+        (true, _) => b.batch_io(true),
+        (_, true) => b.batch_io(false),
+        _ => b,
+    }
+}
+
 impl From<PlacementArg> for ublk::Placement {
     fn from(p: PlacementArg) -> Self {
         match p {

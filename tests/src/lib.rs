@@ -372,6 +372,15 @@ pub fn skipped(why: &str) {
     let _ = writeln!(std::io::stderr(), "skipped: {why} (kernel {})", kernel_release());
 }
 
+/// The flags `ublk list --json` shows for device `id` (kernel names,
+/// `UBLK_F_BATCH_IO`...).
+pub fn listed_flags(id: u32) -> Vec<String> {
+    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
+    row["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect()
+}
+
 /// The DATA column of `ublk list --json` for device `id`.
 pub fn listed_data_path(id: u32) -> String {
     let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);

@@ -74,6 +74,50 @@ driver_test! {
 }
 
 driver_test! {
+    /// Batched commands are the default where the kernel has them: `ublk
+    /// add` without --batch makes a BATCH_IO device that serves verified
+    /// I/O; --no-batch, --recovery (which keeps `ublk quiesce` working),
+    /// --threads-per-queue 2 and --depth 1 make one without. On older
+    /// kernels the default device is unbatched and serves.
+    fn batch_is_the_default_where_the_kernel_has_it() {
+        let has = kernel_has(ublk::sys::abi::UBLK_F_BATCH_IO);
+        let backing = PathBuf::from("/tmp/batch-default.img");
+        sparse_file(&backing, 64 << 20);
+        let file = backing.to_str().unwrap();
+        let batched = |args: &[&str], verify: bool| -> bool {
+            let mut all = vec!["add", "-t", "loop", "--file", file];
+            all.extend_from_slice(args);
+            let d = Daemon::start("ublk", &all);
+            let flags = listed_flags(d.id());
+            if verify {
+                fio_verify_halves("batch-default", d.dev.to_str().unwrap(), 8 << 20, &["--rw=randrw", "--bsrange=4k-128k", "--iodepth=32"]);
+            }
+            let (st, out) = d.terminate();
+            assert!(st.success(), "loop {args:?} exited with {st}");
+            assert_eq!(queue_sum(&out, "errors"), 0, "loop {args:?}: {out}");
+            assert_no_devices();
+            flags.iter().any(|f| f == "UBLK_F_BATCH_IO")
+        };
+        assert_eq!(batched(&["--queues", "2"], true), has, "the default device on {}", kernel_release());
+        assert!(!batched(&["--no-batch"], false), "--no-batch");
+        assert!(!batched(&["--depth", "1"], false), "--depth 1");
+        if kernel_has(ublk::sys::abi::UBLK_F_PER_IO_DAEMON) {
+            assert!(!batched(&["--threads-per-queue", "2"], false), "--threads-per-queue 2");
+        }
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", file, "--recovery"]);
+        let flags = listed_flags(d.id());
+        assert!(!flags.iter().any(|f| f == "UBLK_F_BATCH_IO"), "--recovery: {flags:?}");
+        if kernel_has(ublk::sys::abi::UBLK_F_QUIESCE) {
+            assert!(flags.iter().any(|f| f == "UBLK_F_QUIESCE"), "--recovery without QUIESCE: {flags:?}");
+        }
+        let (st, _) = d.terminate();
+        assert!(st.success());
+        assert_no_devices();
+        let _ = std::fs::remove_file(&backing);
+    }
+}
+
+driver_test! {
     /// `ublk del` while fio runs on a --batch device: fio ends (with errors,
     /// or done), nothing hangs, the device and its daemon are gone.
     fn batch_del_under_fio_leaves_nothing() {

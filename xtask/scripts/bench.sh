@@ -15,8 +15,10 @@
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
 # ublk-null+copy runs ublk-null --data-copy; ublk-null+async its async null
 # target; ublk-null+affinity, +away and +unpinned choose its --placement;
-# ublk-null+pollN its --busy-poll-us, ublk-null+batch --batch (batched
-# commands, 7.0+). ublk-loop+copy, +user-copy, +zero-copy and +auto-buf-reg
+# ublk-null+pollN its --busy-poll-us. On any ublk target, +batch insists on
+# batched commands (--batch, 7.0+) and +nobatch turns them off (--no-batch);
+# without either, the CLI's default (batched where the kernel has them).
+# ublk-loop+copy, +user-copy, +zero-copy and +auto-buf-reg
 # run `ublk add -t loop` with that --data-path over a 512 MiB file on tmpfs
 # (filled once, so reads find pages, not holes); kloop is the kernel's loop
 # driver (losetup, buffered, as it comes) over the same file.
@@ -77,7 +79,10 @@ wait_dev() { i=0; while [ ! -b "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i +
 
 # A target name's data path (its first +suffix that is not +pollN) and its
 # busy-poll microseconds (+pollN), for loop and ramdisk.
-dp_of() { echo "$1" | tr '+' '\n' | sed -n '2,$p' | grep -v '^poll[0-9]*$' | head -1; }
+dp_of() { echo "$1" | tr '+' '\n' | sed -n '2,$p' | grep -v -e '^poll[0-9]*$' -e '^batch$' -e '^nobatch$' -e '^twin$' | head -1; }
+# +batch insists on batched commands, +nobatch turns them off; without
+# either, the CLI's default (batched where the kernel has them).
+batch_of() { case $1 in *+nobatch*) echo --no-batch ;; *+batch*) echo --batch ;; esac; }
 poll_of() { echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p'; }
 
 start_target() { # target queues -> sets DEV, PID
@@ -105,7 +110,7 @@ start_target() { # target queues -> sets DEV, PID
         extra=
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
         case $t in *+async*) extra="$extra --async" ;; esac
-        case $t in *+batch*) extra="$extra --batch" ;; esac
+        extra="$extra $(batch_of "$t")"
         case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; *+away*) extra="$extra --placement away" ;; esac
         poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
@@ -116,11 +121,11 @@ start_target() { # target queues -> sets DEV, PID
             dd if=/dev/zero of=/tmp/bench-loop.img bs=1M count=512 status=none || return 1
         fi
         dp=$(dp_of "$t"); poll=$(poll_of "$t")
-        ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        ublk add -t loop --file /tmp/bench-loop.img --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} $(batch_of "$t") > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
     ublk-ramdisk*)
         dp=$(dp_of "$t"); poll=$(poll_of "$t")
-        ublk add -t ramdisk --size 512M --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} > /tmp/bench-out 2>/tmp/bench-err & PID=$!
+        ublk add -t ramdisk --size 512M --queues "$q" --depth 128 ${dp:+--data-path $dp} ${poll:+--busy-poll-us $poll} $(batch_of "$t") > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0
         FILL=1 ;;
     brd)
@@ -183,6 +188,7 @@ start_nbd() { # target connections -> DEV, PID
         case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; esac
         poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
+        extra="$extra $(batch_of "$1")"
         # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.
         # an older commit's, measured in the same boot.
         bin=ublk

@@ -138,7 +138,7 @@ fn summary(records: &[Record], config: impl Fn(u32, u32) -> String, cell: impl F
 const EXTRA_RATIOS: [(&str, &str, &str); 14] = [
     ("twin / ublk-null", "ublk-null+twin", "ublk-null"),
     ("async / sync null", "ublk-null+async", "ublk-null"),
-    ("batch / ublk-null", "ublk-null+batch", "ublk-null"),
+    ("batch / no batch", "ublk-null+batch", "ublk-null+nobatch"),
     ("loop user-copy / copy", "ublk-loop+user-copy", "ublk-loop+copy"),
     ("loop zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),
     ("loop auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),
@@ -499,7 +499,7 @@ const CPU_RATIOS: [(&str, &str, &str); 8] = [
     ("nbd CPU/IO: ours / nbd.ko", "ublk-nbd", "nbd.ko"),
     ("nbd CPU/IO: zero-copy / nbd.ko", "ublk-nbd+zero-copy", "nbd.ko"),
     ("nbd CPU/IO: auto-buf-reg / nbd.ko", "ublk-nbd+auto-buf-reg", "nbd.ko"),
-    ("batch CPU/IO: / ublk-null", "ublk-null+batch", "ublk-null"),
+    ("batch CPU/IO: / no batch", "ublk-null+batch", "ublk-null+nobatch"),
     ("null CPU/IO: ours / null_blk", "ublk-null", "null_blk"),
     ("loop CPU/IO: zero-copy / copy", "ublk-loop+zero-copy", "ublk-loop+copy"),
     ("loop CPU/IO: auto-buf-reg / copy", "ublk-loop+auto-buf-reg", "ublk-loop+copy"),

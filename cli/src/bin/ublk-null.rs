@@ -46,9 +46,13 @@ struct Args {
     /// where it could skip that (UBLK_F_USER_COPY, 6.5+): for comparison.
     #[arg(long)]
     data_copy: bool,
-    /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+).
-    #[arg(long)]
+    /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+): the default where
+    /// the kernel has them; --batch insists (refused where it cannot be).
+    #[arg(long, conflicts_with = "no_batch")]
     batch: bool,
+    /// One command per request, even where batched commands are the default.
+    #[arg(long)]
+    no_batch: bool,
     /// Serve with the async null target (each request a future on the
     /// queue's thread) instead of the sync one: for comparison.
     #[arg(long = "async")]
@@ -72,7 +76,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
     let max_io = u32::try_from(args.max_io_size).map_err(|_| anyhow::anyhow!("--max-io-size too large"))?;
-    let dev = DeviceBuilder::new()
+    let b = DeviceBuilder::new()
         .queues(args.queues)
         .depth(args.depth)
         .threads_per_queue(args.threads_per_queue)
@@ -83,9 +87,8 @@ fn run(args: Args, signals: &SignalStop) -> anyhow::Result<()> {
         .placement(args.placement.into())
         .busy_poll(std::time::Duration::from_micros(args.busy_poll_us))
         .io_scheduler(Some(args.scheduler.as_str()).filter(|s| *s != "kernel"))
-        .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData })
-        .batch_io(args.batch)
-        .create()?;
+        .data_path(if args.data_copy { ublk::DataPath::Copy } else { ublk::DataPath::NoData });
+    let dev = ublk_cli::with_batch(b, args.batch, args.no_batch).create()?;
     let info = *dev.info();
     if info.nr_hw_queues != args.queues {
         eprintln!("ublk-null: note: the kernel limited the device to {} queues (one per CPU), {} asked", info.nr_hw_queues, args.queues);

@@ -29,7 +29,8 @@ pub struct DeviceBuilder {
     attrs: u32,
     discard: Option<Discard>,
     unprivileged: bool,
-    batch_io: bool,
+    /// `None`: batched where the kernel has it and nothing rules it out.
+    batch_io: Option<bool>,
     // Also holds the data path, the one copy of it: `create` takes the
     // device's flags from it, and the device keeps it.
     pub(super) serving: Serving,
@@ -53,7 +54,7 @@ impl Default for DeviceBuilder {
             attrs: 0,
             discard: None,
             unprivileged: false,
-            batch_io: false,
+            batch_io: None,
             serving: Serving::default(),
         }
     }
@@ -169,10 +170,30 @@ impl DeviceBuilder {
     /// FETCH_IO_CMDS armed (each completion delivers up to 128 requests)
     /// and commits all the answers of a turn with one COMMIT_IO_CMDS,
     /// instead of one command and one completion per request. Works with
-    /// every [`DataPath`]. Refused on kernels without it.
+    /// every [`DataPath`].
+    ///
+    /// By default a device is batched where the kernel offers
+    /// `UBLK_F_BATCH_IO` and nothing rules it out: one thread per queue, a
+    /// depth of 2 or more, and no `UBLK_F_QUIESCE` (the driver fails the
+    /// requests of a quiesced batch queue, see [`Control::quiesce`](crate::Control::quiesce)),
+    /// `UBLK_F_PER_IO_DAEMON`, `UBLK_F_NEED_GET_DATA` or `UBLK_F_ZONED`
+    /// among the flags. `batch_io(true)` asks for it whatever the rest
+    /// (refused on kernels without it, and with what rules it out);
+    /// `batch_io(false)` never batches.
     pub fn batch_io(mut self, on: bool) -> Self {
-        self.batch_io = on;
+        self.batch_io = Some(on);
         self
+    }
+
+    /// Whether the default (no [`batch_io`](Self::batch_io) call) batches
+    /// on a kernel offering `features`.
+    fn batch_by_default(&self, features: u64) -> bool {
+        let excluded = sys::abi::UBLK_F_QUIESCE | sys::abi::UBLK_F_PER_IO_DAEMON | sys::abi::UBLK_F_NEED_GET_DATA | sys::abi::UBLK_F_ZONED;
+        self.batch_io.is_none()
+            && features & sys::abi::UBLK_F_BATCH_IO != 0
+            && self.serving.threads_per_queue <= 1
+            && self.depth >= 2
+            && self.flags & excluded == 0
     }
     /// Test hook for [`DataPath::AutoBufReg`]'s fallback: each queue puts a
     /// page of its own at the fixed-buffer index of every `every`th tag, so
@@ -223,7 +244,7 @@ impl DeviceBuilder {
             });
         }
         check_threads(self.serving.threads_per_queue, self.depth)?;
-        let batch = self.batch_io || self.flags & sys::abi::UBLK_F_BATCH_IO != 0;
+        let batch = self.batch_io == Some(true) || self.flags & sys::abi::UBLK_F_BATCH_IO != 0;
         if batch && self.serving.threads_per_queue > 1 {
             // A batch device has no per-I/O daemons (ADD_DEV drops
             // UBLK_F_PER_IO_DAEMON): one thread PREPs, fetches and commits a
@@ -347,7 +368,9 @@ impl DeviceBuilder {
         if self.unprivileged {
             flags |= sys::abi::UBLK_F_UNPRIVILEGED_DEV;
         }
-        if self.batch_io {
+        if self.batch_by_default(ctrl.features().map_or(0, |f| f.0)) {
+            flags |= sys::abi::UBLK_F_BATCH_IO;
+        } else if self.batch_io == Some(true) {
             if !ctrl.features().is_some_and(|f| f.contains(sys::abi::UBLK_F_BATCH_IO)) {
                 return Err(Error::Unsupported {
                     feature: "UBLK_F_BATCH_IO",
@@ -446,5 +469,23 @@ mod tests {
             r => panic!("batch_io + depth 1: {r:?}"),
         }
         assert!(DeviceBuilder::new().depth(1).validate().is_ok());
+    }
+
+    /// Batched by default where the kernel has it, unless something the
+    /// batch path cannot do is asked for; never when told not to.
+    #[test]
+    fn batch_is_the_default_only_where_nothing_rules_it_out() {
+        let has = sys::abi::UBLK_F_BATCH_IO;
+        let b = DeviceBuilder::new;
+        assert!(b().batch_by_default(has));
+        assert!(!b().batch_by_default(0), "a kernel without BATCH_IO");
+        assert!(!b().batch_io(false).batch_by_default(has));
+        assert!(!b().batch_io(true).batch_by_default(has), "asked for: checked as such");
+        assert!(!b().depth(1).batch_by_default(has));
+        assert!(!b().threads_per_queue(2).batch_by_default(has));
+        for f in [DevFlags::QUIESCE, DevFlags::PER_IO_DAEMON, DevFlags::NEED_GET_DATA] {
+            assert!(!b().flags(DevFlags::USER_RECOVERY | f).batch_by_default(has), "{f:?}");
+        }
+        assert!(b().flags(DevFlags::USER_RECOVERY).batch_by_default(has), "kill -9 + recover works batched");
     }
 }

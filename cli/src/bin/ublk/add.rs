@@ -112,7 +112,8 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
     let flags = recovery | extra;
     let builder = |size: u64, discard: Option<Discard>| {
         let b = if a.unprivileged { DeviceBuilder::new().unprivileged() } else { DeviceBuilder::new() };
-        b.queues(a.queues)
+        let b = b
+            .queues(a.queues)
             .depth(a.depth)
             .threads_per_queue(a.threads_per_queue)
             .size(size)
@@ -121,8 +122,8 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .flags(flags)
             .discard(discard)
             .busy_poll(a.busy_poll())
-            .placement(a.placement.into())
-            .batch_io(a.batch)
+            .placement(a.placement.into());
+        ublk_cli::with_batch(b, a.batch, a.no_batch)
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
         id: 0,
@@ -286,9 +287,8 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .flags(flags)
                 .busy_poll(a.busy_poll())
                 .placement(a.placement.into())
-                .data_path(data_path)
-                .batch_io(a.batch)
-                .create()?;
+                .data_path(data_path);
+            let dev = ublk_cli::with_batch(dev, a.batch, a.no_batch).create()?;
             let c = DeviceConfig { queues: connections, nbd: Some(n), ..cfg(size, None) };
             serve_nbd(dev, &nbd, c, &signals, ready)
         }

@@ -210,9 +210,14 @@ pub(super) struct AddArgs {
     pub(super) async_: bool,
     /// Batched commands (UBLK_F_BATCH_IO, Linux 7.0+): one multishot fetch
     /// delivers many requests per completion and one command commits many
-    /// answers.
-    #[arg(long)]
+    /// answers. The default where the kernel has them, except for
+    /// --recovery devices (which keep `ublk quiesce`), --threads-per-queue
+    /// above 1 and --depth 1; --batch insists (refused where it cannot be).
+    #[arg(long, conflicts_with = "no_batch")]
     pub(super) batch: bool,
+    /// One command per request, even where batched commands are the default.
+    #[arg(long)]
+    pub(super) no_batch: bool,
     /// An unprivileged device (Linux 6.3+), which an ordinary user may
     /// create and which only its owner (and root) may control; needs the
     /// udev rules of docs/unprivileged.md. Kernels up to 7.3 give such
