@@ -128,7 +128,7 @@ enum Cmd {
         /// ublk-loop+copy ublk-loop+user-copy). Variants of ours:
         /// ublk-null+copy (--data-copy), ublk-null+async (the async null
         /// target), ublk-null+affinity / +away / +unpinned (--placement),
-        /// ublk-null+pollN (--busy-poll-us N), +batch (--batch, 7.0+), +twin (the same again, for the
+        /// ublk-null+pollN (--busy-poll-us N), +batch (--batch, 7.0+) and +nobatch (--no-batch) on any ublk target, +twin (the same again, for the
         /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy,
         /// ublk-loop+user-copy, ublk-loop+zero-copy and ublk-loop+auto-buf-reg:
         /// the loop target over a tmpfs file on that data path.
