@@ -364,7 +364,9 @@ pub fn small_dev_info(flags: u64) -> ublk::DevInfo {
     }
 }
 
-/// Reports a scenario the running kernel lacks as `skipped: WHY` on stderr,
+/// Reports a test whose scenario the running kernel lacks as `skipped: WHY`
+/// on stderr (the test then returns; see [`skipped_part`] for one variant
+/// of several),
 /// written past libtest's output capture so the line shows in every run
 /// (the test still passes or fails on what it did check).
 pub fn skipped(why: &str) {
@@ -379,6 +381,15 @@ pub fn listed_flags(id: u32) -> Vec<String> {
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
     row["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect()
+}
+
+/// Reports one variant of a test's scenarios that the running kernel lacks
+/// as `skipped part: WHY` on stderr (the others still run): `cargo xtask
+/// test-vm` counts such a test as partly skipped, neither passed nor
+/// skipped.
+pub fn skipped_part(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped part: {why} (kernel {})", kernel_release());
 }
 
 /// The DATA column of `ublk list --json` for device `id`.

@@ -177,9 +177,12 @@ impl DeviceBuilder {
     /// depth of 2 or more, and no `UBLK_F_QUIESCE` (the driver fails the
     /// requests of a quiesced batch queue, see [`Control::quiesce`](crate::Control::quiesce)),
     /// `UBLK_F_PER_IO_DAEMON`, `UBLK_F_NEED_GET_DATA` or `UBLK_F_ZONED`
-    /// among the flags. `batch_io(true)` asks for it whatever the rest
-    /// (refused on kernels without it, and with what rules it out);
-    /// `batch_io(false)` never batches.
+    /// among the flags. `batch_io(true)` asks for it (refused on kernels
+    /// without it, with several threads per queue, `UBLK_F_PER_IO_DAEMON`
+    /// or depth 1; a device with `UBLK_F_QUIESCE` is made, but
+    /// [`Control::quiesce`](crate::Control::quiesce) refuses it);
+    /// `batch_io(false)` never batches (and refuses `UBLK_F_BATCH_IO` among
+    /// the flags).
     pub fn batch_io(mut self, on: bool) -> Self {
         self.batch_io = Some(on);
         self
@@ -244,6 +247,12 @@ impl DeviceBuilder {
             });
         }
         check_threads(self.serving.threads_per_queue, self.depth)?;
+        if self.batch_io == Some(false) && self.flags & sys::abi::UBLK_F_BATCH_IO != 0 {
+            return Err(Error::InvalidConfig {
+                what: "flags",
+                why: "UBLK_F_BATCH_IO among the flags with batch_io(false): drop one of the two".into(),
+            });
+        }
         let batch = self.batch_io == Some(true) || self.flags & sys::abi::UBLK_F_BATCH_IO != 0;
         if batch && self.serving.threads_per_queue > 1 {
             // A batch device has no per-I/O daemons (ADD_DEV drops
@@ -487,5 +496,6 @@ mod tests {
             assert!(!b().flags(DevFlags::USER_RECOVERY | f).batch_by_default(has), "{f:?}");
         }
         assert!(b().flags(DevFlags::USER_RECOVERY).batch_by_default(has), "kill -9 + recover works batched");
+        assert!(matches!(b().batch_io(false).flags(DevFlags::BATCH_IO).validate(), Err(Error::InvalidConfig { .. })));
     }
 }

@@ -87,7 +87,7 @@ pub(crate) fn batch_threads_refused(threads: u16) -> Error {
     Error::InvalidConfig {
         what: "threads per queue",
         why: format!(
-            "{threads} threads per queue with batched commands: a batch device serves each queue from one thread (the kernel drops UBLK_F_PER_IO_DAEMON for UBLK_F_BATCH_IO); drop --batch or use 1 thread per queue (spread the load with more queues: --queues)"
+            "{threads} threads per queue with batched commands: a batch device serves each queue from one thread (the kernel drops UBLK_F_PER_IO_DAEMON for UBLK_F_BATCH_IO); use 1 thread per queue (spread the load with more queues: --queues), or a device without batched commands (made without --batch; on Linux 7.0+, where they are the default, with --no-batch / batch_io(false))"
         ),
     }
 }
