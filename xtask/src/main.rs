@@ -391,8 +391,18 @@ fn print_skips(kernel: &str, skips: &[testlog::Skip]) {
     }
     log!("{kernel}: {} tests skipped what this kernel lacks, in whole or in part (counted as such, not as passed):", skips.len());
     let rows: Vec<Vec<String>> =
-        skips.iter().map(|s| vec![s.test.clone(), if s.part { "part" } else { "all" }.to_string(), s.why.clone()]).collect();
+        skips.iter().map(|s| vec![s.test.clone(), if s.part { "part" } else { "all" }.to_string(), short(&s.why, 110)]).collect();
     util::print_table(&["test", "skipped", "why"], &rows);
+}
+
+/// `s` cut to `n` characters (with an ellipsis), for a table.
+fn short(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(n - 1).collect();
+    t.push('…');
+    t
 }
 
 /// The guest tests' counts of every step of this run, for `ci`'s last line.
