@@ -370,17 +370,27 @@ pub fn small_dev_info(flags: u64) -> ublk::DevInfo {
 /// written past libtest's output capture so the line shows in every run
 /// (the test still passes or fails on what it did check).
 pub fn skipped(why: &str) {
+    report_skip("skipped", why);
+}
+
+/// Writes `LABEL: WHY (kernel RELEASE)` to stderr, the line `cargo xtask
+/// test-vm` counts skips by.
+fn report_skip(label: &str, why: &str) {
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why} (kernel {})", kernel_release());
+    let _ = writeln!(std::io::stderr(), "{label}: {why} (kernel {})", kernel_release());
+}
+
+/// Device `id`'s row of `ublk list --json`.
+fn listed_row(id: u32) -> serde_json::Value {
+    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed").clone()
 }
 
 /// The flags `ublk list --json` shows for device `id` (kernel names,
 /// `UBLK_F_BATCH_IO`...).
 pub fn listed_flags(id: u32) -> Vec<String> {
-    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
-    row["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect()
+    listed_row(id)["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect()
 }
 
 /// Reports one variant of a test's scenarios that the running kernel lacks
@@ -388,16 +398,12 @@ pub fn listed_flags(id: u32) -> Vec<String> {
 /// test-vm` counts such a test as partly skipped, neither passed nor
 /// skipped.
 pub fn skipped_part(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped part: {why} (kernel {})", kernel_release());
+    report_skip("skipped part", why);
 }
 
 /// The DATA column of `ublk list --json` for device `id`.
 pub fn listed_data_path(id: u32) -> String {
-    let out = run_ok(bin("ublk").to_str().unwrap(), &["list", "--json"]);
-    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let row = rows.as_array().unwrap().iter().find(|r| r["id"].as_u64() == Some(u64::from(id))).expect("device listed");
-    row["data_path"].as_str().unwrap_or("-").to_string()
+    listed_row(id)["data_path"].as_str().unwrap_or("-").to_string()
 }
 
 /// Runs the `ublk` CLI; returns (status, stdout, stderr).
