@@ -432,3 +432,90 @@ driver_test! {
         assert!(out.contains("ioctl-encoded") && js["encoding"] == "ioctl", "{out}");
     }
 }
+
+/// How many io_uring worker threads the queue threads (`ublkN-q*`) of
+/// process `pid` have. A worker is named `iou-wrk-TID` after the thread
+/// whose operations it runs (the control commands' workers belong to the
+/// main thread), and io-wq keeps a thread's last worker once it has made
+/// one: this counts whether any operation of the queues' rings ever went to
+/// a worker.
+fn queue_io_workers(pid: u32) -> usize {
+    let threads: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let t = t.unwrap();
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+            (t.file_name().to_string_lossy().into_owned(), comm)
+        })
+        .collect();
+    let queue_tids: Vec<&str> =
+        threads.iter().filter(|(_, c)| c.starts_with("ublk") && c.contains("-q")).map(|(tid, _)| tid.as_str()).collect();
+    assert!(!queue_tids.is_empty(), "process {pid} has no queue thread: {threads:?}");
+    threads.iter().filter(|(_, c)| c.strip_prefix("iou-wrk-").is_some_and(|owner| queue_tids.contains(&owner))).count()
+}
+
+driver_test! {
+    /// I/O on a tmpfs backing file runs in the queue's thread, not on
+    /// io_uring's worker threads: the loop target marks a tmpfs file (and
+    /// the ramdisk its memfd) O_NONBLOCK, and O_DIRECT where tmpfs takes it
+    /// (6.6+), which is what io_uring asks before it tries a READ or WRITE
+    /// inline. After fio's 4k random reads on a loop device over a tmpfs
+    /// file (the default data path), and on 6.6+ its random writes too, no
+    /// queue thread has an `iou-wrk` worker; a FLUSH (an fsync, which
+    /// io_uring always runs on a worker) then makes one, so the count does
+    /// see workers. A ramdisk, where its I/O is io_uring READs and WRITEs
+    /// of its memfd (the zero-copy paths, 6.15+), makes none either.
+    fn data_tmpfs_io_runs_inline() {
+        let writes_inline = kernel_version() >= (6, 6);
+        let backing = PathBuf::from("/tmp/data-inline.img");
+        std::fs::write(&backing, pattern(32 << 20, 5)).unwrap();
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", backing.to_str().unwrap(), "--queues", "1"]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        let pid = d.child.id();
+        let dp = listed_data_path(d.id());
+        let at_start = queue_io_workers(pid);
+        let fio = |rw: &str| {
+            let rw = format!("--rw={rw}");
+            fio_ok(&["--name=inline", "--filename", &dev, &rw, "--bs=4k", "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--size=32M", "--io_size=16M"])
+        };
+        fio("randread");
+        let after_reads = queue_io_workers(pid);
+        fio("randwrite");
+        let after_writes = queue_io_workers(pid);
+        eprintln!(
+            "loop ({dp}) on {}: {at_start} io_uring worker(s) of the queue at start, {after_reads} after 4096 reads, {after_writes} after 4096 writes",
+            kernel_release()
+        );
+        assert_eq!(after_reads, 0, "loop ({dp}): reads of a tmpfs file went to io_uring's worker threads");
+        if writes_inline {
+            assert_eq!(after_writes, 0, "loop ({dp}): writes to a tmpfs file went to io_uring's worker threads");
+        }
+        // A FLUSH: the fsync runs on a worker on every kernel.
+        run_ok("dd", &["if=/dev/zero", &format!("of={dev}"), "bs=4k", "count=1", "oflag=direct", "conv=fsync", "status=none"]);
+        let after_flush = queue_io_workers(pid);
+        assert!(after_flush > 0, "loop ({dp}): no io_uring worker even after a FLUSH: the count sees nothing");
+        let (st, out) = d.terminate();
+        assert!(st.success(), "loop exited with {st}");
+        assert_eq!(queue_sum(&out, "errors"), 0, "loop: requests failed: {out}");
+        assert!(queue_sum(&out, "flushes") > 0, "loop: the FLUSH never reached the target: {out}");
+        let _ = std::fs::remove_file(&backing);
+        assert_no_devices();
+
+        let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--queues", "1"]);
+        let dev = d.dev.to_str().unwrap().to_string();
+        let dp = listed_data_path(d.id());
+        for rw in ["randwrite", "randread"] {
+            let rw = format!("--rw={rw}");
+            fio_ok(&["--name=inline", "--filename", &dev, &rw, "--bs=4k", "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--size=32M", "--io_size=16M"]);
+        }
+        let after = queue_io_workers(d.child.id());
+        eprintln!("ramdisk ({dp}): {after} io_uring worker(s) of the queue after 4096 writes and 4096 reads");
+        if dp == "zero-copy" || dp == "auto-buf-reg" {
+            assert_eq!(after, 0, "ramdisk ({dp}): its I/O on its memfd went to io_uring's worker threads");
+        }
+        let (st, out) = d.terminate();
+        assert!(st.success(), "ramdisk exited with {st}");
+        assert_eq!(queue_sum(&out, "errors"), 0, "ramdisk: requests failed: {out}");
+        assert_no_devices();
+    }
+}
