@@ -63,6 +63,10 @@ pub(super) fn buf_cmd<T: ?Sized>(dev_id: u32, buf: &mut T) -> sys::ublksrv_ctrl_
 pub(super) fn no_dev(dev_id: u32) -> impl Fn(Error) -> Error {
     move |e| match e {
         Error::Kernel { errno: libc::ENODEV, .. } => Error::NoDevice { dev_id },
+        // An unprivileged device's command names /dev/ublkcN, which the
+        // kernel looks up (kern_path) before anything else: a device deleted
+        // meanwhile (by its own daemon, say) answers -ENOENT, not -ENODEV.
+        Error::Kernel { errno: libc::ENOENT, .. } if !super::device_ids().contains(&dev_id) => Error::NoDevice { dev_id },
         e => e,
     }
 }
