@@ -454,6 +454,22 @@ fn queue_io_workers(pid: u32) -> usize {
     threads.iter().filter(|(_, c)| c.strip_prefix("iou-wrk-").is_some_and(|owner| queue_tids.contains(&owner))).count()
 }
 
+/// The open flags (octal, from /proc/PID/fdinfo) of process `pid`'s
+/// descriptors of `path`.
+fn open_flags(pid: u32, path: &Path) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let e = e.unwrap();
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy())).unwrap_or_default();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap_or_else(|| panic!("no flags in fdinfo: {info}"));
+        v.push(i32::from_str_radix(flags.trim(), 8).unwrap());
+    }
+    v
+}
+
 driver_test! {
     /// I/O on a tmpfs backing file runs in the queue's thread, not on
     /// io_uring's worker threads: the loop target marks a tmpfs file (and
@@ -464,7 +480,11 @@ driver_test! {
     /// queue thread has an `iou-wrk` worker; a FLUSH (an fsync, which
     /// io_uring always runs on a worker) then makes one, so the count does
     /// see workers. A ramdisk, where its I/O is io_uring READs and WRITEs
-    /// of its memfd (the zero-copy paths, 6.15+), makes none either.
+    /// of its memfd (the zero-copy paths, 6.15+), makes none either, until a
+    /// DISCARD (an io_uring fallocate, also always on a worker, except on
+    /// the copy path, where it is a plain one). The loop's tmpfs file
+    /// is open O_NONBLOCK (and O_DIRECT on 6.6+); a file on ext4 keeps its
+    /// flags (a file system that ignores IOCB_NOWAIT could stall the queue).
     fn data_tmpfs_io_runs_inline() {
         let writes_inline = kernel_version() >= (6, 6);
         let backing = PathBuf::from("/tmp/data-inline.img");
@@ -473,6 +493,12 @@ driver_test! {
         let dev = d.dev.to_str().unwrap().to_string();
         let pid = d.child.id();
         let dp = listed_data_path(d.id());
+        let flags = open_flags(pid, &backing);
+        assert!(!flags.is_empty(), "the daemon has no descriptor of {}", backing.display());
+        for f in &flags {
+            assert_ne!(f & libc::O_NONBLOCK, 0, "loop: the tmpfs file is not O_NONBLOCK: flags {f:o}");
+            assert_eq!(f & libc::O_DIRECT != 0, writes_inline, "loop: O_DIRECT on the tmpfs file (flags {f:o}) on {}", kernel_release());
+        }
         let at_start = queue_io_workers(pid);
         let fio = |rw: &str| {
             let rw = format!("--rw={rw}");
@@ -509,13 +535,37 @@ driver_test! {
             fio_ok(&["--name=inline", "--filename", &dev, &rw, "--bs=4k", "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--size=32M", "--io_size=16M"]);
         }
         let after = queue_io_workers(d.child.id());
-        eprintln!("ramdisk ({dp}): {after} io_uring worker(s) of the queue after 4096 writes and 4096 reads");
+        run_ok("blkdiscard", &[&dev]);
+        let after_discard = queue_io_workers(d.child.id());
+        eprintln!("ramdisk ({dp}): {after} io_uring worker(s) of the queue after 4096 writes and 4096 reads, {after_discard} after a DISCARD");
         if dp == "zero-copy" || dp == "auto-buf-reg" {
             assert_eq!(after, 0, "ramdisk ({dp}): its I/O on its memfd went to io_uring's worker threads");
+        }
+        // On the copy path the ramdisk punches holes with a plain fallocate.
+        if dp != "copy" {
+            assert!(after_discard > 0, "ramdisk ({dp}): no io_uring worker even after a DISCARD: the count sees nothing");
         }
         let (st, out) = d.terminate();
         assert!(st.success(), "ramdisk exited with {st}");
         assert_eq!(queue_sum(&out, "errors"), 0, "ramdisk: requests failed: {out}");
+        assert_no_devices();
+
+        // A backing file on ext4 keeps the flags it was opened with.
+        let scratch = Scratch::new("data-inline");
+        if !scratch.mounted {
+            skipped_part("no ext4 scratch file system here (mount -o loop failed): the flags of a file off tmpfs were not checked");
+            return;
+        }
+        let img = scratch.path("disk.img");
+        sparse_file(&img, 16 << 20);
+        let d = Daemon::start("ublk", &["add", "-t", "loop", "--file", img.to_str().unwrap(), "--queues", "1"]);
+        let flags = open_flags(d.child.id(), &img);
+        assert!(!flags.is_empty(), "the daemon has no descriptor of {}", img.display());
+        for f in &flags {
+            assert_eq!(f & (libc::O_NONBLOCK | libc::O_DIRECT), 0, "loop: a file on ext4 was made O_NONBLOCK/O_DIRECT: flags {f:o}");
+        }
+        let (st, _) = d.terminate();
+        assert!(st.success(), "loop on ext4 exited with {st}");
         assert_no_devices();
     }
 }

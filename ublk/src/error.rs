@@ -365,6 +365,9 @@ pub(crate) fn hints(cmd: Cmd, errno: i32) -> &'static [&'static str] {
             &["no such device id, or the kernel does not know this command (before 6.4, encoded opcodes are looked up as device ids)"]
         }
         (_, libc::EPERM) => &["not root (CAP_SYS_ADMIN), and the device is not an unprivileged one"],
+        (_, libc::ENOENT) => &[
+            "the kernel found no /dev/ublkcN at the path the command names (an unprivileged device's commands, and GET_DEV_INFO2, carry it): the node is missing from this mount namespace's /dev, or the device is being deleted",
+        ],
         _ => &[],
     }
 }

@@ -63,12 +63,20 @@ pub(super) fn buf_cmd<T: ?Sized>(dev_id: u32, buf: &mut T) -> sys::ublksrv_ctrl_
 pub(super) fn no_dev(dev_id: u32) -> impl Fn(Error) -> Error {
     move |e| match e {
         Error::Kernel { errno: libc::ENODEV, .. } => Error::NoDevice { dev_id },
-        // An unprivileged device's command names /dev/ublkcN, which the
-        // kernel looks up (kern_path) before anything else: a device deleted
-        // meanwhile (by its own daemon, say) answers -ENOENT, not -ENODEV.
-        Error::Kernel { errno: libc::ENOENT, .. } if !super::device_ids().contains(&dev_id) => Error::NoDevice { dev_id },
+        // After finding the device, the kernel's permission check looks up
+        // the /dev/ublkcN the command names (an unprivileged device's
+        // commands, and GET_DEV_INFO2): a device being deleted meanwhile (by
+        // its own daemon, say) answers -ENOENT, once its char device is gone
+        // from sysfs. Not when sysfs cannot tell (not mounted here).
+        Error::Kernel { errno: libc::ENOENT, .. } if char_dev_gone(dev_id) => Error::NoDevice { dev_id },
         e => e,
     }
+}
+
+/// Whether sysfs, readable here, lists no char device for `dev_id`.
+fn char_dev_gone(dev_id: u32) -> bool {
+    let class = std::path::Path::new("/sys/class/ublk-char");
+    class.is_dir() && !class.join(format!("ublkc{dev_id}")).exists()
 }
 
 pub(crate) fn new_ctrl_ring() -> Result<IoUring<squeue::Entry128, cqueue::Entry>> {
@@ -168,5 +176,29 @@ pub(super) fn kernel_err(op: CtrlOp, dev_id: u32, e: RunErr) -> Error {
             errno,
             hints: hints(Cmd::Ctrl(op.name), errno),
         },
+    }
+}
+
+#[cfg(test)]
+mod no_dev_tests {
+    use super::*;
+    use crate::error::Cmd;
+
+    fn kernel(errno: i32) -> Error {
+        Error::Kernel { cmd: Cmd::Ctrl("DEL_DEV"), dev_id: Some(987_654), q_id: None, tag: None, errno, hints: &[] }
+    }
+
+    #[test]
+    fn enodev_is_no_device_and_enoent_only_when_sysfs_says_gone() {
+        assert!(matches!(no_dev(987_654)(kernel(libc::ENODEV)), Error::NoDevice { dev_id: 987_654 }));
+        let mapped = no_dev(987_654)(kernel(libc::ENOENT));
+        if std::path::Path::new("/sys/class/ublk-char").is_dir() {
+            // A machine with the driver: no device 987654 has a char device.
+            assert!(matches!(mapped, Error::NoDevice { dev_id: 987_654 }), "{mapped:?}");
+        } else {
+            // Without the class directory sysfs cannot tell: the error stays.
+            assert!(matches!(mapped, Error::Kernel { errno: libc::ENOENT, .. }), "{mapped:?}");
+        }
+        assert!(matches!(no_dev(987_654)(kernel(libc::EINVAL)), Error::Kernel { errno: libc::EINVAL, .. }));
     }
 }

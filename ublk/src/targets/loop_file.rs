@@ -19,6 +19,7 @@ use crate::aio::{AsyncTarget, FileRef, Io, QueueContext, QueueTarget};
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, WriteCache};
+use crate::targets::shmem;
 
 /// How to open the backing file.
 #[derive(Debug, Clone, Default)]
@@ -68,8 +69,9 @@ impl LoopTarget {
             }
             sz
         } else if meta.is_file() {
-            if on_tmpfs(&file) {
-                inline_io(&file).map_err(|e| Error::os(format!("fcntl(F_SETFL, O_NONBLOCK) on {}", path.display()), e))?;
+            // Its READs and WRITEs in the queue's thread (see `shmem`).
+            if shmem::on_tmpfs(&file) {
+                shmem::inline_io(&file);
             }
             meta.len()
         } else {
@@ -116,61 +118,6 @@ impl LoopTarget {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Lets io_uring run a shmem file's (tmpfs, memfd) READs and WRITEs
-/// inline, in the submitting thread, instead of handing each one to a
-/// worker thread (a wake-up and two context switches per request): marks
-/// it `O_NONBLOCK`, and `O_DIRECT` where the kernel takes that (6.6+).
-///
-/// io_uring issues an operation inline only on a file that takes
-/// `IOCB_NOWAIT`, which it learns from `FMODE_NOWAIT` (shmem sets none) or
-/// from `O_NONBLOCK`; and a WRITE only if it is direct or the file system
-/// can write its page cache without blocking (`FOP_BUFFER_WASYNC`: ext4,
-/// xfs, btrfs; not shmem). tmpfs has taken `O_DIRECT` since 6.6 and
-/// ignores it: its reads and writes go through its page cache either way,
-/// with no alignment asked of them. Measured on 7.3 (instructions
-/// counted), a loop device over a tmpfs file: 14.5 us per 4k read instead
-/// of 16.2, 15.1 per 4k write instead of 16.8.
-///
-/// Only for shmem, whose I/O of resident pages never waits (a page
-/// swapped out is read in, as a plain `pread` would): a file system that
-/// ignores `IOCB_NOWAIT` and waits (a network one, FUSE) would stall the
-/// queue's thread with it, so other files keep their flags. A plain
-/// `read`/`write` ignores `O_NONBLOCK` on a regular file. Must be set
-/// before the file is registered with a ring (io_uring reads the flags at
-/// registration). 6.1's io_uring already ran reads of tmpfs inline (a file
-/// system without a block device passed its test); 6.4 to 6.5 run the
-/// reads inline, not the writes.
-pub(crate) fn inline_io(file: &File) -> std::io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor `file` owns; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // F_SETFL refuses O_DIRECT (EINVAL) where the file was not opened
-    // from a file system that takes it (tmpfs before 6.6, a memfd).
-    for add in [libc::O_NONBLOCK | libc::O_DIRECT, libc::O_NONBLOCK] {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | add) } == 0 {
-            return Ok(());
-        }
-    }
-    Err(std::io::Error::last_os_error())
-}
-
-/// Whether `file` lives on tmpfs (`statfs`'s `TMPFS_MAGIC`).
-fn on_tmpfs(file: &File) -> bool {
-    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: fstatfs writes one `struct statfs` into `st` and reads no
-    // other memory; its result is checked before `st` is read.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: fstatfs succeeded, so it initialised `st`.
-    unsafe { st.assume_init() }.f_type as libc::c_long == TMPFS_MAGIC
 }
 
 impl AsyncTarget for LoopTarget {

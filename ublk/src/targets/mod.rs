@@ -4,6 +4,7 @@
 mod loop_file;
 pub mod nbd;
 mod ramdisk;
+mod shmem;
 pub mod stripe;
 
 pub use loop_file::{LoopOptions, LoopTarget};

@@ -9,7 +9,7 @@
 //!   zero copy (`DataPath::AutoBufReg`, `ZeroCopy`) a READ or WRITE of the
 //!   memfd into or from the request's pages, which io_uring runs in the
 //!   queue's thread (the memfd is `O_NONBLOCK` and, on 6.6+, `O_DIRECT`:
-//!   see `inline_io` in `loop_file`); under user copy
+//!   see `shmem`); under user copy
 //!   (`DataPath::UserCopy`) a `pwrite` or `pread` of `/dev/ublkcN` from or
 //!   into the memfd's mapping, in the queue's thread (a READ of a range
 //!   never written then commits its pages: the kernel faults them in to
@@ -27,7 +27,8 @@ use crate::aio::{AsyncTarget, Io, QueueContext, QueueTarget};
 use crate::errno::Errno;
 use crate::error::{Error, Result};
 use crate::target::{IoResult, Op, Request, Target};
-use crate::targets::loop_file::{inline_io, read_full, write_full};
+use crate::targets::loop_file::{read_full, write_full};
+use crate::targets::shmem;
 use crate::transfer::{transfer, Dir};
 
 /// A RAM disk: a memfd of the device's size, zero-filled (shmem pages,
@@ -114,12 +115,9 @@ impl RamDisk {
         if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } != 0 {
             return Err(Error::os("sealing the ramdisk's memfd", std::io::Error::last_os_error()));
         }
-        // A memfd is not opened through tmpfs, so it cannot take O_DIRECT
-        // (see `inline_io`); the same inode (and seals) opened again
-        // through /proc can, on 6.6+. Without /proc, the memfd as it is.
-        let memfd =
-            std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/self/fd/{}", memfd.as_raw_fd())).unwrap_or(memfd);
-        inline_io(&memfd).map_err(|e| Error::os("fcntl(F_SETFL, O_NONBLOCK) on the ramdisk's memfd", e))?;
+        // Its READs and WRITEs in the queue's thread (see `shmem`).
+        let memfd = shmem::reopen_memfd(memfd);
+        shmem::inline_io(&memfd);
         // SAFETY: a fresh shared mapping of our own memfd, `len` bytes (its
         // size); it aliases no Rust object. Checked below.
         let p =
