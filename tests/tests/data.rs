@@ -470,6 +470,24 @@ fn open_flags(pid: u32, path: &Path) -> Vec<i32> {
     v
 }
 
+/// fio: 4096 direct 4k I/Os of kind `rw` (randread, randwrite) over the
+/// first 32 MiB of `dev`, depth 32.
+fn fio_4k(dev: &str, rw: &str) {
+    let rw = format!("--rw={rw}");
+    fio_ok(&[
+        "--name=inline",
+        "--filename",
+        dev,
+        &rw,
+        "--bs=4k",
+        "--iodepth=32",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--size=32M",
+        "--io_size=16M",
+    ]);
+}
+
 driver_test! {
     /// I/O on a tmpfs backing file runs in the queue's thread, not on
     /// io_uring's worker threads: the loop target marks a tmpfs file (and
@@ -500,13 +518,9 @@ driver_test! {
             assert_eq!(f & libc::O_DIRECT != 0, writes_inline, "loop: O_DIRECT on the tmpfs file (flags {f:o}) on {}", kernel_release());
         }
         let at_start = queue_io_workers(pid);
-        let fio = |rw: &str| {
-            let rw = format!("--rw={rw}");
-            fio_ok(&["--name=inline", "--filename", &dev, &rw, "--bs=4k", "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--size=32M", "--io_size=16M"])
-        };
-        fio("randread");
+        fio_4k(&dev, "randread");
         let after_reads = queue_io_workers(pid);
-        fio("randwrite");
+        fio_4k(&dev, "randwrite");
         let after_writes = queue_io_workers(pid);
         eprintln!(
             "loop ({dp}) on {}: {at_start} io_uring worker(s) of the queue at start, {after_reads} after 4096 reads, {after_writes} after 4096 writes",
@@ -530,10 +544,8 @@ driver_test! {
         let d = Daemon::start("ublk", &["add", "-t", "ramdisk", "--size", "32M", "--queues", "1"]);
         let dev = d.dev.to_str().unwrap().to_string();
         let dp = listed_data_path(d.id());
-        for rw in ["randwrite", "randread"] {
-            let rw = format!("--rw={rw}");
-            fio_ok(&["--name=inline", "--filename", &dev, &rw, "--bs=4k", "--iodepth=32", "--ioengine=io_uring", "--direct=1", "--size=32M", "--io_size=16M"]);
-        }
+        fio_4k(&dev, "randwrite");
+        fio_4k(&dev, "randread");
         let after = queue_io_workers(d.child.id());
         run_ok("blkdiscard", &[&dev]);
         let after_discard = queue_io_workers(d.child.id());
