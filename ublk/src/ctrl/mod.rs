@@ -51,10 +51,20 @@ pub const CONTROL_PATH: &str = "/dev/ublk-control";
 /// Device information (`struct ublksrv_ctrl_dev_info`) as the kernel keeps it.
 pub type DevInfo = sys::ublksrv_ctrl_dev_info;
 
-/// Ids of the ublk devices that exist, from `/sys/class/ublk-char/ublkcN`,
+/// The sysfs class directory of the ublk char devices: `ublkcN` for each
+/// device that exists (absent when the driver is not loaded).
+pub const CHAR_CLASS_DIR: &str = "/sys/class/ublk-char";
+
+/// Whether sysfs lists a char device `/dev/ublkc{dev_id}`, that is, whether
+/// device `dev_id` exists (false where sysfs is not mounted).
+pub fn char_dev_exists(dev_id: u32) -> bool {
+    std::path::Path::new(CHAR_CLASS_DIR).join(format!("ublkc{dev_id}")).exists()
+}
+
+/// Ids of the ublk devices that exist, from [`CHAR_CLASS_DIR`]`/ublkcN`,
 /// in increasing order (empty when the driver is not loaded).
 pub fn device_ids() -> Vec<u32> {
-    let mut v: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
+    let mut v: Vec<u32> = std::fs::read_dir(CHAR_CLASS_DIR)
         .map(|d| d.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok()).collect())
         .unwrap_or_default();
     v.sort();

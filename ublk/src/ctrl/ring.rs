@@ -10,7 +10,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use ublk_sys as sys;
 
 use super::encoding::{CtrlOp, Encoding};
-use super::Control;
+use super::{char_dev_exists, Control, CHAR_CLASS_DIR};
 use crate::error::{hints, Cmd, Error, Result};
 
 impl Control {
@@ -75,8 +75,7 @@ pub(super) fn no_dev(dev_id: u32) -> impl Fn(Error) -> Error {
 
 /// Whether sysfs, readable here, lists no char device for `dev_id`.
 fn char_dev_gone(dev_id: u32) -> bool {
-    let class = std::path::Path::new("/sys/class/ublk-char");
-    class.is_dir() && !class.join(format!("ublkc{dev_id}")).exists()
+    std::path::Path::new(CHAR_CLASS_DIR).is_dir() && !char_dev_exists(dev_id)
 }
 
 pub(crate) fn new_ctrl_ring() -> Result<IoUring<squeue::Entry128, cqueue::Entry>> {
@@ -192,7 +191,7 @@ mod no_dev_tests {
     fn enodev_is_no_device_and_enoent_only_when_sysfs_says_gone() {
         assert!(matches!(no_dev(987_654)(kernel(libc::ENODEV)), Error::NoDevice { dev_id: 987_654 }));
         let mapped = no_dev(987_654)(kernel(libc::ENOENT));
-        if std::path::Path::new("/sys/class/ublk-char").is_dir() {
+        if std::path::Path::new(CHAR_CLASS_DIR).is_dir() {
             // A machine with the driver: no device 987654 has a char device.
             assert!(matches!(mapped, Error::NoDevice { dev_id: 987_654 }), "{mapped:?}");
         } else {

@@ -367,7 +367,7 @@ fn verify_device(char_fd: RawFd, info: &DevInfo) -> Result<()> {
     if unsafe { libc::fstat(char_fd, &mut st) } != 0 {
         return Err(Error::os(format!("fstat of the fd given as /dev/ublkc{id}"), std::io::Error::last_os_error()));
     }
-    let sys_dev = std::fs::read_to_string(format!("/sys/class/ublk-char/ublkc{id}/dev")).unwrap_or_default();
+    let sys_dev = std::fs::read_to_string(format!("{}/ublkc{id}/dev", crate::ctrl::CHAR_CLASS_DIR)).unwrap_or_default();
     let want = sys_dev.trim().split_once(':').and_then(|(a, b)| Some(libc::makedev(a.parse().ok()?, b.parse().ok()?)));
     if (st.st_mode & libc::S_IFMT) != libc::S_IFCHR || want != Some(st.st_rdev) {
         return Err(bad(format!("the fd is not /dev/ublkc{id}; open that device and pass its fd")));

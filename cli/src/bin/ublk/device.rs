@@ -1,14 +1,12 @@
 //! An existing device: whether it exists, its info (with an error naming
 //! a missing device), and whether its daemon is alive.
 
-use std::path::Path;
-
 use anyhow::{anyhow, Result};
 use ublk::Control;
 use ublk_cli::config::{pid_alive, verify_daemon, DeviceConfig};
 
 pub(super) fn device_exists(id: u32) -> bool {
-    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+    ublk::ctrl::char_dev_exists(id)
 }
 
 pub(super) fn no_device(id: u32) -> anyhow::Error {
