@@ -251,7 +251,13 @@ order() {
     echo $head $tail
 }
 
-echo "UBLK_BENCH_META fio=$(fio --version) kernel=$(uname -r) cpus=$(nproc) runs=$RUNS runtime=$RUNTIME"
+# The string-copy flags decide how the kernel copies to and from user
+# memory (rep movsb with erms or fsrm), which matters under --icount.
+COPY_FLAGS=
+for f in $(grep -m1 '^flags' /proc/cpuinfo); do
+    case $f in erms | fsrm) COPY_FLAGS="$COPY_FLAGS${COPY_FLAGS:+,}$f" ;; esac
+done
+echo "UBLK_BENCH_META fio=$(fio --version) kernel=$(uname -r) cpus=$(nproc) runs=$RUNS runtime=$RUNTIME copy_flags=${COPY_FLAGS:-none}"
 for run in $(seq 1 "$RUNS"); do
     for cfg in $CONFIGS; do
         q=${cfg%x*}; fj=${cfg#*x}

@@ -156,6 +156,12 @@ enum Cmd {
         /// repeat to a tenth of a percent where free-running TCG moves by a third.
         #[arg(long, value_name = "SHIFT", value_parser = clap::value_parser!(u32).range(0..=10))]
         icount: Option<u32>,
+        /// QEMU's vCPU model (`-cpu`, sets UBLK_VM_CPU_MODEL). Under
+        /// `--icount`, `max,erms=off` makes the kernel copy to and from
+        /// user memory with `rep movsq` instead of `rep movsb`, which TCG
+        /// counts as one instruction per byte (docs/performance.md).
+        #[arg(long, value_name = "MODEL", default_value = "max")]
+        cpu_model: String,
     },
     /// Print a bench JSON file (`bench --json`) as the README's markdown table.
     BenchTable {
@@ -186,9 +192,10 @@ fn main() -> ExitCode {
         Cmd::Demo { kernel, timeout, vm } => demo(&kernel, timeout, vm),
         Cmd::Ci { timeout } => ci(timeout),
         Cmd::BenchTable { file, svg } => bench::markdown(&file, svg.as_deref()),
-        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus, icount } => {
+        Cmd::Bench { kernel, runs, runtime, json, timeout, targets, jobs, configs, cpus, icount, cpu_model } => {
             // Read by vm::run; set before any thread starts.
             std::env::set_var("UBLK_VM_CPUS", cpus.to_string());
+            std::env::set_var("UBLK_VM_CPU_MODEL", cpu_model);
             if let Some(shift) = icount {
                 std::env::set_var("UBLK_VM_ICOUNT", shift.to_string());
             }

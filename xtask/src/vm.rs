@@ -436,6 +436,12 @@ pub fn vm_cpus() -> u32 {
     std::env::var("UBLK_VM_CPUS").ok().and_then(|v| v.parse().ok()).filter(|&n| n >= 1).unwrap_or(2)
 }
 
+/// The vCPU model: `UBLK_VM_CPU_MODEL` (`bench --cpu-model` sets it),
+/// default `max`.
+pub fn vm_cpu_model() -> String {
+    std::env::var("UBLK_VM_CPU_MODEL").ok().filter(|m| !m.is_empty()).unwrap_or_else(|| "max".into())
+}
+
 /// Instruction counting (`UBLK_VM_ICOUNT`, set by `bench --icount`): the
 /// shift of QEMU's `-icount`, or None to let TCG run free.
 pub fn vm_icount() -> Option<u32> {
@@ -479,7 +485,7 @@ fn run_once(kernel: &Kernel, common: &Path, timeout: Duration, extra_env: &[(Str
     let status_file = dir.join(format!("status-{}.txt", kernel.name));
     let _ = std::fs::remove_file(&status_file);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", &vm_cpus().to_string(), "-m", "2G"]);
+    cmd.args(["-accel", "tcg", "-cpu", &vm_cpu_model(), "-smp", &vm_cpus().to_string(), "-m", "2G"]);
     cmd.args(["-nodefaults", "-display", "none", "-no-reboot"]);
     if let Some(shift) = vm_icount() {
         // Deterministic time: 2^shift ns per instruction; sleep=off lets an
