@@ -31,8 +31,10 @@
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
 # target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
 # ublk-nbd+simple the same with --simple-replies, ublk-nbd+pollN with
-# --busy-poll-us N, ublk-nbd+zero-copy|+auto-buf-reg on that data path
-# (READ payloads read from the socket into the request's pages), ublk-nbd+bin:NAME with
+# --busy-poll-us N, ublk-nbd+zero-copy|+auto-buf-reg|+copy on that data path
+# (zero copy: long READ payloads read from the socket into the request's
+# pages, and with user copy beside it where the kernel has it, which
+# ublk add asks for, short ones through the daemon), ublk-nbd+bin:NAME with
 # the CLI binary NAME (another build, put in the guest by
 # UBLK_VM_EXTRA_BINS=/path/NAME), and nbd.ko the kernel's
 # nbd client configured by nbd-client with the same number of connections.
@@ -185,7 +187,7 @@ start_nbd() { # target connections -> DEV, PID
     ublk-nbd*)
         extra=
         case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
-        case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; esac
+        case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; *+copy*) extra="$extra --data-path copy" ;; esac
         poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         extra="$extra $(batch_of "$1")"

@@ -172,10 +172,21 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         DataPathArg::Auto if a.unprivileged => DataPath::best(None, a.target != Kind::Null, false),
         DataPathArg::Auto => {
             let features = Control::open().ok().and_then(|c| c.features());
-            // NBD by default copies: zero copy receives each reply's header
-            // on its own, which costs small requests more than the copy
-            // it saves (it is for large ones: --data-path zero-copy).
-            DataPath::best(features, a.target != Kind::Null, zero_copy_target && a.target != Kind::Nbd)
+            let has = |f: u64| features.is_some_and(|x| x.contains(f));
+            if a.target == Kind::Nbd {
+                // NBD: auto-buf-reg where the kernel also has user copy (which
+                // the NBD branch asks for beside it: short payloads through
+                // the daemon, long ones in the request's pages); else copy,
+                // since zero copy alone receives each reply's header on its
+                // own, which costs short requests more than the copy saves.
+                if has(sys::abi::UBLK_F_AUTO_BUF_REG) && has(sys::abi::UBLK_F_USER_COPY) {
+                    DataPath::AutoBufReg
+                } else {
+                    DataPath::Copy
+                }
+            } else {
+                DataPath::best(features, a.target != Kind::Null, zero_copy_target)
+            }
         }
     };
     // The target first: a bad backing file or size must not create a device.
@@ -279,9 +290,15 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             // that is unreachable or refuses leaves nothing behind.
             let nbd = Nbd::connect(&nbd_options(&n)?)?;
             let size = nbd.size();
+            // Zero copy with user copy too, where the kernel has it: small
+            // payloads then go through this process (a copy, but one
+            // operation less per request), large ones stay in the request's
+            // pages.
+            let user_copy = data_path.is_zero_copy()
+                && Control::open().ok().and_then(|c| c.features()).is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY));
+            let flags = if user_copy { flags | sys::abi::UBLK_F_USER_COPY } else { flags };
             let dev = nbd
                 .builder(a.block_size)?
-                .flags(extra)
                 .depth(a.depth)
                 .id(a.id)
                 .flags(flags)

@@ -179,9 +179,9 @@ pub(super) struct AddArgs {
     /// auto-buf-reg (zero copy, the kernel registering them; 6.16+), none
     /// (no data; null only), or auto: the fastest the kernel offers for the
     /// target (the default: zero copy where the kernel has it for loop,
-    /// stripe and ramdisk, else user copy; copy for nbd,
-    /// whose zero copy (explicit) saves a copy on large requests but costs
-    /// small ones an operation more; none for null).
+    /// stripe and ramdisk, else user copy; for nbd auto-buf-reg with user
+    /// copy beside it (short payloads through the daemon, long ones in the
+    /// request's pages; 6.16+), else copy; none for null).
     #[arg(long, value_parser = parse_data_path)]
     pub(super) data_path: Option<DataPathArg>,
     /// NBD server host (name or address), for -t nbd.

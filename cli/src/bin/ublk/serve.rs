@@ -119,7 +119,7 @@ pub(super) fn serve_nbd(dev: Device, nbd: &Nbd, cfg: DeviceConfig, signals: &Sig
     }
     let s = nbd.stats();
     println!(
-        "nbd: replies={} simple_replies={} chunks={} data_chunks={} hole_chunks={} error_chunks={} recvs={} direct_payloads={} holes_zeroed={} payload_reads={} sends={} reconnects={}",
+        "nbd: replies={} simple_replies={} chunks={} data_chunks={} hole_chunks={} error_chunks={} recvs={} direct_payloads={} holes_zeroed={} payload_reads={} copied_payloads={} staged_writes={} sends={} reconnects={}",
         if i.structured { "structured" } else { "simple" },
         s.simple_replies,
         s.chunks,
@@ -130,6 +130,8 @@ pub(super) fn serve_nbd(dev: Device, nbd: &Nbd, cfg: DeviceConfig, signals: &Sig
         s.direct_payloads,
         s.holes_zeroed,
         s.payload_reads,
+        s.copied_payloads,
+        s.staged_writes,
         s.sends,
         nbd.reconnects()
     );

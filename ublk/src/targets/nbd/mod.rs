@@ -39,6 +39,17 @@
 //!   never takes more than the longest header that can come before a
 //!   payload), so small requests cost more operations than in the copy
 //!   data path; large ones save a copy.
+//! * **Zero copy with user copy** (a zero-copy data path and
+//!   `UBLK_F_USER_COPY` in [`DeviceBuilder::flags`](crate::DeviceBuilder::flags),
+//!   which `ublk add` asks for where the kernel has it): each request's
+//!   data moves the cheaper way for its size. A WRITE of up to 16 KiB is
+//!   copied out of its pages (`pread` of `/dev/ublkcN` at its
+//!   [`user_copy_offset`](crate::queue::user_copy_offset)) and sent with its
+//!   header in the batch's `sendmsg`, a longer one from its pages. While no
+//!   READ of 32 KiB or more waits for its reply, the reader receives in
+//!   bulk as in the copy data path and writes each payload into its pages
+//!   (`pwrite` of `/dev/ublkcN`); while one does, it receives header by
+//!   header, so that a long payload goes straight into its pages.
 //! * **Errors**: the server's error for a request (or a reply's first error
 //!   chunk) becomes that request's errno. A malformed reply (wrong magic, a
 //!   short header, a cookie that matches no request in flight, a short
@@ -275,7 +286,7 @@ impl AsyncTarget for Nbd {
     type Queue<'a> = NbdQueue<'a>;
 
     fn queue(&self, q: &QueueContext) -> io::Result<NbdQueue<'_>> {
-        if q.user_copy {
+        if q.user_copy && !q.zero_copy {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "the NBD target moves request data in the queue's buffers or, under zero copy, in the request's pages: make the device with DataPath::Copy or a zero-copy data path",
@@ -312,7 +323,22 @@ impl AsyncTarget for Nbd {
         } else {
             None
         };
-        Ok(NbdQueue::new(self, sock, q, zero))
+        // Zero copy with user copy too: small payloads through this process.
+        let mixed = match q.char_dev() {
+            Some(c) if q.user_copy && q.zero_copy => Some(queue::Mixed::new(
+                c.try_clone_to_owned().map_err(|e| io::Error::new(e.kind(), format!("duplicating /dev/ublkc{}: {e}", q.dev_id)))?,
+                q.depth,
+            )),
+            _ => None,
+        };
+        Ok(NbdQueue::new(self, sock, q, zero, mixed))
+    }
+
+    /// Under `UBLK_F_USER_COPY` (which the target takes only together with
+    /// zero copy) the target moves small payloads itself, by `pread` and
+    /// `pwrite` of `/dev/ublkcN`: it needs no buffers, but the char device.
+    fn user_copies_itself(&self) -> bool {
+        true
     }
 
     /// Request data moves with READ_FIXED/WRITE_FIXED on the request's
@@ -324,7 +350,8 @@ impl AsyncTarget for Nbd {
     /// needs the queue's buffers ([`DataPath::Copy`](crate::DataPath::Copy)):
     /// it refuses user copy, which [`DataPath::best`](crate::DataPath::best)
     /// picks for a zero-copy target on 6.5–6.14, so choose the data path
-    /// for NBD yourself (the CLI copies unless told otherwise).
+    /// for NBD yourself (the CLI takes auto-buf-reg with user copy beside
+    /// it where the kernel has both, else copy).
     fn zero_copy(&self) -> bool {
         true
     }

@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,11 +14,13 @@ use std::time::Duration;
 use super::proto::{
     errno, request, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_LEN,
 };
+use super::reader::DIRECT_MIN;
 use super::tag::{St, Tag, WakerSlot, MAX_HOLES};
 use super::{flags, Nbd, NbdStats};
 use crate::aio::{Io, QueueContext, QueueTarget, Ring};
 use crate::errno::Errno;
 use crate::target::{IoResult, Op};
+use crate::transfer::{transfer, Dir};
 
 /// One queue's connection. See the [module docs](super).
 pub struct NbdQueue<'a> {
@@ -42,6 +44,17 @@ pub struct NbdQueue<'a> {
     pub(super) zc: bool,
     /// `/dev/zero`, for holes under zero copy.
     pub(super) zero: Option<OwnedFd>,
+    /// Zero copy with user copy too (`UBLK_F_USER_COPY` beside the zero-copy
+    /// flag): small payloads go through this process, large ones stay in
+    /// the request's pages. `/dev/ublkcN`, whose `pread`/`pwrite` at the
+    /// request's [`user_copy_offset`](crate::queue::user_copy_offset) move
+    /// them, and the WRITEs' staging buffers, [`SMALL_WRITE`] bytes per tag.
+    pub(super) mixed: Option<Mixed>,
+    /// READs of [`DIRECT_MIN`] bytes or more waiting for their replies,
+    /// under `mixed`: while there are none, the reader receives replies in
+    /// bulk, payloads included; while there are, one header at a time, so
+    /// that a long payload is received straight into its request's pages.
+    pub(super) big_reads: Cell<u32>,
     /// The connection is closed: everything fails with EIO.
     pub(super) dead: Cell<bool>,
     /// The connection is lost and being made again: requests wait.
@@ -59,6 +72,34 @@ pub struct NbdQueue<'a> {
     pub(super) backoff: Cell<Duration>,
 }
 
+/// A WRITE of at most this many bytes is sent from a copy in this process
+/// under [`NbdQueue::mixed`] (a `pread` of `/dev/ublkcN`, then in the
+/// `sendmsg` with its header), a longer one from its pages (`WRITE_FIXED`,
+/// an operation more in the chain, no copy).
+pub(super) const SMALL_WRITE: usize = 16 << 10;
+
+/// See [`NbdQueue::mixed`].
+pub(super) struct Mixed {
+    pub(super) char_dev: OwnedFd,
+    /// `depth` slots of [`SMALL_WRITE`] bytes: tag `t`'s at `t * SMALL_WRITE`.
+    /// Written by `pread` (the kernel) and read by the writer's `sendmsg`
+    /// through raw pointers only, never through a reference while a
+    /// request uses its slot.
+    stage: Box<[std::cell::UnsafeCell<u8>]>,
+}
+
+impl Mixed {
+    pub(super) fn new(char_dev: OwnedFd, depth: u16) -> Mixed {
+        let stage = (0..usize::from(depth) * SMALL_WRITE).map(|_| std::cell::UnsafeCell::new(0u8)).collect();
+        Mixed { char_dev, stage }
+    }
+
+    /// Tag `tag`'s staging slot ([`SMALL_WRITE`] bytes).
+    fn slot(&self, tag: u16) -> *mut u8 {
+        self.stage[usize::from(tag) * SMALL_WRITE].get()
+    }
+}
+
 impl std::fmt::Debug for NbdQueue<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdQueue").field("q_id", &self.q_id).field("dead", &self.dead.get()).finish()
@@ -66,7 +107,7 @@ impl std::fmt::Debug for NbdQueue<'_> {
 }
 
 impl<'a> NbdQueue<'a> {
-    pub(super) fn new(nbd: &'a Nbd, sock: OwnedFd, q: &QueueContext, zero: Option<OwnedFd>) -> NbdQueue<'a> {
+    pub(super) fn new(nbd: &'a Nbd, sock: OwnedFd, q: &QueueContext, zero: Option<OwnedFd>, mixed: Option<Mixed>) -> NbdQueue<'a> {
         let tags = (0..q.depth)
             .map(|_| Tag {
                 st: Cell::new(St::Idle),
@@ -96,6 +137,8 @@ impl<'a> NbdQueue<'a> {
             hold: Cell::new(false),
             zc: zero.is_some(),
             zero,
+            mixed,
+            big_reads: Cell::new(0),
             dead: Cell::new(false),
             down: Cell::new(false),
             sending: Cell::new(false),
@@ -311,10 +354,30 @@ impl QueueTarget for NbdQueue<'_> {
             let Some(index) = io.fixed_index() else { return Err(Errno::EIO) };
             t.fixed.set(index);
         }
+        // Under `mixed`, a short WRITE's payload is copied out of its pages
+        // now, to go out with its header in one `sendmsg`.
+        let staged = match &self.mixed {
+            Some(m) if cmd == CMD_WRITE && len > 0 && len <= SMALL_WRITE => {
+                let slot = m.slot(tag);
+                // SAFETY: the slot is tag `tag`'s SMALL_WRITE bytes (len is no
+                // more), written only here and read only by the writer's
+                // sendmsg of this tag's request, which is over: the tag's
+                // previous request was answered, and an answer waits for
+                // `sent`. No reference covers the slot.
+                if unsafe { transfer(m.char_dev.as_fd(), slot, len, io.user_copy_offset(), Dir::FromFd) }.is_err() {
+                    return Err(Errno::EIO);
+                }
+                self.count(|s| s.staged_writes += 1);
+                slot
+            }
+            _ => std::ptr::null_mut(),
+        };
         let data = match cmd {
+            _ if !staged.is_null() => staged,
             // Under zero copy the data is moved by fixed-buffer operations on
             // the request's pages (this future's `Io::read_at`, the writer's
-            // WRITE_FIXED), never by pointer.
+            // WRITE_FIXED, or under `mixed` the reader's pwrite of
+            // /dev/ublkcN), never by pointer.
             _ if self.zc => std::ptr::null_mut(),
             // Only read through (by the writer's sendmsg).
             CMD_WRITE => io.data().as_ptr().cast_mut(),
@@ -330,6 +393,10 @@ impl QueueTarget for NbdQueue<'_> {
         t.gen.set(t.gen.get().wrapping_add(1));
         t.sent.set(false);
         t.st.set(St::Waiting);
+        let big = self.mixed.is_some() && cmd == CMD_READ && len >= DIRECT_MIN;
+        if big {
+            self.big_reads.set(self.big_reads.get() + 1);
+        }
         self.sendq.borrow_mut().push_back(tag);
         self.wake_bg();
 
@@ -393,6 +460,9 @@ impl QueueTarget for NbdQueue<'_> {
             }
         }
         t.st.set(St::Idle);
+        if big {
+            self.big_reads.set(self.big_reads.get() - 1);
+        }
         answer.unwrap_or(Err(Errno::EIO))
     }
 

@@ -4,6 +4,7 @@
 //! received by its request straight into its data.
 
 use std::future::poll_fn;
+use std::os::fd::AsFd;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -11,9 +12,15 @@ use super::proto::{
     CHUNK_LEN, CMD_READ, REPLY_FLAG_DONE, REPLY_LEN, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE,
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
+use super::queue::Mixed;
 use super::tag::{St, Tag};
 use super::NbdQueue;
 use crate::aio::{IoBuf, IoBufMut, Ring};
+use crate::queue::user_copy_offset;
+use crate::transfer::{transfer, Dir};
+
+/// NBD's (and Linux's) EIO.
+const EIO: u32 = 5;
 
 /// The reader's receive buffer: replies are received in bulk, as much as
 /// the connection holds (up to [`RECV_MAX`] a time), and taken apart here.
@@ -24,7 +31,7 @@ const RECV_MAX: usize = 64 << 10;
 /// A payload part at least this long is received by its request straight
 /// into its data ([`St::Payload`]) rather than through the receive buffer
 /// (a copy more).
-const DIRECT_MIN: usize = 32 << 10;
+pub(super) const DIRECT_MIN: usize = 32 << 10;
 /// The longest error chunk taken: a message of at most 4096 bytes (the
 /// protocol's limit) and the fixed fields, with room for error types this
 /// client does not know; a longer one closes the connection.
@@ -139,7 +146,9 @@ impl NbdQueue<'_> {
                 rx.buf.copy_within(rx.start..rx.end, 0);
                 (rx.start, rx.end) = (0, rx.end - rx.start);
             }
-            let max = if self.zc { want - rx.len() } else { RECV_MAX };
+            // In bulk unless a payload might go straight into its pages.
+            let bulk = !self.zc || (self.mixed.is_some() && self.big_reads.get() == 0);
+            let max = if bulk { RECV_MAX } else { want - rx.len() };
             let tail = Tail { buf: std::mem::take(&mut rx.buf), at: rx.end, max };
             self.count(|s| s.recvs += 1);
             let (res, tail) = ring.recv(self.sock(), tail, 0).await;
@@ -166,6 +175,9 @@ impl NbdQueue<'_> {
     async fn payload(&self, ring: Ring<'_>, rx: &mut Rx, tag: u16, mut at: usize, mut n: usize) -> bool {
         let t = &self.tags[usize::from(tag)];
         debug_assert!(at + n <= t.len.get() as usize);
+        if let Some(m) = &self.mixed {
+            return self.payload_mixed(ring, rx, m, tag, at, n).await;
+        }
         if self.zc {
             if rx.len() > 0 {
                 // Cannot happen (`reader` bounds what the buffer takes); the
@@ -196,6 +208,43 @@ impl NbdQueue<'_> {
                 return self.hand_off(tag, St::Payload, at, n).await;
             }
             if !self.fill(ring, rx, 1).await {
+                return false;
+            }
+        }
+    }
+
+    /// [`NbdQueue::payload`] under [`NbdQueue::mixed`]: what the receive
+    /// buffer holds goes into the request's pages by a `pwrite` of
+    /// `/dev/ublkcN`; a remainder of [`DIRECT_MIN`] or more is received by
+    /// the request straight into its pages, a shorter one through the
+    /// buffer. A `pwrite` the kernel refuses fails the request (EIO), not
+    /// the connection: the payload is still taken off it.
+    async fn payload_mixed(&self, ring: Ring<'_>, rx: &mut Rx, m: &Mixed, tag: u16, mut at: usize, mut n: usize) -> bool {
+        let t = &self.tags[usize::from(tag)];
+        loop {
+            let k = n.min(rx.len());
+            if k > 0 {
+                let pos = user_copy_offset(self.q_id, tag) + at as u64;
+                // SAFETY: `rx.buf[rx.start..rx.start + k]` is ours and
+                // initialised, and only read (by the kernel) during the
+                // call; no reference to it is live meanwhile.
+                let r = unsafe { transfer(m.char_dev.as_fd(), rx.buf[rx.start..].as_ptr().cast_mut(), k, pos, Dir::ToFd) };
+                if r.is_err() && t.err.get() == 0 {
+                    t.err.set(EIO);
+                }
+                self.count(|s| s.copied_payloads += 1);
+                rx.consume(k);
+                (at, n) = (at + k, n - k);
+            }
+            if n == 0 {
+                return true;
+            }
+            if n >= DIRECT_MIN {
+                return self.hand_off(tag, St::Payload, at, n).await;
+            }
+            // No more than the payload's rest, in case the reader is not
+            // receiving in bulk.
+            if !self.fill_upto(ring, rx, 1, n).await {
                 return false;
             }
         }
@@ -255,7 +304,8 @@ impl NbdQueue<'_> {
                 return;
             }
         }
-        self.replied(t, error);
+        // (A payload that could not be delivered is EIO.)
+        self.replied(t, if error != 0 { error } else { t.err.get() });
     }
 
     /// A structured reply chunk (the magic is in `rx`). Anything the

@@ -28,6 +28,14 @@ pub struct NbdStats {
     /// Socket reads of payloads straight into their request's pages (zero
     /// copy; more than one per payload where a read came short).
     pub payload_reads: u64,
+    /// Under zero copy with user copy too: payload parts the reader had
+    /// received in bulk and wrote into their request's pages (`pwrite` of
+    /// `/dev/ublkcN`).
+    pub copied_payloads: u64,
+    /// Under zero copy with user copy too: short WRITE payloads copied out
+    /// of their request's pages (`pread` of `/dev/ublkcN`) and sent with
+    /// their header.
+    pub staged_writes: u64,
     /// Sends of the requests' writer: `sendmsg` operations, or under zero
     /// copy linked chains of them and of WRITE payloads (one per batch, and
     /// one more where a step came short).
@@ -45,6 +53,8 @@ impl NbdStats {
         self.direct_payloads += o.direct_payloads;
         self.holes_zeroed += o.holes_zeroed;
         self.payload_reads += o.payload_reads;
+        self.copied_payloads += o.copied_payloads;
+        self.staged_writes += o.staged_writes;
         self.sends += o.sends;
     }
 }

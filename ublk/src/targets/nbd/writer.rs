@@ -200,7 +200,11 @@ impl NbdQueue<'_> {
             let t = &self.tags[usize::from(tag)];
             request(&mut b.hdrs[i], t.flags.get(), t.cmd.get(), self.cookie(tag), t.offset.get(), t.len.get());
             b.iov.push(libc::iovec { iov_base: b.hdrs[i].as_mut_ptr().cast(), iov_len: REQUEST_LEN });
-            if t.cmd.get() == CMD_WRITE && t.len.get() > 0 {
+            if t.cmd.get() == CMD_WRITE && t.len.get() > 0 && !t.data.get().is_null() {
+                // Staged in this process (`NbdQueue::mixed`): sent with its
+                // header.
+                b.iov.push(libc::iovec { iov_base: t.data.get().cast(), iov_len: t.len.get() as usize });
+            } else if t.cmd.get() == CMD_WRITE && t.len.get() > 0 {
                 b.segs.push(Seg::Msg(start, b.iov.len()));
                 start = b.iov.len();
                 b.segs.push(Seg::Payload { index: t.fixed.get(), off: 0, len: t.len.get() });
@@ -243,8 +247,10 @@ impl NbdQueue<'_> {
             // SAFETY: the msghdrs, iovecs and headers are in `buf`, owned by
             // the chain's last operation (heap memory, stable when the Box
             // moves), which completes after every step of the chain that ran.
-            // A payload is its WRITE's pages, registered at `index` in this
-            // ring until the request's commit, which comes after its answer,
+            // A staged payload is its tag's slot, which the request does not
+            // write again before it is answered. A payload is its WRITE's
+            // pages, registered at `index` in this ring until the request's
+            // commit, which comes after its answer,
             // which waits for `sent`, set by `writer` once these operations
             // are over; at a stop the queue reaps every operation before it
             // commits. Each step gives one completion.
