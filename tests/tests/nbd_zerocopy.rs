@@ -3,11 +3,11 @@
 //! straight into the request's pages (READ_FIXED), holes zeroed there from
 //! /dev/zero, WRITE payloads written from them (WRITE_FIXED); each reply's
 //! header received on its own, so no payload lands in the reader's buffer.
-//! Where the kernel has user copy (every kernel with zero copy), `ublk add`
-//! asks for it beside: short payloads then go through the daemon (received
-//! in bulk and written into the pages, or read from them and sent with
-//! their header), long ones as above. Kernels without the flag refuse it
-//! naming the kernel that has it, and create nothing.
+//! By default (`--data-path auto`) on a kernel with auto-buf-reg, `ublk
+//! add` asks for user copy beside it: short payloads then go through the
+//! daemon (received in bulk and written into the pages, or read from them
+//! and sent with their header), long ones as above. Kernels without a
+//! path refuse it naming the kernel that has it, and create nothing.
 
 mod nbd_util;
 
@@ -62,15 +62,19 @@ driver_test! {
         sparse_file(&img, 32 << 20);
         let srv = Server::qemu_nbd(&img, &addr, &[]);
         let paths = zero_copy_paths(&addr, &["--export", "disk"]);
-        for &dp in &paths {
+        // Each zero-copy path alone, then the default where the kernel has
+        // auto-buf-reg (and so user copy): auto-buf-reg with user copy
+        // beside it, short payloads through the daemon.
+        let mut runs: Vec<(&str, &str)> = paths.iter().map(|&dp| (dp, dp)).collect();
+        if paths.contains(&"auto-buf-reg") {
+            runs.push(("auto", "auto-buf-reg+user-copy"));
+        }
+        for (dp, listed) in runs {
             let d = nbd_dev(&addr, &["--export", "disk", "--queues", "2", "--depth", "64", "--data-path", dp]);
             let dev = d.dev.to_str().unwrap().to_string();
-            assert_eq!(listed_data_path(d.id()), dp, "ublk list: data path of the NBD device");
-            // Every kernel with a zero-copy path has user copy too, which
-            // `ublk add` then asks for beside it: small payloads go through
-            // the daemon, large ones stay in the request's pages.
+            assert_eq!(listed_data_path(d.id()), listed, "ublk list: data path of the NBD device");
             let mixed = listed_flags(d.id()).iter().any(|f| f == "UBLK_F_USER_COPY");
-            assert_eq!(mixed, kernel_has(ublk::sys::abi::UBLK_F_USER_COPY), "nbd {dp}: USER_COPY beside zero copy where the kernel has it");
+            assert_eq!(mixed, dp == "auto", "nbd --data-path {dp}: USER_COPY beside zero copy only by default");
             fio_verify(&dev, 8 << 20);
             cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
             let (st, out) = d.terminate();
@@ -100,6 +104,9 @@ driver_test! {
             // Every payload received into the pages took at least one socket
             // read.
             assert!(stat(&m, "payload_reads") >= stat(&m, "direct_payloads"), "{dp}: socket reads of payloads: {m:?}");
+            if !mixed {
+                assert_eq!(stat(&m, "copied_payloads") + stat(&m, "staged_writes"), 0, "{dp} alone: nothing through the daemon: {m:?}");
+            }
             let regs = queue_sum(&out, "buf_regs");
             if dp == "zero-copy" {
                 assert!(regs > 0, "zero-copy: the queues registered the requests' buffers: {out}");

@@ -156,12 +156,13 @@ pub trait AsyncTarget: Send + Sync {
         false
     }
 
-    /// Whether, on a device with `UBLK_F_USER_COPY` (and no zero copy),
-    /// the target moves every READ's and WRITE's data itself, with `pread`
-    /// and `pwrite` of [`QueueContext::char_dev`] at
-    /// [`Io::user_copy_offset`]: [`Device::serve_async`](crate::Device::serve_async)
-    /// then gives its queues no buffers and copies nothing for it. Default
-    /// `false`.
+    /// Whether, on a device with `UBLK_F_USER_COPY`, the target moves
+    /// READ and WRITE data itself, with `pread` and `pwrite` of
+    /// [`QueueContext::char_dev`] at [`Io::user_copy_offset`] (every
+    /// request's, or with zero copy beside it some, as the NBD target
+    /// does for short payloads): [`Device::serve_async`](crate::Device::serve_async)
+    /// then gives its queues no buffers, copies nothing for it, and hands
+    /// its queues the char device. Default `false`.
     fn user_copies_itself(&self) -> bool {
         false
     }

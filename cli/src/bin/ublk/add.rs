@@ -290,12 +290,13 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             // that is unreachable or refuses leaves nothing behind.
             let nbd = Nbd::connect(&nbd_options(&n)?)?;
             let size = nbd.size();
-            // Zero copy with user copy too, where the kernel has it: small
-            // payloads then go through this process (a copy, but one
-            // operation less per request), large ones stay in the request's
-            // pages.
-            let user_copy = data_path.is_zero_copy()
-                && Control::open().ok().and_then(|c| c.features()).is_some_and(|f| f.contains(sys::abi::UBLK_F_USER_COPY));
+            // By default (auto picked auto-buf-reg, where the kernel has user
+            // copy too) user copy beside zero copy: short payloads then go
+            // through this process (a copy, but an operation less per
+            // request), long ones stay in the request's pages. An explicit
+            // --data-path gets that path alone.
+            let auto = matches!(a.data_path, None | Some(DataPathArg::Auto));
+            let user_copy = auto && data_path.is_zero_copy();
             let flags = if user_copy { flags | sys::abi::UBLK_F_USER_COPY } else { flags };
             let dev = nbd
                 .builder(a.block_size)?

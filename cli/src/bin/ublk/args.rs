@@ -181,7 +181,8 @@ pub(super) struct AddArgs {
     /// target (the default: zero copy where the kernel has it for loop,
     /// stripe and ramdisk, else user copy; for nbd auto-buf-reg with user
     /// copy beside it (short payloads through the daemon, long ones in the
-    /// request's pages; 6.16+), else copy; none for null).
+    /// request's pages; 6.16+), else copy; none for null). An explicit
+    /// zero-copy or auto-buf-reg is that path alone.
     #[arg(long, value_parser = parse_data_path)]
     pub(super) data_path: Option<DataPathArg>,
     /// NBD server host (name or address), for -t nbd.

@@ -119,7 +119,13 @@ pub(super) fn cmd_list(json: bool) -> Result<()> {
 /// negotiated, and, under USER_COPY, whether the daemon moves data at all
 /// (as `ublk add` saved it).
 fn data_path_of(flags: u64, cfg: Option<&DeviceConfig>) -> &'static str {
-    if flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
+    let user_copy = flags & sys::abi::UBLK_F_USER_COPY != 0;
+    if flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 && user_copy {
+        // (NBD: short payloads through the daemon.)
+        "auto-buf-reg+user-copy"
+    } else if flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 && user_copy {
+        "zero-copy+user-copy"
+    } else if flags & sys::abi::UBLK_F_AUTO_BUF_REG != 0 {
         DataPath::AutoBufReg.name()
     } else if flags & sys::abi::UBLK_F_SUPPORT_ZERO_COPY != 0 {
         DataPath::ZeroCopy.name()

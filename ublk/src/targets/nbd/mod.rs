@@ -41,7 +41,7 @@
 //!   data path; large ones save a copy.
 //! * **Zero copy with user copy** (a zero-copy data path and
 //!   `UBLK_F_USER_COPY` in [`DeviceBuilder::flags`](crate::DeviceBuilder::flags),
-//!   which `ublk add` asks for where the kernel has it): each request's
+//!   `ublk add -t nbd`'s default where the kernel has both): each request's
 //!   data moves the cheaper way for its size. A WRITE of up to 16 KiB is
 //!   copied out of its pages (`pread` of `/dev/ublkcN` at its
 //!   [`user_copy_offset`](crate::queue::user_copy_offset)) and sent with its

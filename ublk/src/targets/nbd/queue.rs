@@ -81,22 +81,39 @@ pub(super) const SMALL_WRITE: usize = 16 << 10;
 /// See [`NbdQueue::mixed`].
 pub(super) struct Mixed {
     pub(super) char_dev: OwnedFd,
-    /// `depth` slots of [`SMALL_WRITE`] bytes: tag `t`'s at `t * SMALL_WRITE`.
-    /// Written by `pread` (the kernel) and read by the writer's `sendmsg`
-    /// through raw pointers only, never through a reference while a
-    /// request uses its slot.
-    stage: Box<[std::cell::UnsafeCell<u8>]>,
+    /// `depth` slots of [`SMALL_WRITE`] bytes (tag `t`'s at
+    /// `t * SMALL_WRITE`), a heap block owned here and reached only through
+    /// this pointer: written by `pread` (the kernel) and read by the
+    /// writer's `sendmsg`, never through a Rust reference. Zeroed by the
+    /// allocator, so pages no request used stay uncommitted.
+    stage: std::ptr::NonNull<u8>,
+    len: usize,
 }
 
 impl Mixed {
     pub(super) fn new(char_dev: OwnedFd, depth: u16) -> Mixed {
-        let stage = (0..usize::from(depth) * SMALL_WRITE).map(|_| std::cell::UnsafeCell::new(0u8)).collect();
-        Mixed { char_dev, stage }
+        let len = usize::from(depth) * SMALL_WRITE;
+        let block: Box<[u8]> = vec![0u8; len].into_boxed_slice();
+        let stage = std::ptr::NonNull::new(Box::into_raw(block).cast::<u8>()).expect("a Box is never null");
+        Mixed { char_dev, stage, len }
     }
 
-    /// Tag `tag`'s staging slot ([`SMALL_WRITE`] bytes).
+    /// Tag `tag`'s staging slot ([`SMALL_WRITE`] bytes; `tag < depth`).
     fn slot(&self, tag: u16) -> *mut u8 {
-        self.stage[usize::from(tag) * SMALL_WRITE].get()
+        let at = usize::from(tag) * SMALL_WRITE;
+        assert!(at + SMALL_WRITE <= self.len, "tag {tag} beyond the staging block");
+        // SAFETY: `at` is inside the block (checked), whose pointer covers
+        // all of it.
+        unsafe { self.stage.as_ptr().add(at) }
+    }
+}
+
+impl Drop for Mixed {
+    fn drop(&mut self) {
+        // SAFETY: `stage` and `len` are the Box<[u8]> made in `new`, given
+        // back once. (A queue that may still have a send reading the block
+        // forgets its Mixed instead of dropping it: see NbdQueue's Drop.)
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.stage.as_ptr(), self.len)) });
     }
 }
 
@@ -350,14 +367,15 @@ impl QueueTarget for NbdQueue<'_> {
         t.len.set(len32);
         // Under zero copy: where the request's pages are in the ring, for the
         // writer to send a WRITE's payload from.
-        if self.zc && cmd == CMD_WRITE {
+        let small = self.mixed.is_some() && cmd == CMD_WRITE && len > 0 && len <= SMALL_WRITE;
+        if self.zc && cmd == CMD_WRITE && !small {
             let Some(index) = io.fixed_index() else { return Err(Errno::EIO) };
             t.fixed.set(index);
         }
         // Under `mixed`, a short WRITE's payload is copied out of its pages
         // now, to go out with its header in one `sendmsg`.
         let staged = match &self.mixed {
-            Some(m) if cmd == CMD_WRITE && len > 0 && len <= SMALL_WRITE => {
+            Some(m) if small => {
                 let slot = m.slot(tag);
                 // SAFETY: the slot is tag `tag`'s SMALL_WRITE bytes (len is no
                 // more), written only here and read only by the writer's
@@ -482,6 +500,14 @@ impl QueueTarget for NbdQueue<'_> {
 impl Drop for NbdQueue<'_> {
     fn drop(&mut self) {
         self.nbd.stats.lock().unwrap_or_else(|e| e.into_inner()).add(&self.stats.get());
+        if self.sending.get() {
+            // The writer was dropped inside a send that the queue could not
+            // reap at its stop (it leaks such operations): the send may
+            // still read staged payloads, so their block is leaked too.
+            if let Some(m) = self.mixed.take() {
+                std::mem::forget(m);
+            }
+        }
         // A clean end: tell the server (NBD_CMD_DISC), unless the stream may
         // end inside a request or the connection is already gone.
         if !self.dead.get() && !self.down.get() && !self.torn.get() {

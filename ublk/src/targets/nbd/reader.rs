@@ -106,9 +106,9 @@ impl NbdQueue<'_> {
                 (rx.start, rx.end) = (0, 0);
                 continue;
             }
-            // Under zero copy no payload may land in the receive buffer:
-            // at a reply's start it takes at most the longest header that
-            // comes before a payload (a simple reply's 16 bytes; a data
+            // Under zero copy (and under `mixed` while a long READ waits) no
+            // payload may land in the receive buffer: at a reply's start it
+            // takes at most the longest header that comes before a payload (a simple reply's 16 bytes; a data
             // chunk's 20 and its 8-byte offset). Every reply is at least 16
             // bytes, so what a shorter reply leaves over is part of the next
             // one's header, never of a payload.
@@ -134,8 +134,9 @@ impl NbdQueue<'_> {
         self.fill_upto(ring, rx, need, need).await
     }
 
-    /// As [`NbdQueue::fill`]; under zero copy `rx` takes no more than `want`
-    /// bytes (`want >= need`), so that no payload is received into it.
+    /// As [`NbdQueue::fill`]; under zero copy (unless `mixed` receives in
+    /// bulk: no long READ waits) `rx` takes no more than `want` bytes
+    /// (`want >= need`), so that no payload is received into it.
     async fn fill_upto(&self, ring: Ring<'_>, rx: &mut Rx, need: usize, want: usize) -> bool {
         debug_assert!(need <= RX_BUF && need <= want);
         while rx.len() < need {
@@ -229,10 +230,13 @@ impl NbdQueue<'_> {
                 // initialised, and only read (by the kernel) during the
                 // call; no reference to it is live meanwhile.
                 let r = unsafe { transfer(m.char_dev.as_fd(), rx.buf[rx.start..].as_ptr().cast_mut(), k, pos, Dir::ToFd) };
-                if r.is_err() && t.err.get() == 0 {
-                    t.err.set(EIO);
+                if r.is_err() {
+                    if t.err.get() == 0 {
+                        t.err.set(EIO);
+                    }
+                } else {
+                    self.count(|s| s.copied_payloads += 1);
                 }
-                self.count(|s| s.copied_payloads += 1);
                 rx.consume(k);
                 (at, n) = (at + k, n - k);
             }
