@@ -435,6 +435,27 @@ mod tests {
         assert_eq!(b.chain_outcome(0, &[0, -libc::ECANCELED, -libc::ECANCELED]), Outcome::Failed(0, 0));
     }
 
+    /// A staged WRITE payload (mixed mode) is an iovec of its header's
+    /// `sendmsg`: a send that stops inside it keeps the payload's rest, and
+    /// the message is sent on from there.
+    #[test]
+    fn a_short_sendmsg_keeps_the_rest_of_a_staged_payload() {
+        let mut b = SendBuf::new();
+        let mut staged = vec![7u8; 4096];
+        let h0 = b.hdrs[0].as_mut_ptr().cast();
+        let h1 = b.hdrs[1].as_mut_ptr().cast();
+        b.iov.push(libc::iovec { iov_base: h0, iov_len: REQUEST_LEN });
+        b.iov.push(libc::iovec { iov_base: staged.as_mut_ptr().cast(), iov_len: 4096 });
+        b.iov.push(libc::iovec { iov_base: h1, iov_len: REQUEST_LEN });
+        b.segs.push(Seg::Msg(0, 3));
+        assert_eq!(b.seg_len(0), 2 * REQUEST_LEN + 4096);
+        assert_eq!(b.chain_outcome(0, &[REQUEST_LEN as i32 + 1000]), Outcome::Sent(0));
+        assert!(matches!(b.segs[0], Seg::Msg(1, 3)));
+        assert_eq!(b.iov[1].iov_base as usize, staged.as_ptr() as usize + 1000);
+        assert_eq!(b.seg_len(0), 3096 + REQUEST_LEN);
+        assert_eq!(b.chain_outcome(0, &[(3096 + REQUEST_LEN) as i32]), Outcome::Sent(1));
+    }
+
     /// A step that ran after a short one means the chain did not stop
     /// there: refused, not sent again over what may have gone out.
     #[test]
