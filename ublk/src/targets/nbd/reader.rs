@@ -411,7 +411,7 @@ impl NbdQueue<'_> {
                 // know (which the protocol lets the connection survive)
                 // with error 0 fails it with EIO.
                 if t.err.get() == 0 {
-                    t.err.set(if error != 0 { error } else { 5 });
+                    t.err.set(if error != 0 { error } else { EIO });
                 }
             }
             ty => return self.fail(|| format!("reply chunk of unknown type {ty} ({length} bytes)")),
