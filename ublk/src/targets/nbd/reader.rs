@@ -12,7 +12,6 @@ use super::proto::{
     CHUNK_LEN, CMD_READ, REPLY_FLAG_DONE, REPLY_LEN, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE,
     REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
-use super::queue::Mixed;
 use super::tag::{St, Tag};
 use super::NbdQueue;
 use crate::aio::{IoBuf, IoBufMut, Ring};
@@ -176,10 +175,7 @@ impl NbdQueue<'_> {
     async fn payload(&self, ring: Ring<'_>, rx: &mut Rx, tag: u16, mut at: usize, mut n: usize) -> bool {
         let t = &self.tags[usize::from(tag)];
         debug_assert!(at + n <= t.len.get() as usize);
-        if let Some(m) = &self.mixed {
-            return self.payload_mixed(ring, rx, m, tag, at, n).await;
-        }
-        if self.zc {
+        if self.zc && self.mixed.is_none() {
             if rx.len() > 0 {
                 // Cannot happen (`reader` bounds what the buffer takes); the
                 // request's pages are not in this process to copy into.
@@ -192,11 +188,7 @@ impl NbdQueue<'_> {
         loop {
             let k = n.min(rx.len());
             if k > 0 {
-                // SAFETY: `t.data` is the waiting READ's buffer of `t.len`
-                // bytes, and `at + k` is inside it (see `Tag::data`); the
-                // connection is good (checked after every await), so the
-                // request is not answered yet. The receive buffer is ours.
-                unsafe { std::ptr::copy_nonoverlapping(rx.buf[rx.start..].as_ptr(), t.data.get().add(at), k) };
+                self.deliver(t, tag, rx, at, k);
                 rx.consume(k);
                 (at, n) = (at + k, n - k);
             }
@@ -208,49 +200,39 @@ impl NbdQueue<'_> {
                 // next on the connection.
                 return self.hand_off(tag, St::Payload, at, n).await;
             }
-            if !self.fill(ring, rx, 1).await {
+            // No more than the payload's rest, in case the reader is not
+            // receiving in bulk (`mixed` while a long READ waits).
+            if !self.fill_upto(ring, rx, 1, n).await {
                 return false;
             }
         }
     }
 
-    /// [`NbdQueue::payload`] under [`NbdQueue::mixed`]: what the receive
-    /// buffer holds goes into the request's pages by a `pwrite` of
-    /// `/dev/ublkcN`; a remainder of [`DIRECT_MIN`] or more is received by
-    /// the request straight into its pages, a shorter one through the
-    /// buffer. A `pwrite` the kernel refuses fails the request (EIO), not
-    /// the connection: the payload is still taken off it.
-    async fn payload_mixed(&self, ring: Ring<'_>, rx: &mut Rx, m: &Mixed, tag: u16, mut at: usize, mut n: usize) -> bool {
-        let t = &self.tags[usize::from(tag)];
-        loop {
-            let k = n.min(rx.len());
-            if k > 0 {
-                let pos = user_copy_offset(self.q_id, tag) + at as u64;
-                // SAFETY: `rx.buf[rx.start..rx.start + k]` is ours and
-                // initialised, and only read (by the kernel) during the
-                // call; no reference to it is live meanwhile.
-                let r = unsafe { transfer(m.char_dev.as_fd(), rx.buf[rx.start..].as_ptr().cast_mut(), k, pos, Dir::ToFd) };
-                if r.is_err() {
-                    if t.err.get() == 0 {
-                        t.err.set(EIO);
-                    }
-                } else {
-                    self.count(|s| s.copied_payloads += 1);
-                }
-                rx.consume(k);
-                (at, n) = (at + k, n - k);
+    /// Puts the first `k` bytes the receive buffer holds into request
+    /// `tag`'s data at `at` (inside it: checked by the caller): copied into
+    /// its buffer, or under [`NbdQueue::mixed`] written into its pages by a
+    /// `pwrite` of `/dev/ublkcN`. A `pwrite` the kernel refuses fails the
+    /// request (EIO), not the connection: the payload is still taken off it.
+    fn deliver(&self, t: &Tag, tag: u16, rx: &Rx, at: usize, k: usize) {
+        let Some(m) = &self.mixed else {
+            // SAFETY: `t.data` is the waiting READ's buffer of `t.len`
+            // bytes, and `at + k` is inside it (see `Tag::data`); the
+            // connection is good (checked after every await), so the
+            // request is not answered yet. The receive buffer is ours.
+            unsafe { std::ptr::copy_nonoverlapping(rx.buf[rx.start..].as_ptr(), t.data.get().add(at), k) };
+            return;
+        };
+        let pos = user_copy_offset(self.q_id, tag) + at as u64;
+        // SAFETY: `rx.buf[rx.start..rx.start + k]` is ours and initialised,
+        // and only read (by the kernel) during the call; no reference to it
+        // is live meanwhile.
+        let r = unsafe { transfer(m.char_dev.as_fd(), rx.buf[rx.start..].as_ptr().cast_mut(), k, pos, Dir::ToFd) };
+        if r.is_err() {
+            if t.err.get() == 0 {
+                t.err.set(EIO);
             }
-            if n == 0 {
-                return true;
-            }
-            if n >= DIRECT_MIN {
-                return self.hand_off(tag, St::Payload, at, n).await;
-            }
-            // No more than the payload's rest, in case the reader is not
-            // receiving in bulk.
-            if !self.fill_upto(ring, rx, 1, n).await {
-                return false;
-            }
+        } else {
+            self.count(|s| s.copied_payloads += 1);
         }
     }
 
