@@ -14,7 +14,7 @@
 # Settings come from the environment: BENCH_RUNS, BENCH_RUNTIME, BENCH_TARGETS,
 # BENCH_JOBS (substrings of job names), BENCH_CONFIGS ("QxJ ...").
 # ublk-null+copy runs ublk-null --data-copy; ublk-null+async its async null
-# target; ublk-null+affinity, +away and +unpinned choose its --placement;
+# target; ublk-null+affinity, +away, +unpinned and +auto choose its --placement;
 # ublk-null+pollN its --busy-poll-us. On any ublk target, +batch insists on
 # batched commands (--batch, 7.0+) and +nobatch turns them off (--no-batch);
 # without either, the CLI's default (batched where the kernel has them).
@@ -31,7 +31,8 @@
 # file on tmpfs (filled once) over loopback TCP, started afresh for each
 # target; ublk-nbd is `ublk add -t nbd` (one connection per queue),
 # ublk-nbd+simple the same with --simple-replies, ublk-nbd+pollN with
-# --busy-poll-us N, ublk-nbd+zero-copy|+auto-buf-reg|+copy on that data path
+# --busy-poll-us N, ublk-nbd+affinity|+away|+unpinned|+auto with that --placement,
+# ublk-nbd+zero-copy|+auto-buf-reg|+copy on that data path
 # (zero copy: long READ payloads read from the socket into the request's
 # pages, and with user copy beside it where the kernel has it, which
 # ublk add asks for, short ones through the daemon), ublk-nbd+bin:NAME with
@@ -86,6 +87,8 @@ dp_of() { echo "$1" | tr '+' '\n' | sed -n '2,$p' | grep -v -e '^poll[0-9]*$' -e
 # either, the CLI's default (batched where the kernel has them).
 batch_of() { case $1 in *+nobatch*) echo --no-batch ;; *+batch*) echo --batch ;; esac; }
 poll_of() { echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p'; }
+# +affinity, +away, +unpinned, +auto: that --placement (default: the CLI's)
+placement_of() { case $1 in *+auto+*|*+auto) echo "--placement auto" ;; *+affinity*) echo "--placement affinity" ;; *+unpinned*) echo "--placement unpinned" ;; *+away*) echo "--placement away" ;; esac; }
 
 start_target() { # target queues -> sets DEV, PID
     t=$1; q=$2; PID=; FILL=
@@ -113,7 +116,7 @@ start_target() { # target queues -> sets DEV, PID
         case $t in *+copy*) extra="$extra --data-copy" ;; esac
         case $t in *+async*) extra="$extra --async" ;; esac
         extra="$extra $(batch_of "$t")"
-        case $t in *+affinity*) extra="$extra --placement affinity" ;; *+unpinned*) extra="$extra --placement unpinned" ;; *+away*) extra="$extra --placement away" ;; esac
+        extra="$extra $(placement_of "$t")"
         poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         ublk-null --queues "$q" --depth 128 --size 4G $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
@@ -190,7 +193,7 @@ start_nbd() { # target connections -> DEV, PID
         case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; *+copy*) extra="$extra --data-path copy" ;; esac
         poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
-        extra="$extra $(batch_of "$1")"
+        extra="$extra $(batch_of "$1") $(placement_of "$1")"
         # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.
         # an older commit's, measured in the same boot.
         bin=ublk
