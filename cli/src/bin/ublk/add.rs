@@ -122,7 +122,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .flags(flags)
             .discard(discard)
             .busy_poll(a.busy_poll())
-            .placement(a.placement.into());
+            .placement(a.placement().into());
         ublk_cli::with_batch(b, a.batch, a.no_batch)
     };
     let cfg = |size: u64, file: Option<PathBuf>| DeviceConfig {
@@ -139,7 +139,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
         direct: a.direct,
         pid: std::process::id(),
         pid_start: None,
-        placement: a.placement,
+        placement: a.placement(),
         busy_poll_us: a.busy_poll().as_micros() as u64,
         data_path: None,
         async_target: a.async_,
@@ -304,7 +304,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .id(a.id)
                 .flags(flags)
                 .busy_poll(a.busy_poll())
-                .placement(a.placement.into())
+                .placement(a.placement().into())
                 .data_path(data_path);
             let dev = ublk_cli::with_batch(dev, a.batch, a.no_batch).create()?;
             let c = DeviceConfig { queues: connections, nbd: Some(n), ..cfg(size, None) };

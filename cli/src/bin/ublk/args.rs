@@ -169,9 +169,11 @@ pub(super) struct AddArgs {
     /// needs the CPU they would spin on when it runs on the same machine).
     #[arg(long)]
     pub(super) busy_poll_us: Option<u64>,
-    /// Where queue threads run.
-    #[arg(long, value_enum, default_value_t)]
-    pub(super) placement: ublk_cli::PlacementArg,
+    /// Where queue threads run. Default: auto, and away for -t nbd (its
+    /// queue threads wait for the server; next to a busy submitter they
+    /// would only delay it).
+    #[arg(long, value_enum)]
+    pub(super) placement: Option<ublk_cli::PlacementArg>,
     /// How request data reaches the daemon: copy (the kernel copies into
     /// per-tag buffers), user-copy (the daemon copies with pread/pwrite on
     /// /dev/ublkcN; Linux 6.5+), zero-copy (the target's reads and writes
@@ -238,6 +240,18 @@ impl AddArgs {
             (Some(us), _) => std::time::Duration::from_micros(us),
             (None, Kind::Nbd) => std::time::Duration::ZERO,
             (None, _) => ublk::DEFAULT_BUSY_POLL,
+        }
+    }
+}
+
+impl AddArgs {
+    /// `--placement`, or the target's default: away for NBD (see
+    /// [`ublk::targets::Nbd::builder`]), auto for the others.
+    pub(super) fn placement(&self) -> ublk_cli::PlacementArg {
+        match (self.placement, self.target) {
+            (Some(p), _) => p,
+            (None, Kind::Nbd) => ublk_cli::PlacementArg::Away,
+            (None, _) => ublk_cli::PlacementArg::Auto,
         }
     }
 }

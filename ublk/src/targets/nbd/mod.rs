@@ -87,6 +87,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use connect::connect_one;
 pub use options::{NbdAddr, NbdOptions};
@@ -98,7 +99,7 @@ use crate::aio::{AsyncTarget, QueueContext};
 use crate::error::{Error, Result};
 use crate::params::{validate_block_size, Discard};
 use crate::target::WriteCache;
-use crate::{Attrs, DeviceBuilder};
+use crate::{Attrs, DeviceBuilder, Placement};
 
 /// An NBD export as a ublk target. See the [module docs](self).
 #[derive(Debug)]
@@ -198,9 +199,15 @@ impl Nbd {
     /// (refused if the server's minimum block is larger, or if the size is
     /// not a multiple of it), requests no larger than the server's maximum
     /// payload, read-only and rotational as the server says, discard and
-    /// write-zeroes limits where it offers TRIM and WRITE_ZEROES. Set depth,
-    /// placement and the like on it; calling `attrs`, `discard`, `size` or
-    /// `queues` again overrides what fits the export.
+    /// write-zeroes limits where it offers TRIM and WRITE_ZEROES. Its queue
+    /// threads wait for the server rather than compute, so they neither
+    /// busy-poll (a server on the same machine needs the CPU they would
+    /// spin on) nor go home next to a busy submitter: [`Placement::Away`]
+    /// (with two connections and two submitters, [`Placement::Auto`]'s
+    /// move home cost 4k requests 10-20% of their rate under `--icount`;
+    /// docs/performance.md). Set depth, placement and the like on it;
+    /// calling `attrs`, `discard`, `size`, `queues`, `busy_poll` or
+    /// `placement` again overrides these.
     pub fn builder(&self, block_size: u32) -> Result<DeviceBuilder> {
         validate_block_size(block_size)?;
         let i = &self.info;
@@ -259,7 +266,9 @@ impl Nbd {
             .block_size(block_size)
             .max_io_bytes(max_io)
             .attrs(attrs)
-            .discard(discard))
+            .discard(discard)
+            .busy_poll(Duration::ZERO)
+            .placement(Placement::Away))
     }
 
     fn record_failure(&self, why: String) {
