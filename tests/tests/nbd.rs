@@ -18,7 +18,9 @@ driver_test! {
     /// (asserted: READs answered in data chunks; the export is sparse, so
     /// in holes too) and over a unix socket with simple ones
     /// (--simple-replies), then the device reads exactly what the export
-    /// file holds. No queue busy-polls (the NBD default).
+    /// file holds. No queue busy-polls, and each queue's thread is pinned
+    /// to one CPU that does not submit to its queue (the NBD defaults:
+    /// `Placement::Away`).
     fn nbd_fio_verify_qemu_nbd_tcp_and_unix() {
         lo_up();
         for (i, addr) in [Addr::Tcp(10810), Addr::Unix("/tmp/qemu-nbd-verify.sock".into())].into_iter().enumerate() {
@@ -33,6 +35,9 @@ driver_test! {
             let d = nbd_dev(&addr, &args);
             let dev = d.dev.to_str().unwrap().to_string();
             assert_eq!(run_ok("blockdev", &["--getsize64", &dev]).trim(), (32u64 << 20).to_string());
+            if structured {
+                queue_threads_away(&d);
+            }
             fio_verify(&dev, 8 << 20);
             cmp_ok(&dev, img.to_str().unwrap(), 32 << 20);
             let (st, out) = d.terminate();
@@ -53,6 +58,25 @@ driver_test! {
                 assert!(stat(&m, "simple_replies") > 0, "{m:?}");
             }
             let _ = std::fs::remove_file(&img);
+        }
+    }
+}
+
+/// `ublk add -t nbd` without --placement: saved as away, and each queue
+/// thread pinned to a single CPU outside its queue's home (where there is
+/// one: with as many queues as CPUs, every queue has one).
+fn queue_threads_away(d: &Daemon) {
+    let id = d.id();
+    let cfg = ublk_cli::config::DeviceConfig::load(id).unwrap().expect("saved configuration");
+    assert_eq!(cfg.placement, ublk_cli::PlacementArg::Away, "-t nbd's default placement: {cfg:?}");
+    let mut ctrl = ublk::Control::open().unwrap();
+    for q in 0..cfg.queues {
+        let home = ctrl.get_queue_affinity(id, q).unwrap();
+        let cpus = thread_cpus(d.child.id(), &format!("ublk{id}-q{q}"));
+        eprintln!("queue {q}: home {home:?}, thread on {cpus:?}");
+        assert_eq!(cpus.len(), 1, "queue {q}'s thread is pinned to one CPU: {cpus:?}");
+        if home.len() < nproc() {
+            assert!(!home.contains(&cpus[0]), "queue {q}'s thread is away from its submitters {home:?}: {cpus:?}");
         }
     }
 }
