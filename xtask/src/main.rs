@@ -127,7 +127,8 @@ enum Cmd {
         /// ublk-null+twin ublk-null+async libublk-sync libublk-async
         /// ublk-loop+copy ublk-loop+user-copy). Variants of ours:
         /// ublk-null+copy (--data-copy), ublk-null+async (the async null
-        /// target), ublk-null+affinity / +away / +unpinned (--placement),
+        /// target), ublk-null+affinity / +away / +unpinned / +auto
+        /// (--placement; also on ublk-nbd),
         /// ublk-null+pollN (--busy-poll-us N), +batch (--batch, 7.0+) and +nobatch (--no-batch) on any ublk target, +twin (the same again, for the
         /// noise); combine as ublk-null+poll0+copy. ublk-loop+copy,
         /// ublk-loop+user-copy, ublk-loop+zero-copy and ublk-loop+auto-buf-reg:

@@ -204,7 +204,7 @@ impl Nbd {
     /// busy-poll (a server on the same machine needs the CPU they would
     /// spin on) nor go home next to a busy submitter: [`Placement::Away`]
     /// (with two connections and two submitters, [`Placement::Auto`]'s
-    /// move home cost 4k requests 5-14% of their rate under `--icount`;
+    /// move home cost 4k requests 5-13% of their rate under `--icount`;
     /// docs/performance.md). Set depth, placement and the like on it;
     /// calling `attrs`, `discard`, `size`, `queues`, `busy_poll` or
     /// `placement` again overrides these.
