@@ -117,7 +117,7 @@ start_target() { # target queues -> sets DEV, PID
         case $t in *+async*) extra="$extra --async" ;; esac
         extra="$extra $(batch_of "$t")"
         extra="$extra $(placement_of "$t")"
-        poll=$(echo "$t" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
+        poll=$(poll_of "$t")
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         ublk-null --queues "$q" --depth 128 --size 4G $extra > /tmp/bench-out 2>/tmp/bench-err & PID=$!
         DEV=/dev/ublkb0 ;;
@@ -191,7 +191,7 @@ start_nbd() { # target connections -> DEV, PID
         extra=
         case $1 in *+simple*) extra="$extra --simple-replies" ;; esac
         case $1 in *+zero-copy*) extra="$extra --data-path zero-copy" ;; *+auto-buf-reg*) extra="$extra --data-path auto-buf-reg" ;; *+copy*) extra="$extra --data-path copy" ;; esac
-        poll=$(echo "$1" | sed -n 's/.*+poll\([0-9]*\).*/\1/p')
+        poll=$(poll_of "$1")
         [ -n "$poll" ] && extra="$extra --busy-poll-us $poll"
         extra="$extra $(batch_of "$1") $(placement_of "$1")"
         # +bin:NAME: another build of the CLI (UBLK_VM_EXTRA_BINS), e.g.

@@ -242,9 +242,7 @@ impl AddArgs {
             (None, _) => ublk::DEFAULT_BUSY_POLL,
         }
     }
-}
 
-impl AddArgs {
     /// `--placement`, or the target's default: away for NBD (see
     /// [`ublk::targets::Nbd::builder`]), auto for the others.
     pub(super) fn placement(&self) -> ublk_cli::PlacementArg {
