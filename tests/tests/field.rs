@@ -135,6 +135,13 @@ driver_test! {
     /// hanging, `ublk del` removes the device. A --recovery null device
     /// reaches QUIESCED instead, and `ublk del` removes it without a
     /// recovery, failing the I/O that waited for one.
+    ///
+    /// fio keeps at most 64 requests in flight against 128 tags per queue,
+    /// so every queue has a parked io command when the daemon dies, which
+    /// is how 6.7 to 6.15 notice the death at once. A queue whose every tag
+    /// the dead daemon held waits for the request timeout there: that case
+    /// is `field_held_request_fails_fast_when_server_killed`'s (6.12 once
+    /// stayed LIVE 15 s here with fio at 128 in flight).
     fn field_kill9_during_fio_device_dead_then_deleted() {
         let _c = Cleanup;
         for (target, recovery) in [("null", false), ("ramdisk", false), ("null", true)] {
@@ -146,7 +153,7 @@ driver_test! {
             let id = d.id();
             let dev = d.dev.to_str().unwrap().to_string();
             let args = strings(&[
-                "--name=kill", "--filename", &dev, "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=64", "--numjobs=2",
+                "--name=kill", "--filename", &dev, "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=32", "--numjobs=2",
                 "--runtime=20", "--time_based",
             ]);
             let what = format!("{target}{}", if recovery { " --recovery" } else { "" });
@@ -235,35 +242,37 @@ driver_test! {
     /// requests, then is killed: a `dd` write waiting on it fails within
     /// 5 s, and the device is DEAD and can be deleted. Once with one
     /// request held and the queue's other tags still fetched, and once with
-    /// every tag of the queue held (queue depth 1, as generic_06).
+    /// every tag of the queue held (queue depth 1, as generic_06), which
+    /// 6.7 to 6.15 notice only at the request timeout: set to 2 s there.
     fn field_held_request_fails_fast_when_server_killed() {
         let _c = Cleanup;
         let v = kernel_version();
         for (queues, depth) in [("1", "4"), ("2", "1")] {
             // Kernels before 6.7 look for a dead server in a 5 s monitor.
             let bound = if v < (6, 7) { Duration::from_secs(10) } else { Duration::from_secs(5) };
-            if depth == "1" && ((6, 7)..(6, 16)).contains(&v) {
-                // 6.1's monitor looks at every queue; from 6.7 a dead server is
-                // noticed through its cancelled io commands, and a queue whose
-                // every tag is held has none: only the block layer's 30 s
-                // request timeout aborts it, until the char device's release
-                // aborts the queues too (the series selftest generic_06 came
-                // with, April 2025, so 6.16).
-                skipped_part(
-                    "every tag of a queue held by a killed server: no io command is left to cancel, so only the 30 s request timeout \
-                     fails the write (the release-time abort came in 6.16)",
-                );
-                continue;
-            }
+            // 6.1's monitor looks at every queue; from 6.7 a dead server is
+            // noticed through its cancelled io commands, and a queue whose
+            // every tag is held has none: only the request timeout
+            // (`ublk_timeout`, which finds the server dying) aborts it, until
+            // the char device's release aborts the queues too (the series
+            // selftest generic_06 came with, April 2025, so 6.16). The
+            // timeout is 30 s unless `io_timeout` says otherwise: 2 s here.
+            let by_timeout = depth == "1" && ((6, 7)..(6, 16)).contains(&v);
             let mut srv = TestSrv::start(&["hold", "--writes", "--queues", queues, "--depth", depth]);
             let id: u32 = srv.expect("id ", Duration::from_secs(30))[3..].parse().unwrap();
             let dev = srv.expect("/dev/ublkb", Duration::from_secs(30));
+            if by_timeout {
+                let attr = format!("/sys/block/ublkb{id}/queue/io_timeout");
+                std::fs::write(&attr, "2000").unwrap_or_else(|e| panic!("writing 2000 to {attr}: {e}"));
+                assert_eq!(std::fs::read_to_string(&attr).unwrap().trim(), "2000", "{attr}");
+            }
             let mut w = dd(&["if=/dev/urandom", &format!("of={dev}"), "bs=4k", "count=1", "oflag=direct"], "held-dd");
             srv.expect("held Write", Duration::from_secs(10));
             let t = srv.kill9();
             let st = w.wait(bound + Duration::from_secs(30), "dd on a device whose server was killed");
             let took = t.elapsed();
-            eprintln!("{queues} queue(s) x {depth} tag(s): dd ended {took:?} after the kill: {st} {}", w.output().trim());
+            let by = if by_timeout { " (by the 2 s request timeout)" } else { "" };
+            eprintln!("{queues} queue(s) x {depth} tag(s): dd ended {took:?} after the kill{by}: {st} {}", w.output().trim());
             assert!(!st.success(), "dd succeeded though its write was held by a killed server");
             assert!(took < bound, "dd took {took:?} to fail after the kill (bound {bound:?} on {})", kernel_release());
             srv.reap(Duration::from_secs(20));
