@@ -49,6 +49,10 @@ driver_test! {
             assert_no_devices();
             let m = nbd_stats(&out);
             eprintln!("{addr:?}: {m:?}");
+            // The reader's receive buffer is registered with the queue's
+            // ring (the test runs as root: no RLIMIT_MEMLOCK in the way),
+            // and READ_FIXED on the socket carried every reply.
+            assert!(stat(&m, "recvs") > 0 && stat(&m, "fixed_recvs") == stat(&m, "recvs"), "every receive a READ_FIXED: {m:?}");
             if structured {
                 assert_eq!(m["replies"], "structured", "qemu-nbd offers structured replies: {m:?}");
                 assert!(stat(&m, "data_chunks") > 0 && stat(&m, "hole_chunks") > 0, "READs answered in data and hole chunks: {m:?}");

@@ -58,6 +58,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub(crate) mod fixed;
 mod oneshot;
 pub mod ops;
 pub(crate) mod reactor;
@@ -70,6 +71,7 @@ use std::sync::Arc;
 
 use io_uring::opcode;
 
+pub use fixed::{FixedBuf, TARGET_SLOTS};
 pub use oneshot::{completion, Completer, Completion};
 pub use ops::{FileRef, IoBuf, IoBufMut, Op as Operation, OpResult, Plain, Ring, Sleep};
 

@@ -456,6 +456,9 @@ impl<'r> Ring<'r> {
     ///   change the ring's registered files or buffers.
     /// * A descriptor it names by number must stay open until it is
     ///   submitted (at the queue's next `io_uring_enter`).
+    /// * A registered buffer it names by index must be a
+    ///   [`FixedBuf`](super::FixedBuf) that `keep` owns, or the request's
+    ///   own pages under zero copy.
     pub unsafe fn raw<K: 'static>(&self, sqe: squeue::Entry, keep: K) -> Op<'r, K> {
         // SAFETY: the caller's promise.
         unsafe { Op::start(self.r, self.tag, DataUse::None, None, keep, |_| sqe) }

@@ -5,11 +5,14 @@
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::fixed::FixedTable;
 
 /// user_data bit of an async operation (the low 32 bits are its slot).
 pub(crate) const ASYNC_OP: u64 = 1 << 33;
@@ -153,10 +156,18 @@ pub(crate) struct Reactor {
     pub(crate) wakers: Box<[Waker]>,
     /// Target files registered after `/dev/ublkcN` (fixed files 1..=files).
     pub(crate) files: u32,
+    /// The targets' slots of the ring's buffer table, if it has one.
+    pub(crate) fixed: Option<Rc<FixedTable>>,
 }
 
 impl Reactor {
-    pub(crate) fn new(ring: IoUring<squeue::Entry, cqueue::Entry>, depth: u16, efd: OwnedFd, files: u32) -> Reactor {
+    pub(crate) fn new(
+        ring: IoUring<squeue::Entry, cqueue::Entry>,
+        depth: u16,
+        efd: OwnedFd,
+        files: u32,
+        fixed: Option<Rc<FixedTable>>,
+    ) -> Reactor {
         // One more than the tags: the queue's background task (see
         // `QueueTarget::run`) has index `depth`.
         let ready = Arc::new(Ready::new(depth + 1, efd));
@@ -168,6 +179,7 @@ impl Reactor {
             ready,
             wakers,
             files,
+            fixed,
         }
     }
 

@@ -44,7 +44,9 @@ use std::time::Duration;
 
 use ublk_sys as sys;
 
+use crate::aio::fixed::FixedTable;
 use crate::aio::reactor::Reactor;
+use crate::aio::TARGET_SLOTS;
 pub use crate::buffers::{desc_len, desc_offset, page_size};
 use crate::buffers::{IoBufs, Mapping};
 use crate::ctrl::{Control, DevInfo, Encoding};
@@ -239,14 +241,17 @@ impl Queue {
         files.extend_from_slice(target_files);
         ring.submitter().register_files(&files).map_err(|e| Error::os("registering /dev/ublkcN with the queue's ring", e))?;
         let zc = ZeroCopy::of(info);
-        if zc != ZeroCopy::Off {
-            // The table the requests' pages are registered in: index `tag`
-            // (the kernel's, or ours), and `depth + tag` for ours when the
-            // kernel's automatic registration failed.
-            ring.submitter()
-                .register_buffers_sparse(2 * u32::from(depth))
-                .map_err(|e| Error::os("registering the zero-copy buffer table with the queue's ring", e))?;
-        }
+        // The ring's buffer table. Under zero copy the requests' pages are
+        // registered in it: index `tag` (the kernel's, or ours), and `depth
+        // + tag` for ours when the kernel's automatic registration failed.
+        // After those, the targets' slots (`Ring::fixed_buf`).
+        let zc_slots = if zc != ZeroCopy::Off { 2 * u32::from(depth) } else { 0 };
+        let fixed = match ring.submitter().register_buffers_sparse(zc_slots + TARGET_SLOTS) {
+            Ok(()) => Some(FixedTable::new(zc_slots)),
+            Err(e) if zc != ZeroCopy::Off => return Err(Error::os("registering the zero-copy buffer table with the queue's ring", e)),
+            // Targets then read into unregistered buffers.
+            Err(_) => None,
+        };
         // Only a queue that copies (into its buffers, or through its
         // target) holds a duplicate of /dev/ublkcN: on 7.3 one held by a
         // queue that never uses it made the teardown after a queue's panic
@@ -273,7 +278,7 @@ impl Queue {
         let notify = EventFd::new()?;
         let blank = Request { q_id, tag: 0, op: Op::Other(0xff), flags: 0, start_sector: 0, nr_sectors: 0 };
         Ok(Queue {
-            reactor: Rc::new(Reactor::new(ring, depth, notify.into_owned(), target_files.len() as u32)),
+            reactor: Rc::new(Reactor::new(ring, depth, notify.into_owned(), target_files.len() as u32, fixed)),
             dev_id: info.dev_id,
             q_id,
             depth,

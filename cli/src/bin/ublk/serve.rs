@@ -119,7 +119,7 @@ pub(super) fn serve_nbd(dev: Device, nbd: &Nbd, cfg: DeviceConfig, signals: &Sig
     }
     let s = nbd.stats();
     println!(
-        "nbd: replies={} simple_replies={} chunks={} data_chunks={} hole_chunks={} error_chunks={} recvs={} direct_payloads={} holes_zeroed={} payload_reads={} copied_payloads={} staged_writes={} sends={} reconnects={}",
+        "nbd: replies={} simple_replies={} chunks={} data_chunks={} hole_chunks={} error_chunks={} recvs={} fixed_recvs={} direct_payloads={} holes_zeroed={} payload_reads={} copied_payloads={} staged_writes={} sends={} reconnects={}",
         if i.structured { "structured" } else { "simple" },
         s.simple_replies,
         s.chunks,
@@ -127,6 +127,7 @@ pub(super) fn serve_nbd(dev: Device, nbd: &Nbd, cfg: DeviceConfig, signals: &Sig
         s.hole_chunks,
         s.error_chunks,
         s.recvs,
+        s.fixed_recvs,
         s.direct_payloads,
         s.holes_zeroed,
         s.payload_reads,

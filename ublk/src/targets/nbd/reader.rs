@@ -14,7 +14,7 @@ use super::proto::{
 };
 use super::tag::{St, Tag};
 use super::NbdQueue;
-use crate::aio::{IoBuf, IoBufMut, Ring};
+use crate::aio::{FixedBuf, IoBuf, IoBufMut, Ring};
 use crate::queue::user_copy_offset;
 use crate::transfer::{transfer, Dir};
 
@@ -36,9 +36,37 @@ pub(super) const DIRECT_MIN: usize = 32 << 10;
 /// client does not know; a longer one closes the connection.
 const MAX_ERROR_CHUNK: u32 = 64 << 10;
 
+/// The receive buffer's memory: registered in the queue ring's buffer
+/// table where the kernel allows, and received into by `READ_FIXED` (the
+/// kernel's `memcpy` into pinned pages; see `aio::fixed`), else a plain
+/// one received into by `recv` (`copy_to_user`).
+enum RxBuf {
+    Fixed(FixedBuf),
+    Plain(Box<[u8]>),
+}
+
+impl std::ops::Deref for RxBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            RxBuf::Fixed(b) => b,
+            RxBuf::Plain(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for RxBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            RxBuf::Fixed(b) => b,
+            RxBuf::Plain(b) => b,
+        }
+    }
+}
+
 /// Received bytes not taken yet: `buf[start..end]`.
 struct Rx {
-    buf: Box<[u8]>,
+    buf: RxBuf,
     start: usize,
     end: usize,
 }
@@ -98,7 +126,11 @@ impl NbdQueue<'_> {
     /// Reads replies and hands each to its request, until the connection
     /// fails. Never completes.
     pub(super) async fn reader(&self, ring: Ring<'_>) {
-        let mut rx = Rx { buf: vec![0u8; RX_BUF].into_boxed_slice(), start: 0, end: 0 };
+        let buf = match ring.fixed_buf(RX_BUF) {
+            Ok(b) => RxBuf::Fixed(b),
+            Err(_) => RxBuf::Plain(vec![0u8; RX_BUF].into_boxed_slice()),
+        };
+        let mut rx = Rx { buf, start: 0, end: 0 };
         while !self.dead.get() {
             if self.down.get() {
                 self.reconnect(ring).await;
@@ -149,10 +181,22 @@ impl NbdQueue<'_> {
             // In bulk unless a payload might go straight into its pages.
             let bulk = !self.zc || (self.mixed.is_some() && self.big_reads.get() == 0);
             let max = if bulk { RECV_MAX } else { want - rx.len() };
-            let tail = Tail { buf: std::mem::take(&mut rx.buf), at: rx.end, max };
             self.count(|s| s.recvs += 1);
-            let (res, tail) = ring.recv(self.sock(), tail, 0).await;
-            rx.buf = tail.buf;
+            let res = match std::mem::replace(&mut rx.buf, RxBuf::Plain(Box::default())) {
+                RxBuf::Fixed(buf) => {
+                    self.count(|s| s.fixed_recvs += 1);
+                    // (A socket has no position. Ours are blocking: the
+                    // read waits for data, as `recv` does.)
+                    let (res, buf) = ring.read_fixed(self.sock(), buf, rx.end, max, 0).await;
+                    rx.buf = RxBuf::Fixed(buf);
+                    res
+                }
+                RxBuf::Plain(buf) => {
+                    let (res, tail) = ring.recv(self.sock(), Tail { buf, at: rx.end, max }, 0).await;
+                    rx.buf = RxBuf::Plain(tail.buf);
+                    res
+                }
+            };
             match res {
                 Ok(0) if rx.len() == 0 => self.lose(|| "the server closed the connection".into()),
                 Ok(0) => {

@@ -18,6 +18,10 @@ pub struct NbdStats {
     /// Receive operations of the replies' reader (each takes as many
     /// replies as the connection holds).
     pub recvs: u64,
+    /// Of those, reads into the receive buffer registered in the queue
+    /// ring's buffer table (`READ_FIXED`); the others are `recv`s into a
+    /// plain one (the kernel refused the registration).
+    pub fixed_recvs: u64,
     /// Payload parts received by their request straight into its data
     /// (under zero copy: every data chunk or simple READ reply's payload,
     /// each read from the socket into the request's pages).
@@ -50,6 +54,7 @@ impl NbdStats {
         self.hole_chunks += o.hole_chunks;
         self.error_chunks += o.error_chunks;
         self.recvs += o.recvs;
+        self.fixed_recvs += o.fixed_recvs;
         self.direct_payloads += o.direct_payloads;
         self.holes_zeroed += o.holes_zeroed;
         self.payload_reads += o.payload_reads;
