@@ -5,12 +5,12 @@
 //! a read into it fills them through a `bio_vec` iterator with its own
 //! `memcpy`: no user access on each call (`copy_to_user`). How much that
 //! saves depends on the copy routines: on a CPU with ERMS but not FSRM
-//! (QEMU's `-cpu max`) `copy_to_user` is `rep movsb`, while `memcpy` from
-//! 6.4 on is a loop of 8-byte moves (6.1's is `rep movsb` too). Under
-//! TCG's `-icount`, which counts each byte of a `rep movsb` as an
-//! instruction, the NBD target's receives of 4 KiB replies cost its thread
-//! 16-18% less (docs/performance.md); on real hardware `rep movsb` is fast
-//! and the difference is smaller.
+//! (QEMU's `-cpu max`) `copy_to_user` is `rep movsb`, while 7.3's `memcpy`
+//! is a loop of 8-byte moves (6.1's is `rep movsb` too). Under TCG's
+//! `-icount`, which counts each byte of a `rep movsb` as an instruction,
+//! the NBD target's thread costs a fifth to a quarter less per 4 KiB read
+//! (docs/performance.md); on real hardware `rep movsb` is fast and the
+//! difference is smaller.
 //!
 //! The queue's table holds [`TARGET_SLOTS`] slots for targets, after the
 //! ones zero copy uses (the requests' pages at `tag` and `depth + tag`).
