@@ -8,7 +8,7 @@
 //! (QEMU's `-cpu max`) `copy_to_user` is `rep movsb`, while 7.3's `memcpy`
 //! is a loop of 8-byte moves (6.1's is `rep movsb` too). Under TCG's
 //! `-icount`, which counts each byte of a `rep movsb` as an instruction,
-//! the NBD target's thread costs a fifth to a quarter less per 4 KiB read
+//! the NBD target's server spends 18-27% less CPU time per 4 KiB read
 //! (docs/performance.md); on real hardware `rep movsb` is fast and the
 //! difference is smaller.
 //!
