@@ -61,6 +61,12 @@ pub struct NbdQueue<'a> {
     pub(super) down: Cell<bool>,
     /// The writer has a `sendmsg` (under zero copy, a chain) in flight.
     pub(super) sending: Cell<bool>,
+    /// The writer holds a batch taken from `sendq` and has not yet marked
+    /// its tags sent. A reconnect waits for it: a batch's headers carry the
+    /// old connection's cookies and may have gone out in part, so its rest
+    /// must not go out on the new connection, and its tags, queued again
+    /// by the reconnect, must not then be marked sent by the old batch.
+    pub(super) batch: Cell<bool>,
     /// A send is in flight or ended part-way: the stream may end inside a
     /// request, so no NBD_CMD_DISC can follow.
     pub(super) torn: Cell<bool>,
@@ -159,6 +165,7 @@ impl<'a> NbdQueue<'a> {
             dead: Cell::new(false),
             down: Cell::new(false),
             sending: Cell::new(false),
+            batch: Cell::new(false),
             torn: Cell::new(false),
             stats: Cell::new(NbdStats::default()),
             backoff: Cell::new(Duration::ZERO),

@@ -21,7 +21,9 @@ impl NbdQueue<'_> {
     /// the same backoff, not a busy loop.
     pub(super) async fn reconnect(&self, ring: Ring<'_>) {
         poll_fn(|cx| {
-            if (self.hold.get() || self.sending.get()) && !self.dead.get() {
+            // The writer's batch, between sends too (waiting for room in
+            // the ring), is given up once it sees the connection `down`.
+            if (self.hold.get() || self.batch.get()) && !self.dead.get() {
                 self.park_bg(cx);
                 Poll::Pending
             } else {

@@ -103,6 +103,7 @@ impl NbdQueue<'_> {
             .await;
             let mut b = buf.take().expect("the writer's buffer is back after every send");
             b.tags.clear();
+            self.batch.set(true);
             {
                 let mut q = self.sendq.borrow_mut();
                 while b.tags.len() < BATCH {
@@ -119,7 +120,8 @@ impl NbdQueue<'_> {
                 t.wake();
             }
             buf = Some(b);
-            // A reconnect may wait for this send to be over.
+            self.batch.set(false);
+            // A reconnect may wait for this batch to be over.
             self.wake_bg();
         }
     }
