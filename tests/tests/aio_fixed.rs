@@ -6,7 +6,6 @@ mod aio_util;
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -81,14 +80,6 @@ impl FixedQueue<'_> {
         drop(held);
         ring.fixed_buf(1 << 20).map_err(|e| format!("the queue's read buffer: {e}"))
     }
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two descriptors we then own.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors from pipe2.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 impl QueueTarget for FixedQueue<'_> {

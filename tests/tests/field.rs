@@ -256,15 +256,21 @@ driver_test! {
             // (`ublk_timeout`, which finds the server dying) aborts it, until
             // the char device's release aborts the queues too (the series
             // selftest generic_06 came with, April 2025, so 6.16). The
-            // timeout is 30 s unless `io_timeout` says otherwise: 2 s here.
+            // timeout is 30 s unless `io_timeout` says otherwise: 2 s here,
+            // set by the library (`DeviceBuilder::io_timeout`).
             let by_timeout = depth == "1" && ((6, 7)..(6, 16)).contains(&v);
-            let mut srv = TestSrv::start(&["hold", "--writes", "--queues", queues, "--depth", depth]);
+            let mut args = vec!["hold", "--writes", "--queues", queues, "--depth", depth];
+            if by_timeout {
+                args.extend(["--io-timeout-ms", "2000"]);
+            }
+            let mut srv = TestSrv::start(&args);
             let id: u32 = srv.expect("id ", Duration::from_secs(30))[3..].parse().unwrap();
             let dev = srv.expect("/dev/ublkb", Duration::from_secs(30));
+            let attr = format!("/sys/block/ublkb{id}/queue/io_timeout");
+            let timeout = std::fs::read_to_string(&attr).unwrap_or_else(|e| panic!("{attr}: {e}"));
+            eprintln!("{attr}: {}", timeout.trim());
             if by_timeout {
-                let attr = format!("/sys/block/ublkb{id}/queue/io_timeout");
-                std::fs::write(&attr, "2000").unwrap_or_else(|e| panic!("writing 2000 to {attr}: {e}"));
-                assert_eq!(std::fs::read_to_string(&attr).unwrap().trim(), "2000", "{attr}");
+                assert_eq!(timeout.trim(), "2000", "{attr}");
             }
             let mut w = dd(&["if=/dev/urandom", &format!("of={dev}"), "bs=4k", "count=1", "oflag=direct"], "held-dd");
             srv.expect("held Write", Duration::from_secs(10));

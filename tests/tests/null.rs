@@ -335,6 +335,43 @@ driver_test! {
     }
 }
 
+driver_test! {
+    /// The request timeout (`DeviceBuilder::io_timeout`, `ublk add
+    /// --io-timeout-ms`): set in `queue/io_timeout` once the device is live,
+    /// and I/O goes on; left to the kernel when unset; out of range or on an
+    /// unprivileged device refused before any device exists.
+    fn null_io_timeout_is_set_or_refused_cleanly() {
+        let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--io-timeout-ms", "1500"]);
+        let attr = format!("/sys/block/ublkb{}/queue/io_timeout", d.id());
+        assert_eq!(std::fs::read_to_string(&attr).unwrap().trim(), "1500", "{attr}");
+        run_ok("dd", &["if=/dev/zero", &format!("of={}", d.dev.display()), "bs=4k", "count=16", "oflag=direct"]);
+        let (st, _) = d.terminate();
+        assert!(st.success(), "ublk add --io-timeout-ms 1500 exited with {st}");
+
+        let dev = DeviceBuilder::new().size(16 << 20).create().unwrap();
+        dev.serve(&NullTarget, |dev, stop| {
+            let p = format!("/sys/block/ublkb{}/queue/io_timeout", dev.id());
+            eprintln!("kernel default on {}: {} ms", kernel_release(), std::fs::read_to_string(p).unwrap().trim());
+            stop.stop();
+        })
+        .unwrap();
+
+        for (b, needle) in [
+            (DeviceBuilder::new().io_timeout(Some(Duration::ZERO)), "not in 1 ms"),
+            (DeviceBuilder::new().io_timeout(Some(Duration::from_secs(5_000_000))), "not in 1 ms"),
+            (DeviceBuilder::new().unprivileged().io_timeout(Some(Duration::from_secs(5))), "kills its server"),
+        ] {
+            let e = b.size(16 << 20).create().expect_err("a refused io_timeout");
+            eprintln!("refused: {e}");
+            assert!(e.to_string().contains("io timeout") && e.to_string().contains(needle), "{e}");
+        }
+        let (st, out, err) = ublk(&["add", "-t", "null", "--size", "16M", "--io-timeout-ms", "0"]);
+        assert!(!st.success() && out.trim().is_empty(), "--io-timeout-ms 0: {st} {out}");
+        assert!(err.contains("io timeout") && err.contains("not in 1 ms"), "--io-timeout-ms 0: {err}");
+        assert_no_devices();
+    }
+}
+
 /// (allowed CPUs, scheduling policy) of this process's thread named `name`,
 /// from /proc/self/task/*/{comm,status,stat}.
 fn thread_placement(name: &str) -> (Vec<usize>, u32) {

@@ -2,7 +2,8 @@
 //! built on the library's public API. Not for use outside the tests.
 //!
 //! ```text
-//! ublk-testsrv hold [--writes] [--queues N] [--depth D] [--size BYTES] [--recovery|--reissue|--fail-io]
+//! ublk-testsrv hold [--writes] [--queues N] [--depth D] [--size BYTES] [--io-timeout-ms MS]
+//!                   [--recovery|--reissue|--fail-io]
 //!     Creates a device whose target never answers: every request (with
 //!     --writes, every write; reads then return zeros) is held on its queue
 //!     thread until the process is killed. Prints `id N` once the device
@@ -84,6 +85,7 @@ fn hold(args: &[String]) -> Result<()> {
         .depth(number(args, "--depth", Some(4))?)
         .size(number(args, "--size", Some(16 << 20))?)
         .flags(flags)
+        .io_timeout(value(args, "--io-timeout-ms").map(|_| number(args, "--io-timeout-ms", None)).transpose()?.map(Duration::from_millis))
         .create()?;
     say(&format!("id {}", dev.id()));
     dev.serve(&Hold { writes_only: has("--writes") }, |dev, _stop| say(&dev.block_path().display().to_string()))?;

@@ -153,6 +153,21 @@ impl DeviceBuilder {
         self.serving.io_scheduler = name.map(str::to_string);
         self
     }
+    /// The block layer's request timeout for `/dev/ublkbN` (its
+    /// `queue/io_timeout`), set once the device is live, whether created
+    /// or recovered (default `None`: the kernel's, 30 s). For a privileged
+    /// device the driver's timeout handler only re-arms the timer while
+    /// the server lives, so a short timeout fails no slow request. What it
+    /// does bound, on 6.7 to 6.15, is how long a server that died holding
+    /// every tag of a queue goes unnoticed: those kernels learn of the
+    /// death through parked io commands, and such a queue has none, so
+    /// only the timeout aborts it (`docs/abi.md`). From 1 ms to
+    /// `u32::MAX` ms; refused for an [`unprivileged`](Self::unprivileged)
+    /// device, whose request timeout kills its server.
+    pub fn io_timeout(mut self, d: Option<Duration>) -> Self {
+        self.serving.io_timeout = d;
+        self
+    }
     /// How long a stop waits for the target to finish the requests in flight
     /// before their io_uring operations are cancelled and the requests fail
     /// (default [`STOP_GRACE`](crate::STOP_GRACE)).
@@ -273,6 +288,14 @@ impl DeviceBuilder {
                 why: "batched commands need a queue depth of 2 or more (the kernel refuses UBLK_F_BATCH_IO with 1 tag per queue); use --depth 2 or more, or drop --batch".into(),
             });
         }
+        if let Some(d) = self.serving.io_timeout {
+            if d < Duration::from_millis(1) || d.as_millis() > u128::from(u32::MAX) {
+                return Err(Error::InvalidConfig {
+                    what: "io timeout",
+                    why: format!("{d:?} is not in 1 ms..={} ms (the block layer's queue/io_timeout)", u32::MAX),
+                });
+            }
+        }
         validate_block_size(self.block_size)?;
         Params::new(self.size, self.block_size, self.max_io_bytes)?;
         if self.max_io_bytes < 4096 || self.max_io_bytes % 4096 != 0 {
@@ -294,6 +317,12 @@ impl DeviceBuilder {
         if self.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
             self.flags &= !sys::abi::UBLK_F_UNPRIVILEGED_DEV;
             self.unprivileged = true;
+        }
+        if self.unprivileged && self.serving.io_timeout.is_some() {
+            return Err(Error::InvalidConfig {
+                what: "io timeout",
+                why: "an unprivileged device's request timeout kills its server (the driver sends SIGKILL), and only root may set it; leave io_timeout unset".into(),
+            });
         }
         let mut ctrl = Control::open()?;
         if self.unprivileged {

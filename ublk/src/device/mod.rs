@@ -47,6 +47,7 @@ struct Serving {
     placement: Placement,
     busy_poll: Duration,
     io_scheduler: Option<String>,
+    io_timeout: Option<Duration>,
     stop_grace: Duration,
     /// The data path asked for: [`DeviceBuilder::create`] takes the
     /// device's flags from it, and [`Device::data_path`] tells
@@ -64,6 +65,7 @@ impl Default for Serving {
             placement: Placement::Auto,
             busy_poll: crate::queue::DEFAULT_BUSY_POLL,
             io_scheduler: None,
+            io_timeout: None,
             stop_grace: STOP_GRACE,
             data_path: DataPath::Copy,
             threads_per_queue: 1,

@@ -83,4 +83,24 @@ impl Device {
         }
         Ok(())
     }
+
+    /// Writes `d` in milliseconds to `/sys/block/ublkbN/queue/io_timeout`
+    /// and checks that the kernel took it (it keeps jiffies: a value that
+    /// is not a whole number of them reads back rounded).
+    pub(super) fn set_io_timeout(&self, d: Duration) -> Result<()> {
+        let path = format!("/sys/block/ublkb{}/queue/io_timeout", self.info.dev_id);
+        let ms = d.as_millis();
+        match std::fs::write(&path, ms.to_string()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::NotPermitted { what: format!("setting the request timeout in {path}") })
+            }
+            Err(e) => return Err(Error::os(format!("writing {ms} to {path}"), e)),
+        }
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        match now.trim().parse::<u128>() {
+            Ok(got) if got.abs_diff(ms) <= 10 => Ok(()),
+            _ => Err(Error::InvalidConfig { what: "io timeout", why: format!("{path} reads {:?} after writing {ms}", now.trim()) }),
+        }
+    }
 }

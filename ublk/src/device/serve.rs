@@ -463,6 +463,9 @@ impl Device {
         if let Some(name) = self.serving.io_scheduler.clone() {
             self.set_io_scheduler(&name)?;
         }
+        if let Some(d) = self.serving.io_timeout {
+            self.set_io_timeout(d)?;
+        }
         // `on_live` runs beside us, so a queue that dies while it runs is
         // acted on at once. A panic in it stops the device like the handle.
         let stop = StopHandle(tx.clone());

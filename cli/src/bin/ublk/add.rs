@@ -122,6 +122,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
             .flags(flags)
             .discard(discard)
             .busy_poll(a.busy_poll())
+            .io_timeout(a.io_timeout())
             .placement(a.placement().into());
         ublk_cli::with_batch(b, a.batch, a.no_batch)
     };
@@ -304,6 +305,7 @@ pub(super) fn cmd_add(a: AddArgs, ready: &mut Ready) -> Result<()> {
                 .id(a.id)
                 .flags(flags)
                 .busy_poll(a.busy_poll())
+                .io_timeout(a.io_timeout())
                 .placement(a.placement().into())
                 .data_path(data_path);
             let dev = ublk_cli::with_batch(dev, a.batch, a.no_batch).create()?;

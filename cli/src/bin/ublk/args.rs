@@ -169,6 +169,13 @@ pub(super) struct AddArgs {
     /// needs the CPU they would spin on when it runs on the same machine).
     #[arg(long)]
     pub(super) busy_poll_us: Option<u64>,
+    /// The block layer's request timeout for /dev/ublkbN, in milliseconds
+    /// (queue/io_timeout; the kernel's default is 30000). A timeout fails no
+    /// request while the daemon lives; on Linux 6.7 to 6.15 it bounds how long
+    /// a daemon that died holding every tag of a queue goes unnoticed. Not for
+    /// --unprivileged devices, whose timeout kills the daemon.
+    #[arg(long, value_name = "MS")]
+    pub(super) io_timeout_ms: Option<u64>,
     /// Where queue threads run. Default: auto, and away for -t nbd (its
     /// queue threads wait for the server; next to a busy submitter they
     /// would only delay it).
@@ -241,6 +248,11 @@ impl AddArgs {
             (None, Kind::Nbd) => std::time::Duration::ZERO,
             (None, _) => ublk::DEFAULT_BUSY_POLL,
         }
+    }
+
+    /// `--io-timeout-ms`.
+    pub(super) fn io_timeout(&self) -> Option<std::time::Duration> {
+        self.io_timeout_ms.map(std::time::Duration::from_millis)
     }
 
     /// `--placement`, or the target's default: away for NBD (see
