@@ -348,23 +348,51 @@ driver_test! {
         let (st, _) = d.terminate();
         assert!(st.success(), "ublk add --io-timeout-ms 1500 exited with {st}");
 
+        // Unset, the kernel's: blk-mq's 30 s.
         let dev = DeviceBuilder::new().size(16 << 20).create().unwrap();
         dev.serve(&NullTarget, |dev, stop| {
             let p = format!("/sys/block/ublkb{}/queue/io_timeout", dev.id());
-            eprintln!("kernel default on {}: {} ms", kernel_release(), std::fs::read_to_string(p).unwrap().trim());
+            let ms = std::fs::read_to_string(p).unwrap();
+            eprintln!("kernel default on {}: {} ms", kernel_release(), ms.trim());
+            assert_eq!(ms.trim(), "30000", "io_timeout unset");
             stop.stop();
         })
         .unwrap();
 
+        let unpriv = ublk::DevFlags::from_bits_retain(ublk::sys::abi::UBLK_F_UNPRIVILEGED_DEV);
         for (b, needle) in [
             (DeviceBuilder::new().io_timeout(Some(Duration::ZERO)), "not in 1 ms"),
-            (DeviceBuilder::new().io_timeout(Some(Duration::from_secs(5_000_000))), "not in 1 ms"),
+            (DeviceBuilder::new().io_timeout(Some(Duration::from_millis(1 << 31))), "not in 1 ms"),
             (DeviceBuilder::new().unprivileged().io_timeout(Some(Duration::from_secs(5))), "kills its server"),
+            (DeviceBuilder::new().flags(unpriv).io_timeout(Some(Duration::from_secs(5))), "kills its server"),
         ] {
             let e = b.size(16 << 20).create().expect_err("a refused io_timeout");
             eprintln!("refused: {e}");
             assert!(e.to_string().contains("io timeout") && e.to_string().contains(needle), "{e}");
         }
+        assert_no_devices();
+
+        // A recovery with a bad timeout is refused before it takes the
+        // device over: the device stays QUIESCED, and a good one recovers it.
+        let d = Daemon::start("ublk", &["add", "-t", "null", "--size", "16M", "--recovery"]);
+        let id = d.id();
+        d.kill();
+        wait_dev_state(id, &["QUIESCED"], Duration::from_secs(15));
+        let e = DeviceBuilder::new().io_timeout(Some(Duration::ZERO)).recover(id, Duration::from_secs(5)).expect_err("io_timeout 0");
+        assert!(e.to_string().contains("not in 1 ms"), "{e}");
+        assert_eq!(dev_state(id), "QUIESCED", "after a refused recovery");
+        let dev = DeviceBuilder::new().io_timeout(Some(Duration::from_millis(2500))).recover(id, Duration::from_secs(5)).unwrap();
+        dev.serve(&NullTarget, |dev, stop| {
+            let p = format!("/sys/block/ublkb{}/queue/io_timeout", dev.id());
+            assert_eq!(std::fs::read_to_string(p).unwrap().trim(), "2500", "after the recovery");
+            stop.stop();
+        })
+        .unwrap();
+        // The killed CLI daemon's saved configuration (the library, not
+        // `ublk recover`, took the device over and deleted it).
+        let _ = std::fs::remove_file(format!("/run/ublk/{id}.json"));
+        assert_no_devices();
+
         let (st, out, err) = ublk(&["add", "-t", "null", "--size", "16M", "--io-timeout-ms", "0"]);
         assert!(!st.success() && out.trim().is_empty(), "--io-timeout-ms 0: {st} {out}");
         assert!(err.contains("io timeout") && err.contains("not in 1 ms"), "--io-timeout-ms 0: {err}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ublk_sys as sys;
 
-use super::check::{check_flag_combinations, check_flags, check_unprivileged, flags_feature, names_since};
+use super::check::{check_flag_combinations, check_flags, check_io_timeout, check_unprivileged, flags_feature, names_since};
 use super::nodes::{open_char, wait_node_access};
 use super::{DataPath, Device, Serving, MAX_QUEUE_DEPTH};
 use crate::ctrl::{Control, DevInfo};
@@ -161,9 +161,12 @@ impl DeviceBuilder {
     /// does bound, on 6.7 to 6.15, is how long a server that died holding
     /// every tag of a queue goes unnoticed: those kernels learn of the
     /// death through parked io commands, and such a queue has none, so
-    /// only the timeout aborts it (`docs/abi.md`). From 1 ms to
-    /// `u32::MAX` ms; refused for an [`unprivileged`](Self::unprivileged)
-    /// device, whose request timeout kills its server.
+    /// only the timeout aborts it (`docs/abi.md`). In whole milliseconds
+    /// (a fraction is dropped), from 1 to `i32::MAX` (the kernel turns
+    /// larger values into its own maximum); refused for an
+    /// [`unprivileged`](Self::unprivileged) device, whose request timeout
+    /// kills its server. [`recover`](Self::recover) checks it before it
+    /// takes the device over.
     pub fn io_timeout(mut self, d: Option<Duration>) -> Self {
         self.serving.io_timeout = d;
         self
@@ -288,14 +291,6 @@ impl DeviceBuilder {
                 why: "batched commands need a queue depth of 2 or more (the kernel refuses UBLK_F_BATCH_IO with 1 tag per queue); use --depth 2 or more, or drop --batch".into(),
             });
         }
-        if let Some(d) = self.serving.io_timeout {
-            if d < Duration::from_millis(1) || d.as_millis() > u128::from(u32::MAX) {
-                return Err(Error::InvalidConfig {
-                    what: "io timeout",
-                    why: format!("{d:?} is not in 1 ms..={} ms (the block layer's queue/io_timeout)", u32::MAX),
-                });
-            }
-        }
         validate_block_size(self.block_size)?;
         Params::new(self.size, self.block_size, self.max_io_bytes)?;
         if self.max_io_bytes < 4096 || self.max_io_bytes % 4096 != 0 {
@@ -311,18 +306,14 @@ impl DeviceBuilder {
     /// `/dev/ublkcN`. On any error the half-made device is deleted.
     pub fn create(mut self) -> Result<Device> {
         self.validate()?;
+        let unprivileged = self.unprivileged || self.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0;
+        check_io_timeout(self.serving.io_timeout, unprivileged)?;
         check_flags(self.flags)?;
         check_flag_combinations(self.flags)?;
         // The flag itself asks for what `unprivileged()` does.
         if self.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0 {
             self.flags &= !sys::abi::UBLK_F_UNPRIVILEGED_DEV;
             self.unprivileged = true;
-        }
-        if self.unprivileged && self.serving.io_timeout.is_some() {
-            return Err(Error::InvalidConfig {
-                what: "io timeout",
-                why: "an unprivileged device's request timeout kills its server (the driver sends SIGKILL), and only root may set it; leave io_timeout unset".into(),
-            });
         }
         let mut ctrl = Control::open()?;
         if self.unprivileged {

@@ -1,7 +1,10 @@
 //! Checks before ADD_DEV or a recovery: the flags asked for (implemented
 //! by the library, offered by the kernel, in combinations the kernel
-//! takes) and what unprivileged devices may have. The threads per queue
-//! are checked with the tag shares (`crate::queue::check_threads`).
+//! takes), what unprivileged devices may have, and the request timeout.
+//! The threads per queue are checked with the tag shares
+//! (`crate::queue::check_threads`).
+
+use std::time::Duration;
 
 use ublk_sys as sys;
 
@@ -117,4 +120,44 @@ fn check_flags_in(flags: u64, allowed: crate::DevFlags) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The request timeout asked for: whole milliseconds in 1..=`i32::MAX`
+/// (`queue_io_timeout_store` refuses 0; `msecs_to_jiffies` saturates above
+/// `i32::MAX`, which reads back as something else), and none on an
+/// unprivileged device, whose timeout makes the driver SIGKILL the server.
+pub(super) fn check_io_timeout(d: Option<Duration>, unprivileged: bool) -> Result<()> {
+    let Some(d) = d else { return Ok(()) };
+    if unprivileged {
+        return Err(Error::InvalidConfig {
+            what: "io timeout",
+            why: "an unprivileged device's request timeout kills its server (the driver sends SIGKILL), and only root may set it; leave io_timeout (--io-timeout-ms) unset".into(),
+        });
+    }
+    if d.as_millis() < 1 || d.as_millis() > i32::MAX as u128 {
+        return Err(Error::InvalidConfig {
+            what: "io timeout",
+            why: format!("{d:?} is not in 1 ms..={} ms (whole milliseconds, the block layer's queue/io_timeout)", i32::MAX),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_timeout_in_whole_milliseconds_up_to_i32_max() {
+        let ms = |n: u64| Some(Duration::from_millis(n));
+        assert!(check_io_timeout(None, true).is_ok());
+        assert!(check_io_timeout(ms(1), false).is_ok());
+        assert!(check_io_timeout(ms(i32::MAX as u64), false).is_ok());
+        for bad in [Duration::ZERO, Duration::from_micros(999), Duration::from_millis(1 << 31)] {
+            let e = check_io_timeout(Some(bad), false).unwrap_err().to_string();
+            assert!(e.contains("not in 1 ms..=2147483647 ms"), "{bad:?}: {e}");
+        }
+        let e = check_io_timeout(ms(5000), true).unwrap_err().to_string();
+        assert!(e.contains("unprivileged") && e.contains("--io-timeout-ms"), "{e}");
+    }
 }

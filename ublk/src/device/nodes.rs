@@ -93,11 +93,14 @@ impl Device {
         match std::fs::write(&path, ms.to_string()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(Error::NotPermitted { what: format!("setting the request timeout in {path}") })
+                return Err(Error::Access {
+                    what: format!("writing the request timeout to {path}"),
+                    fix: "only root may set it: run as root, or leave io_timeout (--io-timeout-ms) unset".into(),
+                })
             }
             Err(e) => return Err(Error::os(format!("writing {ms} to {path}"), e)),
         }
-        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        let now = std::fs::read_to_string(&path).map_err(|e| Error::os(format!("reading back {path}"), e))?;
         match now.trim().parse::<u128>() {
             Ok(got) if got.abs_diff(ms) <= 10 => Ok(()),
             _ => Err(Error::InvalidConfig { what: "io timeout", why: format!("{path} reads {:?} after writing {ms}", now.trim()) }),

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ublk_sys as sys;
 
-use super::check::check_device_flags;
+use super::check::{check_device_flags, check_io_timeout};
 use super::nodes::open_char;
 use super::{Device, DeviceBuilder};
 use crate::ctrl::Control;
@@ -22,14 +22,17 @@ impl DeviceBuilder {
     ///
     /// What the kernel keeps (queues, depth, flags, size, block sizes,
     /// attributes, discard limits) comes from the kernel; what only this
-    /// process knows (placement, busy polling, I/O scheduler) comes from this
-    /// builder, so give it the settings the device was created with. The
-    /// builder's geometry and flags are not used.
+    /// process knows (placement, busy polling, I/O scheduler, request
+    /// timeout) comes from this builder, so give it the settings the device
+    /// was created with. The builder's geometry and flags are not used.
     pub fn recover(self, dev_id: u32, wait: Duration) -> Result<Device> {
         let mut ctrl = Control::open()?;
         let info = ctrl.get_dev_info(dev_id)?;
         // A device made elsewhere may use a protocol this library does not speak.
         check_device_flags(info.flags)?;
+        // Refused now rather than after END_USER_RECOVERY, when the device
+        // would be torn down.
+        check_io_timeout(self.serving.io_timeout, info.flags & sys::abi::UBLK_F_UNPRIVILEGED_DEV != 0)?;
         // Several threads per queue need the device's per-I/O daemons;
         // refused before the recovery starts, leaving the device as it is.
         check_threads(self.serving.threads_per_queue, info.queue_depth)?;
