@@ -68,7 +68,10 @@ impl Device {
         match std::fs::write(&path, name) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(Error::NotPermitted { what: format!("setting the I/O scheduler in {path}") })
+                return Err(Error::Access {
+                    what: format!("writing the I/O scheduler to {path}"),
+                    fix: "only root may set it: run as root, or leave io_scheduler unset".into(),
+                })
             }
             Err(e) => {
                 return Err(Error::InvalidConfig {
