@@ -166,7 +166,9 @@ impl DeviceBuilder {
     /// larger values into its own maximum); refused for an
     /// [`unprivileged`](Self::unprivileged) device, whose request timeout
     /// kills its server. [`recover`](Self::recover) checks it before it
-    /// takes the device over.
+    /// takes the device over. A kernel whose driver has no timeout handler
+    /// (6.1) has no `queue/io_timeout`: [`Device::serve`] then fails with
+    /// [`Error::Unsupported`].
     pub fn io_timeout(mut self, d: Option<Duration>) -> Self {
         self.serving.io_timeout = d;
         self

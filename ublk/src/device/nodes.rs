@@ -88,11 +88,24 @@ impl Device {
     }
 
     /// Writes `d` in milliseconds to `/sys/block/ublkbN/queue/io_timeout`
-    /// and checks that the kernel took it (it keeps jiffies: a value that
+    /// (which exists only where the driver has a timeout handler: not on
+    /// 6.1) and checks that the kernel took it (it keeps jiffies: a value that
     /// is not a whole number of them reads back rounded).
     pub(super) fn set_io_timeout(&self, d: Duration) -> Result<()> {
         let path = format!("/sys/block/ublkb{}/queue/io_timeout", self.info.dev_id);
         let ms = d.as_millis();
+        if !std::path::Path::new(&path).exists() {
+            // The block layer shows the attribute only for a driver with a
+            // timeout handler; 6.1's ublk has none (its monitor looks for a
+            // dead server every 5 s instead).
+            return Err(Error::Unsupported {
+                feature: "io timeout",
+                why: format!(
+                    "{path} does not exist: this kernel's ublk driver ({}) has no request timeout handler, so the block layer offers no timeout to set (a dead server is found by its monitor within 5 s); leave io_timeout (--io-timeout-ms) unset",
+                    crate::ctrl::kernel_release()
+                ),
+            });
+        }
         match std::fs::write(&path, ms.to_string()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

@@ -173,7 +173,8 @@ pub(super) struct AddArgs {
     /// (queue/io_timeout; the kernel's default is 30000). A timeout fails no
     /// request while the daemon lives; on Linux 6.7 to 6.15 it bounds how long
     /// a daemon that died holding every tag of a queue goes unnoticed. Not for
-    /// --unprivileged devices, whose timeout kills the daemon.
+    /// --unprivileged devices, whose timeout kills the daemon, nor on 6.1,
+    /// whose driver has no timeout.
     #[arg(long, value_name = "MS")]
     pub(super) io_timeout_ms: Option<u64>,
     /// Where queue threads run. Default: auto, and away for -t nbd (its
